@@ -1,0 +1,90 @@
+"""Splits and the helpers every dataset source shares (seeded stratified hold-outs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+
+@dataclass
+class DataSplits:
+    """train / val / cal / test for one dataset. val selects (thresholds, pos-weights, checkpoints);
+    cal fits temperature and conformal thresholds. Both are held out of train before any training
+    and use evaluation transforms."""
+
+    name: str
+    num_classes: int
+    train: Dataset
+    val: Dataset
+    cal: Dataset
+    test: Dataset
+    class_names: list[str] = field(default_factory=list)
+    #: train split with evaluation transforms (deterministic features for the cache); same order as train.
+    train_eval: Dataset | None = None
+    info: dict = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in ("train", "val", "cal", "test")}
+
+
+def stratified_holdout(labels: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Split indices into ``len(fractions) + 1`` parts, class by class; the last part is the rest.
+
+    Each class contributes ``round(n_c * f)`` samples to each held-out part, so tiny classes stay
+    represented; order inside each part is shuffled with ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        start = 0
+        for p, f in enumerate(fractions):
+            take = int(round(len(idx) * f))
+            parts[p].extend(idx[start : start + take].tolist())
+            start += take
+        parts[-1].extend(idx[start:].tolist())
+    out = []
+    for part in parts:
+        arr = np.array(part, dtype=np.int64)
+        rng.shuffle(arr)
+        out.append(arr)
+    return out
+
+
+class TensorImages(Dataset):
+    """In-memory images ``[N, C, H, W]`` (float) with labels and an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+        self.images = images
+        self.labels = labels.long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i])
+
+
+def subset(dataset: Dataset, indices: np.ndarray) -> Subset:
+    return Subset(dataset, indices.tolist())
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Labels of a dataset without decoding images where the dataset allows it."""
+    if isinstance(dataset, Subset):
+        parent = dataset_labels(dataset.dataset)
+        return parent[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long()
+    if hasattr(dataset, "samples"):
+        return torch.tensor([s[1] for s in dataset.samples], dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)

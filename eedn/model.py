@@ -1,0 +1,107 @@
+"""EarlyExitModel: a stage-wise backbone + one IM per intermediate exit + one gate object."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from eedn.contracts import Backbone, Gate, InferenceModule
+from eedn.plugins import create
+
+
+class EarlyExitModel(nn.Module):
+    """Exit ``l < G`` is IM ``l`` on ``backbone.exit_features(l, ...)``; exit ``G`` is the backbone's
+    own head. ``forward`` is the all-exit pass used for training and stored outputs; real early exits
+    live in :mod:`eedn.inference`."""
+
+    def __init__(self, backbone: Backbone, ims: list[InferenceModule], gate: Gate):
+        super().__init__()
+        if len(ims) != backbone.num_stages - 1:
+            raise ValueError(f"need {backbone.num_stages - 1} inference modules, got {len(ims)}")
+        self.backbone = backbone
+        self.ims = nn.ModuleList(ims)
+        self.gate = gate
+
+    @property
+    def num_exits(self) -> int:
+        """E = G + 1 exits, the backbone's head included."""
+        return self.backbone.num_stages
+
+    @property
+    def num_classes(self) -> int:
+        return self.backbone.num_classes
+
+    def exit_features(self, x: Tensor) -> list[Tensor]:
+        """One backbone pass; the feature vector every exit reads (the last one feeds the head)."""
+        state = self.backbone.stem(x)
+        feats = []
+        for i in range(self.backbone.num_stages):
+            state = self.backbone.stage(i, state)
+            feats.append(self.backbone.exit_features(i, state))
+        return feats
+
+    def exit_logits(self, index: int, features: Tensor) -> Tensor:
+        if index == len(self.ims):
+            return self.backbone.head(features)
+        return self.ims[index](features)
+
+    def logits_from_features(self, feats: list[Tensor]) -> Tensor:
+        """``[B, E, C]`` logits of every exit from the per-exit features."""
+        return torch.stack([self.exit_logits(i, f) for i, f in enumerate(feats)], dim=1)
+
+    def gate_scores(self, logits: Tensor, feats: list[Tensor] | None = None) -> Tensor:
+        """``[B, G]`` gate scores from all-exit logits."""
+        g = len(self.ims)
+        cols = [self.gate.scores(l, logits[:, l], None if feats is None else feats[l]) for l in range(g)]
+        return torch.stack(cols, dim=1) if cols else logits.new_zeros(logits.shape[0], 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.logits_from_features(self.exit_features(x))
+
+    def heads(self) -> nn.ModuleDict:
+        """The modules a head-training strategy updates (IMs and gate)."""
+        return nn.ModuleDict({"ims": self.ims, "gate": self.gate})
+
+    def heads_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.heads().state_dict().items()}
+
+    def load_heads_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.heads().load_state_dict(state)
+
+    def freeze_backbone(self) -> None:
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+
+def build_model(
+    backbone: Backbone,
+    gate: str = "max_prob",
+    inference_module: str = "linear",
+    gate_options: dict[str, Any] | None = None,
+    im_options: dict[str, Any] | None = None,
+) -> EarlyExitModel:
+    """Attach registry-named IMs and gate to a backbone."""
+    g = backbone.num_stages - 1
+    ims = [
+        create("inference_module", inference_module, backbone.feature_dims[i], backbone.num_classes, **(im_options or {}))
+        for i in range(g)
+    ]
+    gate_obj = create("gate", gate, g, backbone.num_classes, **(gate_options or {}))
+    return EarlyExitModel(backbone, ims, gate_obj)
+
+
+def create_model(
+    backbone: str,
+    num_classes: int,
+    image_size: int,
+    in_channels: int = 3,
+    gate: str = "max_prob",
+    inference_module: str = "linear",
+    backbone_options: dict[str, Any] | None = None,
+    gate_options: dict[str, Any] | None = None,
+) -> EarlyExitModel:
+    """``create_model("t2t_vit_7", num_classes=10, image_size=32, gate="jei")`` from registry names."""
+    bb = create("backbone", backbone, num_classes=num_classes, image_size=image_size, in_channels=in_channels,
+                **(backbone_options or {}))
+    return build_model(bb, gate=gate, inference_module=inference_module, gate_options=gate_options)

@@ -1,0 +1,62 @@
+"""ExitOutputs: everything policies and evaluators need about one split, from one all-exit pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ExitOutputs:
+    """Per-exit logits ``[N, E, C]`` (E = G + 1 exits, the last is the backbone head), labels ``[N]``,
+    gate scores ``[N, G]``, cumulative per-exit cost ``exit_macs[E]`` (MACs of everything run to reach
+    and evaluate exit l) and ``full_macs`` (the plain backbone through its head)."""
+
+    logits: Tensor
+    labels: Tensor
+    gate_scores: Tensor
+    exit_macs: Tensor
+    full_macs: float
+
+    @property
+    def num_exits(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_samples(self) -> int:
+        return self.logits.shape[0]
+
+    def probabilities(self) -> Tensor:
+        return self.logits.float().softmax(-1)
+
+    def exit_accuracy(self) -> Tensor:
+        """Accuracy of every exit on the whole split, ``[E]``."""
+        return (self.logits.argmax(-1) == self.labels[:, None]).float().mean(0)
+
+    def gated_logits(self, exit_index: Tensor) -> Tensor:
+        """Logits ``[N, C]`` of the exit each sample left at."""
+        return self.logits[torch.arange(self.num_samples), exit_index]
+
+    def summarize(self, exit_index: Tensor) -> dict:
+        """Accuracy, mean MACs, fraction of full MACs and exit shares for a policy's exit indices."""
+        preds = self.gated_logits(exit_index).argmax(-1)
+        counts = torch.bincount(exit_index, minlength=self.num_exits).double()
+        shares = counts / max(self.num_samples, 1)
+        mean_macs = float((shares * self.exit_macs.double()).sum())
+        return {
+            "accuracy": float((preds == self.labels).double().mean()),
+            "mean_macs": mean_macs,
+            "macs_fraction": mean_macs / self.full_macs,
+            "exit_fractions": shares.tolist(),
+        }
+
+    def subset(self, rows: Tensor) -> "ExitOutputs":
+        return ExitOutputs(self.logits[rows], self.labels[rows], self.gate_scores[rows], self.exit_macs, self.full_macs)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("logits", "labels", "gate_scores", "exit_macs")} | {"full_macs": self.full_macs}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExitOutputs":
+        return cls(d["logits"], d["labels"], d["gate_scores"], d["exit_macs"], float(d["full_macs"]))

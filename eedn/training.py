@@ -1,0 +1,207 @@
+"""What strategies share: the fit context, batches of per-exit features (cached or live), losses,
+optimisers."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from eedn.cache import FeatureCache, FeatureSet, cache_key, state_dict_hash
+from eedn.data import DataSplits, dataset_labels
+from eedn.model import EarlyExitModel
+from eedn.progress import Progress
+
+
+def seeded_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class FeatureSource:
+    """Per-exit features of each split, from the cache when the backbone is a fixed feature extractor
+    (frozen, eval mode, no augmentation), else computed live batch by batch.
+
+    ``batches(split, ...)`` yields ``(feats, labels)`` in the same seeded order either way, so cached
+    and live training see identical batches.
+    """
+
+    def __init__(self, model: EarlyExitModel, data: DataSplits, *, device: str = "cpu",
+                 cache: FeatureCache | None = None, cacheable: bool = True, backbone_mode: str = "eval",
+                 batch_size: int = 256, dataset_key: dict | None = None, progress: Progress | None = None,
+                 num_workers: int = 0):
+        self.model = model
+        self.data = data
+        self.device = device
+        self.cache = cache
+        self.cacheable = cacheable and backbone_mode == "eval"
+        self.backbone_mode = backbone_mode
+        self.batch_size = batch_size
+        self.dataset_key = dataset_key or {"name": data.name}
+        self.progress = progress or Progress(False)
+        self.num_workers = num_workers
+        self._memory: dict[str, FeatureSet] = {}
+        self._backbone_hash: str | None = None
+
+    def dataset(self, split: str, augmented: bool = False) -> Dataset:
+        """The dataset behind a split; ``train`` uses eval transforms unless ``augmented``."""
+        if split == "train" and not augmented and self.data.train_eval is not None:
+            return self.data.train_eval
+        return getattr(self.data, split)
+
+    def _backbone_forward(self, x: Tensor) -> list[Tensor]:
+        bb = self.model.backbone
+        bb.train(self.backbone_mode == "train")
+        with torch.no_grad():
+            return self.model.exit_features(x.to(self.device))
+
+    def features(self, split: str) -> FeatureSet:
+        """All per-exit features of a split with eval transforms (computed once, cached on disk)."""
+        if split in self._memory:
+            return self._memory[split]
+        key = None
+        if self.cache is not None and self.cacheable:
+            if self._backbone_hash is None:
+                self._backbone_hash = state_dict_hash(self.model.backbone)
+            key = cache_key(backbone=self._backbone_hash, dataset=self.dataset_key, split=split,
+                            transform="eval", fp16=self.cache.fp16)
+            fs = self.cache.load(key)
+            if fs is not None:
+                self._memory[split] = fs
+                return fs
+        ds = self.dataset(split)
+        loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        chunks: list[list[Tensor]] = []
+        labels = []
+        mode = self.backbone_mode
+        self.backbone_mode = "eval"
+        try:
+            for x, y in self.progress.track(loader, f"features: {split}"):
+                chunks.append([f.cpu() for f in self._backbone_forward(x)])
+                labels.append(y)
+        finally:
+            self.backbone_mode = mode
+        fs = FeatureSet([torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))], torch.cat(labels))
+        if key is not None:
+            self.cache.save(key, fs)
+            fs = self.cache.load(key) or fs  # read back what later runs will see (fp16 if asked)
+        self._memory[split] = fs
+        return fs
+
+    def labels(self, split: str) -> Tensor:
+        if split in self._memory:
+            return self._memory[split].labels
+        return dataset_labels(self.dataset(split))
+
+    def num_samples(self, split: str) -> int:
+        return len(self.dataset(split))
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                augmented: bool = False) -> Iterator[tuple[list[Tensor], Tensor]]:
+        """Batches of ``(per-exit features on device, labels)`` in a seeded order."""
+        n = self.num_samples(split)
+        order = seeded_permutation(n, seed, epoch) if shuffle else torch.arange(n)
+        if self.cacheable and not augmented:
+            fs = self.features(split)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                feats, y = fs.rows(idx)
+                yield [f.to(self.device) for f in feats], y.to(self.device)
+            return
+        ds = self.dataset(split, augmented=augmented)
+        loader = DataLoader(ds, batch_size=batch_size, sampler=order.tolist(), num_workers=self.num_workers)
+        for x, y in loader:
+            yield [f.float() for f in self._backbone_forward(x)], y.to(self.device)
+
+    def num_batches(self, split: str, batch_size: int) -> int:
+        return math.ceil(self.num_samples(split) / batch_size)
+
+
+@dataclass
+class FitContext:
+    """Everything a strategy needs besides the model and data."""
+
+    features: FeatureSource
+    exit_macs: list[int]
+    full_macs: int
+    seed: int = 0
+    device: str = "cpu"
+    progress: Progress = field(default_factory=lambda: Progress(False))
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def normalised_costs(self, kind: str = "uniform_index") -> Tensor:
+        """Cost vector ``c_l`` for exits 0..G: ``uniform_index`` = (l+1)/(G+1) (paper time) or
+        ``measured``/``true_macs`` = cumulative MACs / final-exit MACs."""
+        e = len(self.exit_macs)
+        if kind == "uniform_index":
+            return torch.arange(1, e + 1, dtype=torch.float32) / e
+        if kind in ("measured", "true_macs"):
+            m = torch.tensor(self.exit_macs, dtype=torch.float32)
+            return m / m[-1]
+        raise ValueError(f"unknown cost vector '{kind}'; known: uniform_index, measured")
+
+    def log(self, message: str) -> None:
+        self.progress.log(message)
+
+
+def per_exit_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[B, E]`` cross-entropy of every exit's logits ``[B, E, C]``."""
+    b, e, c = logits.shape
+    return F.cross_entropy(logits.reshape(b * e, c), labels.repeat_interleave(e), reduction="none").view(b, e)
+
+
+def warmup_weights(num_ims: int) -> Tensor:
+    """JEI warm-up weights ``G + 1 - l`` for IM l (the final head has weight 1 and is frozen)."""
+    return torch.arange(num_ims + 1, 1, -1, dtype=torch.float32)
+
+
+def sgd(params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+    return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def compute_split_outputs(model: EarlyExitModel, source: FeatureSource, split: str, exit_macs: list[int],
+                          full_macs: int, batch_size: int = 1024):
+    """ExitOutputs of one split from its per-exit features (one backbone pass at most)."""
+    from eedn.outputs import ExitOutputs
+
+    model.eval()
+    logits, scores, labels = [], [], []
+    for feats, y in source.batches(split, batch_size, shuffle=False):
+        lg = model.logits_from_features(feats)
+        logits.append(lg.float().cpu())
+        scores.append(model.gate_scores(lg, feats).float().cpu())
+        labels.append(y.cpu())
+    return ExitOutputs(torch.cat(logits), torch.cat(labels), torch.cat(scores),
+                       torch.tensor(exit_macs, dtype=torch.float64), float(full_macs))
+
+
+def train_heads_warmup(model: EarlyExitModel, source: FeatureSource, *, epochs: int, seed: int,
+                       batch_size: int = 64, lr: float = 0.01, weights: Tensor | None = None,
+                       progress: Progress | None = None, augmented: bool = False) -> list[dict]:
+    """JEI warm-up / IM-only training: minimise Σ_l w_l·CE(IM_l) with SGD at constant lr on a frozen
+    backbone (the frozen final head's CE is constant and omitted)."""
+    g = len(model.ims)
+    w = (weights if weights is not None else warmup_weights(g)[:g]).to(source.device)
+    opt = sgd(model.ims.parameters(), lr=lr)
+    progress = progress or Progress(False)
+    history = []
+    for epoch in range(epochs):
+        model.ims.train()
+        total, count = 0.0, 0
+        batches = source.batches("train", batch_size, shuffle=True, seed=seed, epoch=epoch, augmented=augmented)
+        for feats, y in progress.track(batches, f"IM warm-up epoch {epoch + 1}/{epochs}",
+                                       total=source.num_batches("train", batch_size)):
+            logits = torch.stack([model.ims[l](feats[l]) for l in range(g)], dim=1)
+            loss = (per_exit_cross_entropy(logits, y) * w).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(y)
+            count += len(y)
+        history.append({"phase": "warmup", "epoch": epoch, "loss": total / max(count, 1)})
+    return history
