@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +115,10 @@ class Gate(nn.Module, ABC):
     def exits_at(self, prefix: Tensor) -> Tensor:
         """Bool ``[B]``: does each still-running sample leave at exit ``prefix.shape[1] - 1``?"""
 
+    def exit_probabilities(self, scores: Tensor) -> Tensor | None:
+        """``[B, G+1]`` exit probabilities if the gate is probabilistic (JEI), else None."""
+        return None
+
     def decide(self, scores: Tensor) -> Tensor:
         """Exit index ``[B]`` in ``0..G`` for a full ``[B, G]`` score matrix (G means the final head)."""
         n, g = scores.shape
@@ -129,6 +133,17 @@ class Gate(nn.Module, ABC):
     def describe(self) -> dict:
         """A JSON-able summary of the gate's setting (thresholds, k, ...) for results.json."""
         return {}
+
+    # Budget calibration (only for ``calibratable`` gates). It reads stored validation outputs only.
+    def calibrate(self, val: "ExitOutputs", target: dict) -> None:
+        """Set the gate's thresholds on ``val`` so that it meets ``target``: one of
+        ``{"exit_shares": [E floats]}``, ``{"p": float}`` (MSDNet geometric budget),
+        ``{"macs_fraction": float}`` or ``{"accuracy_drop": float}``."""
+        raise NotImplementedError(f"{type(self).__name__} has no budget calibration")
+
+    def budget_sweep(self) -> list[dict]:
+        """The targets of this gate's default accuracy-vs-cost sweep (e.g. MSDNet p = k/20, k = 1..39)."""
+        return []
 
 
 @dataclass
@@ -154,6 +169,20 @@ class TrainingStrategy(ABC):
 
     def __init__(self, **options: Any):
         self.options = options
+
+    @property
+    def backbone_mode(self) -> str:
+        """``eval`` (a fixed feature extractor, cacheable) or ``train`` (dropout/DropPath active)."""
+        return str(self.options.get("backbone_mode", "eval"))
+
+    @property
+    def head_augment(self) -> bool:
+        """True if heads train on augmented images (then features cannot be cached)."""
+        return bool(self.options.get("head_augment", False))
+
+    def prepare_model(self, model: "EarlyExitModel") -> None:
+        """Attach strategy-specific modules (e.g. an exit combiner) before ``fit`` and before saved heads
+        are loaded back; the default attaches nothing."""
 
     @abstractmethod
     def fit(self, model: "EarlyExitModel", data: "DataSplits", context: "FitContext") -> StrategyResult:
@@ -186,12 +215,19 @@ class DatasetSource(ABC):
     def __init__(self, **options: Any):
         self.options = options
 
+    #: backbone epochs that train well on this data when the user gives none.
+    suggested_backbone_epochs: int = 30
+
     @abstractmethod
     def splits(self, image_size: int, seed: int, augment: bool = True) -> "DataSplits":
         """Build the four splits; val/cal/test use evaluation transforms."""
+
+    def backbone_defaults(self, backbone: str) -> dict:
+        """Options that size a plain family name (e.g. ``t2t_vit``) sensibly for this data; the user's
+        own backbone options win. Default: none."""
+        return {}
 
     def describe(self) -> dict:
         return dict(self.options)
 
 
-Sequence  # re-exported for type hints in plugins

@@ -22,6 +22,9 @@ class EarlyExitModel(nn.Module):
         self.backbone = backbone
         self.ims = nn.ModuleList(ims)
         self.gate = gate
+        #: optional module mapping per-exit logits [B, E, C] to the logits each exit reports, for
+        #: strategies whose exits are ensembles of earlier ones (BoostNet). Identity when None.
+        self.exit_combiner: nn.Module | None = None
 
     @property
     def num_exits(self) -> int:
@@ -48,7 +51,8 @@ class EarlyExitModel(nn.Module):
 
     def logits_from_features(self, feats: list[Tensor]) -> Tensor:
         """``[B, E, C]`` logits of every exit from the per-exit features."""
-        return torch.stack([self.exit_logits(i, f) for i, f in enumerate(feats)], dim=1)
+        logits = torch.stack([self.exit_logits(i, f) for i, f in enumerate(feats)], dim=1)
+        return logits if self.exit_combiner is None else self.exit_combiner(logits)
 
     def gate_scores(self, logits: Tensor, feats: list[Tensor] | None = None) -> Tensor:
         """``[B, G]`` gate scores from all-exit logits."""
@@ -61,7 +65,10 @@ class EarlyExitModel(nn.Module):
 
     def heads(self) -> nn.ModuleDict:
         """The modules a head-training strategy updates (IMs and gate)."""
-        return nn.ModuleDict({"ims": self.ims, "gate": self.gate})
+        parts = {"ims": self.ims, "gate": self.gate}
+        if self.exit_combiner is not None:
+            parts["combiner"] = self.exit_combiner
+        return nn.ModuleDict(parts)
 
     def heads_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.heads().state_dict().items()}

@@ -201,7 +201,7 @@ def train_heads_warmup(model: EarlyExitModel, source: FeatureSource, *, epochs: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(y)
+            total += float(loss.detach()) * len(y)
             count += len(y)
         history.append({"phase": "warmup", "epoch": epoch, "loss": total / max(count, 1)})
     return history

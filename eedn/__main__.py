@@ -1,0 +1,3 @@
+from eedn.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Stage 0: train the backbone on its own head (or load it), cached by a hash of what defines it.
+
+A second run with another strategy finds the trained backbone in the cache and skips this stage.
+Every epoch writes a resumable checkpoint atomically; ``resume=True`` continues from it. The
+checkpoint kept is the epoch with the best validation accuracy (clean protocol: never test).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from eedn.cache import cache_key
+from eedn.contracts import Backbone
+from eedn.data import DataSplits
+from eedn.io import atomic_torch_save, load_checkpoint
+from eedn.progress import Progress
+
+
+def recipe(cfg_training: dict, suggested_epochs: int) -> dict:
+    """Fill the recipe's automatic values (None) so the cache key and config record real numbers."""
+    r = dict(cfg_training)
+    r.pop("checkpoint", None)
+    adamw = r["optimizer"] == "adamw"
+    r["epochs"] = suggested_epochs if r["epochs"] is None else r["epochs"]
+    r["lr"] = (1e-3 if adamw else 0.05) if r["lr"] is None else r["lr"]
+    r["weight_decay"] = (0.05 if adamw else 5e-4) if r["weight_decay"] is None else r["weight_decay"]
+    return r
+
+
+def backbone_key(backbone_name: str, backbone_options: dict, dataset: dict, image_size: int, seed: int,
+                 rec: dict) -> str:
+    return cache_key(backbone=backbone_name, options=backbone_options, dataset=dataset, image_size=image_size,
+                     seed=seed, recipe=rec)
+
+
+@torch.no_grad()
+def evaluate_accuracy(backbone: Backbone, loader: DataLoader, device: str) -> float:
+    backbone.eval()
+    correct = total = 0
+    for x, y in loader:
+        pred = backbone(x.to(device)).argmax(-1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str, checkpoint_path: Path,
+                   resume: bool = False, progress: Progress | None = None, num_workers: int = 0) -> dict:
+    """Train ``backbone`` in place with ``rec``; return a summary (best val accuracy, epochs run)."""
+    progress = progress or Progress(False)
+    partial = checkpoint_path.with_suffix(".partial.pt")
+    epochs = int(rec["epochs"])
+    g = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(data.train, batch_size=int(rec["batch_size"]), shuffle=True, generator=g,
+                              num_workers=num_workers, drop_last=len(data.train) > int(rec["batch_size"]))
+    val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=num_workers)
+    params = [p for p in backbone.parameters() if p.requires_grad]
+    if rec["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(params, lr=rec["lr"], weight_decay=rec["weight_decay"])
+    else:
+        opt = torch.optim.SGD(params, lr=rec["lr"], momentum=0.9, weight_decay=rec["weight_decay"], nesterov=True)
+    steps_per_epoch = max(len(train_loader), 1)
+    total_steps = max(epochs * steps_per_epoch, 1)
+    warm = int(rec.get("warmup_epochs", 0)) * steps_per_epoch
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine to 0
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total_steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    start, best_acc, best_state, history = 0, -1.0, None, []
+    if resume and partial.exists():
+        ck = load_checkpoint(partial)
+        backbone.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        g.set_state(ck["generator"])
+        start, best_acc, best_state, history = ck["epoch"] + 1, ck["best_acc"], ck["best_state"], ck["history"]
+        progress.log(f"resuming backbone training at epoch {start + 1}/{epochs}")
+    for epoch in range(start, epochs):
+        backbone.train()
+        total_loss, n = 0.0, 0
+        for x, y in progress.track(train_loader, f"backbone epoch {epoch + 1}/{epochs}"):
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(backbone(x), y, label_smoothing=float(rec["label_smoothing"]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += float(loss.detach()) * len(y)
+            n += len(y)
+        acc = evaluate_accuracy(backbone, val_loader, device)
+        history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "val_accuracy": acc})
+        if acc > best_acc:
+            best_acc = acc
+            best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+        atomic_torch_save({"model": backbone.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "generator": g.get_state(), "epoch": epoch,
+                           "best_acc": best_acc, "best_state": best_state, "history": history}, partial)
+    if best_state is not None:
+        backbone.load_state_dict(best_state)
+    summary = {"val_accuracy": best_acc, "epochs": epochs, "history": history}
+    atomic_torch_save({"model": backbone.state_dict(), "summary": {"val_accuracy": best_acc, "epochs": epochs}},
+                      checkpoint_path)
+    if partial.exists():
+        partial.unlink()
+    return summary

@@ -1,0 +1,145 @@
+"""Configuration: defaults, config files, ``--set key=value`` overrides, validation.
+
+The resolved config is a plain dict saved beside every result (``config.json``), so a run can be
+repeated exactly with ``eedn run --config RUN_DIR/config.json``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from eedn.errors import EednError
+
+DEFAULTS: dict[str, Any] = {
+    "backbone": "t2t_vit",
+    "backbone_options": {},
+    "strategy": "jei",
+    "strategy_options": {},
+    "gate": None,  # None: the strategy's default gate
+    "gate_options": {},
+    "inference_module": "linear",
+    "dataset": "digits",
+    "dataset_options": {},
+    "image_size": None,  # None: the dataset's default
+    "seed": 0,
+    "device": "cpu",
+    "backbone_training": {
+        "checkpoint": None,  # a trained backbone to load instead of training one
+        "epochs": None,  # None: the dataset source's suggestion
+        "optimizer": "adamw",
+        "lr": None,  # None: 1e-3 for adamw, 0.05 for sgd
+        "weight_decay": None,  # None: 0.05 for adamw, 5e-4 for sgd
+        "batch_size": 64,
+        "label_smoothing": 0.1,
+        "warmup_epochs": 1,
+        "augment": True,
+    },
+    "budget": {"macs_fraction": 0.75},  # operating point for calibratable (threshold) gates
+    "policy_setting": None,  # which trained setting (e.g. "lambda=0.5") is the reported policy
+    "evaluators": ["calibration", "conformal"],
+    "evaluator_options": {},
+    "eval_batch_size": 256,
+    "out": None,  # run directory; None: runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>
+    "cache_dir": None,  # None: $EEDN_CACHE or ~/.cache/eedn
+    "cache_fp16": False,
+    "num_workers": 0,
+    "progress": True,
+    "resume": False,
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: YAML scalars/lists (``0.5``, ``true``, ``[1, 2]``, ``0.01,0.5`` stays a string)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_set(cfg: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place."""
+    if "=" not in assignment:
+        raise EednError(f"--set expects key=value, got '{assignment}'")
+    key, value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise EednError(f"--set expects key=value, got '{assignment}'")
+    node = cfg
+    for p in parts[:-1]:
+        if p not in node or not isinstance(node[p], dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = parse_value(value)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise EednError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) if p.suffix in (".yaml", ".yml") else json.loads(p.read_text())
+    except Exception as exc:
+        raise EednError(f"cannot parse config file {p}: {str(exc).splitlines()[0]}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise EednError(f"config file {p} must hold a mapping of options")
+    return data
+
+
+def resolve_config(config: dict | None = None, sets: list[str] | None = None, **overrides: Any) -> dict:
+    """Defaults ← config ← keyword overrides (None means 'not given') ← ``--set`` assignments."""
+    cfg = deep_merge(DEFAULTS, config or {})
+    for k, v in overrides.items():
+        if v is not None:
+            cfg[k] = deep_merge(cfg[k], v) if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    for s in sets or []:
+        apply_set(cfg, s)
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise EednError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: dict) -> None:
+    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
+        raise EednError(f"seed must be a non-negative integer, got {cfg['seed']!r}")
+    if cfg["image_size"] is not None and (not isinstance(cfg["image_size"], int) or cfg["image_size"] < 1):
+        raise EednError(f"image_size must be a positive integer, got {cfg['image_size']!r}")
+    if cfg["device"] not in ("cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
+        raise EednError(f"device must be cpu or cuda[:N], got {cfg['device']!r}")
+    bt = cfg["backbone_training"]
+    if bt["optimizer"] not in ("adamw", "sgd"):
+        raise EednError(f"backbone_training.optimizer must be adamw or sgd, got {bt['optimizer']!r}")
+    if bt["epochs"] is not None and (not isinstance(bt["epochs"], int) or bt["epochs"] < 0):
+        raise EednError(f"backbone_training.epochs must be a non-negative integer, got {bt['epochs']!r}")
+    if not isinstance(cfg["budget"], dict) or len(cfg["budget"]) != 1:
+        raise EednError("budget must be one of {macs_fraction: F}, {accuracy_drop: D}, {p: P}, {exit_shares: [...]}")
+    for name in ("backbone_options", "strategy_options", "gate_options", "dataset_options", "evaluator_options"):
+        if not isinstance(cfg[name], dict):
+            raise EednError(f"{name} must be a mapping")
+    if isinstance(cfg["evaluators"], str):
+        cfg["evaluators"] = [e for e in cfg["evaluators"].split(",") if e]
+
+
+def cache_dir(cfg: dict) -> Path:
+    d = cfg.get("cache_dir") or os.environ.get("EEDN_CACHE") or (Path.home() / ".cache" / "eedn")
+    return Path(d).expanduser()

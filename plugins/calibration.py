@@ -1,0 +1,282 @@
+"""Calibration of an early-exit policy: ECE (equal-width and equal-mass), MCE, NLL, Brier, temperature scaling.
+
+Spec §5.2 and quirk 25. eedn's primary ECE is dataset-level with 15 equal-width bins on the max softmax of the
+policy's **gated** prediction (and of every exit over all samples), reported raw and after per-exit temperature
+scaling fitted on the calibration split. The official JEI-DNN variant (per test batch, 15 quantile bins, no TS) is
+reported as ``ece_compat``. Every ECE here is a fraction in [0, 1] (the official code multiplies by 100).
+
+Binning convention (both kinds): bin b covers ``(edge_b, edge_{b+1}]`` and the first bin also takes its lower edge,
+so a confidence of exactly 1.0 falls in the last bin and one of exactly 0 in the first. This is
+``numpy.searchsorted(interior_edges, conf, side="left")``, the rule of ``sklearn.calibration.calibration_curve``.
+Equal-width edges are ``linspace(0, 1, n_bins + 1)``; equal-mass edges are the linear-interpolation quantiles of
+the confidences at ``linspace(0, 1, n_bins + 1)`` (``numpy.percentile``'s default, as sklearn's ``"quantile"``
+strategy). Empty bins contribute nothing.
+
+The tensor functions below are importable on their own (no evaluator needed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eedn import hookimpl
+from eedn.contracts import Evaluator
+from eedn.errors import EednError
+from eedn.outputs import ExitOutputs
+
+BINNINGS = ("width", "mass")
+DEFAULT_BINS = 15
+#: official temperature-scaling settings (spec §5.2)
+TS_INIT, TS_LR, TS_MAX_ITER = 1.5, 0.01, 50
+#: a fitted temperature is clamped to this range: an exit whose calibration logits are perfectly separable
+#: drives T towards 0 (or a constant-prediction exit towards infinity) and would otherwise report nonsense.
+TS_RANGE = (1e-2, 1e2)
+
+
+# ----------------------------------------------------------------------------------------------- tensor functions
+
+
+def confidence_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Max softmax probability ``[N]`` (float64) and whether the argmax is right ``[N]`` (bool)."""
+    probs = logits.double().softmax(-1)
+    confidence, prediction = probs.max(-1)
+    return confidence, prediction == labels.to(prediction.device)
+
+
+def bin_edges(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
+    """The ``n_bins + 1`` edges: uniform on [0, 1] (``width``) or quantiles of the confidences (``mass``)."""
+    _check_binning(binning, n_bins)
+    grid = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
+    if binning == "width" or confidences.numel() == 0:
+        return grid
+    return torch.quantile(confidences.double().cpu(), grid)  # linear interpolation, as numpy.percentile
+
+
+def bin_indices(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
+    """Bin of each confidence in ``0..n_bins-1``; bins are ``(lo, hi]``, the first one also holds ``lo``."""
+    conf = confidences.double().cpu()
+    edges = bin_edges(conf, n_bins, binning)
+    return torch.searchsorted(edges[1:-1].contiguous(), conf, right=False)
+
+
+def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
+                     binning: str = "width") -> dict[str, Tensor]:
+    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (0 where a bin is empty) — a reliability diagram."""
+    conf = confidences.double().cpu()
+    hits = correct.double().cpu()
+    index = bin_indices(conf, n_bins, binning)
+    count = torch.bincount(index, minlength=n_bins).double()
+    safe = count.clamp(min=1)
+    return {
+        "count": count,
+        "confidence": torch.bincount(index, weights=conf, minlength=n_bins) / safe,
+        "accuracy": torch.bincount(index, weights=hits, minlength=n_bins) / safe,
+    }
+
+
+def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
+                               binning: str = "width") -> float:
+    """ECE = sum_b (n_b / n) |acc_b - conf_b| as a fraction; NaN for no samples."""
+    if confidences.numel() == 0:
+        return float("nan")
+    bins = calibration_bins(confidences, correct, n_bins, binning)
+    gap = (bins["accuracy"] - bins["confidence"]).abs()
+    return float((bins["count"] * gap).sum() / bins["count"].sum())
+
+
+def maximum_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
+                              binning: str = "width") -> float:
+    """MCE = the largest |acc_b - conf_b| over non-empty bins; NaN for no samples."""
+    if confidences.numel() == 0:
+        return float("nan")
+    bins = calibration_bins(confidences, correct, n_bins, binning)
+    gap = (bins["accuracy"] - bins["confidence"]).abs()
+    return float(gap[bins["count"] > 0].max())
+
+
+def per_batch_quantile_ece(confidences: Tensor, correct: Tensor, batch_size: int = 64,
+                           n_bins: int = DEFAULT_BINS) -> float:
+    """Paper-compat ECE (quirk 25): consecutive batches, quantile bins per batch, mean weighted by batch size.
+
+    With ~4 samples per bin it is biased upward; it exists to compare with the official numbers (which are this
+    value x 100).
+    """
+    if batch_size < 1:
+        raise EednError(f"compat_batch_size must be a positive integer, got {batch_size}")
+    n = confidences.numel()
+    if n == 0:
+        return float("nan")
+    total = 0.0
+    for start in range(0, n, batch_size):
+        conf = confidences[start:start + batch_size]
+        total += conf.numel() * expected_calibration_error(conf, correct[start:start + batch_size], n_bins, "mass")
+    return total / n
+
+
+def negative_log_likelihood(logits: Tensor, labels: Tensor) -> float:
+    """Mean cross-entropy of the softmax of ``logits`` ``[N, C]``."""
+    if logits.shape[0] == 0:
+        return float("nan")
+    return float(F.cross_entropy(logits.double(), labels.to(logits.device).long()))
+
+
+def brier_score(logits: Tensor, labels: Tensor) -> float:
+    """Multi-class Brier score: mean over samples of sum_c (p_c - onehot_c)^2 (in [0, 2])."""
+    if logits.shape[0] == 0:
+        return float("nan")
+    probs = logits.double().softmax(-1)
+    onehot = F.one_hot(labels.to(logits.device).long(), probs.shape[-1]).double()
+    return float(((probs - onehot) ** 2).sum(-1).mean())
+
+
+def calibration_metrics(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BINS) -> dict[str, float | None]:
+    """Accuracy, mean confidence, ECE (equal-width and equal-mass), MCE, NLL and Brier for logits ``[N, C]``."""
+    confidence, correct = confidence_and_correct(logits, labels)
+    metrics = {
+        "accuracy": float(correct.double().mean()) if len(correct) else float("nan"),
+        "confidence": float(confidence.mean()) if len(confidence) else float("nan"),
+        "ece": expected_calibration_error(confidence, correct, n_bins, "width"),
+        "ece_equal_mass": expected_calibration_error(confidence, correct, n_bins, "mass"),
+        "mce": maximum_calibration_error(confidence, correct, n_bins, "width"),
+        "nll": negative_log_likelihood(logits, labels),
+        "brier": brier_score(logits, labels),
+    }
+    return {k: _json_float(v) for k, v in metrics.items()}
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, init: float = TS_INIT, lr: float = TS_LR,
+                    max_iter: int = TS_MAX_ITER, line_search: str | None = "strong_wolfe") -> float:
+    """Scalar T > 0 minimising the NLL of ``logits / T`` (LBFGS, official init/lr/iterations).
+
+    T is optimised as log T, so it stays positive. ``line_search="strong_wolfe"`` (default) lets LBFGS take full
+    steps: without it, lr 0.01 moves only 1 % of the quasi-Newton step per iteration and 50 iterations stop well
+    short of the optimum (pass ``None`` to get the official behaviour). Returns 1.0 for no samples.
+    """
+    if logits.shape[0] == 0:
+        return 1.0
+    if init <= 0:
+        raise EednError(f"ts_init must be positive, got {init}")
+    x = logits.detach().double().cpu()
+    y = labels.detach().long().cpu()
+    log_t = torch.tensor(math.log(init), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=lr, max_iter=max_iter, line_search_fn=line_search)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 1-D problem on small tensors: intra-op threads only add contention here
+    try:
+        with torch.enable_grad():
+            optimizer.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    temperature = float(log_t.detach().exp())
+    if not math.isfinite(temperature):
+        return 1.0
+    return min(max(temperature, TS_RANGE[0]), TS_RANGE[1])
+
+
+def fit_exit_temperatures(logits: Tensor, labels: Tensor, **ts_options: Any) -> list[float]:
+    """One temperature per exit of ``logits`` ``[N, E, C]``, each fitted on all samples' logits of that exit."""
+    return [fit_temperature(logits[:, l], labels, **ts_options) for l in range(logits.shape[1])]
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _check_binning(binning: str, n_bins: int) -> None:
+    if binning not in BINNINGS:
+        raise EednError(f"unknown binning '{binning}'; use one of: {', '.join(BINNINGS)}")
+    if not isinstance(n_bins, int) or n_bins < 1:
+        raise EednError(f"n_bins must be a positive integer, got {n_bins!r}")
+
+
+# ------------------------------------------------------------------------------------------------------ evaluator
+
+
+class CalibrationEvaluator(Evaluator):
+    """Calibration of the gated prediction and of every exit, raw and after per-exit temperature scaling.
+
+    Options: ``n_bins`` (15), ``compat_batch_size`` (64; the official test batch, 100 for CIFAR100/SVHN),
+    ``ts_init`` (1.5), ``ts_lr`` (0.01), ``ts_max_iter`` (50), ``ts_line_search`` ("strong_wolfe" or None),
+    ``profile`` (accepted for the pipeline; both profiles report everything).
+    """
+
+    name = "calibration"
+    _OPTIONS = ("n_bins", "compat_batch_size", "ts_init", "ts_lr", "ts_max_iter", "ts_line_search", "profile")
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(self._OPTIONS))
+        if unknown:
+            raise EednError(f"unknown calibration option(s) {', '.join(unknown)}; known: {', '.join(self._OPTIONS)}")
+        super().__init__(**options)
+        self.n_bins = int(options.get("n_bins", DEFAULT_BINS))
+        _check_binning("width", self.n_bins)
+        self.compat_batch_size = int(options.get("compat_batch_size", 64))
+        self.ts_options = {
+            "init": float(options.get("ts_init", TS_INIT)),
+            "lr": float(options.get("ts_lr", TS_LR)),
+            "max_iter": int(options.get("ts_max_iter", TS_MAX_ITER)),
+            "line_search": options.get("ts_line_search", "strong_wolfe"),
+        }
+
+    def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
+        """Metrics for the policy's exits ``exit_test``; ``cal`` only fits the temperatures (``exit_cal`` unused:
+        T is fitted per exit on all calibration samples, as the per-IM ECE is measured over all samples)."""
+        _check_exits(test, exit_test, "test")
+        exit_test = exit_test.long().cpu()
+        logits = test.logits.detach().double().cpu()
+        labels = test.labels.detach().long().cpu()
+        temperatures = fit_exit_temperatures(cal.logits.detach().cpu(), cal.labels.detach().cpu(), **self.ts_options)
+        t_per_sample = torch.tensor(temperatures, dtype=torch.float64)[exit_test]
+
+        gated = logits[torch.arange(len(labels)), exit_test]
+        result: dict[str, Any] = calibration_metrics(gated, labels, self.n_bins)
+        result["ece_compat"] = _json_float(self._compat(gated, labels))
+        result["scaled"] = calibration_metrics(gated / t_per_sample[:, None], labels, self.n_bins)
+        result["temperatures"] = temperatures
+        per_exit = []
+        for l in range(test.num_exits):
+            row: dict[str, Any] = {"index": l}
+            row |= calibration_metrics(logits[:, l], labels, self.n_bins)
+            row["ece_compat"] = _json_float(self._compat(logits[:, l], labels))
+            row["temperature"] = temperatures[l]
+            row["scaled"] = calibration_metrics(logits[:, l] / temperatures[l], labels, self.n_bins)
+            per_exit.append(row)
+        result["per_exit"] = per_exit
+        result["settings"] = {
+            "n_bins": self.n_bins,
+            "bins": "(lo, hi], first bin includes 0; ece: equal width, ece_equal_mass: quantile edges",
+            "ece_compat": f"paper-compat: per batch of {self.compat_batch_size}, {self.n_bins} quantile bins, "
+                          "batch-size weighted mean, no TS (official value = this x 100)",
+            "temperature_scaling": dict(self.ts_options) | {"fitted_on": "cal split logits, one T per exit"},
+        }
+        return result
+
+    def _compat(self, logits: Tensor, labels: Tensor) -> float:
+        confidence, correct = confidence_and_correct(logits, labels)
+        return per_batch_quantile_ece(confidence, correct, self.compat_batch_size, self.n_bins)
+
+
+def _check_exits(outputs: ExitOutputs, exit_index: Tensor, split: str) -> None:
+    if exit_index.shape != (outputs.num_samples,):
+        raise EednError(f"exit indices for the {split} split have shape {list(exit_index.shape)}; "
+                        f"expected [{outputs.num_samples}] (one exit per sample)")
+    if len(exit_index) and (int(exit_index.min()) < 0 or int(exit_index.max()) >= outputs.num_exits):
+        raise EednError(f"exit indices for the {split} split must lie in 0..{outputs.num_exits - 1}")
+
+
+@hookimpl
+def register_evaluators(register):
+    register("calibration", CalibrationEvaluator,
+             description="ECE (15 equal-width / equal-mass bins), MCE, NLL, Brier of the gated prediction and "
+                         "every exit, raw and after per-exit temperature scaling; paper-compat per-batch ECE")

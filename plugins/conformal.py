@@ -1,0 +1,262 @@
+"""Split conformal prediction sets for an early-exit policy: LAC, APS, RAPS; `general` and per-exit `gated` q̂.
+
+Spec §5.3 and quirks 16-19. Everything is calibrated on the calibration split only, for the final model, at every
+fixed α of ``alphas`` (quirks 16-18: no stale thresholds, no α picked on test).
+
+Scores ``s(x, c)`` (lower = more conforming), from the softmax of one exit's logits:
+
+* ``lac``  — ``1 - p_c``.
+* ``aps``  — the probability mass of every class ranked at or above c (sorted by descending probability, ties in
+  class-index order): ``sum_{j: rank(j) <= rank(c)} p_j``. With ``randomized=True`` the own mass is scaled by a
+  uniform U per sample (``mass above c + U p_c``), U from a generator seeded with ``seed``.
+* ``raps`` — APS + ``lam_reg * max(0, rank(c) - k_reg)`` with rank 1-based (defaults lam_reg=0.01, k_reg=5: the
+  five most likely classes are not penalised).
+
+Threshold: with n calibration scores, ``k = ceil((n + 1)(1 - α))`` and q̂ is the k-th smallest score; when
+``k > n`` q̂ = +inf and the set holds every class (for LAC this is the spec's "q̂ = 1": ``1 - p_c <= 1`` always).
+The set is ``{c : s(x, c) <= q̂}``; for LAC that is ``{c : p_c >= 1 - q̂}``. Sets can be empty (no "include the
+last label" rule).
+
+Variants (which calibration scores make q̂, and which q̂ a test sample uses — always on its exit's logits):
+
+* ``general``      — one q̂ from the gated scores (each cal sample at its own exit).
+* ``gated``        — per exit l: the cal samples that exited at l when there are at least ``min_per_exit`` (20) of
+  them, otherwise every cal sample's IM_l score. The official code requires *more than* 20, i.e.
+  ``min_per_exit=21``, which ``profile="paper-compat"`` selects. The final exit is index E-1 (quirk 19).
+* ``gated_all``    — per exit l: every cal sample's IM_l score (extra).
+* ``gated_strict`` — per exit l: only the cal samples that exited at l; q̂ = 1 - α when there are none (extra).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from eedn import hookimpl
+from eedn.contracts import Evaluator
+from eedn.errors import EednError
+from eedn.outputs import ExitOutputs
+
+METHODS = ("lac", "aps", "raps")
+VARIANTS = ("general", "gated", "gated_all", "gated_strict")
+DEFAULT_ALPHAS = (0.01, 0.05, 0.1)
+#: k = ceil((n+1)(1-α) - _CEIL_SLACK): (n+1)(1-α) computed in floating point can land a hair above an integer
+#: (e.g. 0.7 * 10 = 7.000000000000001), which would silently demand one more sample than the formula says.
+_CEIL_SLACK = 1e-9
+
+
+# ----------------------------------------------------------------------------------------------- tensor functions
+
+
+def class_scores(probs: Tensor, method: str = "lac", *, lam_reg: float = 0.01, k_reg: int = 5,
+                 noise: Tensor | None = None) -> Tensor:
+    """Non-conformity score of every class ``[..., C]`` from probabilities ``[..., C]``.
+
+    ``noise`` (uniform in [0, 1), shape ``probs.shape[:-1]``) randomises APS/RAPS; None gives the non-randomised
+    score (mass down to and including the class).
+    """
+    if method not in METHODS:
+        raise EednError(f"unknown conformal method '{method}'; use one of: {', '.join(METHODS)}")
+    probs = probs.double()
+    if method == "lac":
+        return 1.0 - probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    cumulative = sorted_probs.cumsum(-1)
+    if noise is not None:
+        cumulative = cumulative - (1.0 - noise.double()[..., None]) * sorted_probs
+    scores = torch.empty_like(probs).scatter_(-1, order, cumulative)
+    if method == "raps":
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(1, probs.shape[-1] + 1).expand_as(order))
+        scores = scores + lam_reg * (rank - k_reg).clamp(min=0).double()
+    return scores
+
+
+def label_scores(probs: Tensor, labels: Tensor, method: str = "lac", **score_options: Any) -> Tensor:
+    """Score of the true class ``[N]`` (the calibration scores)."""
+    scores = class_scores(probs, method, **score_options)
+    return scores.gather(-1, labels.long().reshape(-1, 1)).squeeze(-1)
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """k = ceil((n + 1)(1 - α)): q̂ is the k-th smallest of n calibration scores (k > n means no finite q̂)."""
+    _check_alpha(alpha)
+    return max(math.ceil((n + 1) * (1.0 - alpha) - _CEIL_SLACK), 1)
+
+
+def conformal_threshold(scores: Tensor, alpha: float) -> float:
+    """q̂: the k-th smallest calibration score, or +inf when k > n (the set then holds every class)."""
+    n = scores.numel()
+    k = conformal_rank(n, alpha)
+    if k > n:
+        return math.inf
+    return float(scores.double().flatten().kthvalue(k).values)
+
+
+def prediction_sets(scores: Tensor, qhat: Tensor | float) -> Tensor:
+    """Bool ``[N, C]``: class c is in the set of sample n iff ``scores[n, c] <= qhat[n]`` (or a scalar q̂)."""
+    qhat = torch.as_tensor(qhat, dtype=torch.float64)
+    if qhat.dim() == 1:
+        qhat = qhat[:, None]
+    return scores.double() <= qhat
+
+
+def set_metrics(sets: Tensor, labels: Tensor) -> dict[str, float | None]:
+    """Empirical coverage and mean set size (None for no samples)."""
+    if sets.shape[0] == 0:
+        return {"coverage": None, "mean_set_size": None}
+    covered = sets.gather(-1, labels.long().reshape(-1, 1)).squeeze(-1)
+    return {"coverage": float(covered.double().mean()), "mean_set_size": float(sets.sum(-1).double().mean())}
+
+
+def exit_thresholds(cal_scores: Tensor, exit_cal: Tensor, alpha: float, variant: str,
+                    min_per_exit: int = 20) -> list[tuple[float, str, int]]:
+    """Per-exit ``(q̂_l, source, n_l)`` for the gated variants, from cal true-class scores ``[M, E]``.
+
+    ``source`` is "exited" (the n_l samples that left at l), "all" (every cal sample's IM_l score) or "none"
+    (gated_strict with no sample: q̂ = 1 - α).
+    """
+    thresholds = []
+    for l in range(cal_scores.shape[1]):
+        exited = exit_cal == l
+        count = int(exited.sum())
+        if variant == "gated_all" or (variant == "gated" and count < min_per_exit):
+            thresholds.append((conformal_threshold(cal_scores[:, l], alpha), "all", cal_scores.shape[0]))
+        elif variant == "gated_strict" and count == 0:
+            thresholds.append((1.0 - alpha, "none", 0))
+        else:
+            thresholds.append((conformal_threshold(cal_scores[exited, l], alpha), "exited", count))
+    return thresholds
+
+
+def flatten_for_results(metrics: dict) -> list[dict]:
+    """The rows results.json keeps under ``conformal``: alpha, method, variant, coverage, mean_set_size."""
+    keys = ("alpha", "method", "variant", "coverage", "mean_set_size")
+    return [{k: row[k] for k in keys} for row in metrics["results"]]
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise EednError(f"conformal alpha must lie strictly between 0 and 1, got {alpha}")
+
+
+def _json_float(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+# ------------------------------------------------------------------------------------------------------ evaluator
+
+
+class ConformalEvaluator(Evaluator):
+    """Coverage and mean set size of split-conformal sets on the policy's gated prediction.
+
+    Options: ``alphas`` ((0.01, 0.05, 0.1)), ``methods`` (("lac", "aps", "raps")), ``variants``
+    (("general", "gated"); also "gated_all", "gated_strict"), ``min_per_exit`` (20; 21 under paper-compat),
+    ``lam_reg`` (0.01), ``k_reg`` (5), ``randomized`` (False), ``seed`` (0), ``profile``.
+    """
+
+    name = "conformal"
+    _OPTIONS = ("alphas", "methods", "variants", "min_per_exit", "lam_reg", "k_reg", "randomized", "seed", "profile")
+
+    def __init__(self, **options: Any):
+        unknown = sorted(set(options) - set(self._OPTIONS))
+        if unknown:
+            raise EednError(f"unknown conformal option(s) {', '.join(unknown)}; known: {', '.join(self._OPTIONS)}")
+        super().__init__(**options)
+        self.alphas = [float(a) for a in _as_list(options.get("alphas", DEFAULT_ALPHAS))]
+        for alpha in self.alphas:
+            _check_alpha(alpha)
+        self.methods = [str(m) for m in _as_list(options.get("methods", METHODS))]
+        self.variants = [str(v) for v in _as_list(options.get("variants", ("general", "gated")))]
+        for given, known, what in ((self.methods, METHODS, "method"), (self.variants, VARIANTS, "variant")):
+            bad = [x for x in given if x not in known]
+            if bad:
+                raise EednError(f"unknown conformal {what} {', '.join(bad)}; use any of: {', '.join(known)}")
+        compat = options.get("profile", "clean") == "paper-compat"
+        self.min_per_exit = int(options.get("min_per_exit", 21 if compat else 20))
+        self.score_options = {"lam_reg": float(options.get("lam_reg", 0.01)), "k_reg": int(options.get("k_reg", 5))}
+        if self.score_options["lam_reg"] < 0 or self.score_options["k_reg"] < 0:
+            raise EednError("conformal lam_reg and k_reg must be non-negative")
+        self.randomized = bool(options.get("randomized", False))
+        self.seed = int(options.get("seed", 0))
+
+    def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
+        """One row per (method, α, variant) with overall and per-exit coverage and mean set size."""
+        for outputs, exits, split in ((test, exit_test, "test"), (cal, exit_cal, "cal")):
+            _check_exits(outputs, exits, split)
+        if test.num_exits != cal.num_exits:
+            raise EednError(f"test has {test.num_exits} exits but cal has {cal.num_exits}; use the same model")
+        exit_test, exit_cal = exit_test.long().cpu(), exit_cal.long().cpu()
+        labels_test, labels_cal = test.labels.long().cpu(), cal.labels.long().cpu()
+        n_test, n_cal, n_exits = test.num_samples, cal.num_samples, test.num_exits
+        probs_test = test.logits.detach().cpu().double().softmax(-1)[torch.arange(n_test), exit_test]  # gated [N, C]
+        probs_cal = cal.logits.detach().cpu().double().softmax(-1)  # every exit [M, E, C]
+
+        noise_cal = noise_test = None
+        if self.randomized:
+            generator = torch.Generator().manual_seed(self.seed)
+            noise_cal = torch.rand(n_cal, generator=generator, dtype=torch.float64)
+            noise_test = torch.rand(n_test, generator=generator, dtype=torch.float64)
+
+        rows = []
+        for method in self.methods:
+            options = dict(self.score_options)
+            test_scores = class_scores(probs_test, method, noise=noise_test, **options)  # [N, C]
+            cal_noise = None if noise_cal is None else noise_cal[:, None].expand(n_cal, n_exits)
+            cal_all = class_scores(probs_cal, method, noise=cal_noise, **options)
+            cal_scores = cal_all.gather(-1, labels_cal.view(-1, 1, 1).expand(n_cal, n_exits, 1)).squeeze(-1)  # [M, E]
+            cal_gated = cal_scores[torch.arange(n_cal), exit_cal]
+            for alpha in self.alphas:
+                for variant in self.variants:
+                    if variant == "general":
+                        qhat = conformal_threshold(cal_gated, alpha)
+                        per_exit_q = [(qhat, "gated", n_cal)] * n_exits
+                    else:
+                        per_exit_q = exit_thresholds(cal_scores, exit_cal, alpha, variant, self.min_per_exit)
+                    q_values = torch.tensor([q for q, _, _ in per_exit_q], dtype=torch.float64)
+                    sets = prediction_sets(test_scores, q_values[exit_test])
+                    row: dict[str, Any] = {"alpha": alpha, "method": method, "variant": variant}
+                    row |= set_metrics(sets, labels_test)
+                    if variant == "general":
+                        row["qhat"] = _json_float(per_exit_q[0][0])
+                    per_exit = []
+                    for l, (q, source, n_used) in enumerate(per_exit_q):
+                        mine = exit_test == l
+                        entry = {"index": l, "count": int(mine.sum())}
+                        entry |= set_metrics(sets[mine], labels_test[mine])
+                        if variant != "general":
+                            entry |= {"qhat": _json_float(q), "calibrated_on": source, "cal_count": n_used}
+                        per_exit.append(entry)
+                    row["per_exit"] = per_exit
+                    rows.append(row)
+        return {
+            "results": rows,
+            "settings": {
+                "alphas": self.alphas, "methods": self.methods, "variants": self.variants,
+                "min_per_exit": self.min_per_exit, "randomized": self.randomized, "seed": self.seed,
+                "n_cal": n_cal, **self.score_options,
+                "threshold": "k-th smallest cal score, k = ceil((n+1)(1-alpha)); all classes when k > n",
+            },
+        }
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, (str, int, float)):
+        return [value]
+    return list(value)
+
+
+def _check_exits(outputs: ExitOutputs, exit_index: Tensor, split: str) -> None:
+    if exit_index.shape != (outputs.num_samples,):
+        raise EednError(f"exit indices for the {split} split have shape {list(exit_index.shape)}; "
+                        f"expected [{outputs.num_samples}] (one exit per sample)")
+    if len(exit_index) and (int(exit_index.min()) < 0 or int(exit_index.max()) >= outputs.num_exits):
+        raise EednError(f"exit indices for the {split} split must lie in 0..{outputs.num_exits - 1}")
+
+
+@hookimpl
+def register_evaluators(register):
+    register("conformal", ConformalEvaluator,
+             description="split conformal sets (LAC/APS/RAPS) on the gated prediction; one q̂ (general) or one per "
+                         "exit (gated); coverage and mean set size at fixed alphas")

@@ -1,0 +1,647 @@
+"""JEI-DNN (Regol et al., ICLR 2024): the learned exit gate and the joint exit/inference training.
+
+The gate scores IM ``l`` with ``g_l = σ(Linear(4→1)(stats(softmax(ŷ_l))))`` on four detached
+confidence statistics (spec §2.3). The scores set *unconditional* exit probabilities, capped so their
+sum is at most 1; a sample leaves at the first exit whose hazard reaches 0.5 (spec §2.4).
+
+The strategy warms the IMs up, then alternates blocks of gate batches (cumulative BCE targets aimed
+at the most cost-effective exit, spec §3.4) and IM batches (spec §3.5), one λ per trained setting.
+The backbone is frozen; in the clean profile it is a fixed feature extractor, so every epoch and
+every λ trains from cached per-exit features.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from eedn import hookimpl
+from eedn.contracts import Gate, StrategyResult, TrainingStrategy
+from eedn.errors import EednError
+from eedn.model import EarlyExitModel
+
+# --------------------------------------------------------------------------------------------------
+# Gate statistics and the exit rule (pure functions, unit-tested against the spec's vectors)
+# --------------------------------------------------------------------------------------------------
+
+GATE_STATISTICS = ("p_max", "entropy", "margin", "pow_entropy")
+
+
+def gate_statistics(logits: Tensor) -> Tensor:
+    """``[..., 4]`` = [p_max, H(p), top1 − top2, H(q)] of ``p = softmax(logits)``, with ``q ∝ p²``.
+
+    Detached on purpose: the gate must not push gradients into the IM it reads (spec §2.3).
+    ``0·ln 0 = 0`` via ``xlogy``, so saturated softmaxes give finite entropies.
+    """
+    with torch.no_grad():
+        p = logits.detach().float().softmax(-1)
+        if p.shape[-1] >= 2:
+            top = p.topk(2, dim=-1).values
+            p_max, margin = top[..., 0], top[..., 0] - top[..., 1]
+        else:  # one class: nothing to compare against
+            p_max = p[..., 0]
+            margin = p_max
+        entropy = -torch.special.xlogy(p, p).sum(-1)
+        p2 = p * p
+        q = p2 / p2.sum(-1, keepdim=True)
+        pow_entropy = -torch.special.xlogy(q, q).sum(-1)
+        return torch.stack([p_max, entropy, margin, pow_entropy], dim=-1)
+
+
+def _capped_and_hazards(g: Tensor) -> tuple[Tensor, Tensor]:
+    """Capped exit probabilities ``[B, G]`` and hazards ``[B, G]``, following §9's loop exactly.
+
+    The loop runs over exits (G is small) and is vectorised over the batch; it performs the same
+    float operations in the same order as the row-by-row reference, so decisions agree bit for bit.
+    """
+    b, n_gates = g.shape
+    running_sum = g.new_zeros(b)
+    survival = g.new_ones(b)
+    probs, hazard = [], []
+    for l in range(n_gates):
+        gl = g[:, l]
+        p = torch.clamp(torch.minimum(gl, 1 - running_sum), min=0)
+        running_sum = running_sum + gl
+        alive = survival > 0
+        h = torch.where(alive, torch.clamp(p / torch.where(alive, survival, torch.ones_like(survival)), 0, 1),
+                        torch.zeros_like(p))
+        survival = survival * (1 - h)
+        probs.append(p)
+        hazard.append(h)
+    if n_gates == 0:
+        return g.new_zeros(b, 0), g.new_zeros(b, 0)
+    return torch.stack(probs, 1), torch.stack(hazard, 1)
+
+
+def capped_exit_probabilities(g: Tensor) -> Tensor:
+    """``[B, G+1]``: ``P_l = max(0, min(g_l, 1 − Σ_{j<l} g_j))`` (raw-g sum) and ``P_G = 1 − Σ P_l``."""
+    p, _ = _capped_and_hazards(g)
+    return torch.cat([p, (1 - p.sum(1)).unsqueeze(1)], dim=1)
+
+
+def hazards(g: Tensor) -> Tensor:
+    """``[B, G]``: ``h_l = clip(P_l / Π_{j<l}(1 − h_j), 0, 1)``, 0 once the product is 0."""
+    return _capped_and_hazards(g)[1]
+
+
+def jei_exit_decision(g: Tensor) -> Tensor:
+    """Exit index ``[B]``: the first ``l`` with ``h_l ≥ 0.5``, else ``G`` (the backbone's head)."""
+    n_gates = g.shape[1]
+    if n_gates == 0:
+        return torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
+    leave = hazards(g) >= 0.5
+    first = leave.to(torch.uint8).argmax(1)
+    return torch.where(leave.any(1), first, torch.full_like(first, n_gates))
+
+
+class JeiGate(Gate):
+    """One ``Linear(4, 1)`` per intermediate exit on detached confidence statistics (spec §2.3–2.4)."""
+
+    trainable = True
+
+    def __init__(self, num_exits: int, num_classes: int, **options: Any):
+        if options:
+            raise EednError(f"gate 'jei' takes no options, got: {', '.join(sorted(options))}")
+        super().__init__(num_exits, num_classes)
+        self.linears = nn.ModuleList([nn.Linear(len(GATE_STATISTICS), 1) for _ in range(num_exits)])
+
+    def gate_logit(self, exit_index: int, logits: Tensor) -> Tensor:
+        """Pre-sigmoid score ``[B]`` of exit ``exit_index`` (what the BCE gate loss reads)."""
+        lin = self.linears[exit_index]
+        return lin(gate_statistics(logits).to(lin.weight.dtype)).squeeze(-1)
+
+    def gate_logits(self, im_logits: Tensor) -> Tensor:
+        """``[B, G]`` pre-sigmoid scores of all gates from the IM logits ``[B, G, C]`` in one pass."""
+        weight = torch.cat([lin.weight for lin in self.linears], 0)  # [G, 4]
+        bias = torch.cat([lin.bias for lin in self.linears], 0)  # [G]
+        stats = gate_statistics(im_logits).to(weight.dtype)  # [B, G, 4]
+        return (stats * weight).sum(-1) + bias
+
+    def scores(self, exit_index: int, logits: Tensor, features: Tensor | None = None) -> Tensor:
+        return torch.sigmoid(self.gate_logit(exit_index, logits))
+
+    def exits_at(self, prefix: Tensor) -> Tensor:
+        # hazards are causal in g, so the prefix alone fixes h at its last column
+        return hazards(prefix)[:, -1] >= 0.5
+
+    def exit_probabilities(self, scores: Tensor) -> Tensor:
+        return capped_exit_probabilities(scores)
+
+    def decide(self, scores: Tensor) -> Tensor:
+        return jei_exit_decision(scores)
+
+    def describe(self) -> dict:
+        return {"type": "jei", "num_gates": self.num_exits, "statistics": list(GATE_STATISTICS),
+                "rule": "first exit with hazard >= 0.5 on min-capped exit probabilities"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses and targets (pure functions)
+# --------------------------------------------------------------------------------------------------
+
+
+def gate_targets(per_exit_ce: Tensor, lam: float, costs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(l*, t)``: ``l* = first argmin_l (CE_l + λ c_l)`` over exits 0..G and cumulative targets
+    ``t_l = 1{l ≥ l*}`` for the G gates (all 0 when l* = G), spec §3.4."""
+    total = per_exit_ce + lam * costs.to(per_exit_ce)
+    best = total.argmin(dim=1)  # torch returns the first minimum: ties go to the earlier exit
+    n_gates = per_exit_ce.shape[1] - 1
+    gates = torch.arange(n_gates, device=per_exit_ce.device)
+    return best, (gates.unsqueeze(0) >= best.unsqueeze(1)).to(per_exit_ce.dtype)
+
+
+def pos_weights_from_counts(counts: Tensor, num_samples: int, max_weight: float = 5.0) -> Tensor:
+    """``w_l = min((N − n_l)/n_l, 5)`` with ``n_l`` clamped to ≥ 0.1."""
+    n = counts.double().clamp(min=0.1)
+    return ((num_samples - n) / n).clamp(max=max_weight).float()
+
+
+def pos_weights(best_exit: Tensor, num_gates: int, counts: str = "exact") -> Tensor:
+    """Positive-class weights from the optimal exits ``l*`` of the val samples: ``exact`` counts
+    ``#{l* = l}`` (the official choice, although targets are cumulative) or ``cumulative`` ``#{l* ≤ l}``."""
+    hist = torch.bincount(best_exit.cpu(), minlength=num_gates + 1)[:num_gates]
+    if counts == "cumulative":
+        hist = hist.cumsum(0)
+    return pos_weights_from_counts(hist, int(best_exit.numel()))
+
+
+def gate_bce_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tensor:
+    """Mean over the N×G pairs of ``w·BCEWithLogits``, ``w = pos_weight_l`` where ``t = 1`` else 1."""
+    bce = F.binary_cross_entropy_with_logits(gate_logits, targets, reduction="none")
+    w = torch.where(targets > 0.5, pos_weight.to(bce).unsqueeze(0), torch.ones_like(bce))
+    return (w * bce).mean()
+
+
+def uniform_im_loss(ce: Tensor) -> Tensor:
+    """``mean_{n,l} CE_{n,l}``: the official IM loss once its exit weighting cancels (spec §3.5)."""
+    return ce.mean()
+
+
+def exit_weighted_im_loss(exit_probs: Tensor, ce: Tensor, renorm: bool = False, eps: float = 1e-6) -> Tensor:
+    """``(1/N) Σ_n Σ_l sg(P_{n,l})·CE_{n,l}`` (the paper's intent), or with ``renorm`` the version
+    rescaled to the uniform loss's magnitude, ``(1/(N·G)) Σ sg(P)·sg(S_n/(W_n+ε))·CE``."""
+    p = exit_probs.detach()
+    if not renorm:
+        return (p * ce).sum(1).mean()
+    with torch.no_grad():
+        ratio = ce.sum(1) / ((p * ce).sum(1) + eps)
+    return (p * ratio.unsqueeze(1) * ce).mean()
+
+
+def official_im_loss(exit_probs: Tensor, ce: Tensor) -> Tensor:
+    """The official code's IM loss ``mean_{n,l}[P·L·S_n/W_n]`` with the ratio *not* detached.
+
+    Kept to document quirk 1: since ``Σ_l P·L = W_n``, it equals ``mean_n S_n / G`` and its gradient
+    w.r.t. every ``L_{n,l}`` is exactly ``1/(N·G)`` — the exit weighting has no effect.
+    """
+    s = ce.sum(1, keepdim=True)
+    w = (exit_probs * ce).sum(1, keepdim=True)
+    return (exit_probs * ce * s / w).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Options
+# --------------------------------------------------------------------------------------------------
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "profile": ("clean", "paper-compat"),
+    "warmup": ("fixed", "early_stop"),
+    "gate_cost": ("uniform_index", "measured", "true_macs"),
+    "im_loss": ("uniform", "exit_weighted"),
+    "pos_weight_counts": ("exact", "cumulative"),
+    "optimizers": ("separate", "shared"),
+    "select": ("last", "val_tradeoff", "pt_compat"),
+    "backbone_mode": ("eval", "train"),
+}
+
+#: clean-profile defaults (spec §8: `clean` is the default profile).
+DEFAULTS: dict[str, Any] = {
+    "profile": "clean",
+    "lambda": 0.5,
+    "epochs": 15,
+    "batch_size": 64,
+    "warmup": "fixed",
+    "warmup_epochs": 3,
+    "max_warmup_epochs": 6,
+    "warmup_patience": 2,
+    "alternation": "auto",
+    "gate_cost": "uniform_index",
+    "im_loss": "uniform",
+    "im_loss_renorm": False,
+    "pos_weight_counts": "exact",
+    "optimizers": "separate",
+    "select": "last",
+    "backbone_mode": "eval",
+    "head_augment": False,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "eta_min": 2e-4,
+}
+
+#: what `profile=paper-compat` changes (spec §8.1; explicit options still win).
+PAPER_COMPAT: dict[str, Any] = {
+    "im_loss": "uniform",
+    "gate_cost": "uniform_index",
+    "backbone_mode": "train",
+    "head_augment": True,
+    "alternation": "batches:200",
+    "optimizers": "shared",
+    "warmup": "fixed",
+    "pos_weight_counts": "exact",
+    "select": "last",
+}
+
+_INT_OPTIONS = {"epochs": 1, "batch_size": 1, "warmup_epochs": 0, "max_warmup_epochs": 0, "warmup_patience": 1}
+_FLOAT_OPTIONS = {"lr": 0.0, "momentum": 0.0, "weight_decay": 0.0, "eta_min": 0.0}
+_BOOL_OPTIONS = ("im_loss_renorm", "head_augment")
+_ALTERNATION = re.compile(r"^(auto|batches:(\d+)|fraction:([0-9.eE+-]+))$")
+
+
+def _bad(name: str, value: Any, valid: str) -> EednError:
+    return EednError(f"strategy 'jei': invalid {name}={value!r}; valid: {valid}")
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise _bad(name, value, "true or false")
+
+
+def parse_lambdas(value: Any) -> list[float]:
+    """λ as a float, a list of floats or a comma string ``"0.01,0.5,2"`` -> a non-empty list ≥ 0."""
+    items = value.split(",") if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
+    try:
+        lams = [float(v) for v in items if not (isinstance(v, str) and not v.strip())]
+    except (TypeError, ValueError):
+        raise _bad("lambda", value, "a number >= 0, a list of them, or a comma list like 0.01,0.5,2") from None
+    if not lams or any(not math.isfinite(l) or l < 0 for l in lams):
+        raise _bad("lambda", value, "a number >= 0, a list of them, or a comma list like 0.01,0.5,2")
+    return lams
+
+
+def _check_alternation(value: Any) -> str:
+    text = str(value).strip()
+    m = _ALTERNATION.match(text)
+    ok = m is not None
+    if ok and m.group(2) is not None:
+        ok = int(m.group(2)) >= 1
+    if ok and m.group(3) is not None:
+        try:
+            f = float(m.group(3))
+            ok = 0 < f <= 1
+        except ValueError:
+            ok = False
+    if not ok:
+        raise _bad("alternation", value, "auto, batches:N (N >= 1) or fraction:F (0 < F <= 1)")
+    return text
+
+
+def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults, then the profile, then the user's explicit options, all validated."""
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise EednError(f"strategy 'jei': unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(DEFAULTS))}")
+    profile = str(options.get("profile", DEFAULTS["profile"]))
+    if profile not in _CHOICES["profile"]:
+        raise _bad("profile", profile, ", ".join(_CHOICES["profile"]))
+    resolved = dict(DEFAULTS) | (PAPER_COMPAT if profile == "paper-compat" else {}) | dict(options)
+    resolved["profile"] = profile
+    for name, choices in _CHOICES.items():
+        if resolved[name] not in choices:
+            raise _bad(name, resolved[name], ", ".join(choices))
+    for name, low in _INT_OPTIONS.items():
+        v = resolved[name]
+        try:
+            iv = int(v)
+            if isinstance(v, bool) or float(v) != iv or iv < low:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise _bad(name, v, f"an integer >= {low}") from None
+        resolved[name] = iv
+    for name, low in _FLOAT_OPTIONS.items():
+        v = resolved[name]
+        try:
+            fv = float(v)
+            if isinstance(v, bool) or not math.isfinite(fv) or fv < low:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise _bad(name, v, f"a number >= {low:g}") from None
+        resolved[name] = fv
+    for name in _BOOL_OPTIONS:
+        resolved[name] = _parse_bool(name, resolved[name])
+    resolved["alternation"] = _check_alternation(resolved["alternation"])
+    raw = resolved["lambda"]
+    lams = parse_lambdas(raw)
+    as_list = isinstance(raw, (list, tuple)) or (isinstance(raw, str) and "," in raw)
+    resolved["lambda"] = lams if as_list else lams[0]  # keep the shape the user gave, for the record
+    if resolved["warmup"] == "fixed" and resolved["epochs"] <= resolved["warmup_epochs"]:
+        raise EednError(f"strategy 'jei': epochs={resolved['epochs']} counts warm-up plus main epochs and must "
+                        f"exceed warmup_epochs={resolved['warmup_epochs']}")
+    if resolved["warmup"] == "early_stop" and resolved["epochs"] < 2:
+        raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
+    return resolved
+
+
+def alternation_block(spec: str, batches_per_epoch: int) -> int:
+    """Batches per phase block: ``auto`` = min(200, ⌈half an epoch⌉) so every epoch (of ≥ 2 batches)
+    sees both phases; ``batches:N``; ``fraction:F`` of an epoch."""
+    if spec == "auto":
+        return max(1, min(200, math.ceil(batches_per_epoch / 2)))
+    kind, _, value = spec.partition(":")
+    if kind == "batches":
+        return int(value)
+    return max(1, round(float(value) * batches_per_epoch))
+
+
+# --------------------------------------------------------------------------------------------------
+# The strategy
+# --------------------------------------------------------------------------------------------------
+
+
+def _im_logits(model: EarlyExitModel, feats: list[Tensor]) -> Tensor:
+    """``[B, G, C]`` logits of the G intermediate exits."""
+    return torch.stack([model.ims[l](feats[l]) for l in range(len(model.ims))], dim=1)
+
+
+def _final_logits(model: EarlyExitModel, feats: list[Tensor]) -> Tensor:
+    """``[B, C]`` logits of the frozen backbone head (exit G)."""
+    g = len(model.ims)
+    return model.exit_logits(g, feats[g])
+
+
+def _ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[B, E]`` cross-entropy of ``[B, E, C]`` logits."""
+    b, e, c = logits.shape
+    return F.cross_entropy(logits.reshape(b * e, c).float(), labels.repeat_interleave(e), reduction="none").view(b, e)
+
+
+class _Validation:
+    """Val (V_sel) features held once on the device; every post-epoch evaluation reads them."""
+
+    def __init__(self, context, chunk: int = 8192):
+        fs = context.features.features("val")  # eval-mode features even when training runs in train mode
+        self.feats = [f.float().to(context.device) for f in fs.feats]
+        self.labels = fs.labels.to(context.device)
+        self.chunk = chunk
+
+    @torch.no_grad()
+    def outputs(self, model: EarlyExitModel) -> tuple[Tensor, Tensor]:
+        """All-exit logits ``[N, E, C]`` and gate scores ``[N, G]``."""
+        logits, scores = [], []
+        n = len(self.labels)
+        for start in range(0, n, self.chunk):
+            feats = [f[start : start + self.chunk] for f in self.feats]
+            im = _im_logits(model, feats)
+            logits.append(torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1).float())
+            scores.append(torch.sigmoid(model.gate.gate_logits(im)))
+        return torch.cat(logits), torch.cat(scores)
+
+
+class JeiStrategy(TrainingStrategy):
+    """JEI-DNN: IM warm-up, then gate/IM alternation for each λ (one trained setting per λ)."""
+
+    default_gate = "jei"
+    trains_backbone = False
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.user_options = dict(options)
+        self.options = resolve_options(options)
+
+    @property
+    def backbone_mode(self) -> str:
+        return self.options["backbone_mode"]
+
+    @property
+    def head_augment(self) -> bool:
+        return self.options["head_augment"]
+
+    @property
+    def lambdas(self) -> list[float]:
+        return parse_lambdas(self.options["lambda"])
+
+    def describe(self) -> dict:
+        return dict(self.options)
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, model: EarlyExitModel, data, context) -> StrategyResult:
+        opts = self.options
+        gate = model.gate
+        if not (hasattr(gate, "gate_logits") and hasattr(gate, "exit_probabilities")):
+            raise EednError(f"strategy 'jei' trains the 'jei' gate; got {type(gate).__name__} "
+                            "(drop the gate option or use gate=jei)")
+        torch.manual_seed(context.seed)
+        model.freeze_backbone()
+        if self.head_augment or not context.features.cacheable:
+            context.log("jei: features are not cacheable (backbone_mode="
+                        f"{self.backbone_mode}, head_augment={self.head_augment}); every epoch re-runs the backbone")
+        context.log(f"jei: gate cost {opts['gate_cost']}, im_loss {opts['im_loss']}, profile {opts['profile']}")
+        val = _Validation(context)
+        costs = context.normalised_costs("measured" if opts["gate_cost"] == "true_macs" else opts["gate_cost"])
+        costs = costs.to(context.device)
+        macs = torch.tensor(context.exit_macs, dtype=torch.float64, device=context.device)
+        history: list[dict] = []
+
+        warmup_epochs_run = self._warmup(model, context, val, history)
+        snapshot = model.heads_state_dict()
+
+        settings = []
+        for lam in self.lambdas:
+            model.load_heads_state_dict(snapshot)
+            state = self._alternate(model, context, val, lam, costs, macs, warmup_epochs_run, history)
+            settings.append((f"lambda={lam:g}", state))
+        model.load_heads_state_dict(settings[-1][1])
+        return StrategyResult(settings=settings, history=history)
+
+    # ---------------------------------------------------------------- warm-up (spec §3.2)
+    def _warmup(self, model: EarlyExitModel, context, val: _Validation, history: list[dict]) -> int:
+        opts = self.options
+        g = len(model.ims)
+        early = opts["warmup"] == "early_stop"
+        # early stopping may end sooner; leave at least one main epoch either way
+        epochs = min(opts["max_warmup_epochs"], opts["epochs"] - 1) if early else opts["warmup_epochs"]
+        weights = torch.arange(g + 1, 1, -1, dtype=torch.float32, device=context.device)  # G+1-l
+        opt = torch.optim.SGD(model.ims.parameters(), lr=opts["lr"], momentum=opts["momentum"],
+                              weight_decay=opts["weight_decay"])
+        best_acc = [-1.0] * g
+        best_state = [copy.deepcopy(im.state_dict()) for im in model.ims]
+        stale = [0] * g
+        frozen = [False] * g
+        nb = context.features.num_batches("train", opts["batch_size"])
+        run = 0
+        for epoch in range(epochs):
+            if all(frozen):
+                break
+            model.ims.train()
+            total, count = 0.0, 0
+            batches = context.features.batches("train", opts["batch_size"], shuffle=True, seed=context.seed,
+                                               epoch=epoch, augmented=self.head_augment)
+            for feats, y in context.progress.track(batches, f"jei warm-up {epoch + 1}/{epochs}", total=nb):
+                ce = _ce(_im_logits(model, feats), y)
+                with torch.no_grad():
+                    final_ce = F.cross_entropy(_final_logits(model, feats).float(), y)
+                loss = (ce * weights).sum(1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += (loss.item() + float(final_ce)) * len(y)
+                count += len(y)
+            run += 1
+            logits, scores = val.outputs(model)
+            im_acc = (logits[:, :g].argmax(-1) == val.labels[:, None]).float().mean(0).tolist()
+            entry = {"phase": "warmup", "epoch": epoch, "lambda": None, "loss": total / max(count, 1),
+                     "val_im_accuracy": im_acc,
+                     "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
+            if early:
+                for l in range(g):
+                    if frozen[l]:
+                        continue
+                    if im_acc[l] > best_acc[l]:
+                        best_acc[l], stale[l] = im_acc[l], 0
+                        best_state[l] = copy.deepcopy(model.ims[l].state_dict())
+                    else:
+                        stale[l] += 1
+                    if stale[l] >= opts["warmup_patience"]:
+                        model.ims[l].load_state_dict(best_state[l])
+                        model.ims[l].requires_grad_(False)
+                        frozen[l] = True
+                entry["frozen"] = list(frozen)
+            history.append(entry)
+        if early:
+            for l in range(g):
+                if not frozen[l]:
+                    model.ims[l].load_state_dict(best_state[l])
+            model.ims.requires_grad_(True)
+        return run
+
+    # ---------------------------------------------------------------- alternation (spec §3.3–3.6)
+    def _alternate(self, model: EarlyExitModel, context, val: _Validation, lam: float, costs: Tensor,
+                   macs: Tensor, first_epoch: int, history: list[dict]) -> dict:
+        opts = self.options
+        torch.manual_seed(context.seed)  # every λ starts from the same state, as if run alone
+        gate = model.gate
+        g = len(model.ims)
+        bs = opts["batch_size"]
+        total_epochs = opts["epochs"]
+        nb = context.features.num_batches("train", bs)
+        block = alternation_block(opts["alternation"], nb)
+
+        def make_sgd(params) -> torch.optim.SGD:
+            return torch.optim.SGD(list(params), lr=opts["lr"], momentum=opts["momentum"],
+                                   weight_decay=opts["weight_decay"])
+
+        if opts["optimizers"] == "shared":
+            shared = make_sgd(list(model.ims.parameters()) + list(gate.parameters()))
+            optimizers = {"ims": shared, "gate": shared}
+        else:
+            optimizers = {"ims": make_sgd(model.ims.parameters()), "gate": make_sgd(gate.parameters())}
+        unique = list({id(o): o for o in optimizers.values()}.values())
+        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total_epochs, eta_min=opts["eta_min"])
+                      for o in unique]
+        # the official shared optimiser zeroes grads in place, so momentum and weight decay keep moving the
+        # inactive group; separate optimisers zero to None and leave it untouched
+        set_to_none = opts["optimizers"] != "shared"
+
+        pos_weight = torch.ones(g, device=context.device)
+        baseline = _best_warmup_gated_accuracy(history)
+        best_score, chosen_state, chosen_epoch = -math.inf, model.heads_state_dict(), None
+
+        for epoch in range(first_epoch, total_epochs):
+            model.ims.train()
+            gate.train()
+            sums = {"gate": 0.0, "ims": 0.0}
+            counts = {"gate": 0, "ims": 0}
+            batches = context.features.batches("train", bs, shuffle=True, seed=context.seed, epoch=epoch,
+                                               augmented=self.head_augment)
+            desc = f"jei λ={lam:g} epoch {epoch + 1}/{total_epochs}"
+            for b, (feats, y) in enumerate(context.progress.track(batches, desc, total=nb)):
+                phase = "gate" if (b // block) % 2 == 0 else "ims"
+                opt = optimizers[phase]
+                if phase == "gate":
+                    with torch.no_grad():
+                        im = _im_logits(model, feats)
+                        all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
+                        _, targets = gate_targets(_ce(all_logits, y), lam, costs)
+                    loss = gate_bce_loss(gate.gate_logits(im), targets, pos_weight)
+                else:
+                    im = _im_logits(model, feats)
+                    ce = _ce(im, y)
+                    if opts["im_loss"] == "uniform":
+                        loss = uniform_im_loss(ce)
+                    else:
+                        with torch.no_grad():
+                            probs = gate.exit_probabilities(torch.sigmoid(gate.gate_logits(im)))[:, :g]
+                        loss = exit_weighted_im_loss(probs, ce, renorm=opts["im_loss_renorm"])
+                opt.zero_grad(set_to_none=set_to_none)
+                loss.backward()
+                opt.step()
+                sums[phase] += loss.item() * len(y)
+                counts[phase] += len(y)
+
+            # after every post-warm-up epoch: evaluate on val, refresh pos-weights, step the schedule
+            logits, scores = val.outputs(model)
+            best_exit, _ = gate_targets(_ce(logits, val.labels), lam, costs)
+            pos_weight = pos_weights(best_exit, g, opts["pos_weight_counts"]).to(context.device)
+            exit_index = gate.decide(scores)
+            acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == val.labels).float().mean())
+            mean_cost = float(costs[exit_index].mean())
+            lrs = {name: o.param_groups[0]["lr"] for name, o in optimizers.items()}
+            for s in schedulers:
+                s.step()
+            entry = {
+                "phase": "main", "epoch": epoch, "lambda": lam,
+                "gate_loss": sums["gate"] / counts["gate"] if counts["gate"] else None,
+                "im_loss": sums["ims"] / counts["ims"] if counts["ims"] else None,
+                "gate_samples": counts["gate"], "im_samples": counts["ims"],
+                "lr_ims": lrs["ims"], "lr_gate": lrs["gate"],
+                "val_gated_accuracy": acc, "val_mean_cost": mean_cost,
+                "val_macs_fraction": float(macs[exit_index].mean() / context.full_macs),
+                "val_exit_fractions": (torch.bincount(exit_index, minlength=g + 1).float() / len(exit_index)).tolist(),
+                "pos_weights": pos_weight.tolist(),
+            }
+            history.append(entry)
+
+            if opts["select"] == "val_tradeoff":
+                score = acc - lam * mean_cost
+                if score > best_score:
+                    best_score, chosen_state, chosen_epoch = score, model.heads_state_dict(), epoch
+            elif opts["select"] == "pt_compat":
+                # paper-time bug: compared against the warm-up best and never updated, so the last epoch
+                # beating the warm-up wins; with none, the warm-up model stands
+                if acc > baseline:
+                    chosen_state, chosen_epoch = model.heads_state_dict(), epoch
+        if opts["select"] == "last":
+            chosen_state, chosen_epoch = model.heads_state_dict(), total_epochs - 1
+        history.append({"phase": "select", "lambda": lam, "select": opts["select"], "epoch": chosen_epoch})
+        return chosen_state
+
+
+def _gated_accuracy(model: EarlyExitModel, logits: Tensor, scores: Tensor, labels: Tensor) -> float:
+    exit_index = model.gate.decide(scores)
+    return float((logits[torch.arange(len(labels)), exit_index].argmax(-1) == labels).float().mean())
+
+
+def _best_warmup_gated_accuracy(history: list[dict]) -> float:
+    values = [h["val_gated_accuracy"] for h in history if h.get("phase") == "warmup"]
+    return max(values) if values else -math.inf
+
+
+@hookimpl
+def register_gates(register: Callable) -> None:
+    register("jei", JeiGate, description="JEI-DNN learned gate: Linear(4→1) on confidence statistics, hazard rule")
+
+
+@hookimpl
+def register_strategies(register: Callable) -> None:
+    register("jei", JeiStrategy, description="JEI-DNN: IM warm-up, then alternating gate/IM training per λ")

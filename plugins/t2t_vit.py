@@ -1,0 +1,382 @@
+"""T2T-ViT backbones (Yuan et al., ICCV 2021) as stage-wise eedn backbones (JEI-DNN spec §2.1-2.2).
+
+The tokens-to-token module is the *performer* variant, written so that the official T2T-ViT checkpoints
+load by key: ``tokens_to_token.{soft_split0,1,2, attention1,2, project}``, ``cls_token``, ``pos_embed``,
+``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``. The
+transformer blocks are timm's pre-LN ViT ``Block`` (fused attention), whose names already match.
+
+Stage-wise contract: ``stem`` = T2T module + cls token + position table (``[B, N, d]``), stage ``i`` =
+block ``i``, ``exit_features(i, ...)`` = the shared final LayerNorm on the cls token (LayerNorm is
+per token, so this equals the official "normalise all tokens, take cls").
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from eedn import hookimpl
+from eedn.contracts import Backbone, InputSpec
+from eedn.errors import EednError
+from eedn.io import load_checkpoint
+
+#: side of the patch grid cell: the three soft splits have strides 4, 2 and 2.
+TOTAL_STRIDE = 16
+
+
+@dataclass(frozen=True)
+class T2TConfig:
+    """Width and depth of one T2T-ViT size; ``token_dim`` is the width inside the T2T module."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    token_dim: int = 64
+
+
+VARIANTS: dict[str, T2TConfig] = {
+    "t2t_vit_7": T2TConfig("t2t_vit_7", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0),
+    "t2t_vit_14": T2TConfig("t2t_vit_14", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0),
+    "t2t_vit_24": T2TConfig("t2t_vit_24", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
+    # Not a published size: small enough for unit tests and the embedded digits default on a laptop CPU.
+    "t2t_vit_tiny": T2TConfig("t2t_vit_tiny", embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0, token_dim=32),
+}
+SIZE_ALIASES = {"7": "t2t_vit_7", "14": "t2t_vit_14", "24": "t2t_vit_24", "tiny": "t2t_vit_tiny"}
+TINY_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio", "token_dim")
+
+
+def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
+    """The fixed ``[1, num_positions, dim]`` table of "Attention is all you need": sin on even
+    channels, cos on odd ones, channel pair ``2k, 2k+1`` at frequency ``10000^(-2k/dim)``."""
+    position = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    channel = torch.arange(dim, dtype=torch.float64)
+    angle = position / torch.pow(10000.0, 2 * torch.div(channel, 2, rounding_mode="floor") / dim)
+    table = torch.where(channel.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float().unsqueeze(0)
+
+
+class TokenPerformer(nn.Module):
+    """One-head performer block of the T2T module (linear-cost attention with positive random features).
+
+    ``kqv`` maps the unfolded tokens (width ``dim``) to key, query and value of width ``emb``; the
+    softmax kernel is approximated with ``m = emb * kernel_ratio`` fixed random features ``w``
+    (orthogonal rows scaled by sqrt(m), stored as a frozen parameter so checkpoints carry it). The
+    value skips around the attention because the token width changes (``dim -> emb``)."""
+
+    def __init__(self, dim: int, emb: int, kernel_ratio: float = 0.5, dropout: float = 0.1):
+        super().__init__()
+        self.emb = emb
+        self.kqv = nn.Linear(dim, 3 * emb)
+        self.dp = nn.Dropout(dropout)
+        self.proj = nn.Linear(emb, emb)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(emb)
+        self.epsilon = 1e-8  # keeps the kernel normaliser away from zero
+        self.mlp = nn.Sequential(nn.Linear(emb, emb), nn.GELU(), nn.Linear(emb, emb), nn.Dropout(dropout))
+        self.m = int(emb * kernel_ratio)
+        features = nn.init.orthogonal_(torch.empty(self.m, emb)) * math.sqrt(self.m)
+        self.w = nn.Parameter(features, requires_grad=False)
+
+    def prm_exp(self, x: Tensor) -> Tensor:
+        """Positive random features ``exp(w x - |x|^2 / 2) / sqrt(m)``, so that
+        ``E[phi(q) . phi(k)] = exp(q . k)``."""
+        half_sq_norm = (x * x).sum(dim=-1, keepdim=True) / 2
+        projected = torch.matmul(x.float(), self.w.t())
+        return torch.exp(projected - half_sq_norm) / math.sqrt(self.m)
+
+    def single_attn(self, x: Tensor) -> Tensor:
+        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+        kp, qp = self.prm_exp(k), self.prm_exp(q)  # [B, T, m]
+        normaliser = torch.matmul(qp, kp.sum(dim=1).unsqueeze(-1))  # [B, T, 1]
+        kptv = torch.matmul(v.float().transpose(1, 2), kp)  # [B, emb, m]
+        attended = torch.matmul(qp, kptv.transpose(1, 2)) / (normaliser + self.epsilon)  # [B, T, emb]
+        return v + self.dp(self.proj(attended))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.single_attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TokensToToken(nn.Module):
+    """Three soft splits (unfold 7x7/s4, 3x3/s2, 3x3/s2) with a performer after the first two:
+    an ``H x W`` image becomes ``(H/16) * (W/16)`` tokens of width ``embed_dim``."""
+
+    def __init__(self, in_channels: int, embed_dim: int, token_dim: int):
+        super().__init__()
+        self.soft_split0 = nn.Unfold(kernel_size=(7, 7), stride=(4, 4), padding=(2, 2))
+        self.soft_split1 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+        self.soft_split2 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+        self.attention1 = TokenPerformer(in_channels * 7 * 7, token_dim, kernel_ratio=0.5)
+        self.attention2 = TokenPerformer(token_dim * 3 * 3, token_dim, kernel_ratio=0.5)
+        self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
+
+    @staticmethod
+    def _tokens_to_map(tokens: Tensor, height: int, width: int) -> Tensor:
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        h1, w1 = _unfold_out(height, 7, 4, 2), _unfold_out(width, 7, 4, 2)
+        tokens = self.attention1(self.soft_split0(x).transpose(1, 2))
+        h2, w2 = _unfold_out(h1, 3, 2, 1), _unfold_out(w1, 3, 2, 1)
+        tokens = self.attention2(self.soft_split1(self._tokens_to_map(tokens, h1, w1)).transpose(1, 2))
+        tokens = self.soft_split2(self._tokens_to_map(tokens, h2, w2)).transpose(1, 2)
+        return self.project(tokens)
+
+
+def _unfold_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def check_image_size(image_size: Any) -> int:
+    """T2T-ViT reduces the image by 16 per side; other sizes would not give the square token grid
+    the position table is built for."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < TOTAL_STRIDE \
+            or image_size % TOTAL_STRIDE:
+        raise EednError(f"T2T-ViT needs an image size that is a positive multiple of {TOTAL_STRIDE} "
+                        f"(e.g. 32 or 224), got {image_size!r}; resize the images or choose another size")
+    return image_size
+
+
+class T2TViT(Backbone):
+    """T2T-ViT as a stage-wise backbone: one stage per transformer block, exits on the cls token."""
+
+    def __init__(self, config: T2TConfig, num_classes: int, image_size: int, in_channels: int = 3,
+                 drop_path_rate: float = 0.1):
+        super().__init__()
+        check_image_size(image_size)
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise EednError(f"in_channels must be a positive integer (1 or 3), got {in_channels!r}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise EednError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not 0.0 <= float(drop_path_rate) < 1.0:
+            raise EednError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        if config.embed_dim % config.num_heads:
+            raise EednError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+        self.config = config
+        self.variant = config.name
+        self.num_classes = num_classes
+        self.num_stages = config.depth
+        self.feature_dims = [config.embed_dim] * config.depth
+        self.input_spec = InputSpec(channels=in_channels, image_size=image_size)
+        self.num_patches = (image_size // TOTAL_STRIDE) ** 2
+
+        self.tokens_to_token = TokensToToken(in_channels, config.embed_dim, config.token_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.embed_dim))
+        # Fixed table, but a parameter (not a buffer) so it sits in checkpoints under the official key.
+        self.pos_embed = nn.Parameter(sinusoid_position_table(self.num_patches + 1, config.embed_dim),
+                                      requires_grad=False)
+        rates = [float(drop_path_rate) * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList([
+            Block(config.embed_dim, config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=False,
+                  drop_path=rate, norm_layer=nn.LayerNorm)
+            for rate in rates
+        ])
+        self.norm = nn.LayerNorm(config.embed_dim)
+        # Registered under the official key "head"; the contract's head() method shadows attribute
+        # access, so the layer itself is reached through ``classifier``.
+        self._modules["head"] = nn.Linear(config.embed_dim, num_classes)
+
+        with torch.no_grad():
+            self.cls_token.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
+        self.apply(_init_weights)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The final linear head (state-dict key ``head``)."""
+        return self._modules["head"]  # type: ignore[return-value]
+
+    def stem(self, x: Tensor) -> Tensor:
+        spec = self.input_spec
+        if x.dim() != 4 or x.shape[1] != spec.channels or x.shape[-2:] != (spec.image_size, spec.image_size):
+            raise EednError(f"{self.variant} was built for images [B, {spec.channels}, {spec.image_size}, "
+                            f"{spec.image_size}], got {list(x.shape)}; resize the inputs or rebuild the backbone")
+        tokens = self.tokens_to_token(x)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1) + self.pos_embed
+
+    def stage(self, index: int, state: Tensor) -> Tensor:
+        return self.blocks[index](state)
+
+    def exit_features(self, index: int, state: Tensor) -> Tensor:
+        return self.norm(state[:, 0])
+
+    def head(self, features: Tensor) -> Tensor:
+        return self.classifier(features)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """T2T-ViT's initialisation: truncated normal (std 0.02) linears with zero bias, unit LayerNorms.
+
+    The official truncation bounds are +-2 in absolute units (100 std), which never bind, so a clamped
+    normal draws the same distribution at a third of the cost of inverse-CDF sampling."""
+    if isinstance(module, nn.Linear):
+        with torch.no_grad():
+            module.weight.normal_(0.0, 0.02).clamp_(-2.0, 2.0)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _state_dict_from(obj: Any, path: str | os.PathLike) -> dict[str, Tensor]:
+    """The weights inside a checkpoint: EMA weights first (they are the released ones), then the
+    plain training weights, with DataParallel's ``module.`` prefix removed."""
+    state = obj
+    if isinstance(obj, dict):
+        for key in ("state_dict_ema", "state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
+        raise EednError(f"checkpoint {path} holds no state dict (looked for 'state_dict_ema', 'state_dict', "
+                        f"'model' or a plain dict of tensors)")
+    cleaned: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            continue
+        while key.startswith("module."):
+            key = key[len("module."):]
+        cleaned[key] = value
+    return cleaned
+
+
+def resize_pos_embed(table: Tensor, num_tokens: int) -> Tensor:
+    """Fit a ``[1, 1 + g*g, d]`` position table to ``num_tokens`` (= 1 + n*n): the cls row is kept and
+    the patch grid is resized by bicubic interpolation (official weights at 224 px -> 32 px)."""
+    cls_row, grid_rows = table[:, :1], table[:, 1:]
+    old_side, new_side = math.isqrt(grid_rows.shape[1]), math.isqrt(num_tokens - 1)
+    if old_side * old_side != grid_rows.shape[1] or new_side * new_side != num_tokens - 1:
+        raise EednError(f"cannot resize a position table of {table.shape[1]} tokens to {num_tokens}: "
+                        f"the patch tokens do not form a square grid")
+    dim = table.shape[-1]
+    grid = grid_rows.reshape(1, old_side, old_side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    grid_rows = grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, dim).to(table.dtype)
+    return torch.cat([cls_row, grid_rows], dim=1)
+
+
+def load_t2t_checkpoint(model: T2TViT, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Load official (or eedn-saved) T2T-ViT weights into ``model``, non-strictly.
+
+    A head of another class count is dropped (it stays freshly initialised) and a position table of
+    another resolution is resized; every other backbone weight must be present with the right shape,
+    else :class:`EednError`. Returns which keys were dropped, resized and left at their init.
+    """
+    source = _state_dict_from(load_checkpoint(path), path)
+    target = model.state_dict()
+    prefix = f"checkpoint {path} does not match {model.variant}"
+    dropped: list[str] = []
+    resized: list[str] = []
+    mismatched: list[str] = []
+    to_load: dict[str, Tensor] = {}
+
+    for key, value in source.items():
+        if key not in target:
+            if key.startswith(("blocks.", "tokens_to_token.")):
+                mismatched.append(f"unexpected {key}")
+            continue
+        expected = target[key].shape
+        if value.shape == expected:
+            to_load[key] = value
+        elif key.startswith("head."):
+            dropped.append(key)
+        elif key == "pos_embed" and value.dim() == 3 and value.shape[-1] == expected[-1]:
+            to_load[key] = resize_pos_embed(value, expected[1])
+            resized.append(key)
+        else:
+            mismatched.append(f"{key} has shape {list(value.shape)}, expected {list(expected)}")
+    if mismatched:
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise EednError(f"{prefix}: {'; '.join(mismatched[:3])}{more}; check the model size and in_channels")
+
+    # The head may be new (another dataset); the position table is fixed and rebuilt anyway.
+    optional = ("head.", "pos_embed")
+    missing = [k for k in target if k not in to_load and not k.startswith(optional) and k not in dropped]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise EednError(f"{prefix}: missing {len(missing)} weights: {', '.join(missing[:3])}{more}; "
+                        f"is it a T2T-ViT checkpoint?")
+    model.load_state_dict(to_load, strict=False)
+    left_at_init = [k for k in target if k not in to_load]
+    return {"dropped": dropped, "resized": resized, "left_at_init": left_at_init}
+
+
+# --------------------------------------------------------------------------------------------------
+# Factories and registration
+
+
+def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: int = 3,
+                  **options: Any) -> T2TViT:
+    """``variant`` is a key of :data:`VARIANTS`. Options: ``drop_path_rate`` (default 0.1),
+    ``checkpoint`` (path to weights), and for ``t2t_vit_tiny`` only ``embed_dim``, ``depth``,
+    ``num_heads``, ``mlp_ratio``, ``token_dim``."""
+    config = VARIANTS[variant]
+    allowed = {"drop_path_rate", "checkpoint"} | (set(TINY_OVERRIDES) if variant == "t2t_vit_tiny" else set())
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise EednError(f"unknown option(s) {', '.join(unknown)} for backbone {variant}; "
+                        f"known: {', '.join(sorted(allowed))}")
+    overrides = {k: options[k] for k in TINY_OVERRIDES if options.get(k) is not None}
+    if overrides:
+        for key in ("embed_dim", "depth", "num_heads", "token_dim"):
+            value = overrides.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise EednError(f"{key} must be a positive integer, got {value!r}")
+        config = replace(config, **{k: (float(v) if k == "mlp_ratio" else v) for k, v in overrides.items()})
+    drop_path_rate = options.get("drop_path_rate")
+    model = T2TViT(config, num_classes=num_classes, image_size=image_size, in_channels=in_channels,
+                   drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate)
+    if options.get("checkpoint"):
+        load_t2t_checkpoint(model, options["checkpoint"])
+    return model
+
+
+def _factory_for(variant: str):
+    def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> T2TViT:
+        return build_t2t_vit(variant, num_classes, image_size, in_channels, **options)
+
+    factory.__name__ = variant
+    factory.__doc__ = f"Build {variant}; see build_t2t_vit for the options."
+    return factory
+
+
+def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str | int = "7",
+            **options: Any) -> T2TViT:
+    """The family by size: ``size`` in 7, 14, 24, tiny (default 7, the JEI-DNN backbone)."""
+    variant = SIZE_ALIASES.get(str(size))
+    if variant is None:
+        raise EednError(f"unknown T2T-ViT size {size!r}; known: {', '.join(SIZE_ALIASES)}")
+    return build_t2t_vit(variant, num_classes, image_size, in_channels, **options)
+
+
+@hookimpl
+def register_backbones(register):
+    common = ("Any image size that is a multiple of 16 (32 px -> 5 tokens, 224 px -> 197). Options: "
+              "drop_path_rate (0.1), checkpoint=PATH (official T2T-ViT or eedn weights; head and "
+              "position table adapted).")
+    register("t2t_vit", t2t_vit,
+             description="T2T-ViT by size: option size=7|14|24|tiny, default 7 whatever the image size "
+                         "(pass size=tiny for quick CPU runs). " + common)
+    register("t2t_vit_7", _factory_for("t2t_vit_7"),
+             description="T2T-ViT-7 (d=256, 7 blocks, 4 heads, MLP x2), the JEI-DNN backbone. " + common)
+    register("t2t_vit_14", _factory_for("t2t_vit_14"),
+             description="T2T-ViT-14 (d=384, 14 blocks, 6 heads, MLP x3). " + common)
+    register("t2t_vit_24", _factory_for("t2t_vit_24"),
+             description="T2T-ViT-24 (d=512, 24 blocks, 8 heads, MLP x3). " + common)
+    register("t2t_vit_tiny", _factory_for("t2t_vit_tiny"),
+             description="Tiny T2T-ViT for tests and CPU demos (d=64, 4 blocks, 2 heads, token dim 32); "
+                         "embed_dim, depth, num_heads, mlp_ratio, token_dim can be overridden. " + common)

@@ -1,0 +1,39 @@
+"""Test-wide settings: offline, a private cache, two threads."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def eedn_cache(tmp_path_factory) -> str:
+    """One cache directory shared by the session's pipeline tests (backbones are trained once)."""
+    path = tmp_path_factory.mktemp("eedn-cache")
+    os.environ["EEDN_CACHE"] = str(path)
+    return str(path)
+
+
+TINY_RUN = {
+    "backbone": "resnet_tiny",
+    "dataset": "digits",
+    "image_size": 16,
+    "backbone_training": {"epochs": 3, "batch_size": 64},
+    "progress": False,
+}
+
+
+@pytest.fixture
+def tiny_config(eedn_cache, tmp_path) -> dict:
+    """A pipeline config that runs in a few seconds: tiny ResNet on 16-px digits."""
+    import copy
+
+    cfg = copy.deepcopy(TINY_RUN)
+    cfg["cache_dir"] = eedn_cache
+    cfg["out"] = str(tmp_path / "run")
+    return cfg

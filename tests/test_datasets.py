@@ -1,0 +1,334 @@
+"""Dataset sources: seeded stratified hold-outs, evaluation transforms where promised, image folders
+(directory and .tar.gz), clear errors for missing or malformed data, and the long-tail profile."""
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eedn
+from eedn.data import DataSplits, dataset_labels
+from eedn.errors import EednError
+from eedn_plugins import datasets as ds
+
+SPLITS = ("train", "val", "cal", "test")
+
+
+def indices(split) -> set[int]:
+    return set(split.indices)
+
+
+def read_twice_equal(dataset, n: int = 5) -> bool:
+    return all(torch.equal(dataset[i][0], dataset[i][0]) for i in range(min(n, len(dataset))))
+
+
+# ----------------------------------------------------------------------------------------- digits
+
+
+@pytest.fixture(scope="module")
+def digits() -> DataSplits:
+    return ds.DigitsSource().splits(32, seed=0)
+
+
+def test_registry_builds_every_source_and_digits_splits():
+    names = eedn.list_names("dataset")
+    for name in ("digits", "cifar10", "cifar100", "cifar100-lt", "cifar10-lt", "svhn", "image-folder"):
+        assert name in names
+    source = eedn.create("dataset", "digits")
+    splits = source.splits(32, seed=0)
+    assert isinstance(splits, DataSplits)
+    assert (source.num_classes, source.channels, source.default_image_size) == (10, 1, 32)
+    assert splits.num_classes == 10 and splits.class_names == [str(c) for c in range(10)]
+
+
+def test_digits_splits_are_disjoint_cover_everything_and_are_stratified(digits):
+    parts = {k: indices(getattr(digits, k)) for k in SPLITS}
+    assert sum(len(p) for p in parts.values()) == 1797
+    assert set().union(*parts.values()) == set(range(1797))
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                assert not parts[a] & parts[b], (a, b)
+        counts = torch.bincount(dataset_labels(getattr(digits, a)), minlength=10)
+        assert (counts > 0).all(), a
+    sizes = digits.sizes()
+    assert abs(sizes["test"] / 1797 - 0.20) < 0.01
+    assert abs(sizes["val"] / 1797 - 0.15) < 0.01 and abs(sizes["cal"] / 1797 - 0.15) < 0.01
+    assert digits.train_eval.indices == digits.train.indices  # same images, same order
+
+
+def test_digits_split_depends_on_the_seed_only(digits):
+    again = ds.DigitsSource().splits(32, seed=0)
+    other = ds.DigitsSource().splits(32, seed=1)
+    for k in SPLITS:
+        assert getattr(again, k).indices == getattr(digits, k).indices
+    assert any(getattr(other, k).indices != getattr(digits, k).indices for k in SPLITS)
+    assert indices(other.test) != indices(digits.test)
+
+
+def test_digits_shapes_eval_transforms_and_train_augmentation(digits):
+    x, y = digits.train[0]
+    assert x.shape == (1, 32, 32) and isinstance(y, int)
+    for k in ("val", "cal", "test"):
+        assert read_twice_equal(getattr(digits, k)), k
+    assert read_twice_equal(digits.train_eval)
+    torch.manual_seed(0)
+    assert not all(torch.equal(digits.train[i][0], digits.train_eval[i][0]) for i in range(10))
+    plain = ds.DigitsSource().splits(32, seed=0, augment=False)
+    assert all(torch.equal(plain.train[i][0], plain.train_eval[i][0]) for i in range(10))
+
+
+def test_digits_normalised_with_train_statistics(digits):
+    train = torch.stack([digits.train_eval[i][0] for i in range(len(digits.train_eval))])
+    assert abs(train.mean().item()) < 1e-4 and abs(train.std().item() - 1) < 1e-3
+    native = ds.DigitsSource().splits(8, seed=0)
+    from sklearn.datasets import load_digits
+
+    raw = torch.tensor(load_digits().images[native.test.indices[0]], dtype=torch.float32) / 16
+    mean, std = native.info["mean"][0], native.info["std"][0]
+    torch.testing.assert_close(native.test[0][0][0], (raw - mean) / std)
+
+
+def test_digits_describe_is_json_and_bad_options_fail():
+    import json
+
+    desc = ds.DigitsSource(val_fraction=0.2).describe()
+    assert json.loads(json.dumps(desc)) == {"name": "digits", "val_fraction": 0.2, "cal_fraction": 0.5,
+                                            "test_fraction": 0.2}
+    with pytest.raises(EednError, match="val_fractoin"):
+        ds.DigitsSource(val_fractoin=0.2)
+    with pytest.raises(EednError, match="cal_fraction"):
+        ds.DigitsSource(cal_fraction=1.5).splits(32, seed=0)
+    with pytest.raises(EednError, match="< 1"):
+        ds.DigitsSource(val_fraction=0.5, test_fraction=0.5).splits(32, seed=0)
+
+
+# ------------------------------------------------------------------------------------ long tail
+
+
+def test_long_tail_profile_of_cifar100():
+    counts = ds.long_tail_counts(500, 100, 100)
+    assert counts[:3] == [500, 477, 455] and counts[-1] == 5 and sum(counts) == 10847
+    test_counts = ds.long_tail_counts(100, 100, 100)
+    assert test_counts[0] == 100 and test_counts[-1] == 1 and sum(test_counts) == 2131
+    groups = ds.shot_groups(counts)
+    assert [len(groups[k]) for k in ("many", "medium", "few")] == [35, 35, 30]
+    assert ds.long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert ds.long_tail_counts(50, 4, 1) == [50, 50, 50, 50]
+    with pytest.raises(EednError):
+        ds.long_tail_counts(500, 100, 0.5)
+
+
+def test_long_tail_indices_keep_a_seeded_prefix_per_class_in_class_order():
+    targets = np.repeat(np.arange(3), 10)[::-1].copy()  # classes stored out of order
+    kept = ds.long_tail_indices(targets, [6, 3, 1], seed=0)
+    assert targets[kept].tolist() == [0] * 6 + [1] * 3 + [2]
+    assert kept.tolist() == ds.long_tail_indices(targets, [6, 3, 1], seed=0).tolist()
+    rng = np.random.RandomState(0)  # LDAM: one generator, classes shuffled in order
+    expected = []
+    for c, n in enumerate([6, 3, 1]):
+        idx = np.flatnonzero(targets == c)
+        rng.shuffle(idx)
+        expected += idx[:n].tolist()
+    assert kept.tolist() == expected
+
+
+# ----------------------------------------------------------------------------------- CIFAR, SVHN
+
+
+def test_missing_cifar_and_svhn_name_the_folder_and_the_files(tmp_path):
+    with pytest.raises(EednError) as err:
+        eedn.create("dataset", "cifar10", data_dir=str(tmp_path)).splits(32, seed=0)
+    assert str(tmp_path) in str(err.value) and "cifar-10-batches-py" in str(err.value)
+    assert "\n" not in str(err.value)
+    with pytest.raises(EednError, match="cifar-100-python"):
+        ds.Cifar100Source(data_dir=str(tmp_path)).splits(32, seed=0)
+    with pytest.raises(EednError, match="cifar-100-python"):
+        ds.LongTailCifarSource(data_dir=str(tmp_path)).splits(32, seed=0)
+    with pytest.raises(EednError, match="train_32x32.mat"):
+        ds.SvhnSource(data_dir=str(tmp_path)).splits(32, seed=0)
+    (tmp_path / "cifar-10-batches-py").mkdir()  # present but empty
+    with pytest.raises(EednError, match="corrupted"):
+        ds.CifarSource(data_dir=str(tmp_path)).splits(32, seed=0)
+
+
+def write_fake_cifar10(root: Path, train_per_class: int, test_per_class: int) -> None:
+    """A tiny CIFAR-10 in torchvision's pickle layout (integrity checks are patched off)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(labels: list[int]) -> dict:
+        return {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": labels}
+
+    train_labels = [c for c in range(10) for _ in range(train_per_class)]
+    rng.shuffle(train_labels)
+    for b in range(5):
+        with open(folder / f"data_batch_{b + 1}", "wb") as f:
+            pickle.dump(batch(train_labels[b::5]), f)
+    test_labels = [c for c in range(10) for _ in range(test_per_class)]
+    rng.shuffle(test_labels)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(batch(test_labels), f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{c}" for c in range(10)]}, f)
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path, monkeypatch) -> Path:
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    write_fake_cifar10(tmp_path, train_per_class=20, test_per_class=10)
+    return tmp_path
+
+
+def test_cifar10_holds_val_and_cal_out_of_train(fake_cifar10):
+    source = eedn.create("dataset", "cifar10", data_dir=str(fake_cifar10), val_size=40)
+    splits = source.splits(32, seed=0)
+    assert splits.sizes() == {"train": 160, "val": 20, "cal": 20, "test": 100}
+    parts = [indices(getattr(splits, k)) for k in ("train", "val", "cal")]
+    assert set().union(*parts) == set(range(200)) and sum(map(len, parts)) == 200
+    assert (torch.bincount(dataset_labels(splits.val), minlength=10) == 2).all()
+    assert splits.train_eval.indices == splits.train.indices
+    x, _ = splits.train[0]
+    assert x.shape == (3, 32, 32)
+    for k in ("val", "cal", "test"):
+        assert read_twice_equal(getattr(splits, k)), k
+    assert splits.class_names[0] == "class0"
+    assert source.describe() == {"name": "cifar10", "val_size": 40, "cal_fraction": 0.5}
+    assert splits.test[0][0].shape == (3, 32, 32)
+    assert source.splits(48, seed=0, augment=False).val[0][0].shape == (3, 48, 48)
+    with pytest.raises(EednError, match="val_size"):
+        ds.CifarSource(data_dir=str(fake_cifar10), val_size=1000).splits(32, seed=0)
+
+
+class TinyLongTailCifar10(ds.LongTailCifar10Source):
+    n_max_train = 20  # the fake data has 20 train images per class
+
+
+def test_long_tailed_cifar_train_val_test_and_shot_groups(fake_cifar10):
+    source = TinyLongTailCifar10(data_dir=str(fake_cifar10), imbalance=10, val_size=10)
+    splits = source.splits(32, seed=0)
+    counts = ds.long_tail_counts(20, 10, 10)
+    assert splits.info["train_counts"] == counts
+    train_val_cal = torch.cat([dataset_labels(getattr(splits, k)) for k in ("train", "val", "cal")])
+    assert torch.bincount(train_val_cal, minlength=10).tolist() == counts
+    test_labels = dataset_labels(splits.test).tolist()
+    assert test_labels == sorted(test_labels)  # class order, head classes first
+    assert torch.bincount(torch.tensor(test_labels), minlength=10).tolist() == ds.long_tail_counts(10, 10, 10)
+    assert splits.info["shot_groups"]["few"] == [c for c, n in enumerate(counts) if n < 20]
+    balanced = TinyLongTailCifar10(data_dir=str(fake_cifar10), imbalance=10, val_size=10,
+                                   test_profile="balanced").splits(32, seed=0)
+    assert len(balanced.test) == 100
+
+
+# ---------------------------------------------------------------------------------- image folder
+
+
+def make_image_tree(root: Path, classes=("cat", "ant", "bee"), per_class: int = 12, test_per_class: int = 0):
+    """PNG files of 8x8 solid colours, one colour per class."""
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c, name in enumerate(classes):
+            if n == 0:
+                continue
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (80 * c, 10 * i, 200)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def make_tar(folder: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for child in sorted(folder.iterdir()):
+            tar.add(child, arcname=child.name)
+    return archive
+
+
+def test_image_folder_directory_without_test_split(tmp_path):
+    root = make_image_tree(tmp_path / "imgs")
+    source = eedn.create("dataset", "image-folder", path=str(root))
+    assert (source.num_classes, source.channels, source.default_image_size) == (3, 3, 8)
+    splits = source.splits(16, seed=0)
+    assert splits.class_names == ["ant", "bee", "cat"]  # sorted folder names
+    parts = {k: indices(getattr(splits, k)) for k in SPLITS}
+    assert set().union(*parts.values()) == set(range(36)) and sum(map(len, parts.values())) == 36
+    for k in SPLITS:
+        assert set(dataset_labels(getattr(splits, k)).tolist()) == {0, 1, 2}, k
+    x, y = splits.val[0]
+    assert x.shape == (3, 16, 16) and 0 <= y < 3
+    assert read_twice_equal(splits.test) and read_twice_equal(splits.cal) and read_twice_equal(splits.train_eval)
+    assert splits.train_eval.indices == splits.train.indices
+    sample_path, label = splits.test.dataset.samples[splits.test.indices[0]]
+    assert Path(sample_path).parent.name == splits.class_names[label]
+    other = source.splits(16, seed=1)
+    assert indices(other.test) != parts["test"]
+
+
+def test_image_folder_with_test_split_and_a_tar_gz_extracted_once(tmp_path, monkeypatch):
+    root = make_image_tree(tmp_path / "imgs", test_per_class=4)
+    archive = make_tar(root, tmp_path / "imgs.tar.gz")
+    cache = tmp_path / "cache"
+    from_dir = ds.ImageFolderSource(path=str(root)).splits(8, seed=0)
+    source = ds.ImageFolderSource(path=str(archive), cache_dir=str(cache))
+    from_tar = source.splits(8, seed=0)
+    assert len(from_tar.test) == 12 and sum(len(getattr(from_tar, k)) for k in ("train", "val", "cal")) == 36
+    for k in SPLITS:
+        assert dataset_labels(getattr(from_tar, k)).tolist() == dataset_labels(getattr(from_dir, k)).tolist()
+    assert torch.equal(from_tar.test[3][0], from_dir.test[3][0])
+    assert [p.name for p in cache.iterdir()] == [source.describe()["archive"]]  # no temp dirs left
+
+    def no_second_extraction(*args, **kwargs):
+        raise AssertionError("extracted twice")
+
+    monkeypatch.setattr(ds, "_extract_regular_files", no_second_extraction)
+    again = ds.ImageFolderSource(path=str(archive), cache_dir=str(cache)).splits(8, seed=0)
+    assert again.val.indices == from_tar.val.indices
+
+
+def test_image_folder_archive_wrapped_in_one_top_folder(tmp_path):
+    make_image_tree(tmp_path / "outer" / "data")
+    archive = make_tar(tmp_path / "outer", tmp_path / "wrapped.tar.gz")
+    splits = ds.ImageFolderSource(path=str(archive), cache_dir=str(tmp_path / "c")).splits(8, seed=0)
+    assert sum(splits.sizes().values()) == 36
+
+
+def test_malformed_image_folders_raise_one_line_errors(tmp_path):
+    def fails(match: str, **options):
+        with pytest.raises(EednError, match=match) as err:
+            ds.ImageFolderSource(**options).splits(8, seed=0)
+        assert "\n" not in str(err.value)
+
+    fails("needs option path")
+    fails("does not exist", path=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    fails("no train/ folder", path=str(tmp_path / "empty"))
+    (tmp_path / "noclass" / "train").mkdir(parents=True)
+    fails("no class folders", path=str(tmp_path / "noclass"))
+    (tmp_path / "noimg" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "noimg" / "train" / "a" / "notes.txt").write_text("not an image")
+    fails("no image files", path=str(tmp_path / "noimg"))
+    root = make_image_tree(tmp_path / "holes")
+    (root / "train" / "empty_class").mkdir()
+    fails("empty_class", path=str(root))
+    root = make_image_tree(tmp_path / "foreign", test_per_class=2)
+    (root / "test" / "ant").rename(root / "test" / "zebra")
+    fails("zebra", path=str(root))
+    (tmp_path / "junk.tar.gz").write_bytes(b"this is not a tar archive")
+    fails("cannot extract", path=str(tmp_path / "junk.tar.gz"), cache_dir=str(tmp_path / "c1"))
+    assert list((tmp_path / "c1").iterdir()) == []  # nothing half-extracted left behind
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        data = b"x"
+        info = tarfile.TarInfo("../escape.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    fails("outside its folder", path=str(evil), cache_dir=str(tmp_path / "c2"))
+    assert not (tmp_path / "c2" / "escape.png").exists() and not (tmp_path / "escape.png").exists()
