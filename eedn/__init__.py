@@ -4,7 +4,7 @@ Library use::
 
     import eedn
     model = eedn.create_model("t2t_vit_7", num_classes=10, image_size=32, gate="jei")
-    result = eedn.run({"backbone": "t2t_vit", "strategy": "jei", "dataset": "digits"})
+    results = eedn.run_pipeline({"backbone": "t2t_vit", "strategy": "jei", "dataset": "digits"})
 """
 from __future__ import annotations
 
@@ -29,16 +29,17 @@ from eedn.outputs import ExitOutputs  # noqa: E402
 from eedn.plugins import create, list_names, register_plugin, registry  # noqa: E402
 
 
-def run(config: dict | None = None, **overrides):
-    """Run the whole pipeline (data → backbone → strategy → outputs → evaluators → run directory)."""
-    from eedn.run import run_pipeline
+def run_pipeline(config: dict | None = None, sets: list[str] | None = None, **overrides):
+    """Run the whole pipeline (data → backbone → strategy → outputs → evaluators → run directory) and
+    return the results.json content. ``eedn run`` on the command line does the same."""
+    from eedn.run import run_pipeline as _run_pipeline
 
-    return run_pipeline(config, **overrides)
+    return _run_pipeline(config, sets, **overrides)
 
 
 __all__ = [
     "Backbone", "DatasetSource", "Evaluator", "Gate", "InferenceModule", "InputSpec", "StrategyResult",
     "TrainingStrategy", "select_rows", "DataSplits", "EednError", "UnknownNameError", "hookimpl",
     "EarlyExitModel", "build_model", "create_model", "ExitOutputs", "create", "list_names",
-    "register_plugin", "registry", "run",
+    "register_plugin", "registry", "run_pipeline",
 ]

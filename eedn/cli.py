@@ -1,115 +1,35 @@
 """The ``eedn`` command line. Bad input prints one line and exits non-zero (``--debug`` for tracebacks)."""
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from typing import Any, Callable
+import importlib
 
 import click
 
-from eedn.errors import EednError
+from eedn.cli_options import build_config, common_run_options, friendly_errors
 
-DEBUG_ENV = "EEDN_DEBUG"
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """Turn exceptions into one line on stderr and exit code 1, unless --debug."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any):
-        debug = kwargs.get("debug") or os.environ.get(DEBUG_ENV) == "1"
-        try:
-            return fn(*args, **kwargs)
-        except click.exceptions.Exit:
-            raise
-        except click.ClickException:
-            raise
-        except KeyboardInterrupt:
-            click.echo("interrupted; rerun with --resume to continue backbone training", err=True)
-            sys.exit(130)
-        except Exception as exc:  # noqa: BLE001 - the CLI boundary
-            if debug:
-                raise
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            prefix = "error" if isinstance(exc, EednError) else f"error ({type(exc).__name__})"
-            click.echo(f"{prefix}: {msg}" + ("" if isinstance(exc, EednError) else " — rerun with --debug for details"),
-                       err=True)
-            sys.exit(1)
-
-    return wrapper
+#: commands that live in their own modules, imported only when used (keeps `eedn --help` fast).
+LAZY_COMMANDS = {
+    "compare": ("eedn.compare", "compare_command"),
+    "report": ("eedn.compare", "report_command"),
+    "predict": ("eedn.predict", "predict"),
+    "bench": ("eedn.bench", "bench"),
+}
 
 
-def parse_lambdas(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EednError(f"--lambda expects a number or a comma-separated list, got '{text}'") from None
-    if not values or any(v < 0 for v in values):
-        raise EednError(f"--lambda values must be non-negative numbers, got '{text}'")
-    return values[0] if len(values) == 1 else values
+class EednGroup(click.Group):
+    """A click group that also serves the lazily imported commands."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attr = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
 
-def common_run_options(fn: Callable) -> Callable:
-    """Options shared by `run` and `compare`."""
-    opts = [
-        click.option("--backbone", help="backbone name (see `eedn plugins`), e.g. t2t_vit, t2t_vit_7, resnet20"),
-        click.option("--dataset", help="dataset source, e.g. digits (default), cifar10, image-folder"),
-        click.option("--data-dir", type=click.Path(), help="where the dataset's files are (never downloaded)"),
-        click.option("--config", "config_file", type=click.Path(), help="YAML/JSON config file"),
-        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key (dotted)"),
-        click.option("--seed", type=int, help="random seed (data split, init, batches)"),
-        click.option("--image-size", type=int, help="input size in pixels (default: the dataset's)"),
-        click.option("--backbone-epochs", type=int, help="epochs of backbone training (0 with a checkpoint: no training)"),
-        click.option("--backbone-checkpoint", type=click.Path(), help="trained backbone weights to load"),
-        click.option("--epochs", type=int, help="epochs of head/gate training for the strategy"),
-        click.option("--lambda", "lambdas", help="JEI trade-off λ: one value or a list, e.g. 0.01,0.5,2"),
-        click.option("--budget", type=float, help="target mean-MACs fraction for threshold gates (default 0.75)"),
-        click.option("--device", help="cpu or cuda"),
-        click.option("--cache-dir", type=click.Path(), help="backbone and feature cache (default ~/.cache/eedn)"),
-        click.option("--resume", is_flag=True, default=None, help="continue an interrupted backbone training"),
-        click.option("--quiet", is_flag=True, help="no progress bars"),
-        click.option("--debug", is_flag=True, help="show tracebacks"),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_size, backbone_epochs,
-                 backbone_checkpoint, epochs, lambdas, budget, device, cache_dir, resume, strategy=None, gate=None,
-                 out=None) -> dict:
-    """CLI options → resolved config (CLI wins over the file, --set wins over both)."""
-    from eedn.config import load_config_file, resolve_config
-
-    base = load_config_file(config_file) if config_file else {}
-    overrides: dict[str, Any] = {"backbone": backbone, "dataset": dataset, "seed": seed, "image_size": image_size,
-                                 "device": device, "cache_dir": cache_dir, "resume": resume, "strategy": strategy,
-                                 "gate": gate, "out": out}
-    if dataset is not None and dataset != base.get("dataset"):
-        base.pop("dataset_options", None)
-    bt = {k: v for k, v in {"epochs": backbone_epochs, "checkpoint": backbone_checkpoint}.items() if v is not None}
-    if bt:
-        overrides["backbone_training"] = bt
-    so = {k: v for k, v in {"epochs": epochs, "lambda": parse_lambdas(lambdas)}.items() if v is not None}
-    if strategy is not None and strategy != base.get("strategy"):
-        base.pop("strategy_options", None)
-    if so:
-        overrides["strategy_options"] = so
-    if budget is not None:
-        if not 0 < budget <= 1:
-            raise EednError(f"--budget is a fraction of full MACs in (0, 1], got {budget}")
-        base["budget"] = {"macs_fraction": budget}
-    cfg = resolve_config(base, list(sets), **overrides)
-    if data_dir is not None:
-        key = "path" if cfg["dataset"] == "image-folder" else "data_dir"
-        cfg["dataset_options"][key] = data_dir
-    return cfg
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EednGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="eedn")
 def cli() -> None:
     """eedn: early-exit dynamic neural networks (JEI-DNN and its baselines)."""

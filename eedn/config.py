@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "image_size": None,  # None: the dataset's default
     "seed": 0,
     "device": "cpu",
+    "threads": None,  # torch CPU threads; None: torch's default (one per core)
     "backbone_training": {
         "checkpoint": None,  # a trained backbone to load instead of training one
         "epochs": None,  # None: the dataset source's suggestion
@@ -126,6 +127,8 @@ def validate(cfg: dict) -> None:
         raise EednError(f"image_size must be a positive integer, got {cfg['image_size']!r}")
     if cfg["device"] not in ("cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
         raise EednError(f"device must be cpu or cuda[:N], got {cfg['device']!r}")
+    if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):
+        raise EednError(f"threads must be a positive integer, got {cfg['threads']!r}")
     bt = cfg["backbone_training"]
     if bt["optimizer"] not in ("adamw", "sgd"):
         raise EednError(f"backbone_training.optimizer must be adamw or sgd, got {bt['optimizer']!r}")

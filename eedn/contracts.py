@@ -142,7 +142,7 @@ class Gate(nn.Module, ABC):
         raise NotImplementedError(f"{type(self).__name__} has no budget calibration")
 
     def budget_sweep(self) -> list[dict]:
-        """The targets of this gate's default accuracy-vs-cost sweep (e.g. MSDNet p = k/20, k = 1..39)."""
+        """The targets of this gate's default accuracy-vs-cost sweep (e.g. the geometric budgets p = 1..39)."""
         return []
 
 

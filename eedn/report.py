@@ -54,7 +54,7 @@ def plot_accuracy_vs_macs(results_by_name: dict[str, dict], path: Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110, layout="constrained")
     first = next(iter(results_by_name.values()))
     full = first["full_macs"]
     ax.plot([e["macs"] / full for e in first["exits"]], [100 * e["accuracy"] for e in first["exits"]],
@@ -69,7 +69,6 @@ def plot_accuracy_vs_macs(results_by_name: dict[str, dict], path: Path, title: s
     ax.set_title(title or "accuracy vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)

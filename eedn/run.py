@@ -60,6 +60,8 @@ class Prepared:
 def prepare(cfg: dict, progress: Progress) -> Prepared:
     """Data and backbone for a resolved config (the backbone from the cache when already trained)."""
     t0 = time.perf_counter()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"])
     source = create("dataset", cfg["dataset"], **cfg["dataset_options"])
     image_size = cfg["image_size"] or source.default_image_size
@@ -194,7 +196,9 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
 def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate_name: str, model: EarlyExitModel,
                      test: ExitOutputs, policy_point: dict, curve: list[dict], history: list[dict]) -> dict:
     acc = test.exit_accuracy()
-    policy = {"name": f"{cfg['strategy']}+{gate_name}", "strategy": cfg["strategy"], "gate": gate_name} | policy_point
+    point = {k: v for k, v in policy_point.items() if k != "gate"}
+    policy = {"name": f"{cfg['strategy']}+{gate_name}", "strategy": cfg["strategy"], "gate": gate_name,
+              "gate_setting": policy_point.get("gate")} | point
     if "calibration" in policy_point:
         policy["ece"] = policy_point["calibration"].get("ece")
     results = {
@@ -211,28 +215,29 @@ def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate
         "strategy": {"name": cfg["strategy"], "options": strategy.describe(), "history": history},
     }
     if "conformal" in policy_point:
-        conf = policy_point["conformal"]
-        from_plugin = getattr(create_module_of("evaluator", "conformal"), "flatten_for_results", None)
-        results["conformal"] = from_plugin(conf) if from_plugin else conf
+        results["conformal"] = flatten_conformal(policy_point["conformal"])
     return results
 
 
-def create_module_of(kind: str, name: str):
-    """The module that registered ``name`` (to reach its helper functions without importing a plugin)."""
+def flatten_conformal(metrics: dict) -> list[dict]:
+    """Conformal rows {alpha, method, variant, coverage, mean_set_size} via the evaluator's own helper."""
     import importlib
 
-    factory = eedn.registry(kind).get(name).factory
-    return importlib.import_module(factory.__module__)
+    module = importlib.import_module(eedn.registry("evaluator").get("conformal").factory.__module__)
+    flatten = getattr(module, "flatten_for_results", None)
+    return flatten(metrics) if flatten else metrics.get("results", [])
 
 
 def summarize_point(point: dict) -> dict:
-    """The curve entry kept in results.json: cost/accuracy plus headline ECE and set size."""
+    """The curve entry kept in results.json: cost/accuracy, the gate setting, headline ECE and conformal rows."""
     out = {k: point[k] for k in ("setting", "accuracy", "mean_macs", "macs_fraction", "exit_fractions")}
     out["val"] = point.get("val")
+    out["gate_setting"] = point.get("gate")
     if "calibration" in point:
         out["ece"] = point["calibration"].get("ece")
+        out["ece_scaled"] = point["calibration"].get("scaled", {}).get("ece")
     if "conformal" in point:
-        out["conformal"] = point["conformal"]
+        out["conformal"] = flatten_conformal(point["conformal"])
     return out
 
 

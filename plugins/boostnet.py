@@ -33,7 +33,10 @@ from eedn_plugins.sdn import resolve_options, selection_metric, train_batches, v
 
 
 class BoostNetEnsemble(nn.Module):
-    """Per-exit logits ``[B, E, C]`` -> boosted ensembles ``F`` ``[B, E, C]``."""
+    """Per-exit logits ``[B, E, C]`` -> boosted ensembles ``F`` ``[B, E, C]``.
+
+    Causal: on a prefix ``[B, l+1, C]`` (exits 0..l, as a real early-exit engine has them) it gives
+    ``F_0..F_l``, the same values as on the full tensor."""
 
     def __init__(self, decay: float = 0.5):
         super().__init__()
@@ -103,7 +106,7 @@ class BoostNetStrategy(TrainingStrategy):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total, count = total + float(loss) * len(y), count + len(y)
+                total, count = total + float(loss.detach()) * len(y), count + len(y)
             sched.step()
             val_acc = val_exit_accuracy(model, context)
             metric = selection_metric(val_acc, o["select"])

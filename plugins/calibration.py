@@ -228,6 +228,7 @@ class CalibrationEvaluator(Evaluator):
             "max_iter": int(options.get("ts_max_iter", TS_MAX_ITER)),
             "line_search": options.get("ts_line_search", "strong_wolfe"),
         }
+        self._cached: tuple[tuple, list[float]] | None = None
 
     def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
         """Metrics for the policy's exits ``exit_test``; ``cal`` only fits the temperatures (``exit_cal`` unused:
@@ -236,7 +237,7 @@ class CalibrationEvaluator(Evaluator):
         exit_test = exit_test.long().cpu()
         logits = test.logits.detach().double().cpu()
         labels = test.labels.detach().long().cpu()
-        temperatures = fit_exit_temperatures(cal.logits.detach().cpu(), cal.labels.detach().cpu(), **self.ts_options)
+        temperatures = self._temperatures(cal)
         t_per_sample = torch.tensor(temperatures, dtype=torch.float64)[exit_test]
 
         gated = logits[torch.arange(len(labels)), exit_test]
@@ -261,6 +262,16 @@ class CalibrationEvaluator(Evaluator):
             "temperature_scaling": dict(self.ts_options) | {"fitted_on": "cal split logits, one T per exit"},
         }
         return result
+
+    def _temperatures(self, cal: ExitOutputs) -> list[float]:
+        """Per-exit T, fitted once per distinct cal split: a gate sweep evaluates many policies on the same heads,
+        and the temperatures depend on the heads' logits only."""
+        logits, labels = cal.logits.detach().cpu(), cal.labels.detach().cpu()
+        flat = logits.double()
+        key = (tuple(logits.shape), float(flat.sum()), float(flat.square().sum()), tuple(labels.tolist()))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, fit_exit_temperatures(logits, labels, **self.ts_options))
+        return list(self._cached[1])
 
     def _compat(self, logits: Tensor, labels: Tensor) -> float:
         confidence, correct = confidence_and_correct(logits, labels)

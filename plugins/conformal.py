@@ -74,9 +74,9 @@ def class_scores(probs: Tensor, method: str = "lac", *, lam_reg: float = 0.01, k
 
 
 def label_scores(probs: Tensor, labels: Tensor, method: str = "lac", **score_options: Any) -> Tensor:
-    """Score of the true class ``[N]`` (the calibration scores)."""
+    """Score of the true class (the calibration scores): probs ``[..., C]``, labels ``[...]`` -> ``[...]``."""
     scores = class_scores(probs, method, **score_options)
-    return scores.gather(-1, labels.long().reshape(-1, 1)).squeeze(-1)
+    return scores.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
 
 
 def conformal_rank(n: int, alpha: float) -> int:
@@ -190,7 +190,7 @@ class ConformalEvaluator(Evaluator):
         exit_test, exit_cal = exit_test.long().cpu(), exit_cal.long().cpu()
         labels_test, labels_cal = test.labels.long().cpu(), cal.labels.long().cpu()
         n_test, n_cal, n_exits = test.num_samples, cal.num_samples, test.num_exits
-        probs_test = test.logits.detach().cpu().double().softmax(-1)[torch.arange(n_test), exit_test]  # gated [N, C]
+        probs_test = test.logits.detach().cpu()[torch.arange(n_test), exit_test].double().softmax(-1)  # gated [N, C]
         probs_cal = cal.logits.detach().cpu().double().softmax(-1)  # every exit [M, E, C]
 
         noise_cal = noise_test = None
@@ -204,8 +204,8 @@ class ConformalEvaluator(Evaluator):
             options = dict(self.score_options)
             test_scores = class_scores(probs_test, method, noise=noise_test, **options)  # [N, C]
             cal_noise = None if noise_cal is None else noise_cal[:, None].expand(n_cal, n_exits)
-            cal_all = class_scores(probs_cal, method, noise=cal_noise, **options)
-            cal_scores = cal_all.gather(-1, labels_cal.view(-1, 1, 1).expand(n_cal, n_exits, 1)).squeeze(-1)  # [M, E]
+            cal_scores = label_scores(probs_cal, labels_cal[:, None].expand(n_cal, n_exits), method,
+                                      noise=cal_noise, **options)  # [M, E]
             cal_gated = cal_scores[torch.arange(n_cal), exit_cal]
             for alpha in self.alphas:
                 for variant in self.variants:

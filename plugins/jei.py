@@ -254,7 +254,7 @@ PAPER_COMPAT: dict[str, Any] = {
     "optimizers": "shared",
     "warmup": "fixed",
     "pos_weight_counts": "exact",
-    "select": "last",
+    "select": "pt_compat",
 }
 
 _INT_OPTIONS = {"epochs": 1, "batch_size": 1, "warmup_epochs": 0, "max_warmup_epochs": 0, "warmup_patience": 1}
@@ -345,6 +345,9 @@ def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
     lams = parse_lambdas(raw)
     as_list = isinstance(raw, (list, tuple)) or (isinstance(raw, str) and "," in raw)
     resolved["lambda"] = lams if as_list else lams[0]  # keep the shape the user gave, for the record
+    if resolved["im_loss_renorm"] and resolved["im_loss"] != "exit_weighted":
+        raise EednError("strategy 'jei': im_loss_renorm=true only applies to im_loss=exit_weighted; "
+                        "set im_loss=exit_weighted or drop im_loss_renorm")
     if resolved["warmup"] == "fixed" and resolved["epochs"] <= resolved["warmup_epochs"]:
         raise EednError(f"strategy 'jei': epochs={resolved['epochs']} counts warm-up plus main epochs and must "
                         f"exceed warmup_epochs={resolved['warmup_epochs']}")
@@ -416,8 +419,7 @@ class JeiStrategy(TrainingStrategy):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self.user_options = dict(options)
-        self.options = resolve_options(options)
+        self.options = resolve_options(options)  # resolved: profile applied, so describe() records it all
 
     @property
     def backbone_mode(self) -> str:
@@ -438,7 +440,7 @@ class JeiStrategy(TrainingStrategy):
     def fit(self, model: EarlyExitModel, data, context) -> StrategyResult:
         opts = self.options
         gate = model.gate
-        if not (hasattr(gate, "gate_logits") and hasattr(gate, "exit_probabilities")):
+        if not isinstance(gate, JeiGate):
             raise EednError(f"strategy 'jei' trains the 'jei' gate; got {type(gate).__name__} "
                             "(drop the gate option or use gate=jei)")
         torch.manual_seed(context.seed)

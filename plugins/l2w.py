@@ -105,6 +105,7 @@ class L2WStrategy(TrainingStrategy):
         if g == 0:
             raise EednError("l2w needs at least one intermediate exit")
         wnet = WeightNet(g, int(o["hidden"])).to(context.device)
+        self.weight_net = wnet  # kept for inspection; it plays no part at inference
         opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
         meta_opt = torch.optim.Adam(wnet.parameters(), lr=o["meta_lr"], weight_decay=o["meta_weight_decay"])
         shares = meta_target_shares(g, float(o["meta_q"]))
@@ -136,7 +137,7 @@ class L2WStrategy(TrainingStrategy):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    total, count = total + float(loss) * len(ys), count + len(ys)
+                    total, count = total + float(loss.detach()) * len(ys), count + len(ys)
                 step += 1
             val_acc = val_exit_accuracy(model, context)
             metric = selection_metric(val_acc, o["select"])
@@ -185,7 +186,7 @@ class L2WStrategy(TrainingStrategy):
         meta_opt.zero_grad(set_to_none=True)
         meta_loss.backward(inputs=list(wnet.parameters()))
         meta_opt.step()
-        return float(meta_loss)
+        return float(meta_loss.detach())
 
 
 @hookimpl

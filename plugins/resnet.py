@@ -274,9 +274,18 @@ def resnet_tiny(num_classes: int, image_size: int, in_channels: int = 3, **optio
     return build_cifar_resnet(1, (8, 16, 32), num_classes, image_size, in_channels, name="resnet_tiny", **options)
 
 
-def resnet(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
-    """ResNet-20 for small images (<= 64 px), ResNet-18 for larger ones."""
-    factory = resnet20 if image_size <= SMALL_IMAGE_SIZE else resnet18
+def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str | int = "auto",
+           **options: Any) -> ResNetBackbone:
+    """The family by size: ``size`` in auto, tiny, 20, 32, 56, 110, 18, 50. ``auto`` is ResNet-20 for
+    small images (<= 64 px) and ResNet-18 for larger ones."""
+    sizes = {"tiny": resnet_tiny, "20": resnet20, "32": resnet32, "56": resnet56, "110": resnet110,
+             "18": resnet18, "50": resnet50}
+    if str(size) == "auto":
+        factory = resnet20 if image_size <= SMALL_IMAGE_SIZE else resnet18
+    elif str(size) in sizes:
+        factory = sizes[str(size)]
+    else:
+        raise EednError(f"unknown ResNet size {size!r}; known: auto, {', '.join(sizes)}")
     return factory(num_classes, image_size, in_channels, **options)
 
 
@@ -291,4 +300,5 @@ def register_backbones(register):
     register("resnet18", resnet18, description=f"torchvision ResNet-18; {tv}")
     register("resnet50", resnet50, description=f"torchvision ResNet-50; {tv}")
     register("resnet_tiny", resnet_tiny, description="CIFAR-style ResNet-8, 8/16/32 wide, 3 block stages (tests)")
-    register("resnet", resnet, description="ResNet-20 for image_size <= 64, otherwise torchvision ResNet-18")
+    register("resnet", resnet, description="ResNet by size: option size=auto|tiny|20|32|56|110|18|50; auto = "
+                                          "ResNet-20 for image_size <= 64, otherwise torchvision ResNet-18")

@@ -169,7 +169,7 @@ class SDNStrategy(TrainingStrategy):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count = total + float(loss) * len(y), count + len(y)
+            total, count = total + float(loss.detach()) * len(y), count + len(y)
         return total / max(count, 1)
 
     def _backbone_epoch(self, model: EarlyExitModel, context: FitContext, opt, tau: Tensor, epoch: int) -> float:
@@ -186,7 +186,7 @@ class SDNStrategy(TrainingStrategy):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count = total + float(loss) * len(y), count + len(y)
+            total, count = total + float(loss.detach()) * len(y), count + len(y)
         return total / max(count, 1)
 
 

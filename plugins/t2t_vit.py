@@ -87,22 +87,40 @@ class TokenPerformer(nn.Module):
 
     def prm_exp(self, x: Tensor) -> Tensor:
         """Positive random features ``exp(w x - |x|^2 / 2) / sqrt(m)``, so that
-        ``E[phi(q) . phi(k)] = exp(q . k)``."""
+        ``E[phi(q) . phi(k)] = exp(q . k)``. Computed in at least float32: the exponentials overflow
+        half precision."""
+        x = _at_least_fp32(x)
         half_sq_norm = (x * x).sum(dim=-1, keepdim=True) / 2
-        projected = torch.matmul(x.float(), self.w.t())
+        projected = torch.matmul(x, self.w.to(x.dtype).t())
         return torch.exp(projected - half_sq_norm) / math.sqrt(self.m)
 
     def single_attn(self, x: Tensor) -> Tensor:
         k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
         kp, qp = self.prm_exp(k), self.prm_exp(q)  # [B, T, m]
         normaliser = torch.matmul(qp, kp.sum(dim=1).unsqueeze(-1))  # [B, T, 1]
-        kptv = torch.matmul(v.float().transpose(1, 2), kp)  # [B, emb, m]
+        kptv = torch.matmul(_at_least_fp32(v).transpose(1, 2), kp)  # [B, emb, m]
         attended = torch.matmul(qp, kptv.transpose(1, 2)) / (normaliser + self.epsilon)  # [B, T, emb]
-        return v + self.dp(self.proj(attended))
+        return v + self.dp(self.proj(attended.to(v.dtype)))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.single_attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+class SoftSplit(nn.Unfold):
+    """``nn.Unfold`` (same output, same channel-major ``C*k*k`` order) built from strided views:
+    the CPU ``im2col`` kernel behind ``nn.Unfold`` is several times slower here, forward and backward."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: int):
+        super().__init__(kernel_size=(kernel_size, kernel_size), stride=(stride, stride), padding=(padding, padding))
+        self.kernel, self.step, self.pad = kernel_size, stride, padding
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels = x.shape[:2]
+        p = self.pad
+        patches = F.pad(x, (p, p, p, p)).unfold(2, self.kernel, self.step).unfold(3, self.kernel, self.step)
+        rows, cols = patches.shape[2:4]  # patches: [B, C, rows, cols, k, k]
+        return patches.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * self.kernel ** 2, rows * cols)
 
 
 class TokensToToken(nn.Module):
@@ -111,9 +129,9 @@ class TokensToToken(nn.Module):
 
     def __init__(self, in_channels: int, embed_dim: int, token_dim: int):
         super().__init__()
-        self.soft_split0 = nn.Unfold(kernel_size=(7, 7), stride=(4, 4), padding=(2, 2))
-        self.soft_split1 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
-        self.soft_split2 = nn.Unfold(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1))
+        self.soft_split0 = SoftSplit(7, stride=4, padding=2)
+        self.soft_split1 = SoftSplit(3, stride=2, padding=1)
+        self.soft_split2 = SoftSplit(3, stride=2, padding=1)
         self.attention1 = TokenPerformer(in_channels * 7 * 7, token_dim, kernel_ratio=0.5)
         self.attention2 = TokenPerformer(token_dim * 3 * 3, token_dim, kernel_ratio=0.5)
         self.project = nn.Linear(token_dim * 3 * 3, embed_dim)
@@ -130,6 +148,10 @@ class TokensToToken(nn.Module):
         tokens = self.attention2(self.soft_split1(self._tokens_to_map(tokens, h1, w1)).transpose(1, 2))
         tokens = self.soft_split2(self._tokens_to_map(tokens, h2, w2)).transpose(1, 2)
         return self.project(tokens)
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _unfold_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -157,8 +179,9 @@ class T2TViT(Backbone):
             raise EednError(f"in_channels must be a positive integer (1 or 3), got {in_channels!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise EednError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if not 0.0 <= float(drop_path_rate) < 1.0:
-            raise EednError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) \
+                or not 0.0 <= drop_path_rate < 1.0:
+            raise EednError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
         if config.embed_dim % config.num_heads:
             raise EednError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
         self.config = config
@@ -194,11 +217,15 @@ class T2TViT(Backbone):
         """The final linear head (state-dict key ``head``)."""
         return self._modules["head"]  # type: ignore[return-value]
 
-    def stem(self, x: Tensor) -> Tensor:
+    def check_input(self, x: Tensor) -> None:
+        """The position table fixes the image size, so any other input is a user error."""
         spec = self.input_spec
         if x.dim() != 4 or x.shape[1] != spec.channels or x.shape[-2:] != (spec.image_size, spec.image_size):
             raise EednError(f"{self.variant} was built for images [B, {spec.channels}, {spec.image_size}, "
                             f"{spec.image_size}], got {list(x.shape)}; resize the inputs or rebuild the backbone")
+
+    def stem(self, x: Tensor) -> Tensor:
+        self.check_input(x)
         tokens = self.tokens_to_token(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
@@ -233,8 +260,9 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _state_dict_from(obj: Any, path: str | os.PathLike) -> dict[str, Tensor]:
-    """The weights inside a checkpoint: EMA weights first (they are the released ones), then the
-    plain training weights, with DataParallel's ``module.`` prefix removed."""
+    """The backbone weights inside a checkpoint: EMA weights first (they are the released ones), then
+    the plain training weights, with DataParallel's ``module.`` prefix removed; a whole
+    :class:`~eedn.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
     state = obj
     if isinstance(obj, dict):
         for key in ("state_dict_ema", "state_dict", "model"):
@@ -251,6 +279,8 @@ def _state_dict_from(obj: Any, path: str | os.PathLike) -> dict[str, Tensor]:
         while key.startswith("module."):
             key = key[len("module."):]
         cleaned[key] = value
+    if not any(k.startswith("blocks.") for k in cleaned) and any(k.startswith("backbone.blocks.") for k in cleaned):
+        cleaned = {k[len("backbone."):]: v for k, v in cleaned.items() if k.startswith("backbone.")}
     return cleaned
 
 

@@ -200,3 +200,19 @@ def test_calibration_evaluator_rejects_bad_input():
                                                          torch.zeros(20, dtype=torch.long))
     with pytest.raises(EednError, match="unknown calibration option"):
         eedn.create("evaluator", "calibration", bins=10)
+
+
+def test_temperatures_are_fitted_once_per_calibration_split(monkeypatch):
+    import eedn_plugins.calibration as calibration
+
+    calls = []
+    real = calibration.fit_exit_temperatures
+    monkeypatch.setattr(calibration, "fit_exit_temperatures", lambda *a, **k: calls.append(1) or real(*a, **k))
+    test, cal = exit_outputs(60, seed=8), exit_outputs(80, seed=9)
+    evaluator = eedn.create("evaluator", "calibration")
+    for exits in (torch.zeros(60, dtype=torch.long), torch.full((60,), 2)):  # two policies, same heads
+        evaluator.evaluate(test, cal, exits, torch.zeros(80, dtype=torch.long))
+    assert len(calls) == 1
+    other = ExitOutputs(cal.logits * 2, cal.labels, cal.gate_scores, cal.exit_macs, cal.full_macs)
+    evaluator.evaluate(test, other, torch.zeros(60, dtype=torch.long), torch.zeros(80, dtype=torch.long))
+    assert len(calls) == 2

@@ -232,8 +232,9 @@ def test_long_tailed_cifar_train_val_test_and_shot_groups(fake_cifar10):
 # ---------------------------------------------------------------------------------- image folder
 
 
-def make_image_tree(root: Path, classes=("cat", "ant", "bee"), per_class: int = 12, test_per_class: int = 0):
-    """PNG files of 8x8 solid colours, one colour per class."""
+def make_image_tree(root: Path, classes=("cat", "ant", "bee"), per_class: int = 20, test_per_class: int = 0):
+    """PNG files of 8x8 solid colours, one colour per class (20 per class: with the default 10 %
+    val pool, each class gives one image to val and one to cal)."""
     for split, n in (("train", per_class), ("test", test_per_class)):
         for c, name in enumerate(classes):
             if n == 0:
@@ -259,7 +260,7 @@ def test_image_folder_directory_without_test_split(tmp_path):
     splits = source.splits(16, seed=0)
     assert splits.class_names == ["ant", "bee", "cat"]  # sorted folder names
     parts = {k: indices(getattr(splits, k)) for k in SPLITS}
-    assert set().union(*parts.values()) == set(range(36)) and sum(map(len, parts.values())) == 36
+    assert set().union(*parts.values()) == set(range(60)) and sum(map(len, parts.values())) == 60
     for k in SPLITS:
         assert set(dataset_labels(getattr(splits, k)).tolist()) == {0, 1, 2}, k
     x, y = splits.val[0]
@@ -279,7 +280,7 @@ def test_image_folder_with_test_split_and_a_tar_gz_extracted_once(tmp_path, monk
     from_dir = ds.ImageFolderSource(path=str(root)).splits(8, seed=0)
     source = ds.ImageFolderSource(path=str(archive), cache_dir=str(cache))
     from_tar = source.splits(8, seed=0)
-    assert len(from_tar.test) == 12 and sum(len(getattr(from_tar, k)) for k in ("train", "val", "cal")) == 36
+    assert len(from_tar.test) == 12 and sum(len(getattr(from_tar, k)) for k in ("train", "val", "cal")) == 60
     for k in SPLITS:
         assert dataset_labels(getattr(from_tar, k)).tolist() == dataset_labels(getattr(from_dir, k)).tolist()
     assert torch.equal(from_tar.test[3][0], from_dir.test[3][0])
@@ -297,7 +298,7 @@ def test_image_folder_archive_wrapped_in_one_top_folder(tmp_path):
     make_image_tree(tmp_path / "outer" / "data")
     archive = make_tar(tmp_path / "outer", tmp_path / "wrapped.tar.gz")
     splits = ds.ImageFolderSource(path=str(archive), cache_dir=str(tmp_path / "c")).splits(8, seed=0)
-    assert sum(splits.sizes().values()) == 36
+    assert sum(splits.sizes().values()) == 60
 
 
 def test_malformed_image_folders_raise_one_line_errors(tmp_path):

@@ -45,7 +45,7 @@ def test_pipeline_runs_with_the_example_gate(installed_example, tiny_config, mon
     monkeypatch.setattr(plugins, "_manager", None)  # reload entry points, now including the example
     cfg = tiny_config | {"strategy": "im-only", "gate": "top2_ratio", "gate_options": {"ratio": 1.5},
                          "strategy_options": {"epochs": 1}, "evaluators": []}
-    results = eedn.run(cfg)
+    results = eedn.run_pipeline(cfg)
     assert results["policy"]["gate"] == "top2_ratio"
     assert abs(sum(results["policy"]["exit_fractions"]) - 1) < 1e-9
     monkeypatch.setattr(plugins, "_manager", None)

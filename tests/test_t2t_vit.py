@@ -19,6 +19,7 @@ from eedn.model import EarlyExitModel
 from eedn_plugins.t2t_vit import (
     VARIANTS,
     T2TConfig,
+    SoftSplit,
     T2TViT,
     TokenPerformer,
     load_t2t_checkpoint,
@@ -118,6 +119,8 @@ def test_tiny_overrides_and_bad_options():
         make("t2t_vit_tiny", dropout=0.5)
     with pytest.raises(EednError, match="depth"):
         make("t2t_vit_tiny", depth=0)
+    with pytest.raises(EednError, match="drop_path_rate"):
+        make("t2t_vit_tiny", drop_path_rate="a lot")
 
 
 @pytest.mark.parametrize("size", [0, 8, 24, 40, 33, -16, 32.0])
@@ -158,6 +161,19 @@ def test_one_channel_input():
     assert model.tokens_to_token.attention1.kqv.in_features == 49
     with torch.no_grad():
         assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_precisions_run(dtype):
+    model = make().to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        out = model(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    if dtype == torch.float64:
+        with torch.no_grad():
+            want = make()(x.float())
+        assert torch.allclose(out.float(), want, atol=1e-4)
 
 
 def test_input_of_the_wrong_size_is_a_clear_error():
@@ -246,6 +262,20 @@ def test_sinusoid_table_values():
     assert torch.equal(table[0, 0::2], torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 3, 32, 32), 7, 4, 2), ((2, 1, 48, 48), 7, 4, 2), ((3, 5, 8, 8), 3, 2, 1), ((1, 4, 7, 7), 3, 2, 1),
+])
+def test_soft_split_equals_nn_unfold_forward_and_backward(shape, kernel, stride, padding):
+    x = torch.randn(*shape, requires_grad=True)
+    ours = SoftSplit(kernel, stride, padding)(x)
+    reference = nn.Unfold(kernel, stride=stride, padding=padding)(x)
+    assert torch.equal(ours, reference)
+    weights = torch.randn_like(ours)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+    (grad_ref,) = torch.autograd.grad((reference * weights).sum(), x)
+    assert torch.allclose(grad_ours, grad_ref, atol=1e-5)
+
+
 def test_token_performer_follows_the_reference_math():
     torch.manual_seed(1)
     perf = TokenPerformer(dim=18, emb=8, kernel_ratio=0.5).eval()
@@ -330,6 +360,17 @@ def test_same_shape_checkpoint_round_trips_including_the_head(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(other(x), model(x))
+
+
+def test_backbone_part_of_an_early_exit_model_checkpoint_loads(tmp_path):
+    source = early_exit_model(make())
+    path = tmp_path / "eedn_model.pt"
+    torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)
+    torch.manual_seed(5)
+    model = eedn.create("backbone", "t2t_vit_tiny", num_classes=10, image_size=32, checkpoint=str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), source.backbone(x))
 
 
 def test_resize_pos_embed_keeps_identity_and_rejects_non_square():

@@ -45,6 +45,15 @@ def distinct_score_outputs(n: int, g: int, seed: int = 1) -> ExitOutputs:
     return ExitOutputs(logits, labels, scores, macs, float(g + 1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors run fastest on one thread (and do not fight parallel test workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------- scores
 def test_registered_gate_names():
     assert {"max_prob", "entropy", "margin", "patience"} <= set(eedn.list_names("gate"))

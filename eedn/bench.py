@@ -1,0 +1,216 @@
+"""Wall-clock benchmark of real early-exit inference against the plain backbone.
+
+For each batch size, the test split is cut into batches and run twice, interleaved ``repeats`` times:
+once through the plain backbone (:func:`eedn.inference.full_inference`, the network without exits)
+and once through the early-exit engine. The report gives
+
+* MAC speed-up = full MACs ÷ the engine's mean per-sample MACs on those samples (what the cost model
+  promises),
+* wall speed-up = full time ÷ engine time (what the clock says),
+* realisation = wall speed-up ÷ MAC speed-up (1.0: the clock delivers every saved MAC).
+
+Both run on the same batches, interleaved batch by batch, ``repeats`` rounds; each batch keeps its best
+round (the least disturbed by other work on the machine) and the times are summed over batches, after
+``warmup`` batches of each kind. Inputs are materialised in memory first, so data loading is not timed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import click
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from eedn.cli_options import friendly_errors
+from eedn.errors import EednError
+from eedn.inference import EarlyExitEngine, full_inference
+from eedn.model import EarlyExitModel
+
+DEFAULT_BATCH_SIZES = (1, 32, 256)
+#: at batch size 1 the per-call overhead dominates and each sample is a call: cap the samples.
+BATCH1_SAMPLES = 200
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads (unchanged when None), restoring the setting after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise EednError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def stack_images(dataset: Dataset, max_samples: int | None = None, batch_size: int = 256) -> Tensor:
+    """The first ``max_samples`` images of a dataset as one ``[N, C, H, W]`` tensor."""
+    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    if n == 0:
+        raise EednError("the benchmark split holds no samples")
+    chunks, seen = [], 0
+    for x, _ in DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False):
+        chunks.append(x)
+        seen += len(x)
+    return torch.cat(chunks)[:n]
+
+
+def run_test_images(results: dict, max_samples: int | None = None) -> Tensor:
+    """The test split of a run's dataset (same seed and image size, evaluation transforms)."""
+    from eedn.plugins import create
+
+    cfg = results["config"]
+    source = create("dataset", cfg["dataset"], **cfg["dataset_options"])
+    data = source.splits(results["dataset"]["image_size"], seed=cfg["seed"], augment=False)
+    return stack_images(data.test, max_samples)
+
+
+def _timed(fn, xb: Tensor):
+    start = time.perf_counter()
+    out = fn(xb)
+    if xb.is_cuda:
+        torch.cuda.synchronize(xb.device)
+    return time.perf_counter() - start, out
+
+
+def time_interleaved(fns: Sequence, batches: list[Tensor], repeats: int) -> tuple[list[float], list[list]]:
+    """Per function: the sum over batches of each batch's best time across ``repeats`` rounds.
+
+    Within a round every batch runs through every function back to back, so a burst of load from
+    other processes hits all of them alike; keeping each batch's best round drops the bursts.
+    Also returns the first round's outputs of each function.
+    """
+    best = [[math.inf] * len(batches) for _ in fns]
+    first: list[list] = [[] for _ in fns]
+    for r in range(repeats):
+        for i, xb in enumerate(batches):
+            for k, fn in enumerate(fns):
+                t, out = _timed(fn, xb)
+                best[k][i] = min(best[k][i], t)
+                if r == 0:
+                    first[k].append(out)
+    return [sum(b) for b in best], first
+
+
+def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = None,
+              batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, repeats: int = 5, warmup: int = 2,
+              threads: int | None = None, max_samples: int | None = None, batch1_samples: int = BATCH1_SAMPLES,
+              exit_macs: Sequence[float] | None = None, full_macs: float | None = None) -> list[dict]:
+    """One row per batch size: times, MAC and wall speed-ups, realisation (see the module docstring).
+
+    ``run`` is a run directory (model, MACs and test split come from it) or a model (then ``data``
+    is required and MACs are measured unless given). ``data`` is an image tensor or a dataset.
+    """
+    if repeats < 1 or warmup < 0:
+        raise EednError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise EednError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if isinstance(run, EarlyExitModel):
+        model = run
+        if data is None:
+            raise EednError("benchmark(model, data): give the images to time (a tensor or a dataset)")
+    else:
+        from eedn.predict import load_trained_run
+
+        model, results = load_trained_run(run)
+        exit_macs = exit_macs or [e["macs"] for e in results["exits"]]
+        full_macs = full_macs or float(results["full_macs"])
+        if data is None:
+            data = run_test_images(results, max_samples)
+    if exit_macs is None or full_macs is None:
+        from eedn.cost import measure_exit_macs
+
+        measured, measured_full = measure_exit_macs(model)
+        exit_macs = exit_macs or measured
+        full_macs = full_macs or measured_full
+    images = data if isinstance(data, Tensor) else stack_images(data, max_samples)
+    if max_samples is not None:
+        images = images[:max_samples]
+    device = next(model.parameters()).device
+    images = images.to(device)
+    engine = EarlyExitEngine(model, exit_macs)
+    model.eval()
+
+    rows = []
+    with torch_threads(threads):
+        for b in batch_sizes:
+            b = int(b)
+            n = min(len(images), batch1_samples) if b == 1 else len(images)
+            batches = list(images[:n].split(b))
+            for xb in batches[:max(warmup, 1)]:
+                full_inference(model, xb)
+                engine(xb)
+            (t_full, t_engine), (_, outs) = time_interleaved(
+                [lambda xb: full_inference(model, xb), engine], batches, repeats)
+            exit_index = torch.cat([r.exit_index for r in outs]).cpu()
+            macs = torch.cat([r.macs for r in outs]).cpu()
+            mac_speedup = float(full_macs) / float(macs.mean())
+            wall_speedup = t_full / t_engine
+            rows.append({
+                "batch_size": b, "samples": n, "threads": torch.get_num_threads(), "device": str(device),
+                "repeats": repeats, "full_s": t_full, "engine_s": t_engine,
+                "full_ms_per_sample": 1e3 * t_full / n, "engine_ms_per_sample": 1e3 * t_engine / n,
+                "full_macs": float(full_macs), "mean_macs": float(macs.mean()),
+                "mac_speedup": mac_speedup, "wall_speedup": wall_speedup, "realisation": wall_speedup / mac_speedup,
+                "exit_fractions": (torch.bincount(exit_index, minlength=len(exit_macs)).double() / n).tolist(),
+            })
+    return rows
+
+
+def print_benchmark(rows: list[dict], title: str = "early-exit inference vs full network") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("batch", "images", "full ms/img", "exits ms/img", "MAC ×", "wall ×", "realised"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        table.add_row(str(r["batch_size"]), str(r["samples"]), f"{r['full_ms_per_sample']:.3f}",
+                      f"{r['engine_ms_per_sample']:.3f}", f"{r['mac_speedup']:.2f}x", f"{r['wall_speedup']:.2f}x",
+                      f"{r['realisation']:.2f}")
+    console = Console()
+    console.print(table)
+    if rows:
+        console.print(f"full = plain backbone, exits = early-exit engine; MAC × = full MACs / mean MACs, "
+                      f"wall × = full time / engine time, realised = wall × / MAC ×; threads "
+                      f"{rows[0]['threads']}, {rows[0]['device']}; each batch's best of {rows[0]['repeats']} "
+                      f"interleaved rounds")
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EednError(f"--batch-sizes expects comma-separated integers, e.g. 1,32,256; got '{text}'") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise EednError(f"--batch-sizes must be positive integers, got '{text}'")
+    return sizes
+
+
+@click.command("bench")
+@click.argument("run_dir", type=click.Path())
+@click.option("--batch-sizes", default="1,32,256", show_default=True, help="comma-separated batch sizes")
+@click.option("--max-samples", type=int, help="use only the first N test images (default: all)")
+@click.option("--threads", type=int, help="torch intra-op threads (default: torch's)")
+@click.option("--repeats", type=int, default=5, show_default=True, help="timed rounds per batch (best kept)")
+@click.option("--json", "json_out", type=click.Path(), help="also write the rows to this JSON file")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@friendly_errors
+def bench(run_dir, batch_sizes, max_samples, threads, repeats, json_out, debug) -> None:
+    """Time early-exit inference against the full network on a run's test split."""
+    sizes = parse_batch_sizes(batch_sizes)
+    if max_samples is not None and max_samples < 1:
+        raise EednError(f"--max-samples must be at least 1, got {max_samples}")
+    rows = benchmark(run_dir, batch_sizes=sizes, repeats=repeats, threads=threads, max_samples=max_samples)
+    print_benchmark(rows, title=f"early-exit inference vs full network: {run_dir}")
+    if json_out:
+        from eedn.io import atomic_write_json
+
+        atomic_write_json(Path(json_out), rows)
