@@ -99,11 +99,60 @@ def time_interleaved(fns: Sequence, batches: list[Tensor], repeats: int) -> tupl
     return [sum(b) for b in best], first
 
 
+def _profile_pass(model: EarlyExitModel, x: Tensor) -> Tensor:
+    """Seconds of each part of one all-stage pass: ``[stem, stage_0, exit_0, ..., stage_G, exit_G]``
+    (exit ``l``: its features, IM or head, and gate score), synchronised part by part on CUDA."""
+    bb, gate, g = model.backbone, model.gate, len(model.ims)
+    sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
+    parts = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        state = bb.stem(x)
+        sync()
+        parts.append(time.perf_counter() - start)
+        for l in range(bb.num_stages):
+            start = time.perf_counter()
+            state = bb.stage(l, state)
+            sync()
+            mid = time.perf_counter()
+            feats = bb.exit_features(l, state)
+            logits = model.exit_logits(l, feats)
+            if l < g:
+                gate.scores(l, logits, feats)
+            sync()
+            parts += [mid - start, time.perf_counter() - mid]
+    return torch.tensor(parts, dtype=torch.float64)
+
+
+def profile_exit_costs(model: EarlyExitModel, batches: list[Tensor], repeats: int) -> tuple[Tensor, float]:
+    """The time analogue of ``exit_macs``: per-sample seconds to reach and evaluate each exit
+    (``[E]``, cumulative like the MACs) and of the plain backbone, from each part's best of
+    ``repeats`` all-stage passes at these batch sizes."""
+    best = [None] * len(batches)
+    for _ in range(repeats):
+        for i, xb in enumerate(batches):
+            parts = _profile_pass(model, xb)
+            best[i] = parts if best[i] is None else torch.minimum(best[i], parts)
+    n = sum(len(xb) for xb in batches)
+    total = torch.stack(best).sum(0) / n  # [1 + 2E]
+    stem, stages, exits = total[0], total[1::2], total[2::2]
+    cumulative = stem + stages.cumsum(0) + exits.cumsum(0)
+    full = float(stem + stages.sum() + exits[-1])
+    return cumulative, full
+
+
 def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = None,
               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, repeats: int = 5, warmup: int = 2,
               threads: int | None = None, max_samples: int | None = None, batch1_samples: int = BATCH1_SAMPLES,
-              exit_macs: Sequence[float] | None = None, full_macs: float | None = None) -> list[dict]:
+              exit_macs: Sequence[float] | None = None, full_macs: float | None = None,
+              stage_profile: bool = True) -> list[dict]:
     """One row per batch size: times, MAC and wall speed-ups, realisation (see the module docstring).
+
+    With ``stage_profile`` each part of the network is also timed on its own (:func:`profile_exit_costs`)
+    to split the realisation in two: ``time_model_speedup`` is the speed-up the policy would give if
+    each stage's time shrank exactly with its rows (so ``time_model_speedup / mac_speedup`` says how
+    well MACs predict time on this machine), and ``engine_efficiency = wall / time_model`` is what the
+    engine itself delivers of that.
 
     ``run`` is a run directory (model, MACs and test split come from it) or a model (then ``data``
     is required and MACs are measured unless given). ``data`` is an image tensor or a dataset.
@@ -153,6 +202,12 @@ def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = 
             macs = torch.cat([r.macs for r in outs]).cpu()
             mac_speedup = float(full_macs) / float(macs.mean())
             wall_speedup = t_full / t_engine
+            row_extra: dict = {}
+            if stage_profile:
+                time_costs, full_time = profile_exit_costs(model, batches, repeats)
+                time_model = full_time / float(time_costs[exit_index].mean())
+                row_extra = {"exit_seconds": time_costs.tolist(), "full_seconds": full_time,
+                             "time_model_speedup": time_model, "engine_efficiency": wall_speedup / time_model}
             rows.append({
                 "batch_size": b, "samples": n, "threads": torch.get_num_threads(), "device": str(device),
                 "repeats": repeats, "full_s": t_full, "engine_s": t_engine,
@@ -160,7 +215,7 @@ def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = 
                 "full_macs": float(full_macs), "mean_macs": float(macs.mean()),
                 "mac_speedup": mac_speedup, "wall_speedup": wall_speedup, "realisation": wall_speedup / mac_speedup,
                 "exit_fractions": (torch.bincount(exit_index, minlength=len(exit_macs)).double() / n).tolist(),
-            })
+            } | row_extra)
     return rows
 
 
@@ -169,17 +224,26 @@ def print_benchmark(rows: list[dict], title: str = "early-exit inference vs full
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("batch", "images", "full ms/img", "exits ms/img", "MAC ×", "wall ×", "realised"):
+    profiled = all("time_model_speedup" in r for r in rows)
+    cols = ["batch", "images", "full ms", "exits ms", "MAC×", "wall×", "realised"]
+    cols += ["time×", "eff."] if profiled else []
+    for col in cols:
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(str(r["batch_size"]), str(r["samples"]), f"{r['full_ms_per_sample']:.3f}",
-                      f"{r['engine_ms_per_sample']:.3f}", f"{r['mac_speedup']:.2f}x", f"{r['wall_speedup']:.2f}x",
-                      f"{r['realisation']:.2f}")
+        cells = [str(r["batch_size"]), str(r["samples"]), f"{r['full_ms_per_sample']:.3f}",
+                 f"{r['engine_ms_per_sample']:.3f}", f"{r['mac_speedup']:.2f}", f"{r['wall_speedup']:.2f}",
+                 f"{r['realisation']:.2f}"]
+        if profiled:
+            cells += [f"{r['time_model_speedup']:.2f}", f"{r['engine_efficiency']:.2f}"]
+        table.add_row(*cells)
     console = Console()
     console.print(table)
     if rows:
-        console.print(f"full = plain backbone, exits = early-exit engine; MAC × = full MACs / mean MACs, "
-                      f"wall × = full time / engine time, realised = wall × / MAC ×; threads "
+        console.print(f"ms per image: full = plain backbone, exits = early-exit engine; MAC× = full MACs / mean "
+                      f"MACs; wall× = full time / engine time; realised = wall× / MAC×"
+                      + ("; time× = the speed-up if every stage's time scaled with its rows (stages timed "
+                         "alone); eff. = wall× / time×" if profiled else "")
+                      + f"; threads "
                       f"{rows[0]['threads']}, {rows[0]['device']}; each batch's best of {rows[0]['repeats']} "
                       f"interleaved rounds")
 
@@ -200,15 +264,18 @@ def parse_batch_sizes(text: str) -> list[int]:
 @click.option("--max-samples", type=int, help="use only the first N test images (default: all)")
 @click.option("--threads", type=int, help="torch intra-op threads (default: torch's)")
 @click.option("--repeats", type=int, default=5, show_default=True, help="timed rounds per batch (best kept)")
+@click.option("--stage-profile/--no-stage-profile", default=True, show_default=True,
+              help="also time each stage alone (time-model speed-up, engine efficiency)")
 @click.option("--json", "json_out", type=click.Path(), help="also write the rows to this JSON file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
-def bench(run_dir, batch_sizes, max_samples, threads, repeats, json_out, debug) -> None:
+def bench(run_dir, batch_sizes, max_samples, threads, repeats, stage_profile, json_out, debug) -> None:
     """Time early-exit inference against the full network on a run's test split."""
     sizes = parse_batch_sizes(batch_sizes)
     if max_samples is not None and max_samples < 1:
         raise EednError(f"--max-samples must be at least 1, got {max_samples}")
-    rows = benchmark(run_dir, batch_sizes=sizes, repeats=repeats, threads=threads, max_samples=max_samples)
+    rows = benchmark(run_dir, batch_sizes=sizes, repeats=repeats, threads=threads, max_samples=max_samples,
+                     stage_profile=stage_profile)
     print_benchmark(rows, title=f"early-exit inference vs full network: {run_dir}")
     if json_out:
         from eedn.io import atomic_write_json

@@ -68,7 +68,7 @@ def common_run_options(fn: Callable) -> Callable:
         click.option("--lambda", "lambdas", help="JEI trade-off λ: one value or a list, e.g. 0.01,0.5,2"),
         click.option("--budget", type=float, help="target mean-MACs fraction for threshold gates (default 0.75)"),
         click.option("--device", help="cpu or cuda"),
-        click.option("--threads", type=int, help="torch CPU threads (default: one per core)"),
+        click.option("--threads", type=int, help="torch CPU threads (default 1; raise for large backbones)"),
         click.option("--cache-dir", type=click.Path(), help="backbone and feature cache (default ~/.cache/eedn)"),
         click.option("--resume", is_flag=True, default=None, help="continue an interrupted backbone training"),
         click.option("--quiet", is_flag=True, help="no progress bars"),

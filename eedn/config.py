@@ -26,7 +26,10 @@ DEFAULTS: dict[str, Any] = {
     "image_size": None,  # None: the dataset's default
     "seed": 0,
     "device": "cpu",
-    "threads": None,  # torch CPU threads; None: torch's default (one per core)
+    # torch CPU threads. Early-exit heads and small backbones are overhead-bound: on the 2-core dev
+    # machine a second thread made T2T-ViT-tiny training 25x slower (788 vs 30 img/s) whenever any other
+    # process ran. Raise it for large backbones on an idle machine; None keeps torch's default.
+    "threads": 1,
     "backbone_training": {
         "checkpoint": None,  # a trained backbone to load instead of training one
         "epochs": None,  # None: the dataset source's suggestion

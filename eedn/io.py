@@ -26,6 +26,19 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> None:
+    """Save a matplotlib figure as a PNG atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kwargs)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda fh: torch.save(obj, fh))
 

@@ -34,6 +34,17 @@ class ExitOutputs:
         """Accuracy of every exit on the whole split, ``[E]``."""
         return (self.logits.argmax(-1) == self.labels[:, None]).float().mean(0)
 
+    def check_exit_index(self, exit_index: Tensor, split: str = "") -> None:
+        """Raise a one-line error unless ``exit_index`` holds one exit in ``0..E-1`` per sample."""
+        from eedn.errors import EednError
+
+        where = f" for the {split} split" if split else ""
+        if exit_index.shape != (self.num_samples,):
+            raise EednError(f"exit indices{where} have shape {list(exit_index.shape)}; "
+                            f"expected [{self.num_samples}] (one exit per sample)")
+        if len(exit_index) and (int(exit_index.min()) < 0 or int(exit_index.max()) >= self.num_exits):
+            raise EednError(f"exit indices{where} must lie in 0..{self.num_exits - 1}")
+
     def gated_logits(self, exit_index: Tensor) -> Tensor:
         """Logits ``[N, C]`` of the exit each sample left at."""
         return self.logits[torch.arange(self.num_samples), exit_index]

@@ -6,14 +6,14 @@ never switches the process-wide backend or leaks open figures into a caller's se
 """
 from __future__ import annotations
 
-import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from eedn.io import atomic_save_figure
 
 #: curves with more points than this get a shaded ± std band instead of error bars
 DENSE_CURVE = 12
@@ -63,21 +63,9 @@ def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (6
 
 def _save(fig, path: str | os.PathLike) -> Path:
     """Render to memory first, then replace ``path`` in one step (never a half-written PNG)."""
-    path = Path(path)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    atomic_save_figure(fig, path)
+    return Path(path)
 
 
 def _mean(cell: dict | None) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eedn.io import atomic_write_text
+from eedn.io import atomic_save_figure, atomic_write_text
 
 
 def _fmt_macs(m: float) -> str:
@@ -69,10 +69,8 @@ def plot_accuracy_vs_macs(results_by_name: dict[str, dict], path: Path, title: s
     ax.set_title(title or "accuracy vs compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_save_figure(fig, path)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def render_report(run_dir: str | Path, results: dict | None = None) -> None:

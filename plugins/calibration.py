@@ -233,7 +233,7 @@ class CalibrationEvaluator(Evaluator):
     def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
         """Metrics for the policy's exits ``exit_test``; ``cal`` only fits the temperatures (``exit_cal`` unused:
         T is fitted per exit on all calibration samples, as the per-IM ECE is measured over all samples)."""
-        _check_exits(test, exit_test, "test")
+        test.check_exit_index(exit_test, "test")
         exit_test = exit_test.long().cpu()
         logits = test.logits.detach().double().cpu()
         labels = test.labels.detach().long().cpu()
@@ -277,13 +277,6 @@ class CalibrationEvaluator(Evaluator):
         confidence, correct = confidence_and_correct(logits, labels)
         return per_batch_quantile_ece(confidence, correct, self.compat_batch_size, self.n_bins)
 
-
-def _check_exits(outputs: ExitOutputs, exit_index: Tensor, split: str) -> None:
-    if exit_index.shape != (outputs.num_samples,):
-        raise EednError(f"exit indices for the {split} split have shape {list(exit_index.shape)}; "
-                        f"expected [{outputs.num_samples}] (one exit per sample)")
-    if len(exit_index) and (int(exit_index.min()) < 0 or int(exit_index.max()) >= outputs.num_exits):
-        raise EednError(f"exit indices for the {split} split must lie in 0..{outputs.num_exits - 1}")
 
 
 @hookimpl

@@ -184,7 +184,7 @@ class ConformalEvaluator(Evaluator):
     def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
         """One row per (method, α, variant) with overall and per-exit coverage and mean set size."""
         for outputs, exits, split in ((test, exit_test, "test"), (cal, exit_cal, "cal")):
-            _check_exits(outputs, exits, split)
+            outputs.check_exit_index(exits, split)
         if test.num_exits != cal.num_exits:
             raise EednError(f"test has {test.num_exits} exits but cal has {cal.num_exits}; use the same model")
         exit_test, exit_cal = exit_test.long().cpu(), exit_cal.long().cpu()
@@ -246,13 +246,6 @@ def _as_list(value: Any) -> list:
         return [value]
     return list(value)
 
-
-def _check_exits(outputs: ExitOutputs, exit_index: Tensor, split: str) -> None:
-    if exit_index.shape != (outputs.num_samples,):
-        raise EednError(f"exit indices for the {split} split have shape {list(exit_index.shape)}; "
-                        f"expected [{outputs.num_samples}] (one exit per sample)")
-    if len(exit_index) and (int(exit_index.min()) < 0 or int(exit_index.max()) >= outputs.num_exits):
-        raise EednError(f"exit indices for the {split} split must lie in 0..{outputs.num_exits - 1}")
 
 
 @hookimpl

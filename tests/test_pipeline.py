@@ -1,0 +1,113 @@
+"""The pipeline end to end on the embedded digits with tiny backbones: every strategy, the backbone
+cache, resume, and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import eedn
+from eedn import backbone_training
+from eedn.cli import cli
+from eedn.errors import EednError
+
+
+def test_jei_routes_samples_to_early_exits(tiny_config):
+    cfg = tiny_config | {"strategy": "jei", "strategy_options": {"epochs": 4, "warmup_epochs": 1, "lambda": 2.0}}
+    results = eedn.run_pipeline(cfg)
+    policy = results["policy"]
+    assert policy["gate"] == "jei" and policy["setting"] == "lambda=2"
+    assert abs(sum(policy["exit_fractions"]) - 1) < 1e-9
+    assert sum(policy["exit_fractions"][:-1]) > 0  # some samples leave before the backbone's head
+    assert policy["mean_macs"] < results["full_macs"]
+    assert results["strategy"]["options"]["profile"] == "clean"
+    assert {row["method"] for row in results["conformal"]} >= {"lac", "aps"}
+    assert 0 <= policy["ece"] <= 1
+
+
+def test_lambda_sweep_writes_a_curve_whose_cost_falls(tiny_config):
+    cfg = tiny_config | {"strategy": "jei",
+                         "strategy_options": {"epochs": 5, "warmup_epochs": 2, "lambda": [0.01, 0.5, 5.0]},
+                         "evaluators": []}
+    results = eedn.run_pipeline(cfg)
+    curve = results["curve"]
+    assert [p["setting"] for p in curve] == ["lambda=0.01", "lambda=0.5", "lambda=5"]
+    macs = [p["mean_macs"] for p in curve]
+    assert macs[0] >= macs[1] >= macs[2] and macs[0] > macs[2]
+
+
+@pytest.mark.parametrize("strategy,gate", [("im-only", None), ("sdn", "entropy"), ("boostnet", "margin"),
+                                           ("l2w", "patience"), ("im-only", "max_prob")])
+def test_every_baseline_writes_a_budget_curve(tiny_config, strategy, gate):
+    cfg = tiny_config | {"strategy": strategy, "gate": gate, "strategy_options": {"epochs": 2},
+                         "evaluators": ["calibration"]}
+    results = eedn.run_pipeline(cfg)
+    assert len(results["curve"]) >= 2
+    for point in results["curve"]:
+        assert abs(sum(point["exit_fractions"]) - 1) < 1e-9
+        assert 0 < point["macs_fraction"] <= results["exits"][-1]["macs"] / results["full_macs"] + 1e-9
+    if gate != "patience":  # budget target on val: met within the grid's resolution
+        assert results["policy"]["val"]["macs_fraction"] <= 0.75 + 1e-9
+
+
+def test_second_run_reuses_the_trained_backbone(tiny_config, tmp_path):
+    first = eedn.run_pipeline(tiny_config | {"strategy": "im-only", "strategy_options": {"epochs": 1},
+                                             "evaluators": [], "out": str(tmp_path / "a")})
+    second = eedn.run_pipeline(tiny_config | {"strategy": "jei", "strategy_options": {"epochs": 2, "warmup_epochs": 1},
+                                              "evaluators": [], "out": str(tmp_path / "b")})
+    assert first["backbone"]["cache_path"] == second["backbone"]["cache_path"]
+    assert second["backbone"]["source"] == "cache"
+    assert first["exits"][-1]["accuracy"] == second["exits"][-1]["accuracy"]
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert saved["strategy"] == "jei" and saved["seed"] == 0
+
+
+def test_interrupted_backbone_training_resumes(tiny_config, tmp_path, monkeypatch):
+    cfg = tiny_config | {"cache_dir": str(tmp_path / "cache"), "backbone_training": {"epochs": 3}}
+    calls = {"n": 0}
+    real = backbone_training.evaluate_accuracy
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backbone_training, "evaluate_accuracy", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        eedn.run_pipeline(cfg | {"strategy": "im-only", "evaluators": []})
+    partial = list((tmp_path / "cache" / "backbones").glob("*.partial.pt"))
+    assert len(partial) == 1 and torch.load(partial[0], weights_only=True)["epoch"] == 0
+
+    monkeypatch.setattr(backbone_training, "evaluate_accuracy", real)
+    seen = []
+    monkeypatch.setattr(backbone_training.Progress, "log", lambda self, msg: seen.append(msg))
+    results = eedn.run_pipeline(cfg | {"strategy": "im-only", "strategy_options": {"epochs": 1}, "evaluators": [],
+                                       "resume": True})
+    assert any("resuming backbone training at epoch 2/3" in m for m in seen)
+    assert results["backbone"]["source"] == "trained"
+    assert not list((tmp_path / "cache" / "backbones").glob("*.partial.pt"))
+
+
+def test_bad_inputs_are_one_line_errors(tiny_config, tmp_path):
+    with pytest.raises(EednError, match="multiple of 16"):
+        eedn.run_pipeline(tiny_config | {"backbone": "t2t_vit_tiny", "image_size": 20})
+    corrupt = tmp_path / "bad.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    res = CliRunner().invoke(cli, ["run", "--backbone", "resnet_tiny", "--image-size", "16", "--quiet",
+                                   "--backbone-checkpoint", str(corrupt), "--backbone-epochs", "0",
+                                   "--out", str(tmp_path / "never")])
+    assert res.exit_code != 0
+    assert len(res.output.strip().splitlines()) == 1 and "bad.pt" in res.output
+    assert not (tmp_path / "never").exists()  # nothing half-written
+    res = CliRunner().invoke(cli, ["run", "--backbone", "t2t_vit_tiny", "--image-size", "20", "--quiet"])
+    assert res.exit_code != 0 and "multiple of 16" in res.output and "Traceback" not in res.output
+
+
+def test_library_api_builds_a_model_from_registry_names():
+    model = eedn.create_model("t2t_vit_tiny", num_classes=10, image_size=32, in_channels=1, gate="jei")
+    logits = model(torch.zeros(2, 1, 32, 32))
+    assert logits.shape == (2, model.num_exits, 10)
+    assert model.gate_scores(logits).shape == (2, model.num_exits - 1)
