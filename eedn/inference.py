@@ -84,6 +84,14 @@ def check_causal_combiner(combiner: nn.Module, num_exits: int, num_classes: int)
                         "real early-exit inference applies it to exits 0..l after stage l") from exc
 
 
+def _indices(mask: Tensor, count: int) -> Tensor:
+    """Positions of the True entries of a bool ``[b]`` mask whose count is known (no second sync)."""
+    try:
+        return torch.nonzero_static(mask, size=count).squeeze(1)
+    except (NotImplementedError, RuntimeError):  # a backend without nonzero_static
+        return mask.nonzero().squeeze(1)
+
+
 class EarlyExitEngine:
     """Batched early-exit inference for one :class:`~eedn.model.EarlyExitModel`.
 
@@ -166,6 +174,8 @@ class EarlyExitEngine:
             score = gate.scores(l, logits, feats).unsqueeze(1)
             prefix = score if prefix is None else torch.cat([prefix, score], dim=1)
             leave = gate.exits_at(prefix)
+            if leave.dtype != torch.bool:
+                leave = leave.bool()
             running = rows.shape[0]
             leaving = int(leave.sum())  # the one host sync per exit: the next shapes depend on it
             if leaving == 0:
@@ -174,8 +184,8 @@ class EarlyExitEngine:
                 out_logits[rows] = logits
                 exit_index[rows] = l
                 break
-            gone = torch.nonzero_static(leave, size=leaving).squeeze(1)
-            kept = torch.nonzero_static(~leave, size=running - leaving).squeeze(1)
+            gone = _indices(leave, leaving)
+            kept = _indices(~leave, running - leaving)
             out_rows = rows[gone]
             out_logits[out_rows] = logits[gone]
             exit_index[out_rows] = l

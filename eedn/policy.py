@@ -37,4 +37,7 @@ def calibrated_copy(gate: Gate, val: ExitOutputs, target: dict) -> Gate:
 
 
 def target_label(target: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in target.items())
+    """Short label of a budget target: its leading key (``p=12``, ``macs_fraction=0.75``); the full
+    target is kept in the point's ``gate_setting``."""
+    key, value = next(iter(target.items()))
+    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"

@@ -38,14 +38,16 @@ def read_results(run_dir: str | Path) -> dict:
 
 
 def load_trained_run(run_dir: str | Path) -> tuple[EarlyExitModel, dict]:
-    """``eedn.run.load_run``, tolerating run directories whose ``policy.gate`` holds the gate's setting
-    (a dict) instead of its registry name: then the gate name comes from the config or the strategy."""
+    """``eedn.run.load_run`` in eval mode, tolerating run directories whose ``policy.gate`` holds the
+    gate's setting (a dict) instead of its registry name: then the gate name comes from the config or
+    the strategy's default gate."""
     from eedn.run import load_run
 
     results = read_results(run_dir)
     gate = results.get("policy", {}).get("gate")
     if isinstance(gate, str):
-        return load_run(run_dir)
+        model, results = load_run(run_dir)
+        return model.eval(), results
     from eedn.io import load_checkpoint
     from eedn.model import build_model
     from eedn.plugins import create
@@ -65,7 +67,7 @@ def load_trained_run(run_dir: str | Path) -> tuple[EarlyExitModel, dict]:
     strategy.prepare_model(model)
     model.load_heads_state_dict(blob["heads"]["__policy__"])
     model.freeze_backbone()
-    return model, results
+    return model.eval(), results
 
 
 # ----------------------------------------------------------------------------------- preprocessing
