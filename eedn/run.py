@@ -205,7 +205,8 @@ def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate
         "eedn_version": eedn.__version__,
         "config": cfg,
         "dataset": {"name": cfg["dataset"], "num_classes": model.num_classes, "sizes": prep.data.sizes(),
-                    "image_size": prep.image_size},
+                    "image_size": prep.image_size, "class_names": list(prep.data.class_names),
+                    "mean": prep.data.info.get("mean"), "std": prep.data.info.get("std")},
         "backbone": prep.backbone_info | {"test_accuracy": float(acc[-1])},
         "full_macs": test.full_macs,
         "exits": [{"index": i, "macs": float(test.exit_macs[i]), "accuracy": float(acc[i])}
@@ -296,4 +297,4 @@ def load_run(run_dir: str | Path, setting: str = "__policy__") -> tuple[EarlyExi
         raise EednError(f"setting '{setting}' not in {run_dir}; saved: {', '.join(blob['heads'])}")
     model.load_heads_state_dict(blob["heads"][setting])
     model.freeze_backbone()
-    return model, results
+    return model.eval(), results
