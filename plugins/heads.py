@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from eedn import StrategyResult, TrainingStrategy, hookimpl
+from eedn import InferenceModule, StrategyResult, TrainingStrategy, hookimpl
 from eedn.errors import EednError
 from eedn.training import train_heads_warmup
 
 
-class LinearIM(nn.Module):
+class LinearIM(InferenceModule):
     """JEI-DNN's IM: one Linear on the exit features (LN_final(h_l)[cls] for T2T-ViT)."""
 
     def __init__(self, in_features: int, num_classes: int):
@@ -20,7 +20,7 @@ class LinearIM(nn.Module):
         return self.fc(features)
 
 
-class MLPIM(nn.Module):
+class MLPIM(InferenceModule):
     """A two-layer exit classifier, for backbones whose early features are not linearly separable."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: int = 256):

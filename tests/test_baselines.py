@@ -11,11 +11,12 @@ from torch import nn
 
 import eedn
 from eedn.cache import FeatureCache
-from eedn.contracts import Backbone, InferenceModule, InputSpec, StrategyResult
+from eedn.contracts import Backbone, InputSpec, StrategyResult
 from eedn.data import DataSplits, TensorImages
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
 from eedn.training import FeatureSource, FitContext, compute_split_outputs
+from eedn_plugins.heads import LinearIM
 from eedn_plugins.boostnet import BoostNetEnsemble, BoostNetStrategy, boostnet_loss
 from eedn_plugins.l2w import (
     L2WStrategy,
@@ -30,13 +31,6 @@ from eedn_plugins.thresholds import MaxProbGate
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread (and do not fight parallel test workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------- tiny model and data
@@ -65,13 +59,6 @@ class TinyStages(Backbone):
         return self.fc(features)
 
 
-class LinearIM(InferenceModule):
-    def __init__(self, in_features: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
-
-    def forward(self, x):
-        return self.fc(x)
 
 
 def make_splits(seed: int = 0) -> DataSplits:

@@ -8,12 +8,13 @@ from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 from eedn.cache import FeatureCache
-from eedn.contracts import Backbone, Gate, InferenceModule, InputSpec
+from eedn.contracts import Backbone, Gate, InputSpec
 from eedn.cost import measure_exit_macs
 from eedn.data import DataSplits, TensorImages
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
 from eedn.training import FeatureSource, FitContext, compute_split_outputs
+from eedn_plugins.heads import LinearIM
 from eedn_plugins.jei import (
     JeiGate,
     JeiStrategy,
@@ -330,13 +331,6 @@ class ToyBackbone(Backbone):
         return self.fc(features)
 
 
-class LinearIM(InferenceModule):
-    def __init__(self, in_features: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_features, num_classes)
-
-    def forward(self, x):
-        return self.fc(x)
 
 
 def toy_data() -> DataSplits:

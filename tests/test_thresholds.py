@@ -45,13 +45,6 @@ def distinct_score_outputs(n: int, g: int, seed: int = 1) -> ExitOutputs:
     return ExitOutputs(logits, labels, scores, macs, float(g + 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors run fastest on one thread (and do not fight parallel test workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------- scores

@@ -3,7 +3,6 @@ times its top-2 probability. Installed with pip, it shows up in `eedn plugins` a
 `eedn run --gate top2_ratio`."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 import eedn
