@@ -239,7 +239,7 @@ def print_benchmark(rows: list[dict], title: str = "early-exit inference vs full
     console = Console()
     console.print(table)
     if rows:
-        console.print(f"ms per image: full = plain backbone, exits = early-exit engine; MAC× = full MACs / mean "
+        console.print("ms per image: full = plain backbone, exits = early-exit engine; MAC× = full MACs / mean "
                       "MACs; wall× = full time / engine time; realised = wall× / MAC×"
                       + ("; time× = the speed-up if every stage's time scaled with its rows (stages timed "
                          "alone); eff. = wall× / time×" if profiled else "")
