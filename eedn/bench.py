@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from eedn.cli_options import friendly_errors
+from eedn.cli_options import friendly_errors, parse_number_list
 from eedn.errors import EednError
 from eedn.inference import EarlyExitEngine, full_inference
 from eedn.model import EarlyExitModel
@@ -249,13 +249,7 @@ def print_benchmark(rows: list[dict], title: str = "early-exit inference vs full
 
 
 def parse_batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EednError(f"--batch-sizes expects comma-separated integers, e.g. 1,32,256; got '{text}'") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise EednError(f"--batch-sizes must be positive integers, got '{text}'")
-    return sizes
+    return parse_number_list(text, "--batch-sizes", int, 1, "1,32,256")
 
 
 @click.command("bench")

@@ -40,15 +40,22 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def parse_number_list(text: str, option: str, convert: Callable[[str], Any], minimum: float, example: str) -> list:
+    """A comma-separated option value (``--lambda 0.01,0.5``, ``--batch-sizes 1,32``) as numbers >= ``minimum``."""
+    try:
+        values = [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EednError(f"{option} expects a comma-separated list such as {example}, got '{text}'") from None
+    if not values or any(v < minimum for v in values):
+        raise EednError(f"{option} values must be numbers >= {minimum:g}, got '{text}'")
+    return values
+
+
 def parse_lambdas(text: str | None) -> Any:
+    """``--lambda``: one value, or a list for a sweep."""
     if text is None:
         return None
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EednError(f"--lambda expects a number or a comma-separated list, got '{text}'") from None
-    if not values or any(v < 0 for v in values):
-        raise EednError(f"--lambda values must be non-negative numbers, got '{text}'")
+    values = parse_number_list(text, "--lambda", float, 0, "0.01,0.5,2")
     return values[0] if len(values) == 1 else values
 
 

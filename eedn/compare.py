@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import click
 
-from eedn.cli_options import build_config, common_run_options, friendly_errors, parse_lambdas
+from eedn.cli_options import build_config, common_run_options, friendly_errors, parse_lambdas, parse_number_list
 from eedn.errors import EednError
 from eedn.io import atomic_write_json, atomic_write_text
 
@@ -111,12 +111,7 @@ def parse_seeds(num_seeds: int | None, seed_list: str | None, seed: int | None, 
             raise EednError(f"--seeds must be a positive number of seeds, got {num_seeds}")
         return list(range(num_seeds))
     if seed_list is not None:
-        try:
-            seeds = [int(s) for s in seed_list.split(",") if s.strip()]
-        except ValueError:
-            raise EednError(f"--seed-list expects comma-separated integers, got '{seed_list}'") from None
-        if not seeds or any(s < 0 for s in seeds):
-            raise EednError(f"--seed-list expects non-negative integers, got '{seed_list}'")
+        seeds = parse_number_list(seed_list, "--seed-list", int, 0, "0,1,2")
         if len(set(seeds)) != len(seeds):
             raise EednError(f"--seed-list repeats a seed: '{seed_list}'")
         return seeds
@@ -135,15 +130,18 @@ def split_strategies_key(base: dict) -> tuple[dict, dict[str, dict]]:
 
 def strategy_options_for(spec: StrategySpec, shared: dict, per_strategy: dict[str, dict], cli: dict) -> dict:
     """Options of one strategy: shared ``strategy_options`` ← ``strategies.<name>`` ← ``strategies.<name:gate>``
-    ← command-line ``--epochs``/``--lambda``. λ is a JEI option: it is dropped for every other strategy."""
+    ← command-line ``--epochs``/``--lambda``. ``lambda`` goes only to strategies whose ``tradeoff_option``
+    is ``lambda`` (JEI); the others do not take it."""
     from eedn.config import deep_merge
+    from eedn.plugins import registry
 
-    opts = {k: v for k, v in shared.items() if spec.name == "jei" or k != "lambda"}
+    takes_lambda = getattr(registry("strategy").get(spec.name).factory, "tradeoff_option", None) == "lambda"
+    opts = {k: v for k, v in shared.items() if takes_lambda or k != "lambda"}
     opts = deep_merge(opts, per_strategy.get(spec.name, {}))
     if spec.gate is not None:
         opts = deep_merge(opts, per_strategy.get(spec.text, {}))
     for key, value in cli.items():
-        if value is not None and (key != "lambda" or spec.name == "jei"):
+        if value is not None and (key != "lambda" or takes_lambda):
             opts[key] = value
     return opts
 

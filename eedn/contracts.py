@@ -167,6 +167,8 @@ class TrainingStrategy(ABC):
     default_gate: str = "max_prob"
     #: True if fit() updates backbone weights (then no feature cache is used).
     trains_backbone: bool = False
+    #: the option the command line's ``--lambda`` sets (a cost/accuracy trade-off), if the strategy has one.
+    tradeoff_option: str | None = None
 
     def __init__(self, **options: Any):
         self.options = options

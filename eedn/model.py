@@ -49,6 +49,10 @@ class EarlyExitModel(nn.Module):
             return self.backbone.head(features)
         return self.ims[index](features)
 
+    def im_logits(self, feats: list[Tensor]) -> Tensor:
+        """``[B, G, C]`` logits of the intermediate IMs only (what head-training strategies update)."""
+        return torch.stack([im(f) for im, f in zip(self.ims, feats)], dim=1)
+
     def logits_from_features(self, feats: list[Tensor]) -> Tensor:
         """``[B, E, C]`` logits of every exit from the per-exit features."""
         logits = torch.stack([self.exit_logits(i, f) for i, f in enumerate(feats)], dim=1)

@@ -146,7 +146,8 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
         raise EednError(f"strategy '{cfg['strategy']}' produced no trained setting")
     if strategy.trains_backbone:
         model.freeze_backbone()
-    eval_source = feature_source(prep, model, cacheable=not strategy.trains_backbone)
+    # the training source already holds cached eval-mode features when it was cacheable: reuse it
+    eval_source = train_source if cacheable else feature_source(prep, model, cacheable=not strategy.trains_backbone)
 
     evaluators = {name: create("evaluator", name, **cfg["evaluator_options"].get(name, {}))
                   for name in cfg["evaluators"]}

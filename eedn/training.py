@@ -151,7 +151,7 @@ class FitContext:
 def per_exit_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """``[B, E]`` cross-entropy of every exit's logits ``[B, E, C]``."""
     b, e, c = logits.shape
-    return F.cross_entropy(logits.reshape(b * e, c), labels.repeat_interleave(e), reduction="none").view(b, e)
+    return F.cross_entropy(logits.reshape(b * e, c).float(), labels.repeat_interleave(e), reduction="none").view(b, e)
 
 
 def warmup_weights(num_ims: int) -> Tensor:
@@ -186,7 +186,7 @@ def train_heads_warmup(model: EarlyExitModel, source: FeatureSource, *, epochs: 
     """JEI warm-up / IM-only training: minimise Σ_l w_l·CE(IM_l) with SGD at constant lr on a frozen
     backbone (the frozen final head's CE is constant and omitted)."""
     g = len(model.ims)
-    w = (weights if weights is not None else warmup_weights(g)[:g]).to(source.device)
+    w = (weights if weights is not None else warmup_weights(g)).to(source.device)
     opt = sgd(model.ims.parameters(), lr=lr)
     progress = progress or Progress(False)
     history = []
@@ -196,8 +196,7 @@ def train_heads_warmup(model: EarlyExitModel, source: FeatureSource, *, epochs: 
         batches = source.batches("train", batch_size, shuffle=True, seed=seed, epoch=epoch, augmented=augmented)
         for feats, y in progress.track(batches, f"IM warm-up epoch {epoch + 1}/{epochs}",
                                        total=source.num_batches("train", batch_size)):
-            logits = torch.stack([model.ims[l](feats[l]) for l in range(g)], dim=1)
-            loss = (per_exit_cross_entropy(logits, y) * w).sum(1).mean()
+            loss = (per_exit_cross_entropy(model.im_logits(feats), y) * w).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -24,6 +24,7 @@ from eedn import hookimpl
 from eedn.contracts import Gate, StrategyResult, TrainingStrategy
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
+from eedn.training import per_exit_cross_entropy, warmup_weights
 
 # --------------------------------------------------------------------------------------------------
 # Gate statistics and the exit rule (pure functions, unit-tested against the spec's vectors)
@@ -372,21 +373,10 @@ def alternation_block(spec: str, batches_per_epoch: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _im_logits(model: EarlyExitModel, feats: list[Tensor]) -> Tensor:
-    """``[B, G, C]`` logits of the G intermediate exits."""
-    return torch.stack([model.ims[l](feats[l]) for l in range(len(model.ims))], dim=1)
-
-
 def _final_logits(model: EarlyExitModel, feats: list[Tensor]) -> Tensor:
     """``[B, C]`` logits of the frozen backbone head (exit G)."""
     g = len(model.ims)
     return model.exit_logits(g, feats[g])
-
-
-def _ce(logits: Tensor, labels: Tensor) -> Tensor:
-    """``[B, E]`` cross-entropy of ``[B, E, C]`` logits."""
-    b, e, c = logits.shape
-    return F.cross_entropy(logits.reshape(b * e, c).float(), labels.repeat_interleave(e), reduction="none").view(b, e)
 
 
 class _Validation:
@@ -405,7 +395,7 @@ class _Validation:
         n = len(self.labels)
         for start in range(0, n, self.chunk):
             feats = [f[start : start + self.chunk] for f in self.feats]
-            im = _im_logits(model, feats)
+            im = model.im_logits(feats)
             logits.append(torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1).float())
             scores.append(torch.sigmoid(model.gate.gate_logits(im)))
         return torch.cat(logits), torch.cat(scores)
@@ -416,6 +406,7 @@ class JeiStrategy(TrainingStrategy):
 
     default_gate = "jei"
     trains_backbone = False
+    tradeoff_option = "lambda"
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -473,7 +464,7 @@ class JeiStrategy(TrainingStrategy):
         early = opts["warmup"] == "early_stop"
         # early stopping may end sooner; leave at least one main epoch either way
         epochs = min(opts["max_warmup_epochs"], opts["epochs"] - 1) if early else opts["warmup_epochs"]
-        weights = torch.arange(g + 1, 1, -1, dtype=torch.float32, device=context.device)  # G+1-l
+        weights = warmup_weights(g).to(context.device)  # G+1-l
         opt = torch.optim.SGD(model.ims.parameters(), lr=opts["lr"], momentum=opts["momentum"],
                               weight_decay=opts["weight_decay"])
         best_acc = [-1.0] * g
@@ -490,7 +481,7 @@ class JeiStrategy(TrainingStrategy):
             batches = context.features.batches("train", opts["batch_size"], shuffle=True, seed=context.seed,
                                                epoch=epoch, augmented=self.head_augment)
             for feats, y in context.progress.track(batches, f"jei warm-up {epoch + 1}/{epochs}", total=nb):
-                ce = _ce(_im_logits(model, feats), y)
+                ce = per_exit_cross_entropy(model.im_logits(feats), y)
                 with torch.no_grad():
                     final_ce = F.cross_entropy(_final_logits(model, feats).float(), y)
                 loss = (ce * weights).sum(1).mean()
@@ -572,13 +563,13 @@ class JeiStrategy(TrainingStrategy):
                 opt = optimizers[phase]
                 if phase == "gate":
                     with torch.no_grad():
-                        im = _im_logits(model, feats)
+                        im = model.im_logits(feats)
                         all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
-                        _, targets = gate_targets(_ce(all_logits, y), lam, costs)
+                        _, targets = gate_targets(per_exit_cross_entropy(all_logits, y), lam, costs)
                     loss = gate_bce_loss(gate.gate_logits(im), targets, pos_weight)
                 else:
-                    im = _im_logits(model, feats)
-                    ce = _ce(im, y)
+                    im = model.im_logits(feats)
+                    ce = per_exit_cross_entropy(im, y)
                     if opts["im_loss"] == "uniform":
                         loss = uniform_im_loss(ce)
                     else:
@@ -593,7 +584,7 @@ class JeiStrategy(TrainingStrategy):
 
             # after every post-warm-up epoch: evaluate on val, refresh pos-weights, step the schedule
             logits, scores = val.outputs(model)
-            best_exit, _ = gate_targets(_ce(logits, val.labels), lam, costs)
+            best_exit, _ = gate_targets(per_exit_cross_entropy(logits, val.labels), lam, costs)
             pos_weight = pos_weights(best_exit, g, opts["pos_weight_counts"]).to(context.device)
             exit_index = gate.decide(scores)
             acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == val.labels).float().mean())

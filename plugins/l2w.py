@@ -34,7 +34,7 @@ from eedn.data import DataSplits
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
 from eedn.training import FitContext, per_exit_cross_entropy, sgd
-from eedn_plugins.sdn import ims_logits, resolve_options, selection_metric, train_batches, val_exit_accuracy
+from eedn_plugins.sdn import resolve_options, selection_metric, train_batches, val_exit_accuracy
 
 
 class WeightNet(nn.Module):
@@ -130,7 +130,7 @@ class L2WStrategy(TrainingStrategy):
                 for fs, ys in (a, b):
                     if len(ys) == 0:
                         continue
-                    ce = per_exit_cross_entropy(ims_logits(model, fs), ys)
+                    ce = per_exit_cross_entropy(model.im_logits(fs), ys)
                     with torch.no_grad():
                         w = l2w_sample_weights(wnet(ce.detach()), float(o["weight_scale"]))
                     loss = (w * ce).sum(1).mean()

@@ -70,11 +70,6 @@ def train_batches(context: FitContext, batch_size: int, epoch: int, augmented: b
                                     augmented=augmented)
 
 
-def ims_logits(model: EarlyExitModel, feats: list[Tensor]) -> Tensor:
-    """``[B, G, C]`` logits of the intermediate IMs only (the frozen head is left out)."""
-    return torch.stack([model.ims[l](feats[l]) for l in range(len(model.ims))], dim=1)
-
-
 # ------------------------------------------------------------------------------------------- SDN
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:
     """``c_l`` for IMs 0..G-1: relative position by cumulative MACs or by index."""
@@ -165,7 +160,7 @@ class SDNStrategy(TrainingStrategy):
         total, count = 0.0, 0
         batches = train_batches(context, self.opts["batch_size"], epoch, self.head_augment)
         for feats, y in context.progress.track(batches, f"SDN epoch {epoch + 1}/{self.opts['epochs']}"):
-            loss = (per_exit_cross_entropy(ims_logits(model, feats), y) * tau).sum(1).mean()
+            loss = (per_exit_cross_entropy(model.im_logits(feats), y) * tau).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
