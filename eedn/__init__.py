@@ -1,45 +1,71 @@
 """eedn: early-exit dynamic neural networks in PyTorch.
 
-Library use::
+Library use (docs/api.md lists the whole public API)::
 
     import eedn
-    model = eedn.create_model("t2t_vit_7", num_classes=10, image_size=32, gate="jei")
     results = eedn.run_pipeline({"backbone": "t2t_vit", "strategy": "jei", "dataset": "digits"})
+    model, manifest = eedn.load_run(results["run_dir"])
+
+Names are imported on first use, so ``import eedn`` (and the ``eedn`` command's start) stays fast: torch
+is loaded only when a name that needs it is touched.
 """
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from eedn.errors import EednError, UnknownNameError
+from eedn.hookspecs import hookimpl
+
 __version__ = "0.1.0"
 
-from eedn.contracts import (  # noqa: E402
-    Backbone,
-    DatasetSource,
-    Evaluator,
-    Gate,
-    InferenceModule,
-    InputSpec,
-    StrategyResult,
-    TrainingStrategy,
-    select_rows,
-)
-from eedn.data import DataSplits  # noqa: E402
-from eedn.errors import EednError, UnknownNameError  # noqa: E402
-from eedn.hookspecs import hookimpl  # noqa: E402
-from eedn.model import EarlyExitModel, build_model, create_model  # noqa: E402
-from eedn.outputs import ExitOutputs  # noqa: E402
-from eedn.plugins import create, list_names, register_plugin, registry  # noqa: E402
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    # contracts a plugin implements
+    "Backbone": "eedn.contracts", "InferenceModule": "eedn.contracts", "Gate": "eedn.contracts",
+    "Evaluator": "eedn.contracts", "DatasetSource": "eedn.contracts", "InputSpec": "eedn.contracts",
+    "Metric": "eedn.contracts", "select_rows": "eedn.contracts",
+    "TrainingStrategy": "eedn.strategy", "StrategyResult": "eedn.strategy", "FitContext": "eedn.strategy",
+    # declared plugin options
+    "option": "eedn.options", "resolve_options": "eedn.options",
+    # data and stored outputs
+    "DataSplits": "eedn.data", "TensorImages": "eedn.data", "stratified_holdout": "eedn.data",
+    "ExitOutputs": "eedn.outputs",
+    # models
+    "EarlyExitModel": "eedn.model", "build_model": "eedn.build", "create_model": "eedn.build",
+    "build_backbone": "eedn.build",
+    # registries
+    "create": "eedn.plugins", "list_names": "eedn.plugins", "register_plugin": "eedn.plugins",
+    "registry": "eedn.plugins",
+    # research API
+    "run_pipeline": "eedn.run", "load_run": "eedn.api", "measure_exit_macs": "eedn.cost",
+    "split_outputs": "eedn.api", "fit_strategy": "eedn.api", "apply_gate": "eedn.policy",
+    "calibrate_gate": "eedn.api", "evaluate": "eedn.api", "load_dataset": "eedn.api",
+}
+
+__all__ = ["EednError", "UnknownNameError", "hookimpl", "__version__", *_EXPORTS]
 
 
-def run_pipeline(config: dict | None = None, sets: list[str] | None = None, **overrides):
-    """Run the whole pipeline (data → backbone → strategy → outputs → evaluators → run directory) and
-    return the results.json content. ``eedn run`` on the command line does the same."""
-    from eedn.run import run_pipeline as _run_pipeline
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'eedn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-    return _run_pipeline(config, sets, **overrides)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = [
-    "Backbone", "DatasetSource", "Evaluator", "Gate", "InferenceModule", "InputSpec", "StrategyResult",
-    "TrainingStrategy", "select_rows", "DataSplits", "EednError", "UnknownNameError", "hookimpl",
-    "EarlyExitModel", "build_model", "create_model", "ExitOutputs", "create", "list_names",
-    "register_plugin", "registry", "run_pipeline",
-]
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from eedn.build import build_backbone, build_model, create_model  # noqa: F401
+    from eedn.contracts import (Backbone, DatasetSource, Evaluator, Gate, InferenceModule, InputSpec,  # noqa: F401
+                                Metric, select_rows)
+    from eedn.data import DataSplits, TensorImages, stratified_holdout  # noqa: F401
+    from eedn.model import EarlyExitModel  # noqa: F401
+    from eedn.outputs import ExitOutputs  # noqa: F401
+    from eedn.plugins import create, list_names, register_plugin, registry  # noqa: F401
+    from eedn.run import run_pipeline  # noqa: F401
+    from eedn.strategy import FitContext, StrategyResult, TrainingStrategy  # noqa: F401

@@ -114,6 +114,5 @@ def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_siz
         base["budget"] = {"macs_fraction": budget}
     cfg = resolve_config(base, list(sets), **overrides)
     if data_dir is not None:
-        key = "path" if cfg["dataset"] == "image-folder" else "data_dir"
-        cfg["dataset_options"][key] = data_dir
+        cfg["dataset_options"]["data_dir"] = data_dir
     return cfg

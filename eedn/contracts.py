@@ -1,4 +1,5 @@
-"""The contracts every plugin implements.
+"""The contracts every plugin implements (the training-strategy contract sits above the model, in
+:mod:`eedn.strategy`).
 
 An early-exit network here is a *stage-wise* backbone (``stem`` then ``stage(0..L-1)``), one inference
 module (IM) after each of the first L-1 stages, the backbone's own head after the last stage, and one
@@ -7,18 +8,17 @@ after stage ``l``; exit ``L-1`` is the backbone's own head, where every remainin
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # pragma: no cover
-    from eedn.data import DataSplits
-    from eedn.model import EarlyExitModel
-    from eedn.outputs import ExitOutputs
-    from eedn.training import FitContext
+from eedn.data import DataSplits
+from eedn.options import declared_options
+from eedn.outputs import ExitOutputs
 
 State = Union[Tensor, tuple]
 """A backbone's running state: a tensor or tuple of tensors, batch first, so rows can be dropped."""
@@ -76,6 +76,25 @@ class Backbone(nn.Module, ABC):
             state = self.stage(i, state)
         return self.head(self.exit_features(self.num_stages - 1, state))
 
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Load trained weights from a file (``--backbone-checkpoint``). The default reads a weights-only
+        state dict (or a dict holding one under ``model`` / ``state_dict``) and loads it strictly;
+        families override it to accept their official checkpoints."""
+        from eedn.io import load_checkpoint, load_state_dict_strict
+
+        blob = load_checkpoint(path)
+        if isinstance(blob, dict):
+            for key in ("model", "state_dict"):
+                if isinstance(blob.get(key), dict):
+                    blob = blob[key]
+                    break
+        load_state_dict_strict(self, blob, str(path))
+
+    @property
+    def display_name(self) -> str:
+        """What the run log calls this model ("T2T-ViT tiny"); families may set ``_display_name``."""
+        return getattr(self, "_display_name", type(self).__name__)
+
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error if ``x`` does not fit this backbone."""
         spec = self.input_spec
@@ -107,6 +126,8 @@ class Gate(nn.Module, ABC):
         super().__init__()
         self.num_exits = num_exits
         self.num_classes = num_classes
+        #: the gate's declared options, validated (see :mod:`eedn.options`)
+        self.options = declared_options(f"gate {type(self).__name__}", type(self), options)
 
     @abstractmethod
     def scores(self, exit_index: int, logits: Tensor, features: Tensor | None = None) -> Tensor:
@@ -147,65 +168,55 @@ class Gate(nn.Module, ABC):
         return []
 
 
-@dataclass
-class StrategyResult:
-    """What ``fit`` returns: one trained setting per operating point it produced.
+@dataclass(frozen=True)
+class Metric:
+    """How to show one headline number an evaluator reports: a label, a display scale (100 for a
+    percentage), digits, and whether lower is better. Stored in results.json, so readers need no plugin."""
 
-    Each setting is ``(label, state_dict)`` where the state dict covers the IMs and the gate of an
-    :class:`EarlyExitModel` (``model.heads_state_dict()``). A λ sweep gives several; a strategy whose
-    gate is calibrated by budget gives one and lets the pipeline sweep the budgets.
-    """
+    label: str
+    scale: float = 1.0
+    digits: int = 2
+    lower_is_better: bool = True
 
-    settings: list[tuple[str, dict]] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)
-
-
-class TrainingStrategy(ABC):
-    """Trains the IMs and gates (and the backbone, if it says so) of an early-exit model."""
-
-    #: the gate paired with this strategy when the user names none.
-    default_gate: str = "max_prob"
-    #: True if fit() updates backbone weights (then no feature cache is used).
-    trains_backbone: bool = False
-    #: the option the command line's ``--lambda`` sets (a cost/accuracy trade-off), if the strategy has one.
-    tradeoff_option: str | None = None
-
-    def __init__(self, **options: Any):
-        self.options = options
-
-    @property
-    def backbone_mode(self) -> str:
-        """``eval`` (a fixed feature extractor, cacheable) or ``train`` (dropout/DropPath active)."""
-        return str(self.options.get("backbone_mode", "eval"))
-
-    @property
-    def head_augment(self) -> bool:
-        """True if heads train on augmented images (then features cannot be cached)."""
-        return bool(self.options.get("head_augment", False))
-
-    def prepare_model(self, model: "EarlyExitModel") -> None:
-        """Attach strategy-specific modules (e.g. an exit combiner) before ``fit`` and before saved heads
-        are loaded back; the default attaches nothing."""
-
-    @abstractmethod
-    def fit(self, model: "EarlyExitModel", data: "DataSplits", context: "FitContext") -> StrategyResult:
-        """Train ``model`` in place and return the settings to evaluate."""
-
-    def describe(self) -> dict:
-        return dict(self.options)
+    def to_dict(self) -> dict:
+        return {"label": self.label, "scale": self.scale, "digits": self.digits,
+                "lower_is_better": self.lower_is_better}
 
 
 class Evaluator(ABC):
-    """Turns stored exit outputs (test, plus the cal split for anything fitted) into metrics."""
+    """Turns stored exit outputs into metrics, and says which of them are its headline numbers.
+
+    Per trained setting the pipeline calls :meth:`fit` once on the cal split, then :meth:`evaluate` for
+    every operating point (policy) of that setting. :meth:`headline` picks the flat numbers each
+    operating point carries in results.json (and that ``eedn compare`` matches at equal cost; their
+    display is declared by :meth:`headline_metrics`); :meth:`rows` gives the flat rows results.json keeps
+    for the reported policy. Nothing in the core knows any evaluator by name.
+    """
 
     name: str = "evaluator"
 
     def __init__(self, **options: Any):
-        self.options = options
+        #: the evaluator's declared options, validated (see :mod:`eedn.options`)
+        self.options = declared_options(f"evaluator '{self.name}'", type(self), options)
+
+    def fit(self, cal: ExitOutputs) -> None:
+        """Fit what depends only on the trained heads (e.g. temperatures) on the cal split; default none."""
 
     @abstractmethod
-    def evaluate(self, test: "ExitOutputs", cal: "ExitOutputs", exit_test: Tensor, exit_cal: Tensor) -> dict:
+    def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
         """Metrics for a policy whose exit indices are ``exit_test`` / ``exit_cal``; JSON-able."""
+
+    def headline_metrics(self) -> dict[str, Metric]:
+        """The keys :meth:`headline` returns, with how to show them; default none."""
+        return {}
+
+    def headline(self, metrics: dict) -> dict[str, float | None]:
+        """The flat headline numbers of one :meth:`evaluate` result; default none."""
+        return {}
+
+    def rows(self, metrics: dict) -> list[dict]:
+        """Flat rows of one :meth:`evaluate` result for results.json; default none."""
+        return []
 
 
 class DatasetSource(ABC):
@@ -216,7 +227,8 @@ class DatasetSource(ABC):
     default_image_size: int
 
     def __init__(self, **options: Any):
-        self.options = options
+        #: the source's declared options, validated (see :mod:`eedn.options`)
+        self.options = declared_options(f"dataset {type(self).__name__}", type(self), options)
 
     #: backbone epochs that train well on this data when the user gives none.
     suggested_backbone_epochs: int = 30
@@ -224,11 +236,6 @@ class DatasetSource(ABC):
     @abstractmethod
     def splits(self, image_size: int, seed: int, augment: bool = True) -> "DataSplits":
         """Build the four splits; val/cal/test use evaluation transforms."""
-
-    def backbone_defaults(self, backbone: str) -> dict:
-        """Options that size a plain family name (e.g. ``t2t_vit``) sensibly for this data; the user's
-        own backbone options win. Default: none."""
-        return {}
 
     def describe(self) -> dict:
         return dict(self.options)

@@ -61,6 +61,38 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def state_dict_mismatch(module: torch.nn.Module, state: dict) -> str | None:
+    """A short summary of how ``state`` fails to fit ``module`` (missing / unexpected keys, shape
+    mismatches), or None when every key and shape matches."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts) or None
+
+
+def load_state_dict_strict(module: torch.nn.Module, state: Any, source: str) -> None:
+    """Load a state dict strictly; a mismatch is one line saying what did not fit."""
+    from eedn.errors import EednError
+
+    if not isinstance(state, dict):
+        raise EednError(f"{source} holds a {type(state).__name__}, not a state dict of {type(module).__name__}")
+    problem = state_dict_mismatch(module, state)
+    if problem is None:
+        try:
+            module.load_state_dict(state, strict=True)
+            return
+        except (RuntimeError, TypeError) as exc:
+            problem = " ".join(str(exc).split())[:300]
+    raise EednError(f"{source} does not fit {type(module).__name__} ({problem}); give weights saved from the "
+                    "same model and options")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """``torch.load(weights_only=True)`` with a one-line error for missing or corrupt files."""
     from eedn.errors import EednError

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor, nn
 
 from eedn.contracts import Backbone, Gate, InferenceModule
-from eedn.plugins import create
 
 
 class EarlyExitModel(nn.Module):
@@ -83,36 +82,3 @@ class EarlyExitModel(nn.Module):
     def freeze_backbone(self) -> None:
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-
-
-def build_model(
-    backbone: Backbone,
-    gate: str = "max_prob",
-    inference_module: str = "linear",
-    gate_options: dict[str, Any] | None = None,
-    im_options: dict[str, Any] | None = None,
-) -> EarlyExitModel:
-    """Attach registry-named IMs and gate to a backbone."""
-    g = backbone.num_stages - 1
-    ims = [
-        create("inference_module", inference_module, backbone.feature_dims[i], backbone.num_classes, **(im_options or {}))
-        for i in range(g)
-    ]
-    gate_obj = create("gate", gate, g, backbone.num_classes, **(gate_options or {}))
-    return EarlyExitModel(backbone, ims, gate_obj)
-
-
-def create_model(
-    backbone: str,
-    num_classes: int,
-    image_size: int,
-    in_channels: int = 3,
-    gate: str = "max_prob",
-    inference_module: str = "linear",
-    backbone_options: dict[str, Any] | None = None,
-    gate_options: dict[str, Any] | None = None,
-) -> EarlyExitModel:
-    """``create_model("t2t_vit_7", num_classes=10, image_size=32, gate="jei")`` from registry names."""
-    bb = create("backbone", backbone, num_classes=num_classes, image_size=image_size, in_channels=in_channels,
-                **(backbone_options or {}))
-    return build_model(bb, gate=gate, inference_module=inference_module, gate_options=gate_options)

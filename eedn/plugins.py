@@ -1,11 +1,14 @@
-"""Plugin manager and per-kind registries.
+"""Plugin manager and per-kind registries, filled on first use.
 
 Built-in plugins (package ``eedn_plugins``) and third-party ones are found the same way: through the
 ``eedn`` entry-point group. Tests and notebooks can add a plugin object directly with
-:func:`register_plugin`.
+:func:`register_plugin`. A factory may be registered as an object or as a ``"module:attribute"`` string;
+a string is imported only when that plugin is built, so listing plugins (``eedn plugins``) and starting
+the CLI import no model code at all.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -13,7 +16,8 @@ from typing import Any, Callable
 import pluggy
 
 from eedn import hookspecs
-from eedn.errors import UnknownNameError
+from eedn.errors import EednError, UnknownNameError
+from eedn.options import OptionSpec, option_specs, resolve_options
 
 KINDS = ("backbone", "inference_module", "gate", "strategy", "evaluator", "dataset")
 _HOOK_FOR_KIND = {
@@ -28,13 +32,46 @@ _HOOK_FOR_KIND = {
 
 @dataclass
 class Entry:
-    """One registered thing: its factory and where it came from."""
+    """One registered thing: its factory (or a ``"module:attribute"`` reference to it) and its origin."""
 
     name: str
     kind: str
-    factory: Callable[..., Any]
+    target: Callable[..., Any] | str
     origin: str
     info: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind.replace('_', ' ')} '{self.name}'"
+
+    @property
+    def factory(self) -> Callable[..., Any]:
+        """The factory, imported on first use when it was registered by reference."""
+        if isinstance(self.target, str):
+            module, _, attr = self.target.partition(":")
+            try:
+                obj: Any = importlib.import_module(module)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            except (ImportError, AttributeError) as exc:
+                raise EednError(f"{self.label} from {self.origin} cannot be loaded ({self.target}): {exc}") from exc
+            self.target = obj
+        return self.target
+
+    def options(self) -> list[OptionSpec] | None:
+        """The options this plugin declares (None: it takes undeclared ``**options``)."""
+        return option_specs(self.factory)
+
+    def resolve(self, options: dict[str, Any] | None) -> dict[str, Any]:
+        """The user's options for this plugin, validated and complete (defaults filled)."""
+        return resolve_options(self.label, self.factory, options)
+
+    def create(self, *args: Any, **options: Any) -> Any:
+        return self.factory(*args, **self.resolve(options))
+
+    @property
+    def description(self) -> str:
+        return str(self.info.get("description", ""))
 
 
 class Registry:
@@ -53,30 +90,37 @@ class Registry:
     def get(self, name: str) -> Entry:
         if name not in self.entries:
             known = ", ".join(self.names()) or "(none)"
-            label = self.kind.replace("_", " ")
-            raise UnknownNameError(f"unknown {label} '{name}'; known: {known}")
+            raise UnknownNameError(f"unknown {self.kind.replace('_', ' ')} '{name}'; known: {known}")
         return self.entries[name]
 
-    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self.get(name).factory(*args, **kwargs)
+    def create(self, name: str, *args: Any, **options: Any) -> Any:
+        return self.get(name).create(*args, **options)
 
 
 class PluginManager:
-    """Loads the ``eedn`` entry points once and fills one registry per kind."""
+    """Loads the ``eedn`` entry points on first use and fills one registry per kind."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("eedn")
         self.pm.add_hookspecs(hookspecs)
         self._origins: dict[int, str] = {}
         self._registries: dict[str, Registry] | None = None
+        self._entry_points_loaded = False
 
     def load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
         for ep in importlib.metadata.entry_points(group="eedn"):
             if self.pm.has_plugin(ep.name):
                 continue
-            module = ep.load()
             dist = getattr(ep, "dist", None)
             origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
+            try:
+                module = ep.load()
+            except Exception as exc:  # noqa: BLE001 - a broken third-party package must not break eedn
+                raise EednError(f"plugin '{ep.name}' from {origin} failed to import ({type(exc).__name__}: "
+                                f"{exc}); fix or uninstall that package") from exc
             self.register(module, name=ep.name, origin=origin)
 
     def register(self, plugin: Any, name: str | None = None, origin: str | None = None) -> None:
@@ -87,6 +131,7 @@ class PluginManager:
         self._registries = None  # rebuilt lazily
 
     def registries(self) -> dict[str, Registry]:
+        self.load_entry_points()
         if self._registries is None:
             regs = {kind: Registry(kind) for kind in KINDS}
             for kind, hook_name in _HOOK_FOR_KIND.items():
@@ -94,7 +139,8 @@ class PluginManager:
                 for impl in hook.get_hookimpls():
                     origin = self._origins.get(id(impl.plugin), impl.plugin_name)
 
-                    def register(name: str, factory: Callable[..., Any], _k=kind, _o=origin, **info: Any) -> None:
+                    def register(name: str, factory: Callable[..., Any] | str, _k=kind, _o=origin,
+                                 **info: Any) -> None:
                         regs[_k].add(Entry(name, _k, factory, _o, info))
 
                     impl.function(register=register)
@@ -102,6 +148,7 @@ class PluginManager:
         return self._registries
 
     def add_commands(self, cli: Any) -> None:
+        self.load_entry_points()
         self.pm.hook.register_commands(cli=cli)
 
 
@@ -109,17 +156,27 @@ _manager: PluginManager | None = None
 
 
 def get_plugin_manager() -> PluginManager:
-    """The process-wide plugin manager, with every installed entry point loaded."""
+    """The process-wide plugin manager (entry points are read on first registry use)."""
     global _manager
     if _manager is None:
         _manager = PluginManager()
-        _manager.load_entry_points()
     return _manager
 
 
 def register_plugin(plugin: Any, name: str | None = None, origin: str | None = None) -> None:
     """Add a plugin object by hand (tests, notebooks), as if it had been installed."""
-    get_plugin_manager().register(plugin, name=name, origin=origin)
+    manager = get_plugin_manager()
+    manager.load_entry_points()  # installed plugins first, so they cannot shadow this one later
+    manager.register(plugin, name=name, origin=origin)
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin added with :func:`register_plugin` (tests)."""
+    manager = get_plugin_manager()
+    plugin = manager.pm.get_plugin(name)
+    if plugin is not None:
+        manager.pm.unregister(plugin)
+        manager._registries = None
 
 
 def registry(kind: str) -> Registry:
@@ -128,10 +185,22 @@ def registry(kind: str) -> Registry:
     return get_plugin_manager().registries()[kind]
 
 
-def create(kind: str, name: str, *args: Any, **kwargs: Any) -> Any:
-    """Build the registered ``kind`` named ``name``: ``create("backbone", "t2t_vit_7", ...)``."""
-    return registry(kind).create(name, *args, **kwargs)
+def create(kind: str, name: str, *args: Any, **options: Any) -> Any:
+    """Build the registered ``kind`` named ``name`` with validated options:
+    ``create("backbone", "t2t_vit_7", num_classes=10, image_size=32)``."""
+    return registry(kind).create(name, *args, **options)
+
+
+def resolve(kind: str, name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Validate ``options`` for a plugin without building it (the pipeline checks everything before stage 0)."""
+    return registry(kind).get(name).resolve(options)
 
 
 def list_names(kind: str) -> list[str]:
     return registry(kind).names()
+
+
+def find(name: str) -> list[Entry]:
+    """Every registered plugin called ``name``, whatever its kind."""
+    regs = get_plugin_manager().registries()
+    return [regs[kind].entries[name] for kind in KINDS if name in regs[kind].entries]

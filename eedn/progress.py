@@ -49,6 +49,12 @@ class Progress:
             yield item
             self._progress.advance(task)
 
+    def epoch(self, stage: str, epoch: int, epochs: int, **metrics: float) -> None:
+        """One finished epoch of a training stage, with its loss / val accuracy."""
+        if self.enabled:
+            parts = [f"{k.replace('_', ' ')} {v:.4g}" for k, v in metrics.items() if v is not None]
+            self.log(f"{stage} epoch {epoch + 1}/{epochs}: " + ", ".join(parts))
+
     def log(self, message: str) -> None:
         if self.enabled:
             (self._progress.console if self._progress is not None else self.console).print(message)

@@ -1,8 +1,8 @@
 """The pipeline, as one straight line:
 
-config → registry lookups → data → backbone (cached or trained) → EarlyExitModel → strategy.fit →
-ExitOutputs for val/cal/test (one pass each) → policies and evaluators on those tensors →
-results.json, summary.md, plot, resolved config.
+config → every plugin name and option checked → data → backbone (cached or trained) → EarlyExitModel →
+strategy.fit → ExitOutputs for val/cal/test (one pass each) → policies and evaluators on those tensors →
+run directory (run.json, results.json, weights, outputs, summary, plot).
 """
 from __future__ import annotations
 
@@ -18,28 +18,58 @@ import numpy as np
 import torch
 
 import eedn
-from eedn.cost import measure_exit_macs
 from eedn.backbone_training import backbone_key, recipe, train_backbone
+from eedn.build import build_backbone, build_model
 from eedn.cache import FeatureCache
 from eedn.config import cache_dir, resolve_config
-from eedn.contracts import Backbone, TrainingStrategy
+from eedn.contracts import Backbone, Evaluator
+from eedn.cost import measure_exit_macs
 from eedn.data import DataSplits
 from eedn.errors import EednError
+from eedn.features import FeatureSource, compute_split_outputs
 from eedn.io import atomic_torch_save, atomic_write_json, load_checkpoint
-from eedn.model import EarlyExitModel, build_model
+from eedn.model import EarlyExitModel
 from eedn.outputs import ExitOutputs
-from eedn.plugins import create
-from eedn.policy import calibrated_copy, evaluate_point, target_label
+from eedn.plugins import create, registry
+from eedn.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
 from eedn.progress import Progress
-from eedn.training import FeatureSource, FitContext, compute_split_outputs
+from eedn.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, created_now,
+                         environment)
+from eedn.strategy import FitContext, TrainingStrategy
 
 SPLITS = ("val", "cal", "test")
+#: results.json keys the pipeline writes; an evaluator whose name is one of them keeps its rows only under
+#: ``evaluators``
+CORE_RESULT_KEYS = ("eedn_version", "config", "dataset", "input", "backbone", "full_macs", "exits", "metrics",
+                    "policy", "curve", "strategy", "evaluators", "timings", "environment", "run_dir")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_plugins(cfg: dict) -> dict[str, Any]:
+    """Every plugin name and option of a config, validated before anything is trained (an unknown name
+    or a typo in an option fails here, not after stage 0). Returns the resolved options by role."""
+    strategy_entry = registry("strategy").get(cfg["strategy"])
+    strategy_options = strategy_entry.resolve(cfg["strategy_options"])
+    gate = cfg["gate"] or strategy_entry.factory.default_gate
+    out = {
+        "dataset": registry("dataset").get(cfg["dataset"]).resolve(cfg["dataset_options"]),
+        "backbone": registry("backbone").get(cfg["backbone"]).resolve(cfg["backbone_options"]),
+        "strategy": strategy_options,
+        "gate": registry("gate").get(gate).resolve(cfg["gate_options"]),
+        "inference_module": registry("inference_module").get(cfg["inference_module"]).resolve({}),
+        "evaluators": {name: registry("evaluator").get(name).resolve(cfg["evaluator_options"].get(name, {}))
+                       for name in cfg["evaluators"]},
+    }
+    unknown = sorted(set(cfg["evaluator_options"]) - set(cfg["evaluators"]))
+    if unknown:
+        raise EednError(f"evaluator_options names {', '.join(unknown)}, which is not among the evaluators "
+                        f"({', '.join(cfg['evaluators']) or 'none'}); add it to evaluators or drop its options")
+    return out
 
 
 @dataclass
@@ -50,15 +80,23 @@ class Prepared:
     data: DataSplits
     dataset_desc: dict
     image_size: int
+    channels: int
     backbone: Backbone
     backbone_info: dict
     cache: FeatureCache
     progress: Progress
     timings: dict = field(default_factory=dict)
 
+    @property
+    def input_spec(self) -> dict:
+        """How the model's inputs are prepared (run.json's ``input``): what `eedn predict` needs."""
+        return {"channels": self.channels, "image_size": self.image_size, "mean": self.data.info.get("mean"),
+                "std": self.data.info.get("std"), "class_names": list(self.data.class_names)}
+
 
 def prepare(cfg: dict, progress: Progress) -> Prepared:
     """Data and backbone for a resolved config (the backbone from the cache when already trained)."""
+    check_plugins(cfg)
     t0 = time.perf_counter()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -69,20 +107,26 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
     dataset_desc = {"name": cfg["dataset"], **source.describe(), "image_size": image_size, "seed": cfg["seed"]}
     timings = {"data_s": time.perf_counter() - t0}
 
-    bb_opts = source.backbone_defaults(cfg["backbone"]) | dict(cfg["backbone_options"])
+    entry = registry("backbone").get(cfg["backbone"])
+    bb_opts = entry.resolve(cfg["backbone_options"])
+    backbone = build_backbone(cfg["backbone"], source.num_classes, image_size, source.channels, bb_opts)
     ckpt = cfg["backbone_training"].get("checkpoint")
     if ckpt:
-        bb_opts["checkpoint"] = ckpt
-    backbone = create("backbone", cfg["backbone"], num_classes=source.num_classes, image_size=image_size,
-                      in_channels=source.channels, **bb_opts).to(cfg["device"])
+        backbone.load_pretrained(ckpt)
+    backbone = backbone.to(cfg["device"])
     rec = recipe(cfg["backbone_training"], getattr(source, "suggested_backbone_epochs", 30))
-    info: dict[str, Any] = {"name": cfg["backbone"], "options": bb_opts, "recipe": rec,
-                            "parameters": sum(p.numel() for p in backbone.parameters())}
+    params = sum(p.numel() for p in backbone.parameters())
+    info: dict[str, Any] = {"name": cfg["backbone"], "display_name": backbone.display_name, "options": bb_opts,
+                            "recipe": rec, "parameters": params, "init_checkpoint": ckpt}
+    progress.log(f"{cfg['backbone']} -> {backbone.display_name}, {_count(params)} parameters, "
+                 f"{backbone.num_stages} exits; data {cfg['dataset']} at {image_size} px "
+                 f"({', '.join(f'{k} {v}' for k, v in data.sizes().items())})")
     t1 = time.perf_counter()
     if ckpt and not rec["epochs"]:
         info["source"] = f"checkpoint {ckpt}"
     else:
-        key = backbone_key(cfg["backbone"], bb_opts, dataset_desc, image_size, cfg["seed"], rec)
+        key = backbone_key(cfg["backbone"], bb_opts, dataset_desc, image_size, cfg["seed"],
+                           rec | {"init_checkpoint": str(ckpt) if ckpt else None})
         path = cache_dir(cfg) / "backbones" / f"{cfg['backbone']}-{key}.pt"
         info["cache_path"] = str(path)
         if path.exists():
@@ -97,11 +141,11 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
             info |= {"source": "trained", "val_accuracy": summary["val_accuracy"], "epochs": summary["epochs"]}
     timings["backbone_s"] = time.perf_counter() - t1
     cache = FeatureCache(cache_dir(cfg) / "features", fp16=bool(cfg["cache_fp16"]))
-    return Prepared(cfg, data, dataset_desc, image_size, backbone, info, cache, progress, timings)
+    return Prepared(cfg, data, dataset_desc, image_size, source.channels, backbone, info, cache, progress, timings)
 
 
-def make_strategy(cfg: dict) -> TrainingStrategy:
-    return create("strategy", cfg["strategy"], **cfg["strategy_options"])
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k" if n >= 1e3 else str(n)
 
 
 def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True, mode: str = "eval") -> FeatureSource:
@@ -121,9 +165,10 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
         cfg["gate"] = gate
     if out is not None:
         cfg["out"] = str(out)
+    resolved = check_plugins(cfg)
     progress = prep.progress
     seed_everything(cfg["seed"])
-    strategy = make_strategy(cfg)
+    strategy: TrainingStrategy = create("strategy", cfg["strategy"], **cfg["strategy_options"])
     gate_name = cfg["gate"] or strategy.default_gate
     backbone = copy.deepcopy(prep.backbone) if strategy.trains_backbone else prep.backbone
     model = build_model(backbone, gate=gate_name, inference_module=cfg["inference_module"],
@@ -138,9 +183,9 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
                      "features cannot be cached, running uncached")
     train_source = feature_source(prep, model, cacheable=cacheable, mode=strategy.backbone_mode)
     ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=cfg["seed"],
-                     device=cfg["device"], progress=progress, options=cfg)
+                     device=cfg["device"], progress=progress)
     t0 = time.perf_counter()
-    result = strategy.fit(model, prep.data, ctx)
+    result = strategy.fit(model, ctx)
     fit_s = time.perf_counter() - t0
     if not result.settings:
         raise EednError(f"strategy '{cfg['strategy']}' produced no trained setting")
@@ -149,8 +194,8 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     # the training source already holds cached eval-mode features when it was cacheable: reuse it
     eval_source = train_source if cacheable else feature_source(prep, model, cacheable=not strategy.trains_backbone)
 
-    evaluators = {name: create("evaluator", name, **cfg["evaluator_options"].get(name, {}))
-                  for name in cfg["evaluators"]}
+    evaluators: dict[str, Evaluator] = {name: create("evaluator", name, **cfg["evaluator_options"].get(name, {}))
+                                        for name in cfg["evaluators"]}
     t1 = time.perf_counter()
     outputs: dict[str, dict[str, ExitOutputs]] = {}
     curve: list[dict] = []
@@ -158,50 +203,59 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     chosen = cfg["policy_setting"] or labels[0]
     if chosen not in labels:
         raise EednError(f"policy_setting '{chosen}' is not a trained setting; trained: {', '.join(labels)}")
-    policy_point, policy_heads = None, None
+    policy: EvaluatedPoint | None = None
+    policy_heads: dict | None = None
     for label, state in result.settings:
         model.load_heads_state_dict(state)
         outs = {s: compute_split_outputs(model, eval_source, s, exit_macs, full_macs, cfg["eval_batch_size"])
                 for s in SPLITS}
         outputs[label] = outs
+        for ev in evaluators.values():
+            ev.fit(outs["cal"])
         if model.gate.calibratable:
             sweep = model.gate.budget_sweep()
             for target in progress.track(sweep, f"budget sweep ({label})"):
                 g = calibrated_copy(model.gate, outs["val"], target)
                 name = target_label(target) if len(labels) == 1 else f"{label};{target_label(target)}"
-                curve.append(evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators, name))
+                curve.append(evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators, name).point)
             if label == chosen:
                 g = calibrated_copy(model.gate, outs["val"], cfg["budget"])
-                policy_point = evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators,
-                                              f"{label};{target_label(cfg['budget'])}")
+                policy = evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators,
+                                        f"{label};{target_label(cfg['budget'])}")
                 model.gate.load_state_dict(g.state_dict())
                 policy_heads = model.heads_state_dict()
         else:
             point = evaluate_point(model.gate, outs["val"], outs["cal"], outs["test"], evaluators, label)
-            curve.append(point)
+            curve.append(point.point)
             if label == chosen:
-                policy_point, policy_heads = point, model.heads_state_dict()
+                policy, policy_heads = point, model.heads_state_dict()
     eval_s = time.perf_counter() - t1
     if len(curve) < 2:
         curve = []
 
     test = outputs[chosen]["test"]
-    results = assemble_results(cfg, prep, strategy, gate_name, model, test, policy_point, curve, result.history)
+    results = assemble_results(cfg, prep, strategy, gate_name, model, test, policy, curve, result.history,
+                               evaluators)
     results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s}
+    manifest = build_manifest(cfg, prep, resolved, gate_name, model, test, policy, chosen, labels, exit_macs,
+                              full_macs)
+    results["environment"] = manifest["environment"]
     run_dir = run_directory(cfg)
-    write_run(run_dir, cfg, results, model, outputs, {label: s for label, s in result.settings} | {"__policy__": policy_heads})
+    write_run(run_dir, cfg, results, manifest, model, outputs,
+              {label: s for label, s in result.settings} | {POLICY_HEADS: policy_heads})
     results["run_dir"] = str(run_dir)
+    progress.log(f"run directory: {run_dir}")
     return results
 
 
 def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate_name: str, model: EarlyExitModel,
-                     test: ExitOutputs, policy_point: dict, curve: list[dict], history: list[dict]) -> dict:
+                     test: ExitOutputs, policy: EvaluatedPoint, curve: list[dict], history: list[dict],
+                     evaluators: dict[str, Evaluator]) -> dict:
+    """results.json: every number of the run. Operating points (``policy`` and ``curve`` entries) share one
+    shape; ``metrics`` says how to show each evaluator headline number they carry."""
     acc = test.exit_accuracy()
-    point = {k: v for k, v in policy_point.items() if k != "gate"}
-    policy = {"name": f"{cfg['strategy']}+{gate_name}", "strategy": cfg["strategy"], "gate": gate_name,
-              "gate_setting": policy_point.get("gate")} | point
-    if "calibration" in policy_point:
-        policy["ece"] = policy_point["calibration"].get("ece")
+    metrics = {key: m.to_dict() | {"evaluator": name} for name, ev in evaluators.items()
+               for key, m in ev.headline_metrics().items()}
     results = {
         "eedn_version": eedn.__version__,
         "config": cfg,
@@ -212,35 +266,54 @@ def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate
         "full_macs": test.full_macs,
         "exits": [{"index": i, "macs": float(test.exit_macs[i]), "accuracy": float(acc[i])}
                   for i in range(test.num_exits)],
-        "policy": policy,
-        "curve": [summarize_point(p) for p in curve],
+        "metrics": metrics,
+        "policy": {"name": f"{cfg['strategy']}+{gate_name}", "strategy": cfg["strategy"], "gate": gate_name}
+                  | policy.point | {"details": policy.details},
+        "curve": curve,
         "strategy": {"name": cfg["strategy"], "options": strategy.describe(), "history": history},
+        "evaluators": {name: {"options": ev.options, "rows": policy.point.get("rows", {}).get(name, [])}
+                       for name, ev in evaluators.items()},
     }
-    if "conformal" in policy_point:
-        results["conformal"] = flatten_conformal(policy_point["conformal"])
+    for name, rows in policy.point.get("rows", {}).items():
+        if name not in CORE_RESULT_KEYS:
+            results[name] = rows  # the policy's rows at the top level too, e.g. results["conformal"]
     return results
 
 
-def flatten_conformal(metrics: dict) -> list[dict]:
-    """Conformal rows {alpha, method, variant, coverage, mean_set_size} via the evaluator's own helper."""
-    import importlib
-
-    module = importlib.import_module(eedn.registry("evaluator").get("conformal").factory.__module__)
-    flatten = getattr(module, "flatten_for_results", None)
-    return flatten(metrics) if flatten else metrics.get("results", [])
-
-
-def summarize_point(point: dict) -> dict:
-    """The curve entry kept in results.json: cost/accuracy, the gate setting, headline ECE and conformal rows."""
-    out = {k: point[k] for k in ("setting", "accuracy", "mean_macs", "macs_fraction", "exit_fractions")}
-    out["val"] = point.get("val")
-    out["gate_setting"] = point.get("gate")
-    if "calibration" in point:
-        out["ece"] = point["calibration"].get("ece")
-        out["ece_scaled"] = point["calibration"].get("scaled", {}).get("ece")
-    if "conformal" in point:
-        out["conformal"] = flatten_conformal(point["conformal"])
-    return out
+def build_manifest(cfg: dict, prep: Prepared, resolved: dict, gate_name: str, model: EarlyExitModel,
+                   test: ExitOutputs, policy: EvaluatedPoint, chosen: str, labels: list[str],
+                   exit_macs: list[int], full_macs: int) -> dict:
+    """run.json: the model spec, input preparation, environment and the policy's test decisions."""
+    logits = test.gated_logits(policy.exit_test).float()
+    confidence, prediction = logits.softmax(-1).max(-1)
+    bb = prep.backbone
+    return {
+        "format": RUN_FORMAT,
+        "created": created_now(),
+        "environment": environment(cfg["device"]),
+        "model": {
+            "backbone": {"name": cfg["backbone"], "options": prep.backbone_info["options"],
+                         "display_name": bb.display_name, "num_classes": bb.num_classes,
+                         "image_size": prep.image_size, "in_channels": prep.channels,
+                         "parameters": prep.backbone_info["parameters"]},
+            "inference_module": {"name": cfg["inference_module"], "options": resolved["inference_module"]},
+            "gate": {"name": gate_name, "options": resolved["gate"]},
+            "strategy": {"name": cfg["strategy"], "options": resolved["strategy"]},
+            "num_exits": model.num_exits,
+            "feature_dims": list(bb.feature_dims),
+            "exit_macs": [float(m) for m in exit_macs],
+            "full_macs": float(full_macs),
+        },
+        "input": prep.input_spec,
+        "settings": labels,
+        "policy": {
+            "name": f"{cfg['strategy']}+{gate_name}", "trained_setting": chosen, "setting": policy.point["setting"],
+            "gate_setting": policy.point["gate_setting"],
+            "test": {"exit_index": policy.exit_test.tolist(), "prediction": prediction.tolist(),
+                     "confidence": [round(float(c), 7) for c in confidence], "label": test.labels.tolist()},
+        },
+        "files": {"results": RESULTS, "weights": WEIGHTS, "outputs": OUTPUTS, "config": CONFIG},
+    }
 
 
 def run_directory(cfg: dict) -> Path:
@@ -250,18 +323,19 @@ def run_directory(cfg: dict) -> Path:
     return Path("runs") / f"{cfg['dataset']}-{cfg['backbone']}-{cfg['strategy']}-s{cfg['seed']}-{stamp}"
 
 
-def write_run(run_dir: Path, cfg: dict, results: dict, model: EarlyExitModel,
+def write_run(run_dir: Path, cfg: dict, results: dict, manifest: dict, model: EarlyExitModel,
               outputs: dict[str, dict[str, ExitOutputs]], heads: dict[str, dict]) -> None:
-    """Everything a later `eedn report` / `predict` / `bench` needs; results.json is written last."""
-    from eedn.report import render_report
+    """Everything a later `eedn report` / `predict` / `bench` / `compare` needs; results.json is written last."""
+    from eedn.render import render_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", cfg)
-    atomic_torch_save({"backbone": model.backbone.state_dict(), "heads": heads}, run_dir / "model.pt")
+    atomic_write_json(run_dir / CONFIG, cfg)
+    atomic_torch_save({"backbone": model.backbone.state_dict(), "heads": heads}, run_dir / WEIGHTS)
     atomic_torch_save({label: {s: o.to_dict() for s, o in outs.items()} for label, outs in outputs.items()},
-                      run_dir / "outputs.pt")
-    atomic_write_json(run_dir / "results.json", results)
-    render_report(run_dir, results)
+                      run_dir / OUTPUTS)
+    atomic_write_json(run_dir / MANIFEST, manifest)
+    atomic_write_json(run_dir / RESULTS, results)
+    render_run(run_dir, results, manifest)
 
 
 def run_pipeline(config: dict | None = None, sets: list[str] | None = None, progress: Progress | None = None,
@@ -272,30 +346,3 @@ def run_pipeline(config: dict | None = None, sets: list[str] | None = None, prog
     with progress.session():
         prep = prepare(cfg, progress)
         return run_strategy(prep)
-
-
-def load_run(run_dir: str | Path, setting: str = "__policy__") -> tuple[EarlyExitModel, dict]:
-    """Rebuild a trained model from a run directory (backbone, IMs, gate in the policy's setting)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "results.json").exists():
-        raise EednError(f"{run_dir} is not a finished eedn run directory (no results.json)")
-    import json
-
-    results = json.loads((run_dir / "results.json").read_text())
-    cfg = results["config"]
-    blob = load_checkpoint(run_dir / "model.pt")
-    source = create("dataset", cfg["dataset"], **cfg["dataset_options"])
-    image_size = results["dataset"]["image_size"]
-    bb_opts = {k: v for k, v in results["backbone"]["options"].items() if k != "checkpoint"}
-    backbone = create("backbone", cfg["backbone"], num_classes=source.num_classes, image_size=image_size,
-                      in_channels=source.channels, **bb_opts)
-    backbone.load_state_dict(blob["backbone"])
-    strategy = make_strategy(cfg)
-    model = build_model(backbone, gate=results["policy"]["gate"], inference_module=cfg["inference_module"],
-                        gate_options=cfg["gate_options"])
-    strategy.prepare_model(model)
-    if setting not in blob["heads"]:
-        raise EednError(f"setting '{setting}' not in {run_dir}; saved: {', '.join(blob['heads'])}")
-    model.load_heads_state_dict(blob["heads"][setting])
-    model.freeze_backbone()
-    return model.eval(), results

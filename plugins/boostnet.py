@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eedn import hookimpl
-from eedn.contracts import StrategyResult, TrainingStrategy
+from eedn.strategy import StrategyResult, TrainingStrategy
 from eedn.data import DataSplits
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.training import FitContext, sgd
+from eedn.strategy import FitContext, sgd
 from eedn_plugins.sdn import resolve_options, selection_metric, train_batches, val_exit_accuracy
 
 
@@ -83,7 +82,7 @@ class BoostNetStrategy(TrainingStrategy):
             model.exit_combiner = BoostNetEnsemble(float(self.opts["decay"])).to(device)
         model.exit_combiner.decay.fill_(float(self.opts["decay"]))
 
-    def fit(self, model: EarlyExitModel, data: DataSplits, context: FitContext) -> StrategyResult:
+    def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.opts
         torch.manual_seed(context.seed)
         self.prepare_model(model)
@@ -116,8 +115,3 @@ class BoostNetStrategy(TrainingStrategy):
                             "val_accuracy": val_acc.tolist()})
         model.load_heads_state_dict(best_state)
         return StrategyResult(settings=[("boostnet", model.heads_state_dict())], history=history)
-
-
-@hookimpl
-def register_strategies(register):
-    register("boostnet", BoostNetStrategy, description="BoostNet: IMs as boosted weak learners (exits report ensembles)")

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eedn import hookimpl
 from eedn.contracts import Evaluator
 from eedn.errors import EednError
 from eedn.outputs import ExitOutputs
@@ -276,11 +275,3 @@ class CalibrationEvaluator(Evaluator):
     def _compat(self, logits: Tensor, labels: Tensor) -> float:
         confidence, correct = confidence_and_correct(logits, labels)
         return per_batch_quantile_ece(confidence, correct, self.compat_batch_size, self.n_bins)
-
-
-
-@hookimpl
-def register_evaluators(register):
-    register("calibration", CalibrationEvaluator,
-             description="ECE (15 equal-width / equal-mass bins), MCE, NLL, Brier of the gated prediction and "
-                         "every exit, raw and after per-exit temperature scaling; paper-compat per-batch ECE")

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eedn import hookimpl
 from eedn.contracts import Evaluator
 from eedn.errors import EednError
 from eedn.outputs import ExitOutputs
@@ -245,11 +244,3 @@ def _as_list(value: Any) -> list:
     if isinstance(value, (str, int, float)):
         return [value]
     return list(value)
-
-
-
-@hookimpl
-def register_evaluators(register):
-    register("conformal", ConformalEvaluator,
-             description="split conformal sets (LAC/APS/RAPS) on the gated prediction; one q̂ (general) or one per "
-                         "exit (gated); coverage and mean set size at fixed alphas")

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from eedn import hookimpl
 from eedn.contracts import DatasetSource
 from eedn.data import DataSplits, TensorImages, stratified_holdout, subset
 from eedn.errors import EednError
@@ -630,16 +629,16 @@ class ImageFolderSource(_Source):
 
     name = "image-folder"
     channels = 3
-    defaults = {"path": None, "cache_dir": None, "val_fraction": 0.1, "cal_fraction": 0.5,
+    defaults = {"data_dir": None, "cache_dir": None, "val_fraction": 0.1, "cal_fraction": 0.5,
                 "test_fraction": 0.1, "mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     data_key = ("val_fraction", "cal_fraction", "test_fraction", "mean", "std")
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        if not self.options["path"]:
-            raise EednError("dataset 'image-folder' needs option path: a directory or .tar.gz holding "
+        if not self.options["data_dir"]:
+            raise EednError("dataset 'image-folder' needs --data-dir (option data_dir): a directory or .tar.gz holding "
                             "train/<class>/<image files>")
-        self.path = Path(self.options["path"]).expanduser()
+        self.path = Path(self.options["data_dir"]).expanduser()
         if not self.path.exists():
             raise EednError(f"image folder {self.path} does not exist; give a directory or .tar.gz holding "
                             "train/<class>/<image files>")
@@ -735,21 +734,3 @@ class ImageFolderSource(_Source):
             info=self._info(image_size, seed, augment, root=str(tree["root"]),
                             test_from=("test/" if tree["test"] is not None else f"{test_f:g} of train/")),
         )
-
-
-# --------------------------------------------------------------------------------- registration
-
-
-@hookimpl
-def register_datasets(register):
-    register("digits", DigitsSource,
-             description="sklearn's embedded 1797 8x8 digits (default; upsampled to 32 px, no files needed)")
-    register("cifar10", CifarSource, description="CIFAR-10 from data_dir (torchvision layout)")
-    register("cifar100", Cifar100Source, description="CIFAR-100 from data_dir (torchvision layout)")
-    register("cifar100-lt", LongTailCifarSource,
-             description="long-tailed CIFAR-100 (imbalance 100, imbalanced class-ordered test, shot groups)")
-    register("cifar10-lt", LongTailCifar10Source, description="long-tailed CIFAR-10 (imbalance 100)")
-    register("svhn", SvhnSource, description="SVHN train/test .mat files from data_dir (ToTensor only)")
-    register("image-folder", ImageFolderSource,
-             description="train/<class>/* (and optional test/) in a directory or .tar.gz; option path")
-

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from eedn import InferenceModule, StrategyResult, TrainingStrategy, hookimpl
+from eedn import InferenceModule
+from eedn.strategy import StrategyResult, TrainingStrategy
 from eedn.errors import EednError
-from eedn.training import train_heads_warmup
+from eedn.strategy import train_heads_warmup
 
 
 class LinearIM(InferenceModule):
@@ -46,21 +47,9 @@ class IMOnlyStrategy(TrainingStrategy):
         if int(self.options["epochs"]) < 1:
             raise EednError("im-only: epochs must be >= 1")
 
-    def fit(self, model, data, context) -> StrategyResult:
+    def fit(self, model, context) -> StrategyResult:
         history = train_heads_warmup(
-            model, context.features, epochs=int(self.options["epochs"]), seed=context.seed,
-            batch_size=int(self.options["batch_size"]), lr=float(self.options["lr"]), progress=context.progress,
-            augmented=bool(self.options["head_augment"]),
+            model, context, epochs=int(self.options["epochs"]), batch_size=int(self.options["batch_size"]),
+            lr=float(self.options["lr"]), augmented=bool(self.options["head_augment"]), name="im-only",
         )
         return StrategyResult(settings=[("im-only", model.heads_state_dict())], history=history)
-
-
-@hookimpl
-def register_inference_modules(register):
-    register("linear", LinearIM, description="one Linear layer (JEI-DNN's IM)")
-    register("mlp", MLPIM, description="Linear-GELU-Linear, hidden=256")
-
-
-@hookimpl
-def register_strategies(register):
-    register("im-only", IMOnlyStrategy, description="IMs with the JEI warm-up loss, threshold gate")

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eedn import hookimpl
-from eedn.contracts import Gate, StrategyResult, TrainingStrategy
+from eedn.contracts import Gate
+from eedn.strategy import StrategyResult, TrainingStrategy
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.training import per_exit_cross_entropy, warmup_weights
+from eedn.strategy import per_exit_cross_entropy, warmup_weights
 
 # --------------------------------------------------------------------------------------------------
 # Gate statistics and the exit rule (pure functions, unit-tested against the spec's vectors)
@@ -428,7 +428,7 @@ class JeiStrategy(TrainingStrategy):
         return dict(self.options)
 
     # ---------------------------------------------------------------- fit
-    def fit(self, model: EarlyExitModel, data, context) -> StrategyResult:
+    def fit(self, model: EarlyExitModel, context) -> StrategyResult:
         opts = self.options
         gate = model.gate
         if not isinstance(gate, JeiGate):
@@ -628,13 +628,3 @@ def _gated_accuracy(model: EarlyExitModel, logits: Tensor, scores: Tensor, label
 def _best_warmup_gated_accuracy(history: list[dict]) -> float:
     values = [h["val_gated_accuracy"] for h in history if h.get("phase") == "warmup"]
     return max(values) if values else -math.inf
-
-
-@hookimpl
-def register_gates(register: Callable) -> None:
-    register("jei", JeiGate, description="JEI-DNN learned gate: Linear(4→1) on confidence statistics, hazard rule")
-
-
-@hookimpl
-def register_strategies(register: Callable) -> None:
-    register("jei", JeiStrategy, description="JEI-DNN: IM warm-up, then alternating gate/IM training per λ")

@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from eedn import hookimpl
-from eedn.contracts import StrategyResult, TrainingStrategy
+from eedn.strategy import StrategyResult, TrainingStrategy
 from eedn.data import DataSplits
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.training import FitContext, per_exit_cross_entropy, sgd
+from eedn.strategy import FitContext, per_exit_cross_entropy, sgd
 from eedn_plugins.sdn import resolve_options, selection_metric, train_batches, val_exit_accuracy
 
 
@@ -97,7 +96,7 @@ class L2WStrategy(TrainingStrategy):
         if not isinstance(self.opts["meta_interval"], int) or self.opts["meta_interval"] < 1:
             raise EednError(f"l2w option meta_interval must be a positive integer, got {self.opts['meta_interval']!r}")
 
-    def fit(self, model: EarlyExitModel, data: DataSplits, context: FitContext) -> StrategyResult:
+    def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.opts
         torch.manual_seed(context.seed)
         model.backbone.requires_grad_(False)
@@ -187,8 +186,3 @@ class L2WStrategy(TrainingStrategy):
         meta_loss.backward(inputs=list(wnet.parameters()))
         meta_opt.step()
         return float(meta_loss.detach())
-
-
-@hookimpl
-def register_strategies(register):
-    register("l2w", L2WStrategy, description="L2W-DEN: meta-learned per-sample loss weights for the IMs")

@@ -29,7 +29,6 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from eedn import hookimpl
 from eedn.contracts import Backbone, InputSpec, State
 from eedn.errors import EednError
 from eedn.io import load_checkpoint
@@ -280,25 +279,11 @@ def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str | 
     small images (<= 64 px) and ResNet-18 for larger ones."""
     sizes = {"tiny": resnet_tiny, "20": resnet20, "32": resnet32, "56": resnet56, "110": resnet110,
              "18": resnet18, "50": resnet50}
-    if str(size) == "auto":
-        factory = resnet20 if image_size <= SMALL_IMAGE_SIZE else resnet18
+    if str(size) == "auto":  # tiny for digits-like data (1 channel, <= 32 px), as the T2T-ViT family does
+        tiny = in_channels == 1 and image_size <= 32
+        factory = resnet_tiny if tiny else resnet20 if image_size <= SMALL_IMAGE_SIZE else resnet18
     elif str(size) in sizes:
         factory = sizes[str(size)]
     else:
         raise EednError(f"unknown ResNet size {size!r}; known: auto, {', '.join(sizes)}")
     return factory(num_classes, image_size, in_channels, **options)
-
-
-@hookimpl
-def register_backbones(register):
-    cifar = "stages = residual blocks (exits='block', default) or the 3 layers (exits='stage')"
-    register("resnet20", resnet20, description=f"CIFAR ResNet-20, 16/32/64 wide; {cifar}")
-    register("resnet32", resnet32, description=f"CIFAR ResNet-32; {cifar}")
-    register("resnet56", resnet56, description=f"CIFAR ResNet-56; {cifar}")
-    register("resnet110", resnet110, description=f"CIFAR ResNet-110; {cifar}")
-    tv = "stages = its 4 layers (exits='stage', default) or every block; 3x3 stem without max-pool at <= 64 px"
-    register("resnet18", resnet18, description=f"torchvision ResNet-18; {tv}")
-    register("resnet50", resnet50, description=f"torchvision ResNet-50; {tv}")
-    register("resnet_tiny", resnet_tiny, description="CIFAR-style ResNet-8, 8/16/32 wide, 3 block stages (tests)")
-    register("resnet", resnet, description="ResNet by size: option size=auto|tiny|20|32|56|110|18|50; auto = "
-                                          "ResNet-20 for image_size <= 64, otherwise torchvision ResNet-18")

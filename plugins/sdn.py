@@ -22,12 +22,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from eedn import hookimpl
-from eedn.contracts import StrategyResult, TrainingStrategy
+from eedn.strategy import StrategyResult, TrainingStrategy
 from eedn.data import DataSplits
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.training import FitContext, compute_split_outputs, per_exit_cross_entropy, sgd
+from eedn.features import compute_split_outputs
+from eedn.strategy import FitContext, per_exit_cross_entropy, sgd
 
 COMMON_OPTIONS = ("backbone_mode", "head_augment")  # read by the base TrainingStrategy / pipeline
 #: checkpoint choice: best val accuracy of the last IM, of the final exit, or simply the last epoch.
@@ -116,7 +116,7 @@ class SDNStrategy(TrainingStrategy):
         self.opts = resolve_options("sdn", self.DEFAULTS, options)
         self.trains_backbone = bool(self.opts["train_backbone"])
 
-    def fit(self, model: EarlyExitModel, data: DataSplits, context: FitContext) -> StrategyResult:
+    def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.opts
         torch.manual_seed(context.seed)
         g = len(model.ims)
@@ -183,8 +183,3 @@ class SDNStrategy(TrainingStrategy):
             opt.step()
             total, count = total + float(loss.detach()) * len(y), count + len(y)
         return total / max(count, 1)
-
-
-@hookimpl
-def register_strategies(register):
-    register("sdn", SDNStrategy, description="SDN weighted joint loss (weights grow linearly to the IM position)")

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from eedn import hookimpl
 from eedn.contracts import Backbone, InputSpec
 from eedn.errors import EednError
 from eedn.io import load_checkpoint
@@ -384,29 +383,20 @@ def _factory_for(variant: str):
     return factory
 
 
-def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str | int = "7",
+t2t_vit_7 = _factory_for("t2t_vit_7")
+t2t_vit_14 = _factory_for("t2t_vit_14")
+t2t_vit_24 = _factory_for("t2t_vit_24")
+t2t_vit_tiny = _factory_for("t2t_vit_tiny")
+
+
+def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str | int = "auto",
             **options: Any) -> T2TViT:
-    """The family by size: ``size`` in 7, 14, 24, tiny (default 7, the JEI-DNN backbone)."""
+    """The family by size: ``size`` in auto, 7, 14, 24, tiny. ``auto`` is tiny for single-channel inputs
+    of at most 32 px (the embedded digits, MNIST-like data: a 1 797-image set needs no T2T-ViT-7) and
+    T2T-ViT-7, the JEI-DNN backbone, otherwise; the run log prints the member it resolved to."""
+    if str(size) == "auto":
+        size = "tiny" if in_channels == 1 and image_size <= 32 else "7"
     variant = SIZE_ALIASES.get(str(size))
     if variant is None:
         raise EednError(f"unknown T2T-ViT size {size!r}; known: {', '.join(SIZE_ALIASES)}")
     return build_t2t_vit(variant, num_classes, image_size, in_channels, **options)
-
-
-@hookimpl
-def register_backbones(register):
-    common = ("Any image size that is a multiple of 16 (32 px -> 5 tokens, 224 px -> 197). Options: "
-              "drop_path_rate (0.1), checkpoint=PATH (official T2T-ViT or eedn weights; head and "
-              "position table adapted).")
-    register("t2t_vit", t2t_vit,
-             description="T2T-ViT by size: option size=7|14|24|tiny, default 7 whatever the image size "
-                         "(pass size=tiny for quick CPU runs). " + common)
-    register("t2t_vit_7", _factory_for("t2t_vit_7"),
-             description="T2T-ViT-7 (d=256, 7 blocks, 4 heads, MLP x2), the JEI-DNN backbone. " + common)
-    register("t2t_vit_14", _factory_for("t2t_vit_14"),
-             description="T2T-ViT-14 (d=384, 14 blocks, 6 heads, MLP x3). " + common)
-    register("t2t_vit_24", _factory_for("t2t_vit_24"),
-             description="T2T-ViT-24 (d=512, 24 blocks, 8 heads, MLP x3). " + common)
-    register("t2t_vit_tiny", _factory_for("t2t_vit_tiny"),
-             description="Tiny T2T-ViT for tests and CPU demos (d=64, 4 blocks, 2 heads, token dim 32); "
-                         "embed_dim, depth, num_heads, mlp_ratio, token_dim can be overridden. " + common)

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eedn import hookimpl
 from eedn.contracts import Gate
 from eedn.errors import EednError
 from eedn.outputs import ExitOutputs
@@ -368,11 +367,3 @@ class PatienceGate(Gate):
 
     def describe(self) -> dict:
         return {"score": "patience", "k": int(self.k)} | self.setting
-
-
-@hookimpl
-def register_gates(register):
-    register("max_prob", MaxProbGate, description="max softmax probability thresholds (MSDNet budgets)")
-    register("entropy", EntropyGate, description="negative-entropy thresholds (MSDNet budgets)")
-    register("margin", MarginGate, description="top-1 minus top-2 probability thresholds (MSDNet budgets)")
-    register("patience", PatienceGate, description="exit after k consecutive agreeing predictions")

@@ -1,19 +1,18 @@
-"""What strategies share: the fit context, batches of per-exit features (cached or live), losses,
-optimisers."""
+"""Per-exit features of each split, cached when the backbone is a fixed feature extractor, and the
+stored outputs (:class:`~eedn.outputs.ExitOutputs`) computed from them."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from eedn.cache import FeatureCache, FeatureSet, cache_key, state_dict_hash
 from eedn.data import DataSplits, dataset_labels
 from eedn.model import EarlyExitModel
+from eedn.outputs import ExitOutputs
 from eedn.progress import Progress
 
 
@@ -121,54 +120,10 @@ class FeatureSource:
         return math.ceil(self.num_samples(split) / batch_size)
 
 
-@dataclass
-class FitContext:
-    """Everything a strategy needs besides the model and data."""
-
-    features: FeatureSource
-    exit_macs: list[int]
-    full_macs: int
-    seed: int = 0
-    device: str = "cpu"
-    progress: Progress = field(default_factory=lambda: Progress(False))
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def normalised_costs(self, kind: str = "uniform_index") -> Tensor:
-        """Cost vector ``c_l`` for exits 0..G: ``uniform_index`` = (l+1)/(G+1) (paper time) or
-        ``measured``/``true_macs`` = cumulative MACs / final-exit MACs."""
-        e = len(self.exit_macs)
-        if kind == "uniform_index":
-            return torch.arange(1, e + 1, dtype=torch.float32) / e
-        if kind in ("measured", "true_macs"):
-            m = torch.tensor(self.exit_macs, dtype=torch.float32)
-            return m / m[-1]
-        raise ValueError(f"unknown cost vector '{kind}'; known: uniform_index, measured")
-
-    def log(self, message: str) -> None:
-        self.progress.log(message)
-
-
-def per_exit_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """``[B, E]`` cross-entropy of every exit's logits ``[B, E, C]``."""
-    b, e, c = logits.shape
-    return F.cross_entropy(logits.reshape(b * e, c).float(), labels.repeat_interleave(e), reduction="none").view(b, e)
-
-
-def warmup_weights(num_ims: int) -> Tensor:
-    """JEI warm-up weights ``G + 1 - l`` for IM l (the final head has weight 1 and is frozen)."""
-    return torch.arange(num_ims + 1, 1, -1, dtype=torch.float32)
-
-
-def sgd(params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
-    return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
 @torch.no_grad()
 def compute_split_outputs(model: EarlyExitModel, source: FeatureSource, split: str, exit_macs: list[int],
                           full_macs: int, batch_size: int = 1024):
     """ExitOutputs of one split from its per-exit features (one backbone pass at most)."""
-    from eedn.outputs import ExitOutputs
-
     model.eval()
     logits, scores, labels = [], [], []
     for feats, y in source.batches(split, batch_size, shuffle=False):
@@ -178,29 +133,3 @@ def compute_split_outputs(model: EarlyExitModel, source: FeatureSource, split: s
         labels.append(y.cpu())
     return ExitOutputs(torch.cat(logits), torch.cat(labels), torch.cat(scores),
                        torch.tensor(exit_macs, dtype=torch.float64), float(full_macs))
-
-
-def train_heads_warmup(model: EarlyExitModel, source: FeatureSource, *, epochs: int, seed: int,
-                       batch_size: int = 64, lr: float = 0.01, weights: Tensor | None = None,
-                       progress: Progress | None = None, augmented: bool = False) -> list[dict]:
-    """JEI warm-up / IM-only training: minimise Σ_l w_l·CE(IM_l) with SGD at constant lr on a frozen
-    backbone (the frozen final head's CE is constant and omitted)."""
-    g = len(model.ims)
-    w = (weights if weights is not None else warmup_weights(g)).to(source.device)
-    opt = sgd(model.ims.parameters(), lr=lr)
-    progress = progress or Progress(False)
-    history = []
-    for epoch in range(epochs):
-        model.ims.train()
-        total, count = 0.0, 0
-        batches = source.batches("train", batch_size, shuffle=True, seed=seed, epoch=epoch, augmented=augmented)
-        for feats, y in progress.track(batches, f"IM warm-up epoch {epoch + 1}/{epochs}",
-                                       total=source.num_batches("train", batch_size)):
-            loss = (per_exit_cross_entropy(model.im_logits(feats), y) * w).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(y)
-            count += len(y)
-        history.append({"phase": "warmup", "epoch": epoch, "loss": total / max(count, 1)})
-    return history
