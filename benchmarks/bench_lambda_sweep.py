@@ -26,8 +26,8 @@ import torch  # noqa: E402
 import eedn  # noqa: E402
 from eedn.cache import FeatureCache  # noqa: E402
 from eedn.cost import measure_exit_macs  # noqa: E402
-from eedn.training import FeatureSource, FitContext  # noqa: E402
-from eedn_plugins.jei import JeiStrategy, parse_lambdas  # noqa: E402
+from eedn.features import FeatureSource  # noqa: E402
+from eedn.strategy import FitContext  # noqa: E402
 
 DEFAULT_LAMBDAS = "0.01,0.1,0.3,0.5,0.7,1,1.5,2,3,5"
 
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    lambdas = parse_lambdas(args.lambdas)
+    strategy = eedn.create("strategy", "jei", **{"lambda": args.lambdas, "epochs": args.epochs})
+    lambdas = strategy.options["lambda"]
     source = eedn.create("dataset", args.dataset)
     image_size = args.image_size or source.default_image_size
     data = source.splits(image_size, args.seed)
@@ -74,9 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     # (b) the λ sweep from the warm cache (a new source, so features are read back from disk)
     warm = FeatureSource(model, data, cache=FeatureCache(cache_dir), batch_size=args.batch_size)
     ctx = FitContext(features=warm, exit_macs=exit_macs, full_macs=full_macs, seed=args.seed)
-    strategy = JeiStrategy(**{"lambda": lambdas, "epochs": args.epochs})
     t0, c0 = time.perf_counter(), time.process_time()
-    result = strategy.fit(model, data, ctx)
+    result = strategy.fit(model, ctx)
     sweep_s, sweep_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     n_train = cold.num_samples("train")

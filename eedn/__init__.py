@@ -12,7 +12,7 @@ is loaded only when a name that needs it is touched.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eedn.errors import EednError, UnknownNameError
 from eedn.hookspecs import hookimpl
@@ -28,8 +28,11 @@ _EXPORTS: dict[str, str] = {
     "TrainingStrategy": "eedn.strategy", "StrategyResult": "eedn.strategy", "FitContext": "eedn.strategy",
     # declared plugin options
     "option": "eedn.options", "resolve_options": "eedn.options",
+    # a calibratable confidence-threshold gate to subclass, and its budget helpers
+    "ThresholdGate": "eedn.budgets",
     # data and stored outputs
-    "DataSplits": "eedn.data", "TensorImages": "eedn.data", "stratified_holdout": "eedn.data",
+    "DataSplits": "eedn.data", "TensorImages": "eedn.data", "stratified_holdout": "eedn.data", "hold_out": "eedn.data",
+    "subset": "eedn.data",
     "ExitOutputs": "eedn.outputs",
     # models
     "EarlyExitModel": "eedn.model", "build_model": "eedn.build", "create_model": "eedn.build",
@@ -41,6 +44,10 @@ _EXPORTS: dict[str, str] = {
     "run_pipeline": "eedn.run", "load_run": "eedn.api", "measure_exit_macs": "eedn.cost",
     "split_outputs": "eedn.api", "fit_strategy": "eedn.api", "apply_gate": "eedn.policy",
     "calibrate_gate": "eedn.api", "evaluate": "eedn.api", "load_dataset": "eedn.api",
+    "read_results": "eedn.rundir", "Progress": "eedn.progress",
+    # real early-exit inference
+    "EarlyExitEngine": "eedn.inference", "InferenceResult": "eedn.inference", "predict_files": "eedn.predict",
+    "read_images": "eedn.predict", "benchmark": "eedn.bench",
 }
 
 __all__ = ["EednError", "UnknownNameError", "hookimpl", "__version__", *_EXPORTS]
@@ -58,14 +65,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from eedn.build import build_backbone, build_model, create_model  # noqa: F401
-    from eedn.contracts import (Backbone, DatasetSource, Evaluator, Gate, InferenceModule, InputSpec,  # noqa: F401
-                                Metric, select_rows)
-    from eedn.data import DataSplits, TensorImages, stratified_holdout  # noqa: F401
-    from eedn.model import EarlyExitModel  # noqa: F401
-    from eedn.outputs import ExitOutputs  # noqa: F401
-    from eedn.plugins import create, list_names, register_plugin, registry  # noqa: F401
-    from eedn.run import run_pipeline  # noqa: F401
-    from eedn.strategy import FitContext, StrategyResult, TrainingStrategy  # noqa: F401

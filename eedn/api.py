@@ -1,4 +1,151 @@
-"""The research API behind ``import eedn``: the pipeline's steps as functions (placeholder, filled below)."""
+"""The research API behind ``import eedn``: the pipeline's steps as functions.
+
+:func:`eedn.run_pipeline` is ``eedn run`` in one call; these functions are its steps, for experiments that
+change one of them (docs/api.md lists the whole public API, examples/library_use.py runs it)::
+
+    data = eedn.load_dataset("digits", image_size=32)
+    model = eedn.create_model("t2t_vit_tiny", num_classes=data.num_classes, image_size=32, in_channels=1)
+    eedn.fit_strategy("im-only", model, data, epochs=2)
+    val, test = eedn.split_outputs(model, data, "val"), eedn.split_outputs(model, data, "test")
+    gate = eedn.calibrate_gate(model.gate, val, 0.8)
+    print(test.summarize(eedn.apply_gate(gate, test)))
+"""
 from __future__ import annotations
 
-from eedn.rundir import load_model as load_run  # noqa: F401
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from eedn.cache import FeatureCache
+from eedn.contracts import Evaluator, Gate
+from eedn.cost import measure_exit_macs
+from eedn.data import DataSplits
+from eedn.errors import EednError
+from eedn.features import FeatureSource, compute_split_outputs
+from eedn.model import EarlyExitModel
+from eedn.outputs import ExitOutputs
+from eedn.plugins import create
+from eedn.policy import calibrated_copy
+from eedn.progress import Progress
+from eedn.rundir import POLICY_HEADS, load_model
+from eedn.run import seed_everything
+from eedn.strategy import FitContext, StrategyResult, TrainingStrategy
+
+SPLITS = ("train", "val", "cal", "test")
+
+
+def load_dataset(name: str, image_size: int | None = None, seed: int = 0, *, augment: bool = False,
+                 **options: Any) -> DataSplits:
+    """The train / val / cal / test splits of a registered dataset source (``eedn plugins`` lists them).
+
+    ``image_size`` defaults to the source's own; ``seed`` fixes the held-out splits; ``augment`` adds the
+    training augmentation to ``train`` (val/cal/test and ``train_eval`` never have it); ``options`` are the
+    source's options, e.g. ``data_dir=...``. Nothing is downloaded."""
+    source = create("dataset", name, **options)
+    return source.splits(image_size or source.default_image_size, seed=seed, augment=augment)
+
+
+def _device(model: EarlyExitModel, device: str | None) -> str:
+    if device is not None:
+        return device
+    return str(next(model.parameters()).device)
+
+
+def _feature_source(model: EarlyExitModel, data: DataSplits, cache_dir: str | os.PathLike | None, device: str,
+                    batch_size: int, *, cacheable: bool = True, backbone_mode: str = "eval",
+                    progress: Progress | None = None) -> FeatureSource:
+    """Per-exit features of ``data`` under ``model``'s backbone, cached in ``cache_dir`` when given. The
+    cache key holds the backbone's weights and the splits' description (source, image size, seed)."""
+    key = {"name": data.name, "sizes": data.sizes(), **{k: v for k, v in data.info.items() if k != "augment"}}
+    cache = FeatureCache(Path(cache_dir) / "features") if cache_dir is not None else None
+    return FeatureSource(model, data, device=device, cache=cache, cacheable=cacheable, backbone_mode=backbone_mode,
+                         batch_size=batch_size, dataset_key=key, progress=progress)
+
+
+def split_outputs(model: EarlyExitModel, data: DataSplits, split: str, cache_dir: str | os.PathLike | None = None,
+                  *, exit_macs: list[int] | None = None, full_macs: int | None = None, device: str | None = None,
+                  batch_size: int = 256) -> ExitOutputs:
+    """Every exit's logits and gate scores on one split (``train``, ``val``, ``cal`` or ``test``), from one
+    backbone pass: what policies and evaluators read.
+
+    With ``cache_dir`` the backbone's per-exit features are cached there (reused by later calls and by
+    :func:`fit_strategy` with the same directory). ``exit_macs``/``full_macs`` are measured when not given
+    (:func:`eedn.measure_exit_macs`); ``device`` defaults to the model's."""
+    if split not in SPLITS:
+        raise EednError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    if exit_macs is None or full_macs is None:
+        exit_macs, full_macs = measure_exit_macs(model)
+    source = _feature_source(model, data, cache_dir, _device(model, device), batch_size)
+    return compute_split_outputs(model, source, split, exit_macs, full_macs, batch_size)
+
+
+def _fixed_features(strategy: TrainingStrategy) -> bool:
+    """True when the strategy trains on the frozen backbone's eval-mode features of unaugmented images,
+    which are then computed once and cacheable."""
+    return not (strategy.trains_backbone or strategy.head_augment or strategy.backbone_mode != "eval")
+
+
+def fit_strategy(strategy: str | TrainingStrategy, model: EarlyExitModel, data: DataSplits, *,
+                 cache_dir: str | os.PathLike | None = None, seed: int = 0, device: str | None = None,
+                 batch_size: int = 256, progress: Progress | None = None, **options: Any) -> StrategyResult:
+    """Train ``model``'s inference modules and gate (and its backbone, for strategies that do) on ``data``.
+
+    ``strategy`` is a registered name (``options`` are its options, e.g. ``epochs=2``) or a strategy object.
+    Like ``eedn run``: seeds every RNG with ``seed``, attaches the strategy's extra modules, freezes the
+    backbone, measures the exit costs and serves the per-exit features (cached in ``cache_dir`` when the
+    backbone stays fixed). The model ends holding the first trained setting's heads (the one ``eedn run``
+    reports by default); the result holds every setting's heads (``model.load_heads_state_dict(state)``)."""
+    if isinstance(strategy, str):
+        strategy = create("strategy", strategy, **options)
+    elif options:
+        raise EednError(f"fit_strategy: options {', '.join(options)} go to the strategy's constructor, not here")
+    device = _device(model, device)
+    seed_everything(seed)
+    strategy.prepare_model(model)
+    model.freeze_backbone()
+    exit_macs, full_macs = measure_exit_macs(model)
+    progress = progress or Progress(enabled=False)
+    source = _feature_source(model, data, cache_dir, device, batch_size, cacheable=_fixed_features(strategy),
+                             backbone_mode=strategy.backbone_mode, progress=progress)
+    context = FitContext(features=source, exit_macs=exit_macs, full_macs=full_macs, seed=seed, device=device,
+                         progress=progress)
+    result = strategy.fit(model, context)
+    if strategy.trains_backbone:
+        model.freeze_backbone()
+    if result.settings:
+        model.load_heads_state_dict(result.settings[0][1])
+    return result
+
+
+def calibrate_gate(gate: Gate, val: ExitOutputs, target: dict | float) -> Gate:
+    """A copy of a threshold gate calibrated on stored val outputs to meet ``target``: a fraction of the
+    full MACs (a number) or one of ``{"macs_fraction": f}``, ``{"accuracy_drop": d}``, ``{"p": p}``
+    (MSDNet's geometric budget), ``{"exit_shares": [...]}``. The gate passed in is left unchanged."""
+    if not gate.calibratable:
+        raise EednError(f"gate {type(gate).__name__} has no budget calibration; it is applied as trained")
+    if isinstance(target, (int, float)):
+        target = {"macs_fraction": float(target)}
+    return calibrated_copy(gate, val, target)
+
+
+def evaluate(evaluator: str | Evaluator, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor,
+             **options: Any) -> dict:
+    """One evaluator's metrics of a policy: ``exit_test`` / ``exit_cal`` are the exit each test / cal
+    sample takes (:func:`eedn.apply_gate`). ``evaluator`` is a registered name (``options`` are its
+    options) or an evaluator object; it is first fitted on ``cal``, as the pipeline does."""
+    if isinstance(evaluator, str):
+        evaluator = create("evaluator", evaluator, **options)
+    elif options:
+        raise EednError(f"evaluate: options {', '.join(options)} go to the evaluator's constructor, not here")
+    evaluator.fit(cal)
+    return evaluator.evaluate(test, cal, exit_test, exit_cal)
+
+
+def load_run(run_dir: str | os.PathLike, setting: str = POLICY_HEADS,
+             device: str = "cpu") -> tuple[EarlyExitModel, dict]:
+    """The trained model of a run directory, in eval mode, and its manifest (run.json). ``setting`` picks
+    the heads: the reported policy by default, or any trained setting listed in ``manifest["settings"]``.
+    Needs only the run directory (no dataset)."""
+    return load_model(run_dir, setting=setting, device=device)

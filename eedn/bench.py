@@ -1,6 +1,7 @@
 """Wall-clock benchmark of real early-exit inference against the plain backbone.
 
-For each batch size, the test split is cut into batches and run twice, interleaved ``repeats`` times:
+For each batch size, the images (``eedn bench --input``: files preprocessed like ``eedn predict`` does;
+library: any tensor or dataset) are cut into batches and run twice, interleaved ``repeats`` times:
 once through the plain backbone (:func:`eedn.inference.full_inference`, the network without exits)
 and once through the early-exit engine. The report gives
 
@@ -30,6 +31,7 @@ from eedn.cli_options import friendly_errors, parse_number_list
 from eedn.errors import EednError
 from eedn.inference import EarlyExitEngine, full_inference
 from eedn.model import EarlyExitModel
+from eedn.rundir import load_model
 
 DEFAULT_BATCH_SIZES = (1, 32, 256)
 #: at batch size 1 the per-call overhead dominates and each sample is a call: cap the samples.
@@ -54,22 +56,12 @@ def stack_images(dataset: Dataset, max_samples: int | None = None, batch_size: i
     """The first ``max_samples`` images of a dataset as one ``[N, C, H, W]`` tensor."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     if n == 0:
-        raise EednError("the benchmark split holds no samples")
+        raise EednError("the benchmark data holds no samples")
     chunks, seen = [], 0
     for x, _ in DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False):
         chunks.append(x)
         seen += len(x)
     return torch.cat(chunks)[:n]
-
-
-def run_test_images(results: dict, max_samples: int | None = None) -> Tensor:
-    """The test split of a run's dataset (same seed and image size, evaluation transforms)."""
-    from eedn.plugins import create
-
-    cfg = results["config"]
-    source = create("dataset", cfg["dataset"], **cfg["dataset_options"])
-    data = source.splits(results["dataset"]["image_size"], seed=cfg["seed"], augment=False)
-    return stack_images(data.test, max_samples)
 
 
 def _timed(fn, xb: Tensor):
@@ -145,7 +137,7 @@ def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = 
               batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES, repeats: int = 5, warmup: int = 2,
               threads: int | None = None, max_samples: int | None = None, batch1_samples: int = BATCH1_SAMPLES,
               exit_macs: Sequence[float] | None = None, full_macs: float | None = None,
-              stage_profile: bool = True) -> list[dict]:
+              stage_profile: bool = True, device: str = "cpu") -> list[dict]:
     """One row per batch size: times, MAC and wall speed-ups, realisation (see the module docstring).
 
     With ``stage_profile`` each part of the network is also timed on its own (:func:`profile_exit_costs`)
@@ -154,25 +146,23 @@ def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = 
     well MACs predict time on this machine), and ``engine_efficiency = wall / time_model`` is what the
     engine itself delivers of that.
 
-    ``run`` is a run directory (model, MACs and test split come from it) or a model (then ``data``
-    is required and MACs are measured unless given). ``data`` is an image tensor or a dataset.
+    ``run`` is a run directory (the model, loaded on ``device``, and its MACs come from it) or a model
+    (run where it is; MACs measured unless given). ``data`` holds the images to time: a tensor
+    ``[N, C, H, W]`` prepared like the model's inputs (:func:`eedn.predict.read_images` prepares image
+    files for a run directory) or a dataset yielding ``(image, label)``.
     """
     if repeats < 1 or warmup < 0:
         raise EednError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
         raise EednError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if data is None:
+        raise EednError("benchmark(run_or_model, data): give the images to time (a tensor or a dataset)")
     if isinstance(run, EarlyExitModel):
         model = run
-        if data is None:
-            raise EednError("benchmark(model, data): give the images to time (a tensor or a dataset)")
     else:
-        from eedn.predict import load_trained_run
-
-        model, results = load_trained_run(run)
-        exit_macs = exit_macs or [e["macs"] for e in results["exits"]]
-        full_macs = full_macs or float(results["full_macs"])
-        if data is None:
-            data = run_test_images(results, max_samples)
+        model, manifest = load_model(run, device=device)
+        exit_macs = exit_macs or manifest["model"]["exit_macs"]
+        full_macs = full_macs or manifest["model"]["full_macs"]
     if exit_macs is None or full_macs is None:
         from eedn.cost import measure_exit_macs
 
@@ -182,8 +172,8 @@ def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = 
     images = data if isinstance(data, Tensor) else stack_images(data, max_samples)
     if max_samples is not None:
         images = images[:max_samples]
-    device = next(model.parameters()).device
-    images = images.to(device)
+    where = next(model.parameters()).device
+    images = images.to(where)
     engine = EarlyExitEngine(model, exit_macs)
     model.eval()
 
@@ -209,7 +199,7 @@ def benchmark(run: str | Path | EarlyExitModel, data: Tensor | Dataset | None = 
                 row_extra = {"exit_seconds": time_costs.tolist(), "full_seconds": full_time,
                              "time_model_speedup": time_model, "engine_efficiency": wall_speedup / time_model}
             rows.append({
-                "batch_size": b, "samples": n, "threads": torch.get_num_threads(), "device": str(device),
+                "batch_size": b, "samples": n, "threads": torch.get_num_threads(), "device": str(where),
                 "repeats": repeats, "full_s": t_full, "engine_s": t_engine,
                 "full_ms_per_sample": 1e3 * t_full / n, "engine_ms_per_sample": 1e3 * t_engine / n,
                 "full_macs": float(full_macs), "mean_macs": float(macs.mean()),
@@ -254,22 +244,29 @@ def parse_batch_sizes(text: str) -> list[int]:
 
 @click.command("bench")
 @click.argument("run_dir", type=click.Path())
+@click.option("--input", "inputs", multiple=True, required=True, metavar="PATH",
+              help="an image file or a folder of images to time (repeatable), preprocessed like `eedn predict`")
 @click.option("--batch-sizes", default="1,32,256", show_default=True, help="comma-separated batch sizes")
-@click.option("--max-samples", type=int, help="use only the first N test images (default: all)")
+@click.option("--max-samples", type=int, help="use only the first N images (default: all)")
 @click.option("--threads", type=int, help="torch intra-op threads (default: torch's)")
 @click.option("--repeats", type=int, default=5, show_default=True, help="timed rounds per batch (best kept)")
 @click.option("--stage-profile/--no-stage-profile", default=True, show_default=True,
               help="also time each stage alone (time-model speed-up, engine efficiency)")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--json", "json_out", type=click.Path(), help="also write the rows to this JSON file")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
-def bench(run_dir, batch_sizes, max_samples, threads, repeats, stage_profile, json_out, debug) -> None:
-    """Time early-exit inference against the full network on a run's test split."""
+def bench(run_dir, inputs, batch_sizes, max_samples, threads, repeats, stage_profile, device, json_out,
+          debug) -> None:
+    """Time early-exit inference against the full network on image files (needs only the run directory)."""
+    from eedn.predict import read_images
+
     sizes = parse_batch_sizes(batch_sizes)
     if max_samples is not None and max_samples < 1:
         raise EednError(f"--max-samples must be at least 1, got {max_samples}")
-    rows = benchmark(run_dir, batch_sizes=sizes, repeats=repeats, threads=threads, max_samples=max_samples,
-                     stage_profile=stage_profile)
+    _, images = read_images(run_dir, inputs, max_samples)
+    rows = benchmark(run_dir, images, batch_sizes=sizes, repeats=repeats, threads=threads,
+                     stage_profile=stage_profile, device=device)
     print_benchmark(rows, title=f"early-exit inference vs full network: {run_dir}")
     if json_out:
         from eedn.io import atomic_write_json

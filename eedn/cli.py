@@ -1,32 +1,66 @@
-"""The ``eedn`` command line. Bad input prints one line and exits non-zero (``--debug`` for tracebacks)."""
+"""The ``eedn`` command line. Bad input prints one line and exits non-zero (``--debug`` for tracebacks).
+
+Start-up stays fast (``eedn --help``, ``eedn plugins`` and ``eedn run --help`` import no torch): commands
+that need the model code live in their own modules, imported only when the command runs, and the plugin
+listing reads the registration page only (see ``benchmarks/bench_cli_start.py``).
+"""
 from __future__ import annotations
 
+import difflib
 import importlib
+from typing import TYPE_CHECKING, NamedTuple
 
 import click
 
 from eedn.cli_options import build_config, common_run_options, friendly_errors
+from eedn.errors import EednError
 
-#: commands that live in their own modules, imported only when used (keeps `eedn --help` fast).
-LAZY_COMMANDS = {
-    "compare": ("eedn.compare", "compare_command"),
-    "report": ("eedn.compare", "report_command"),
-    "predict": ("eedn.predict", "predict"),
-    "bench": ("eedn.bench", "bench"),
+if TYPE_CHECKING:  # pragma: no cover
+    from eedn.options import OptionSpec
+
+
+class LazyCommand(NamedTuple):
+    """A command imported on first use; ``help`` is its one-line summary for ``eedn --help``."""
+
+    target: str  # "module:attribute"
+    help: str
+
+
+#: commands that live in their own modules, imported only when run (keeps `eedn --help` free of torch).
+LAZY_COMMANDS: dict[str, LazyCommand] = {
+    "compare": LazyCommand("eedn.compare_cli:compare_command",
+                           "Compare strategies on one backbone, dataset and seed list at matched compute."),
+    "report": LazyCommand("eedn.compare_cli:report_command",
+                          "Re-render the report and figures of a run or comparison directory."),
+    "predict": LazyCommand("eedn.predict:predict", "Classify images with a trained run (real early exits)."),
+    "bench": LazyCommand("eedn.bench:bench", "Time early-exit inference against the full network."),
 }
 
 
 class EednGroup(click.Group):
-    """A click group that also serves the lazily imported commands."""
+    """A click group that also serves the lazily imported commands, listing them without importing them."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
 
-    def get_command(self, ctx: click.Context, name: str):
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in LAZY_COMMANDS and name not in self.commands:
-            module, attr = LAZY_COMMANDS[name]
+            module, _, attr = LAZY_COMMANDS[name].target.partition(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS and name not in self.commands:
+                rows.append((name, LAZY_COMMANDS[name].help))
+            else:
+                cmd = super().get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 @click.group(cls=EednGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,41 +78,95 @@ def cli() -> None:
 def run(strategy, gate, out, quiet, debug, **kw) -> None:
     """Train and evaluate one early-exit model; write results.json, summary.md and a plot.
 
-    JEI switches go through --set, e.g. --set strategy_options.profile=paper-compat,
-    --set strategy_options.im_loss=exit_weighted; `docs/usage.md` lists them all.
+    Progress: one live line per stage on a terminal, one line per finished epoch in a log,
+    nothing but the final table with --quiet. JEI switches go through --set, e.g.
+    --set strategy_options.profile=paper-compat; `docs/usage.md` lists them all.
     """
     from eedn.progress import Progress
-    from eedn.report import print_results_table
     from eedn.run import prepare, run_strategy
+    from eedn.terminal import print_run
 
     cfg = build_config(strategy=strategy, gate=gate, out=out, **kw)
     progress = Progress(enabled=not quiet and cfg["progress"])
     with progress.session():
         prep = prepare(cfg, progress)
         results = run_strategy(prep)
-    print_results_table(results)
+    print_run(results)
 
 
 @cli.command()
+@click.argument("name", required=False)
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
-def plugins(debug) -> None:
-    """List every registered backbone, IM, gate, strategy, evaluator and dataset with its origin."""
+def plugins(name, debug) -> None:
+    """List every registered backbone, IM, gate, strategy, evaluator and dataset with its origin;
+    with NAME, show that plugin's options (type, default, help, limits)."""
+    if name is None:
+        print_plugin_list()
+    else:
+        print_plugin_options(name)
+
+
+def print_plugin_list() -> None:
+    """kind / name / from / description of every plugin, without importing any plugin module."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from eedn.plugins import KINDS, registry
 
-    table = Table(title="eedn plugins")
+    table = Table(title="eedn plugins (`eedn plugins NAME` shows a plugin's options)")
     for col in ("kind", "name", "from", "description"):
         table.add_column(col)
     for kind in KINDS:
-        reg = registry(kind)
-        for name in reg.names():
-            e = reg.get(name)
-            table.add_row(kind.replace("_", " "), name, e.origin, str(e.info.get("description", "")))
+        for entry in registry(kind).entries.values():
+            table.add_row(kind.replace("_", " "), entry.name, entry.origin, Text(entry.description))
         table.add_section()
     Console().print(table)
+
+
+def print_plugin_options(name: str) -> None:
+    """The declared options of every plugin called ``name`` (a name may be both a gate and a strategy)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from eedn.plugins import KINDS, find, registry
+
+    entries = find(name)
+    if not entries:
+        known = sorted({n for kind in KINDS for n in registry(kind).names()})
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise EednError(f"unknown plugin '{name}'{hint}; known: {', '.join(known)}")
+    console = Console()
+    for entry in entries:
+        specs = entry.options()
+        title = f"{entry.label} from {entry.origin}" + (f": {entry.description}" if entry.description else "")
+        if specs is None:
+            console.print(title, markup=False)
+            console.print("  takes options it does not declare (**options); see its documentation", markup=False)
+            continue
+        table = Table(title=Text(title), title_justify="left")
+        for col in ("option", "type", "default", "help", "choices / limits"):
+            table.add_column(col, overflow="fold")
+        for spec in specs:
+            table.add_row(*(Text(t) for t in (spec.name, spec.type_text(), spec.default_text(), spec.help,
+                                               _limits(spec))))
+        if not specs:
+            table.add_row("(none)", "", "", "", "")
+        console.print(table)
+
+
+def _limits(spec: OptionSpec) -> str:
+    parts = []
+    if spec.choices is not None:
+        parts.append(", ".join(map(str, spec.choices)))
+    if spec.min is not None:
+        parts.append(f">= {spec.min:g}")
+    if spec.max is not None:
+        parts.append(f"<= {spec.max:g}")
+    return "; ".join(parts)
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def common_run_options(fn: Callable) -> Callable:
         click.option("--threads", type=int, help="torch CPU threads (default 1; raise for large backbones)"),
         click.option("--cache-dir", type=click.Path(), help="backbone and feature cache (default ~/.cache/eedn)"),
         click.option("--resume", is_flag=True, default=None, help="continue an interrupted backbone training"),
-        click.option("--quiet", is_flag=True, help="no progress bars"),
+        click.option("--quiet", is_flag=True, help="no progress: print only the final table and directory"),
         click.option("--debug", is_flag=True, help="show tracebacks"),
     ]
     for opt in reversed(opts):

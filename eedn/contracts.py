@@ -76,15 +76,16 @@ class Backbone(nn.Module, ABC):
             state = self.stage(i, state)
         return self.head(self.exit_features(self.num_stages - 1, state))
 
-    def load_pretrained(self, path: str | os.PathLike) -> None:
+    def load_pretrained(self, path: str | os.PathLike) -> Any:
         """Load trained weights from a file (``--backbone-checkpoint``). The default reads a weights-only
-        state dict (or a dict holding one under ``model`` / ``state_dict``) and loads it strictly;
-        families override it to accept their official checkpoints."""
+        state dict (or a dict holding one under ``model``, ``state_dict`` or ``backbone``: eedn's backbone
+        cache and a run's model.pt) and loads it strictly; families override it to accept their official
+        checkpoints and may return a report of what they adapted."""
         from eedn.io import load_checkpoint, load_state_dict_strict
 
         blob = load_checkpoint(path)
         if isinstance(blob, dict):
-            for key in ("model", "state_dict"):
+            for key in ("model", "state_dict", "backbone"):
                 if isinstance(blob.get(key), dict):
                     blob = blob[key]
                     break

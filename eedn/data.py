@@ -55,6 +55,29 @@ def stratified_holdout(labels: np.ndarray, fractions: list[float], seed: int) ->
     return out
 
 
+#: a second, independent stream for splitting the validation pool into val and cal.
+CAL_SEED_OFFSET = 1_000_003
+
+
+def hold_out(labels: np.ndarray, pool_fraction: float, cal_fraction: float, seed: int,
+             test_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """Positions (into ``labels``) of train / val / cal, and test when ``test_fraction > 0``.
+
+    Step 1 carves test (optional) and the validation pool out of ``labels`` with one stratified
+    seeded hold-out; step 2 splits the pool into cal and val, also stratified.
+    """
+    labels = np.asarray(labels)
+    fractions = ([test_fraction] if test_fraction > 0 else []) + [pool_fraction]
+    parts = stratified_holdout(labels, fractions, seed)
+    out = {"train": parts[-1]}
+    if test_fraction > 0:
+        out["test"] = parts[0]
+    pool = parts[-2]
+    cal_pos, val_pos = stratified_holdout(labels[pool], [cal_fraction], seed + CAL_SEED_OFFSET)
+    out["val"], out["cal"] = pool[val_pos], pool[cal_pos]
+    return out
+
+
 class TensorImages(Dataset):
     """In-memory images ``[N, C, H, W]`` (float) with labels and an optional per-sample transform."""
 

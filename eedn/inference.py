@@ -52,7 +52,7 @@ def _as_macs_tensor(exit_macs: Sequence[float] | Tensor, num_exits: int) -> Tens
     macs = torch.as_tensor(exit_macs, dtype=torch.float64).flatten().cpu()
     if macs.numel() != num_exits:
         raise EednError(f"exit_macs has {macs.numel()} entries but the model has {num_exits} exits; "
-                        "measure them with eedn.cost.measure_exit_macs(model)")
+                        "measure them with eedn.measure_exit_macs(model)")
     return macs
 
 

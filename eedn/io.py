@@ -80,8 +80,9 @@ def load_state_dict_strict(module: torch.nn.Module, state: Any, source: str) -> 
     """Load a state dict strictly; a mismatch is one line saying what did not fit."""
     from eedn.errors import EednError
 
+    name = getattr(module, "display_name", type(module).__name__)
     if not isinstance(state, dict):
-        raise EednError(f"{source} holds a {type(state).__name__}, not a state dict of {type(module).__name__}")
+        raise EednError(f"{source} holds a {type(state).__name__}, not a state dict of {name}")
     problem = state_dict_mismatch(module, state)
     if problem is None:
         try:
@@ -89,7 +90,7 @@ def load_state_dict_strict(module: torch.nn.Module, state: Any, source: str) -> 
             return
         except (RuntimeError, TypeError) as exc:
             problem = " ".join(str(exc).split())[:300]
-    raise EednError(f"{source} does not fit {type(module).__name__} ({problem}); give weights saved from the "
+    raise EednError(f"{source} does not fit {name} ({problem}); give weights saved from the "
                     "same model and options")
 
 

@@ -1,8 +1,6 @@
 """EarlyExitModel: a stage-wise backbone + one IM per intermediate exit + one gate object."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import keyword
 import math
 import types
 import typing
@@ -72,10 +73,12 @@ def option_specs(factory: Callable[..., Any]) -> list[OptionSpec] | None:
         hints = typing.get_type_hints(declared)
         specs = []
         for f in dataclasses.fields(declared):
+            # a field cannot be called like a Python keyword: `lambda_` declares the option `lambda`
+            name = f.name[:-1] if f.name.endswith("_") and keyword.iskeyword(f.name[:-1]) else f.name
             default = f.default if f.default is not _MISSING else (
                 f.default_factory() if f.default_factory is not _MISSING else _MISSING)
             meta = f.metadata or {}
-            specs.append(OptionSpec(f.name, hints.get(f.name, Any), default, meta.get("help", ""),
+            specs.append(OptionSpec(name, hints.get(f.name, Any), default, meta.get("help", ""),
                                     meta.get("choices"), meta.get("min"), meta.get("max")))
         return specs
     target = factory.__init__ if inspect.isclass(factory) else factory

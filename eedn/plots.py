@@ -17,7 +17,7 @@ from eedn.io import atomic_save_figure
 
 #: curves with more points than this get a shaded ± std band instead of error bars
 DENSE_CURVE = 12
-#: bins of the reliability diagram (equal width on [0, 1]), the same count as the primary ECE
+#: bins of the reliability diagram (equal width on [0, 1]), the usual count for the ECE
 RELIABILITY_BINS = 15
 
 
@@ -28,9 +28,9 @@ def reliability_bins(confidence: Sequence[float] | np.ndarray, correct: Sequence
                      n_bins: int = RELIABILITY_BINS) -> dict:
     """Per-bin sample count, mean confidence and accuracy, plus the ECE those bins give.
 
-    Bins are equal width; bin b covers ``(b/n, (b+1)/n]`` and the first bin also holds 0, the convention of the
-    calibration evaluator (and of ``sklearn.calibration.calibration_curve``), so the ECE here equals the one in
-    results.json for the same predictions. Empty bins have count 0 and NaN confidence/accuracy.
+    Bins are equal width; bin b covers ``(b/n, (b+1)/n]`` and the first bin also holds 0 (the usual convention,
+    also scikit-learn's), so the ECE here equals the usual 15-bin ECE of the same
+    predictions. Empty bins have count 0 and NaN confidence/accuracy.
     """
     conf = np.asarray(confidence, dtype=np.float64).ravel()
     hits = np.asarray(correct, dtype=np.float64).ravel()
@@ -43,7 +43,8 @@ def reliability_bins(confidence: Sequence[float] | np.ndarray, correct: Sequence
         mean_conf = np.bincount(index, weights=conf, minlength=n_bins) / count
         accuracy = np.bincount(index, weights=hits, minlength=n_bins) / count
     filled = count > 0
-    ece = float((count[filled] * np.abs(accuracy[filled] - mean_conf[filled])).sum() / count.sum()) if conf.size else math.nan
+    gaps = count[filled] * np.abs(accuracy[filled] - mean_conf[filled])
+    ece = float(gaps.sum() / count.sum()) if conf.size else math.nan
     return {"count": count.tolist(), "confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(),
             "ece": ece, "n": int(conf.size), "n_bins": n_bins}
 
@@ -77,17 +78,22 @@ def _std(cell: dict | None) -> float:
 
 
 def plot_metric_vs_macs(curves: dict[str, dict], metric: str, path: str | os.PathLike, *, ylabel: str,
-                        title: str, scale: float = 1.0, full_macs: float | None = None) -> Path:
+                        title: str, scale: float = 1.0, xlabel: str = "mean MACs / full backbone MACs",
+                        reference: dict[str, list[tuple[float, float]]] | None = None) -> Path:
     """One line per strategy: ``metric`` against the mean-MACs fraction, error bars ± std over seeds.
 
     ``curves[label] = {"points": [...], "policy": point}``, each point aggregated over seeds as
     ``{"macs_fraction": {"mean", "std"}, metric: {"mean", "std"}}``. The line joins the curve points (sorted by
-    cost), with error bars, or a shaded band of ± std in the metric for a dense sweep; the reported policy is a star (a budget-calibrated policy is not one of the sweep's settings, so it is
-    not joined to the line). Points whose metric is missing are skipped. ``scale`` multiplies the metric (100 for
-    percentages).
+    cost), with error bars, or a shaded band of ± std in the metric for a dense sweep; the reported policy is a
+    star (a budget-calibrated policy is not one of the sweep's settings, so it is not joined to the line). Points
+    whose metric is missing are skipped. ``scale`` multiplies the metric (100 for percentages). ``reference``
+    adds dotted grey lines of ``(macs_fraction, value)`` points, e.g. every exit on its own.
     """
     fig, axes = _figure()
     ax = axes[0, 0]
+    for name, pts in (reference or {}).items():
+        ax.plot([x for x, _ in pts], [scale * y for _, y in pts], color="0.3", ls=":", marker="x", alpha=0.7,
+                label=name)
     for i, (label, curve) in enumerate(curves.items()):
         color = f"C{i % 10}"
         line = sorted((p for p in curve.get("points", []) if not math.isnan(_mean(p.get(metric)))),
@@ -108,9 +114,6 @@ def plot_metric_vs_macs(curves: dict[str, dict], metric: str, path: str | os.Pat
             ax.errorbar([_mean(pol["macs_fraction"])], [scale * _mean(pol[metric])], xerr=[_std(pol["macs_fraction"])],
                         yerr=[scale * _std(pol[metric])], color=color, marker="*", ms=12, capsize=2,
                         label=None if line else label)
-    xlabel = "mean MACs / full backbone MACs"
-    if full_macs:
-        xlabel += f" (full = {_fmt_macs(full_macs)})"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -166,7 +169,7 @@ def plot_reliability(bins: dict[str, dict], path: str | os.PathLike, *, title: s
     share of samples in each bin. ``bins[label]`` is :func:`reliability_bins` output."""
     fig, axes = _figure(2, 1, figsize=(6.4, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top, bottom = axes[0, 0], axes[1, 0]
-    top.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="perfect calibration")
+    top.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="accuracy = confidence")
     n_bins = RELIABILITY_BINS
     for i, (label, b) in enumerate(bins.items()):
         color = f"C{i % 10}"
@@ -191,9 +194,3 @@ def plot_reliability(bins: dict[str, dict], path: str | os.PathLike, *, title: s
     bottom.grid(alpha=0.3)
     return _save(fig, path)
 
-
-def _fmt_macs(m: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if m >= div:
-            return f"{m / div:.3g}{unit}"
-    return f"{m:.0f}"

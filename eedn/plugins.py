@@ -66,12 +66,29 @@ class Entry:
         """The user's options for this plugin, validated and complete (defaults filled)."""
         return resolve_options(self.label, self.factory, options)
 
-    def create(self, *args: Any, **options: Any) -> Any:
-        return self.factory(*args, **self.resolve(options))
+    def create(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the factory. Keyword arguments that are parameters of the factory itself (a backbone's
+        ``num_classes``, ``image_size``, ``in_channels``) pass through; the rest are its options, validated."""
+        factory = self.factory
+        declared = {s.name for s in (self.options() or [])}
+        parameters = _call_parameters(factory)
+        call = {k: kwargs.pop(k) for k in list(kwargs) if k in parameters and k not in declared}
+        return factory(*args, **call, **self.resolve(kwargs))
 
     @property
     def description(self) -> str:
         return str(self.info.get("description", ""))
+
+
+def _call_parameters(factory: Callable[..., Any]) -> set[str]:
+    """Names of the explicit parameters of a factory (a class's ``__init__`` or a function)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
 
 class Registry:

@@ -1,16 +1,17 @@
 """``eedn predict``: classify image files with a trained run, with real early exits.
 
-Images are preprocessed like the run's dataset evaluates them (see :func:`eval_preprocessor`), batched,
-and sent through :class:`eedn.inference.EarlyExitEngine`; each file gets its class, confidence, the
-exit it left at and the MACs it cost.
+Everything comes from the run directory, so it works after the training data is gone: the model from
+``run.json`` and ``model.pt`` (:func:`eedn.rundir.load_model`) and the preprocessing from ``run.json``'s
+``input`` section (channels, image size, mean/std, class names). Images are batched and sent through
+:class:`eedn.inference.EarlyExitEngine`; each file gets its class, confidence, the exit it left at and
+the MACs it cost.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import click
 import torch
@@ -20,106 +21,45 @@ from torch import Tensor
 from eedn.cli_options import friendly_errors
 from eedn.errors import EednError
 from eedn.inference import EarlyExitEngine
-from eedn.model import EarlyExitModel
+from eedn.render import format_macs
+from eedn.rundir import MANIFEST, load_model, read_manifest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 
 
-# ----------------------------------------------------------------------------------------- the run
-def read_results(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise EednError(f"{run_dir} is not a finished eedn run directory (no results.json); "
-                        "give the --out directory of `eedn run`")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EednError(f"cannot read {path}: {exc}") from None
-
-
-def load_trained_run(run_dir: str | Path) -> tuple[EarlyExitModel, dict]:
-    """``eedn.run.load_run`` in eval mode, tolerating run directories whose ``policy.gate`` holds the
-    gate's setting (a dict) instead of its registry name: then the gate name comes from the config or
-    the strategy's default gate."""
-    from eedn.run import load_run
-
-    results = read_results(run_dir)
-    gate = results.get("policy", {}).get("gate")
-    if isinstance(gate, str):
-        model, results = load_run(run_dir)
-        return model.eval(), results
-    from eedn.io import load_checkpoint
-    from eedn.model import build_model
-    from eedn.plugins import create
-    from eedn.run import make_strategy
-
-    cfg = results["config"]
-    strategy = make_strategy(cfg)
-    gate_name = cfg.get("gate") or strategy.default_gate
-    source = create("dataset", cfg["dataset"], **cfg["dataset_options"])
-    bb_opts = {k: v for k, v in results["backbone"]["options"].items() if k != "checkpoint"}
-    backbone = create("backbone", cfg["backbone"], num_classes=source.num_classes,
-                      image_size=results["dataset"]["image_size"], in_channels=source.channels, **bb_opts)
-    blob = load_checkpoint(Path(run_dir) / "model.pt")
-    backbone.load_state_dict(blob["backbone"])
-    model = build_model(backbone, gate=gate_name, inference_module=cfg["inference_module"],
-                        gate_options=cfg["gate_options"])
-    strategy.prepare_model(model)
-    model.load_heads_state_dict(blob["heads"]["__policy__"])
-    model.freeze_backbone()
-    return model.eval(), results
-
-
 # ----------------------------------------------------------------------------------- preprocessing
-@dataclass
-class EvalRecipe:
-    """How the run's dataset turns an image into the tensor the model saw at evaluation."""
+@dataclass(frozen=True)
+class InputRecipe:
+    """How a run's model wants its images (run.json's ``input``): what the dataset's evaluation
+    transforms did, recorded when the run was trained."""
 
     channels: int
     image_size: int
     mean: list[float] | None
     std: list[float] | None
     class_names: list[str]
-    note: str = ""
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "InputRecipe":
+        spec = manifest.get("input")
+        if not isinstance(spec, dict) or "channels" not in spec or "image_size" not in spec:
+            raise EednError(f"the run's {MANIFEST} has no input section (channels, image_size); re-run it with "
+                            "this version of eedn")
+        mean, std = spec.get("mean"), spec.get("std")
+        return cls(int(spec["channels"]), int(spec["image_size"]), None if mean is None else [float(m) for m in mean],
+                   None if std is None else [float(s) for s in std], [str(c) for c in spec.get("class_names") or []])
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if index < len(self.class_names) else str(index)
 
 
-def eval_recipe(results: dict) -> EvalRecipe:
-    """The run's evaluation preprocessing, read from its dataset source.
-
-    No dataset hook exposes an eval transform for arbitrary files, so the recipe is rebuilt from what
-    every built-in source shares: resize to the run's image size, ``[0, 1]`` pixels, normalisation
-    with the mean/std that the source's ``splits()`` reports in ``DataSplits.info`` (digits: the train
-    split's own mean/std; CIFAR: the dataset constants) or takes as options (image folders). When the
-    splits cannot be built (dataset files absent here), the source's options/constants are used.
-    """
-    from eedn.plugins import create
-
-    cfg = results["config"]
-    image_size = int(results["dataset"]["image_size"])
-    source = create("dataset", cfg["dataset"], **cfg["dataset_options"])
-    stored = results["dataset"]
-    mean, std, names, note = stored.get("mean"), stored.get("std"), list(stored.get("class_names") or []), ""
-    if mean is None or not names:
-        try:
-            data = source.splits(image_size, seed=cfg["seed"], augment=False)
-            info, names = data.info, names or list(data.class_names)
-            if mean is None:
-                mean, std = info.get("mean"), info.get("std")
-                if mean is None:
-                    mean, std = source.options.get("mean"), source.options.get("std")
-        except EednError as exc:
-            note = f"dataset splits unavailable ({exc}); using the source's normalisation constants"
-            if mean is None:
-                mean = source.options.get("mean", getattr(source, "mean", None))
-                std = source.options.get("std", getattr(source, "std", None))
-    return EvalRecipe(int(source.channels), image_size, None if mean is None else [float(m) for m in mean],
-                      None if std is None else [float(s) for s in std], names, note)
-
-
-def eval_preprocessor(recipe: EvalRecipe) -> Callable[["PIL.Image.Image"], Tensor]:  # noqa: F821
-    """PIL image -> ``[C, S, S]`` tensor: grayscale/RGB, centre-cropped to a square, resized to S with
-    bilinear interpolation (the digits source upsamples with ``F.interpolate(bilinear)``; CIFAR-style
-    sources resize with torchvision's bilinear ``Resize``), scaled to ``[0, 1]``, normalised."""
+def preprocessor(recipe: InputRecipe) -> Callable[["Image"], Tensor]:
+    """PIL image -> ``[C, S, S]`` tensor like the dataset's evaluation split: grayscale/RGB, centre-cropped
+    to a square, resized to S with bilinear interpolation (anti-aliased when shrinking), scaled to
+    ``[0, 1]``, normalised with the recorded mean/std (none recorded: no normalisation)."""
     import numpy as np
 
     mode = "L" if recipe.channels == 1 else "RGB"
@@ -127,7 +67,7 @@ def eval_preprocessor(recipe: EvalRecipe) -> Callable[["PIL.Image.Image"], Tenso
     mean = None if recipe.mean is None else torch.tensor(recipe.mean).view(-1, 1, 1)
     std = None if recipe.std is None else torch.tensor(recipe.std).view(-1, 1, 1)
 
-    def preprocess(image) -> Tensor:
+    def preprocess(image: "Image") -> Tensor:
         image = image.convert(mode)
         w, h = image.size
         side = min(w, h)
@@ -148,6 +88,7 @@ def eval_preprocessor(recipe: EvalRecipe) -> Callable[["PIL.Image.Image"], Tenso
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files given directly, plus image files (by extension) found recursively in folders, in order."""
+    paths = list(paths)
     found: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -165,7 +106,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def load_image(path: Path, preprocess: Callable) -> Tensor:
+def load_image(path: Path, preprocess: Callable[["Image"], Tensor]) -> Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -175,34 +116,35 @@ def load_image(path: Path, preprocess: Callable) -> Tensor:
         raise EednError(f"cannot read image {path}: {exc}") from None
 
 
+def read_images(run_dir: str | Path, inputs: Sequence[str | os.PathLike],
+                max_images: int | None = None) -> tuple[list[Path], Tensor]:
+    """The image files under ``inputs`` (at most ``max_images``) and one ``[N, C, S, S]`` tensor of them,
+    preprocessed for the run in ``run_dir`` (what ``eedn bench --input`` times)."""
+    recipe = InputRecipe.from_manifest(read_manifest(run_dir))
+    files = find_images(inputs)[:max_images]
+    preprocess = preprocessor(recipe)
+    return files, torch.stack([load_image(f, preprocess) for f in files])
+
+
 # ---------------------------------------------------------------------------------------- predict
-def fmt_macs(m: float) -> str:
-    """3 significant digits with a G/M/K suffix."""
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if m >= div:
-            return f"{m / div:.3g}{unit}"
-    return f"{m:.0f}"
-
-
 def predict_files(run_dir: str | Path, inputs: Sequence[str | os.PathLike], batch_size: int = 64,
                   device: str = "cpu") -> list[dict]:
-    """One dict per image: file, class index and name, confidence, exit index, MACs."""
+    """One dict per image file under ``inputs``: ``file``, ``class_index``, ``class`` (the run's class
+    name), ``confidence``, ``exit`` and ``macs``, from the run's reported policy with real early exits."""
     if batch_size < 1:
         raise EednError(f"--batch-size must be at least 1, got {batch_size}")
+    recipe = InputRecipe.from_manifest(read_manifest(run_dir))
     files = find_images(inputs)
-    model, results = load_trained_run(run_dir)
-    model.to(device)
-    recipe = eval_recipe(results)
-    preprocess = eval_preprocessor(recipe)
-    engine = EarlyExitEngine(model, exit_macs=[e["macs"] for e in results["exits"]])
+    model, manifest = load_model(run_dir, device=device)
+    preprocess = preprocessor(recipe)
+    engine = EarlyExitEngine(model, exit_macs=manifest["model"]["exit_macs"])
     rows: list[dict] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         out = engine(torch.stack([load_image(f, preprocess) for f in chunk]))
         for i, f in enumerate(chunk):
             c = int(out.predictions[i])
-            rows.append({"file": str(f), "class_index": c,
-                         "class": recipe.class_names[c] if c < len(recipe.class_names) else str(c),
+            rows.append({"file": str(f), "class_index": c, "class": recipe.class_name(c),
                          "confidence": float(out.confidences[i]), "exit": int(out.exit_index[i]),
                          "macs": float(out.macs[i])})
     return rows
@@ -219,6 +161,7 @@ def _display_path(path: str) -> str:
 def print_predictions(rows: list[dict], full_macs: float | None = None, num_exits: int | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="early-exit predictions")
     table.add_column("file", overflow="fold")  # never cut a path short
@@ -226,12 +169,13 @@ def print_predictions(rows: list[dict], full_macs: float | None = None, num_exit
         table.add_column(col, justify=justify, no_wrap=True)
     for r in rows:
         exit_label = str(r["exit"]) + (" (head)" if num_exits is not None and r["exit"] == num_exits - 1 else "")
-        table.add_row(_display_path(r["file"]), r["class"], f"{r['confidence']:.3f}", exit_label, fmt_macs(r["macs"]))
+        table.add_row(Text(_display_path(r["file"])), Text(r["class"]), f"{r['confidence']:.3f}", exit_label,
+                      format_macs(r["macs"]))
     console = Console()
     console.print(table)
     if rows and full_macs:
         mean = sum(r["macs"] for r in rows) / len(rows)
-        console.print(f"{len(rows)} images, mean {fmt_macs(mean)} MACs = {mean / full_macs:.3f} of the full network")
+        console.print(f"{len(rows)} images, mean {format_macs(mean)} MACs = {mean / full_macs:.3f} of the full network")
 
 
 @click.command("predict")
@@ -243,7 +187,9 @@ def print_predictions(rows: list[dict], full_macs: float | None = None, num_exit
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
 def predict(run_dir, inputs, batch_size, device, debug) -> None:
-    """Classify images with a trained run (real early exits): class, confidence, exit, MACs per file."""
-    results = read_results(run_dir)
+    """Classify images with a trained run (real early exits): class, confidence, exit, MACs per file.
+
+    Needs only the run directory: the training data may be gone."""
+    spec = read_manifest(run_dir)["model"]
     rows = predict_files(run_dir, inputs, batch_size=batch_size, device=device)
-    print_predictions(rows, results.get("full_macs"), len(results.get("exits", [])) or None)
+    print_predictions(rows, spec["full_macs"], spec["num_exits"])

@@ -237,7 +237,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     results = assemble_results(cfg, prep, strategy, gate_name, model, test, policy, curve, result.history,
                                evaluators)
     results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s}
-    manifest = build_manifest(cfg, prep, resolved, gate_name, model, test, policy, chosen, labels, exit_macs,
+    manifest = build_manifest(cfg, prep, resolved, strategy, gate_name, model, test, policy, chosen, labels, exit_macs,
                               full_macs)
     results["environment"] = manifest["environment"]
     run_dir = run_directory(cfg)
@@ -280,7 +280,8 @@ def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate
     return results
 
 
-def build_manifest(cfg: dict, prep: Prepared, resolved: dict, gate_name: str, model: EarlyExitModel,
+def build_manifest(cfg: dict, prep: Prepared, resolved: dict, strategy: TrainingStrategy, gate_name: str,
+                   model: EarlyExitModel,
                    test: ExitOutputs, policy: EvaluatedPoint, chosen: str, labels: list[str],
                    exit_macs: list[int], full_macs: int) -> dict:
     """run.json: the model spec, input preparation, environment and the policy's test decisions."""
@@ -298,7 +299,7 @@ def build_manifest(cfg: dict, prep: Prepared, resolved: dict, gate_name: str, mo
                          "parameters": prep.backbone_info["parameters"]},
             "inference_module": {"name": cfg["inference_module"], "options": resolved["inference_module"]},
             "gate": {"name": gate_name, "options": resolved["gate"]},
-            "strategy": {"name": cfg["strategy"], "options": resolved["strategy"]},
+            "strategy": {"name": cfg["strategy"], "options": strategy.describe()},
             "num_exits": model.num_exits,
             "feature_dims": list(bb.feature_dims),
             "exit_macs": [float(m) for m in exit_macs],

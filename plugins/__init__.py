@@ -10,7 +10,7 @@ from __future__ import annotations
 from eedn.hookspecs import hookimpl
 
 _T2T = ("Any image size that is a multiple of 16 (32 px -> 5 tokens, 224 px -> 197); drop_path_rate (0.1). "
-        "Checkpoints: official T2T-ViT or eedn weights (head and position table adapted).")
+        "--backbone-checkpoint: official T2T-ViT or eedn weights (head and position table adapted).")
 _CIFAR = "stages = residual blocks (exits='block', default) or the 3 layers (exits='stage')"
 _TV = "stages = its 4 layers (exits='stage', default) or every block; 3x3 stem without max-pool at <= 64 px"
 
@@ -75,10 +75,12 @@ def register_strategies(register):
 def register_evaluators(register):
     register("calibration", "eedn_plugins.calibration:CalibrationEvaluator",
              description="ECE (equal-width / equal-mass), MCE, NLL, Brier of the gated prediction and every exit, "
-                         "raw and after per-exit temperature scaling; paper-compat per-batch ECE")
+                         "raw and after per-exit temperature scaling; paper-compat per-batch ECE. Headline: the "
+                         "gated prediction's ECE, raw and scaled")
     register("conformal", "eedn_plugins.conformal:ConformalEvaluator",
              description="split conformal sets (LAC/APS/RAPS) on the gated prediction; one q̂ (general) or one "
-                         "per exit (gated); coverage and mean set size at fixed alphas")
+                         "per exit (gated); coverage and mean set size at fixed alphas. Headline: set size and "
+                         "coverage at LAC, α = 0.05, general q̂ (headline_* options)")
 
 
 @hookimpl

@@ -1,10 +1,10 @@
-"""BoostNet (Yu et al., AAAI 2023) on a frozen backbone (spec §4.2).
+"""BoostNet (Yu et al., AAAI 2023) on a frozen backbone.
 
 Stage outputs ``o_s`` are IM ``s``'s logits for ``s < G`` and the frozen final head's for ``s = G``.
 Exit ``s`` reports the boosted ensemble ``F_s = o_s + decay·F_{s−1}`` (``F_{−1} = 0``, decay 0.5), i.e.
 ``F_s = Σ_{j≤s} decay^{s−j} o_j``. Each weak learner fits the residual of the detached ensemble before
 it: ``loss = Σ_s CE(o_s + decay·sg(F_{s−1}), y)`` (the ``s = G`` term has no trainable part; it is kept
-so the logged loss is the spec's).
+so the logged loss is BoostNet's whole loss).
 
 The ensemble lives in the model as ``model.exit_combiner`` (a :class:`BoostNetEnsemble`), attached by
 ``prepare_model``, so stored outputs, gates and the real early-exit engine all see ``F_s``. Its
@@ -13,22 +13,21 @@ combiner fails loudly instead of silently reporting un-boosted logits.
 
 Checkpoint: the epoch with the best val accuracy of the last stage (``select="final"``: ``F_G``, the
 stage the official code tracks); ``"last_im"`` uses ``F_{G−1}``, ``"last"`` keeps the last epoch.
-The MSDNet gradient rescaling of the official port is omitted (a no-op on a frozen backbone, quirk 26).
+The MSDNet gradient rescaling of the official port is omitted (a no-op on a frozen backbone,
+whose stages receive no gradient).
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eedn.strategy import StrategyResult, TrainingStrategy
-from eedn.data import DataSplits
-from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.strategy import FitContext, sgd
-from eedn_plugins.sdn import resolve_options, selection_metric, train_batches, val_exit_accuracy
+from eedn.options import option
+from eedn.strategy import SELECT_CHOICES, FitContext, StrategyResult, TrainingStrategy, sgd, train_heads
+from eedn_plugins.heads import SGDHeadOptions, cosine_schedule
 
 
 class BoostNetEnsemble(nn.Module):
@@ -64,54 +63,39 @@ class BoostNetStrategy(TrainingStrategy):
     """Boosted IMs on a frozen backbone; exits report the running ensemble."""
 
     default_gate = "max_prob"
-    DEFAULTS: dict[str, Any] = {
-        "epochs": 15, "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-        "decay": 0.5, "select": "final",
-    }
 
-    def __init__(self, **options: Any):
-        super().__init__(**options)
-        self.opts = resolve_options("boostnet", self.DEFAULTS, options)
-        if not 0.0 <= float(self.opts["decay"]) <= 1.0:
-            raise EednError(f"boostnet option decay must lie in [0, 1], got {self.opts['decay']}")
+    @dataclass
+    class Options(SGDHeadOptions):
+        decay: float = option(0.5, "weight of the previous ensemble: F_s = o_s + decay·F_{s−1}", min=0, max=1)
+        select: str = option("final", "checkpoint: best val accuracy of the final exit's ensemble (final), of "
+                                      "the last IM's (last_im), or the last epoch (last)", choices=SELECT_CHOICES)
 
     def prepare_model(self, model: EarlyExitModel) -> None:
         """Attach the ensemble combiner (before fit, and before saved BoostNet heads are loaded)."""
         if not isinstance(model.exit_combiner, BoostNetEnsemble):
             device = next(model.ims.parameters()).device if len(model.ims) else "cpu"
-            model.exit_combiner = BoostNetEnsemble(float(self.opts["decay"])).to(device)
-        model.exit_combiner.decay.fill_(float(self.opts["decay"]))
+            model.exit_combiner = BoostNetEnsemble(self.options["decay"]).to(device)
+        model.exit_combiner.decay.fill_(self.options["decay"])
 
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
-        o = self.opts
+        o = self.options
         torch.manual_seed(context.seed)
         self.prepare_model(model)
         model.backbone.requires_grad_(False)
         g = len(model.ims)
         opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o["epochs"])
-        history: list[dict] = []
-        best_metric, best_state = None, None
-        for epoch in range(o["epochs"]):
-            model.ims.train()
-            lr = opt.param_groups[0]["lr"]
-            total, count = 0.0, 0
-            for feats, y in context.progress.track(train_batches(context, o["batch_size"], epoch, self.head_augment),
-                                                   f"BoostNet epoch {epoch + 1}/{o['epochs']}"):
-                ims = [model.ims[l](feats[l]) for l in range(g)]
-                with torch.no_grad():
-                    final = model.exit_logits(g, feats[g])
-                loss = boostnet_loss(torch.stack(ims + [final], dim=1), y, float(o["decay"]))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, count = total + float(loss.detach()) * len(y), count + len(y)
-            sched.step()
-            val_acc = val_exit_accuracy(model, context)
-            metric = selection_metric(val_acc, o["select"])
-            if best_state is None or metric is None or metric > best_metric:
-                best_metric, best_state = metric, model.heads_state_dict()
-            history.append({"phase": "boostnet", "epoch": epoch, "loss": total / max(count, 1), "lr": lr,
-                            "val_accuracy": val_acc.tolist()})
-        model.load_heads_state_dict(best_state)
+
+        def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
+            ims = [model.ims[l](feats[l]) for l in range(g)]
+            with torch.no_grad():
+                final = model.exit_logits(g, feats[g])
+            loss = boostnet_loss(torch.stack(ims + [final], dim=1), y, o["decay"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        history = train_heads(model, context, name="boostnet", epochs=o["epochs"], batch_size=o["batch_size"],
+                              step=step, select=o["select"], augmented=self.head_augment,
+                              end_epoch=cosine_schedule(opt, o["epochs"]))
         return StrategyResult(settings=[("boostnet", model.heads_state_dict())], history=history)

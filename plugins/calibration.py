@@ -1,9 +1,9 @@
 """Calibration of an early-exit policy: ECE (equal-width and equal-mass), MCE, NLL, Brier, temperature scaling.
 
-Spec §5.2 and quirk 25. eedn's primary ECE is dataset-level with 15 equal-width bins on the max softmax of the
-policy's **gated** prediction (and of every exit over all samples), reported raw and after per-exit temperature
-scaling fitted on the calibration split. The official JEI-DNN variant (per test batch, 15 quantile bins, no TS) is
-reported as ``ece_compat``. Every ECE here is a fraction in [0, 1] (the official code multiplies by 100).
+docs/evaluation.md describes every number. eedn's primary ECE is dataset-level with 15 equal-width bins on the max
+softmax of the policy's **gated** prediction (and of every exit over all samples), reported raw and after per-exit
+temperature scaling fitted on the calibration split. The official JEI-DNN variant (per test batch, 15 quantile bins,
+no TS) is reported as ``ece_compat``. Every ECE here is a fraction in [0, 1] (the official code multiplies by 100).
 
 Binning convention (both kinds): bin b covers ``(edge_b, edge_{b+1}]`` and the first bin also takes its lower edge,
 so a confidence of exactly 1.0 falls in the last bin and one of exactly 0 in the first. This is
@@ -17,19 +17,21 @@ The tensor functions below are importable on their own (no evaluator needed).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eedn.contracts import Evaluator
+from eedn.contracts import Evaluator, Metric
 from eedn.errors import EednError
+from eedn.options import option
 from eedn.outputs import ExitOutputs
 
 BINNINGS = ("width", "mass")
 DEFAULT_BINS = 15
-#: official temperature-scaling settings (spec §5.2)
+#: the official code's temperature-scaling settings
 TS_INIT, TS_LR, TS_MAX_ITER = 1.5, 0.01, 50
 #: a fitted temperature is clamped to this range: an exit whose calibration logits are perfectly separable
 #: drives T towards 0 (or a constant-prediction exit towards infinity) and would otherwise report nonsense.
@@ -99,7 +101,8 @@ def maximum_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int 
 
 def per_batch_quantile_ece(confidences: Tensor, correct: Tensor, batch_size: int = 64,
                            n_bins: int = DEFAULT_BINS) -> float:
-    """Paper-compat ECE (quirk 25): consecutive batches, quantile bins per batch, mean weighted by batch size.
+    """Paper-compat ECE, as the official code computes it: consecutive batches, quantile bins per batch, mean
+    weighted by batch size.
 
     With ~4 samples per bin it is biased upward; it exists to compare with the official numbers (which are this
     value x 100).
@@ -205,38 +208,47 @@ def _check_binning(binning: str, n_bins: int) -> None:
 class CalibrationEvaluator(Evaluator):
     """Calibration of the gated prediction and of every exit, raw and after per-exit temperature scaling.
 
-    Options: ``n_bins`` (15), ``compat_batch_size`` (64; the official test batch, 100 for CIFAR100/SVHN),
-    ``ts_init`` (1.5), ``ts_lr`` (0.01), ``ts_max_iter`` (50), ``ts_line_search`` ("strong_wolfe" or None),
-    ``profile`` (accepted for the pipeline; both profiles report everything).
+    The temperatures depend on the trained heads only: :meth:`fit` fits them once per trained setting on
+    the cal split, and every policy of that setting reuses them.
     """
 
     name = "calibration"
-    _OPTIONS = ("n_bins", "compat_batch_size", "ts_init", "ts_lr", "ts_max_iter", "ts_line_search", "profile")
+
+    @dataclass
+    class Options:
+        n_bins: int = option(DEFAULT_BINS, "bins of every ECE / MCE", min=1)
+        compat_batch_size: int = option(64, "test batch of the paper-compat ECE (official: 64; 100 for "
+                                            "CIFAR-100 and SVHN)", min=1)
+        ts_init: float = option(TS_INIT, "initial temperature", min=0)
+        ts_lr: float = option(TS_LR, "LBFGS learning rate", min=0)
+        ts_max_iter: int = option(TS_MAX_ITER, "LBFGS iterations", min=1)
+        ts_line_search: str | None = option("strong_wolfe", "LBFGS line search; none: the official fixed steps",
+                                            choices=("strong_wolfe",))
 
     def __init__(self, **options: Any):
-        unknown = sorted(set(options) - set(self._OPTIONS))
-        if unknown:
-            raise EednError(f"unknown calibration option(s) {', '.join(unknown)}; known: {', '.join(self._OPTIONS)}")
         super().__init__(**options)
-        self.n_bins = int(options.get("n_bins", DEFAULT_BINS))
-        _check_binning("width", self.n_bins)
-        self.compat_batch_size = int(options.get("compat_batch_size", 64))
-        self.ts_options = {
-            "init": float(options.get("ts_init", TS_INIT)),
-            "lr": float(options.get("ts_lr", TS_LR)),
-            "max_iter": int(options.get("ts_max_iter", TS_MAX_ITER)),
-            "line_search": options.get("ts_line_search", "strong_wolfe"),
-        }
-        self._cached: tuple[tuple, list[float]] | None = None
+        o = self.options
+        self.n_bins = o["n_bins"]
+        self.ts_options = {"init": o["ts_init"], "lr": o["ts_lr"], "max_iter": o["ts_max_iter"],
+                           "line_search": o["ts_line_search"]}
+        self.temperatures: list[float] | None = None
+
+    def fit(self, cal: ExitOutputs) -> None:
+        """One temperature per exit, each fitted on every cal sample's logits of that exit."""
+        self.temperatures = fit_exit_temperatures(cal.logits.detach().cpu(), cal.labels.detach().cpu(),
+                                                  **self.ts_options)
 
     def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
-        """Metrics for the policy's exits ``exit_test``; ``cal`` only fits the temperatures (``exit_cal`` unused:
-        T is fitted per exit on all calibration samples, as the per-IM ECE is measured over all samples)."""
+        """Metrics for the policy's exits ``exit_test``. The temperatures come from :meth:`fit` (fitted on
+        ``cal`` here when it was not called); ``exit_cal`` is unused, as T is fitted per exit on all cal
+        samples, the way the per-exit ECE is measured over all samples."""
         test.check_exit_index(exit_test, "test")
+        if self.temperatures is None:
+            self.fit(cal)
+        temperatures = list(self.temperatures)
         exit_test = exit_test.long().cpu()
         logits = test.logits.detach().double().cpu()
         labels = test.labels.detach().long().cpu()
-        temperatures = self._temperatures(cal)
         t_per_sample = torch.tensor(temperatures, dtype=torch.float64)[exit_test]
 
         gated = logits[torch.arange(len(labels)), exit_test]
@@ -256,22 +268,26 @@ class CalibrationEvaluator(Evaluator):
         result["settings"] = {
             "n_bins": self.n_bins,
             "bins": "(lo, hi], first bin includes 0; ece: equal width, ece_equal_mass: quantile edges",
-            "ece_compat": f"paper-compat: per batch of {self.compat_batch_size}, {self.n_bins} quantile bins, "
-                          "batch-size weighted mean, no TS (official value = this x 100)",
+            "ece_compat": f"paper-compat: per batch of {self.options['compat_batch_size']}, {self.n_bins} quantile "
+                          "bins, batch-size weighted mean, no TS (official value = this x 100)",
             "temperature_scaling": dict(self.ts_options) | {"fitted_on": "cal split logits, one T per exit"},
         }
         return result
 
-    def _temperatures(self, cal: ExitOutputs) -> list[float]:
-        """Per-exit T, fitted once per distinct cal split: a gate sweep evaluates many policies on the same heads,
-        and the temperatures depend on the heads' logits only."""
-        logits, labels = cal.logits.detach().cpu(), cal.labels.detach().cpu()
-        flat = logits.double()
-        key = (tuple(logits.shape), float(flat.sum()), float(flat.square().sum()), tuple(labels.tolist()))
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, fit_exit_temperatures(logits, labels, **self.ts_options))
-        return list(self._cached[1])
+    def headline_metrics(self) -> dict[str, Metric]:
+        return {"ece": Metric(label="ECE of the gated prediction (%)", scale=100),
+                "ece_scaled": Metric(label="ECE of the gated prediction after temperature scaling (%)", scale=100)}
+
+    def headline(self, metrics: dict) -> dict[str, float | None]:
+        return {"ece": metrics["ece"], "ece_scaled": metrics["scaled"]["ece"]}
+
+    def rows(self, metrics: dict) -> list[dict]:
+        """The gated prediction's metrics, raw and after temperature scaling: two flat rows."""
+        keys = ("accuracy", "confidence", "ece", "ece_equal_mass", "mce", "nll", "brier")
+        raw = {"scaling": "none"} | {k: metrics[k] for k in keys} | {"ece_compat": metrics["ece_compat"]}
+        scaled = {"scaling": "temperature"} | {k: metrics["scaled"][k] for k in keys}
+        return [raw, scaled]
 
     def _compat(self, logits: Tensor, labels: Tensor) -> float:
         confidence, correct = confidence_and_correct(logits, labels)
-        return per_batch_quantile_ece(confidence, correct, self.compat_batch_size, self.n_bins)
+        return per_batch_quantile_ece(confidence, correct, self.options["compat_batch_size"], self.n_bins)

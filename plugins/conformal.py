@@ -1,7 +1,7 @@
 """Split conformal prediction sets for an early-exit policy: LAC, APS, RAPS; `general` and per-exit `gated` q̂.
 
-Spec §5.3 and quirks 16-19. Everything is calibrated on the calibration split only, for the final model, at every
-fixed α of ``alphas`` (quirks 16-18: no stale thresholds, no α picked on test).
+docs/evaluation.md describes every number. Everything is calibrated on the calibration split only, for the final
+model, at every fixed α of ``alphas``: no stale thresholds, no α picked on test.
 
 Scores ``s(x, c)`` (lower = more conforming), from the softmax of one exit's logits:
 
@@ -13,7 +13,7 @@ Scores ``s(x, c)`` (lower = more conforming), from the softmax of one exit's log
   five most likely classes are not penalised).
 
 Threshold: with n calibration scores, ``k = ceil((n + 1)(1 - α))`` and q̂ is the k-th smallest score; when
-``k > n`` q̂ = +inf and the set holds every class (for LAC this is the spec's "q̂ = 1": ``1 - p_c <= 1`` always).
+``k > n`` q̂ = +inf and the set holds every class (for LAC this is "q̂ = 1": ``1 - p_c <= 1`` always).
 The set is ``{c : s(x, c) <= q̂}``; for LAC that is ``{c : p_c >= 1 - q̂}``. Sets can be empty (no "include the
 last label" rule).
 
@@ -22,20 +22,22 @@ Variants (which calibration scores make q̂, and which q̂ a test sample uses �
 * ``general``      — one q̂ from the gated scores (each cal sample at its own exit).
 * ``gated``        — per exit l: the cal samples that exited at l when there are at least ``min_per_exit`` (20) of
   them, otherwise every cal sample's IM_l score. The official code requires *more than* 20, i.e.
-  ``min_per_exit=21``, which ``profile="paper-compat"`` selects. The final exit is index E-1 (quirk 19).
+  ``min_per_exit=21``. The final exit is index E-1.
 * ``gated_all``    — per exit l: every cal sample's IM_l score (extra).
 * ``gated_strict`` — per exit l: only the cal samples that exited at l; q̂ = 1 - α when there are none (extra).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from eedn.contracts import Evaluator
+from eedn.contracts import Evaluator, Metric
 from eedn.errors import EednError
+from eedn.options import option
 from eedn.outputs import ExitOutputs
 
 METHODS = ("lac", "aps", "raps")
@@ -129,12 +131,6 @@ def exit_thresholds(cal_scores: Tensor, exit_cal: Tensor, alpha: float, variant:
     return thresholds
 
 
-def flatten_for_results(metrics: dict) -> list[dict]:
-    """The rows results.json keeps under ``conformal``: alpha, method, variant, coverage, mean_set_size."""
-    keys = ("alpha", "method", "variant", "coverage", "mean_set_size")
-    return [{k: row[k] for k in keys} for row in metrics["results"]]
-
-
 def _check_alpha(alpha: float) -> None:
     if not 0.0 < alpha < 1.0:
         raise EednError(f"conformal alpha must lie strictly between 0 and 1, got {alpha}")
@@ -148,40 +144,39 @@ def _json_float(value: float) -> float | None:
 
 
 class ConformalEvaluator(Evaluator):
-    """Coverage and mean set size of split-conformal sets on the policy's gated prediction.
-
-    Options: ``alphas`` ((0.01, 0.05, 0.1)), ``methods`` (("lac", "aps", "raps")), ``variants``
-    (("general", "gated"); also "gated_all", "gated_strict"), ``min_per_exit`` (20; 21 under paper-compat),
-    ``lam_reg`` (0.01), ``k_reg`` (5), ``randomized`` (False), ``seed`` (0), ``profile``.
-    """
+    """Coverage and mean set size of split-conformal sets on the policy's gated prediction."""
 
     name = "conformal"
-    _OPTIONS = ("alphas", "methods", "variants", "min_per_exit", "lam_reg", "k_reg", "randomized", "seed", "profile")
+
+    @dataclass
+    class Options:
+        alphas: list[float] = option(list(DEFAULT_ALPHAS), "miscoverage levels α, each in (0, 1)", min=0, max=1)
+        methods: list[str] = option(list(METHODS), "non-conformity scores", choices=METHODS)
+        variants: list[str] = option(["general", "gated"], "which calibration scores make q̂", choices=VARIANTS)
+        min_per_exit: int = option(20, "gated: fewest cal samples exiting at an exit for its own q̂ (official: 21)",
+                                   min=0)
+        lam_reg: float = option(0.01, "RAPS penalty per rank beyond k_reg", min=0)
+        k_reg: int = option(5, "RAPS: ranks not penalised", min=0)
+        randomized: bool = option(False, "randomise APS / RAPS with a uniform draw per sample")
+        seed: int = option(0, "seed of the randomisation")
+        # the headline numbers (eedn compare, eedn report); computed even when not among the rows
+        headline_alpha: float = option(0.05, "α of the headline set size and coverage", min=0, max=1)
+        headline_method: str = option("lac", "score of the headline set size and coverage", choices=METHODS)
+        headline_variant: str = option("general", "variant of the headline set size and coverage", choices=VARIANTS)
 
     def __init__(self, **options: Any):
-        unknown = sorted(set(options) - set(self._OPTIONS))
-        if unknown:
-            raise EednError(f"unknown conformal option(s) {', '.join(unknown)}; known: {', '.join(self._OPTIONS)}")
         super().__init__(**options)
-        self.alphas = [float(a) for a in _as_list(options.get("alphas", DEFAULT_ALPHAS))]
-        for alpha in self.alphas:
+        o = self.options
+        for alpha in [*o["alphas"], o["headline_alpha"]]:
             _check_alpha(alpha)
-        self.methods = [str(m) for m in _as_list(options.get("methods", METHODS))]
-        self.variants = [str(v) for v in _as_list(options.get("variants", ("general", "gated")))]
-        for given, known, what in ((self.methods, METHODS, "method"), (self.variants, VARIANTS, "variant")):
-            bad = [x for x in given if x not in known]
-            if bad:
-                raise EednError(f"unknown conformal {what} {', '.join(bad)}; use any of: {', '.join(known)}")
-        compat = options.get("profile", "clean") == "paper-compat"
-        self.min_per_exit = int(options.get("min_per_exit", 21 if compat else 20))
-        self.score_options = {"lam_reg": float(options.get("lam_reg", 0.01)), "k_reg": int(options.get("k_reg", 5))}
-        if self.score_options["lam_reg"] < 0 or self.score_options["k_reg"] < 0:
-            raise EednError("conformal lam_reg and k_reg must be non-negative")
-        self.randomized = bool(options.get("randomized", False))
-        self.seed = int(options.get("seed", 0))
+        self.alphas, self.methods, self.variants = o["alphas"], o["methods"], o["variants"]
+        self.min_per_exit = o["min_per_exit"]
+        self.score_options = {"lam_reg": o["lam_reg"], "k_reg": o["k_reg"]}
+        self.randomized, self.seed = o["randomized"], o["seed"]
 
     def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
-        """One row per (method, α, variant) with overall and per-exit coverage and mean set size."""
+        """One row per (method, α, variant) with overall and per-exit coverage and mean set size, and the
+        headline setting's coverage and mean set size (computed as well when it is not among the rows)."""
         for outputs, exits, split in ((test, exit_test, "test"), (cal, exit_cal, "cal")):
             outputs.check_exit_index(exits, split)
         if test.num_exits != cal.num_exits:
@@ -198,39 +193,50 @@ class ConformalEvaluator(Evaluator):
             noise_cal = torch.rand(n_cal, generator=generator, dtype=torch.float64)
             noise_test = torch.rand(n_test, generator=generator, dtype=torch.float64)
 
-        rows = []
-        for method in self.methods:
-            options = dict(self.score_options)
-            test_scores = class_scores(probs_test, method, noise=noise_test, **options)  # [N, C]
+        def scores(method: str) -> tuple[Tensor, Tensor]:
+            """Test class scores ``[N, C]`` (gated) and cal true-class scores at every exit ``[M, E]``."""
+            test_scores = class_scores(probs_test, method, noise=noise_test, **self.score_options)
             cal_noise = None if noise_cal is None else noise_cal[:, None].expand(n_cal, n_exits)
             cal_scores = label_scores(probs_cal, labels_cal[:, None].expand(n_cal, n_exits), method,
-                                      noise=cal_noise, **options)  # [M, E]
-            cal_gated = cal_scores[torch.arange(n_cal), exit_cal]
-            for alpha in self.alphas:
-                for variant in self.variants:
-                    if variant == "general":
-                        qhat = conformal_threshold(cal_gated, alpha)
-                        per_exit_q = [(qhat, "gated", n_cal)] * n_exits
-                    else:
-                        per_exit_q = exit_thresholds(cal_scores, exit_cal, alpha, variant, self.min_per_exit)
-                    q_values = torch.tensor([q for q, _, _ in per_exit_q], dtype=torch.float64)
-                    sets = prediction_sets(test_scores, q_values[exit_test])
-                    row: dict[str, Any] = {"alpha": alpha, "method": method, "variant": variant}
-                    row |= set_metrics(sets, labels_test)
-                    if variant == "general":
-                        row["qhat"] = _json_float(per_exit_q[0][0])
-                    per_exit = []
-                    for l, (q, source, n_used) in enumerate(per_exit_q):
-                        mine = exit_test == l
-                        entry = {"index": l, "count": int(mine.sum())}
-                        entry |= set_metrics(sets[mine], labels_test[mine])
-                        if variant != "general":
-                            entry |= {"qhat": _json_float(q), "calibrated_on": source, "cal_count": n_used}
-                        per_exit.append(entry)
-                    row["per_exit"] = per_exit
-                    rows.append(row)
+                                      noise=cal_noise, **self.score_options)
+            return test_scores, cal_scores
+
+        def make_row(method: str, alpha: float, variant: str, test_scores: Tensor, cal_scores: Tensor) -> dict:
+            if variant == "general":
+                qhat = conformal_threshold(cal_scores[torch.arange(n_cal), exit_cal], alpha)
+                per_exit_q = [(qhat, "gated", n_cal)] * n_exits
+            else:
+                per_exit_q = exit_thresholds(cal_scores, exit_cal, alpha, variant, self.min_per_exit)
+            q_values = torch.tensor([q for q, _, _ in per_exit_q], dtype=torch.float64)
+            sets = prediction_sets(test_scores, q_values[exit_test])
+            row: dict[str, Any] = {"alpha": alpha, "method": method, "variant": variant}
+            row |= set_metrics(sets, labels_test)
+            if variant == "general":
+                row["qhat"] = _json_float(per_exit_q[0][0])
+            per_exit = []
+            for l, (q, source, n_used) in enumerate(per_exit_q):
+                mine = exit_test == l
+                entry = {"index": l, "count": int(mine.sum())}
+                entry |= set_metrics(sets[mine], labels_test[mine])
+                if variant != "general":
+                    entry |= {"qhat": _json_float(q), "calibrated_on": source, "cal_count": n_used}
+                per_exit.append(entry)
+            row["per_exit"] = per_exit
+            return row
+
+        rows = []
+        for method in self.methods:
+            method_scores = scores(method)
+            rows += [make_row(method, alpha, variant, *method_scores) for alpha in self.alphas
+                     for variant in self.variants]
+        o = self.options
+        key = (o["headline_alpha"], o["headline_method"], o["headline_variant"])
+        head = next((r for r in rows if (r["alpha"], r["method"], r["variant"]) == key), None)
+        if head is None:
+            head = make_row(key[1], key[0], key[2], *scores(key[1]))
         return {
             "results": rows,
+            "headline": {k: head[k] for k in ("alpha", "method", "variant", "coverage", "mean_set_size")},
             "settings": {
                 "alphas": self.alphas, "methods": self.methods, "variants": self.variants,
                 "min_per_exit": self.min_per_exit, "randomized": self.randomized, "seed": self.seed,
@@ -239,8 +245,17 @@ class ConformalEvaluator(Evaluator):
             },
         }
 
+    def headline_metrics(self) -> dict[str, Metric]:
+        o = self.options
+        at = f"{o['headline_method'].upper()}, α = {o['headline_alpha']:g}, {o['headline_variant']} q̂"
+        return {"set_size": Metric(label=f"mean conformal set size ({at})", digits=3),
+                "coverage": Metric(label=f"conformal coverage (%; {at})", scale=100, lower_is_better=False)}
 
-def _as_list(value: Any) -> list:
-    if isinstance(value, (str, int, float)):
-        return [value]
-    return list(value)
+    def headline(self, metrics: dict) -> dict[str, float | None]:
+        head = metrics["headline"]
+        return {"set_size": head["mean_set_size"], "coverage": head["coverage"]}
+
+    def rows(self, metrics: dict) -> list[dict]:
+        """One flat row per (α, method, variant): coverage and mean set size."""
+        keys = ("alpha", "method", "variant", "coverage", "mean_set_size")
+        return [{k: row[k] for k in keys} for row in metrics["results"]]

@@ -1,7 +1,7 @@
 """Dataset sources: the embedded ``digits`` default, CIFAR-10/100, SVHN, long-tailed CIFAR and any
 folder (or ``.tar.gz``) of images laid out as ``train/<class>/*``.
 
-Every source follows the clean protocol of the spec (§6): val and cal are held out of the training
+Every source follows the clean protocol (docs/evaluation.md, "Splits"): val and cal are held out of the training
 images *before* any training, stratified and seeded, and always read with evaluation transforms;
 ``train_eval`` is the train split (same indices, same order) with evaluation transforms, for the
 frozen-backbone feature cache. Nothing is ever downloaded: a missing dataset is an
@@ -24,6 +24,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from dataclasses import MISSING, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
@@ -34,21 +35,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from eedn.contracts import DatasetSource
-from eedn.data import DataSplits, TensorImages, stratified_holdout, subset
+from eedn.data import DataSplits, TensorImages, hold_out, subset
 from eedn.errors import EednError
+from eedn.options import option
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.24703, 0.24348, 0.26158)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-#: accepted by every source and ignored where it does not apply, so a pipeline may pass it blindly.
-SHARED_OPTIONS = ("data_dir",)
 #: shot groups of long-tailed benchmarks, by nominal train images per class: many > 100, few < 20.
 MANY_SHOT_ABOVE = 100
 FEW_SHOT_BELOW = 20
-#: a second, independent stream for splitting the validation pool into val and cal.
-_CAL_SEED_OFFSET = 1_000_003
 
 
 def default_data_dir() -> str:
@@ -57,25 +55,6 @@ def default_data_dir() -> str:
 
 
 # --------------------------------------------------------------------------------------- helpers
-
-
-def hold_out(labels: np.ndarray, pool_fraction: float, cal_fraction: float, seed: int,
-             test_fraction: float = 0.0) -> dict[str, np.ndarray]:
-    """Positions (into ``labels``) of train / val / cal, and test when ``test_fraction > 0``.
-
-    Step 1 carves test (optional) and the validation pool out of ``labels`` with one stratified
-    seeded hold-out; step 2 splits the pool into cal and val, also stratified.
-    """
-    labels = np.asarray(labels)
-    fractions = ([test_fraction] if test_fraction > 0 else []) + [pool_fraction]
-    parts = stratified_holdout(labels, fractions, seed)
-    out = {"train": parts[-1]}
-    if test_fraction > 0:
-        out["test"] = parts[0]
-    pool = parts[-2]
-    cal_pos, val_pos = stratified_holdout(labels[pool], [cal_fraction], seed + _CAL_SEED_OFFSET)
-    out["val"], out["cal"] = pool[val_pos], pool[cal_pos]
-    return out
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int]:
@@ -203,16 +182,6 @@ def cifar_transforms(image_size: int, mean: Sequence[float] | None, std: Sequenc
     return train_tf, eval_tf
 
 
-def _check_fraction(name: str, value: Any, source: str) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise EednError(f"dataset '{source}': option {name} must be a number in (0, 1), got {value!r}") from None
-    if not 0.0 < f < 1.0:
-        raise EednError(f"dataset '{source}': option {name} must be in (0, 1), got {value!r}")
-    return f
-
-
 def _check_image_size(image_size: int) -> int:
     if int(image_size) < 1:
         raise EednError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -228,23 +197,27 @@ def _require_nonempty(name: str, parts: dict[str, np.ndarray], hint: str) -> Non
 # ----------------------------------------------------------------------------------- base class
 
 
-class _Source(DatasetSource):
-    """Option checking and ``describe()`` shared by every source.
+def _fraction_option(help: str, default: float) -> Any:
+    """A declared split fraction; :meth:`_Source.fraction` also rejects the ends 0 and 1."""
+    return option(default, help + " (strictly between 0 and 1)", min=0.0, max=1.0)
 
-    Subclasses list their options with defaults in ``defaults``; unknown options are an error so a
-    typo never silently falls back to a default. ``data_key`` names the options that define the data.
+
+class _Source(DatasetSource):
+    """What every source shares: ``describe()`` (the cache key) and the open-interval fraction check.
+
+    ``data_key`` names the options that define the data; where the files live (``data_dir``) is not
+    one of them.
     """
 
     name: str = "dataset"
-    defaults: dict[str, Any] = {}
     data_key: tuple[str, ...] = ()
 
-    def __init__(self, **options: Any):
-        unknown = sorted(set(options) - set(self.defaults) - set(SHARED_OPTIONS))
-        if unknown:
-            known = ", ".join(sorted(self.defaults)) or "(none)"
-            raise EednError(f"dataset '{self.name}' has no option {', '.join(unknown)}; known: {known}")
-        super().__init__(**{**self.defaults, **options})
+    def fraction(self, name: str) -> float:
+        """A fraction option, which must leave both sides of its split non-empty."""
+        value = self.options[name]
+        if not 0.0 < value < 1.0:
+            raise EednError(f"dataset '{self.name}': option {name} must be strictly between 0 and 1, got {value}")
+        return value
 
     def describe(self) -> dict:
         return {"name": self.name, **{k: self.options[k] for k in self.data_key}}
@@ -300,18 +273,17 @@ class DigitsSource(_Source):
     default_image_size = 32
     suggested_backbone_epochs = 20
 
-    def backbone_defaults(self, backbone: str) -> dict:
-        """1 797 tiny images: the plain family names mean their tiny sizes here, so the whole
-        default job runs in about a minute on 2 CPU cores. Name a size to override."""
-        return {"size": "tiny"} if backbone in ("t2t_vit", "resnet") else {}
-    defaults = {"val_fraction": 0.3, "cal_fraction": 0.5, "test_fraction": 0.2}
+    @dataclass
+    class Options:
+        val_fraction: float = _fraction_option("share of the images held out as the validation pool", 0.3)
+        cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
+        test_fraction: float = _fraction_option("share of the images held out as test", 0.2)
+
     data_key = ("val_fraction", "cal_fraction", "test_fraction")
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
-        val_f = _check_fraction("val_fraction", self.options["val_fraction"], self.name)
-        cal_f = _check_fraction("cal_fraction", self.options["cal_fraction"], self.name)
-        test_f = _check_fraction("test_fraction", self.options["test_fraction"], self.name)
+        val_f, cal_f, test_f = (self.fraction(k) for k in ("val_fraction", "cal_fraction", "test_fraction"))
         if val_f + test_f >= 1.0:
             raise EednError(f"dataset 'digits': val_fraction + test_fraction must be < 1, got {val_f + test_f}")
         images, labels = _digits_arrays()
@@ -345,7 +317,7 @@ class CifarSource(_Source):
 
     Val pool: ``val_size`` images held out of the official train split (stratified, seeded), split
     into val and cal by ``cal_fraction``; test is the official test split. Train: resize (when not
-    32 px), random crop with ``image_size // 8`` padding, horizontal flip, normalise (spec §6).
+    32 px), random crop with ``image_size // 8`` padding, horizontal flip, normalise.
     Default image size 224, the paper's upsampled CIFAR setup.
     """
 
@@ -356,11 +328,16 @@ class CifarSource(_Source):
     channels = 3
     default_image_size = 224
     mean, std = CIFAR10_MEAN, CIFAR10_STD
-    defaults = {"val_size": 5000, "cal_fraction": 0.5}
     data_key = ("val_size", "cal_fraction")
 
+    @dataclass
+    class Options:
+        data_dir: str | None = option(None, "folder holding the dataset files (default: $EEDN_DATA_DIR or ./data)")
+        val_size: int = option(5000, "images held out of the train split as the validation pool", min=1)
+        cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
+
     def data_dir(self) -> Path:
-        return Path(self.options.get("data_dir") or default_data_dir()).expanduser()
+        return Path(self.options["data_dir"] or default_data_dir()).expanduser()
 
     def _load(self, train: bool):
         """The torchvision dataset object (images decoded as PIL on access)."""
@@ -378,18 +355,14 @@ class CifarSource(_Source):
                             f"replace it with a fresh extracted '{self.folder}' folder") from None
 
     def _val_fraction(self, n: int) -> float:
-        raw = self.options["val_size"]
-        try:
-            val_size = int(raw) if float(raw).is_integer() else -1
-        except (TypeError, ValueError):
-            val_size = -1
-        if not 0 < val_size < n:
-            raise EednError(f"dataset '{self.name}': val_size must be a whole number in 1..{n - 1}, got {raw!r}")
+        val_size = self.options["val_size"]
+        if val_size >= n:
+            raise EednError(f"dataset '{self.name}': val_size must be less than the {n} train images, got {val_size}")
         return val_size / n
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
-        cal_f = _check_fraction("cal_fraction", self.options["cal_fraction"], self.name)
+        cal_f = self.fraction("cal_fraction")
         train_base, test_base = self._load(True), self._load(False)
         train_targets = list(train_base.targets)
         parts = hold_out(np.asarray(train_targets), self._val_fraction(len(train_targets)), cal_f, seed)
@@ -415,12 +388,16 @@ class Cifar100Source(CifarSource):
     folder = "cifar-100-python"
     num_classes = 100
     mean, std = CIFAR100_MEAN, CIFAR100_STD
-    defaults = {"val_size": 10000, "cal_fraction": 0.5}
+
+    @dataclass
+    class Options(CifarSource.Options):
+        val_size: int = option(10000, "images held out of the train split as the validation pool", min=1)
 
 
 class LongTailCifarSource(CifarSource):
-    """Long-tailed CIFAR-100 (spec §6): exponential profile with ``imbalance`` (largest / smallest
-    class, default 100), per-class shuffle with ``RandomState(0)`` keeping the first n_c images.
+    """Long-tailed CIFAR-100 (LDAM, Cao et al., NeurIPS 2019): exponential profile with ``imbalance``
+    (largest / smallest class, default 100), per-class shuffle with ``RandomState(0)`` keeping the first
+    n_c images.
 
     The val pool (``val_size``, default 1 000) is held out of the long-tailed train set. The test set
     is imbalanced the same way (n_max = official test images per class) and in class order, head
@@ -434,18 +411,22 @@ class LongTailCifarSource(CifarSource):
     num_classes = 100
     mean, std = CIFAR100_MEAN, CIFAR100_STD
     n_max_train = 500
-    defaults = {"imbalance": 100, "val_size": 1000, "cal_fraction": 0.5, "test_profile": "imbalanced"}
     data_key = ("imbalance", "val_size", "cal_fraction", "test_profile")
 
+    @dataclass
+    class Options(CifarSource.Options):
+        val_size: int = option(1000, "images held out of the long-tailed train set as the validation pool", min=1)
+        imbalance: float = option(100.0, "largest / smallest class size", min=1)
+        test_profile: str = option("imbalanced", "test split: long-tailed like train (imbalanced) or the full "
+                                                 "official one (balanced)", choices=("imbalanced", "balanced"))
+
     def train_counts(self) -> list[int]:
-        return long_tail_counts(self.n_max_train, self.num_classes, float(self.options["imbalance"]))
+        return long_tail_counts(self.n_max_train, self.num_classes, self.options["imbalance"])
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
-        cal_f = _check_fraction("cal_fraction", self.options["cal_fraction"], self.name)
+        cal_f = self.fraction("cal_fraction")
         profile = self.options["test_profile"]
-        if profile not in ("imbalanced", "balanced"):
-            raise EednError(f"dataset '{self.name}': test_profile must be 'imbalanced' or 'balanced', got {profile!r}")
         counts = self.train_counts()
         train_base, test_base = self._load(True), self._load(False)
         train_targets, test_targets = list(train_base.targets), list(test_base.targets)
@@ -458,7 +439,7 @@ class LongTailCifarSource(CifarSource):
 
         test_counts = [test_targets.count(c) for c in range(self.num_classes)]
         if profile == "imbalanced":
-            test_counts = long_tail_counts(max(test_counts), self.num_classes, float(self.options["imbalance"]))
+            test_counts = long_tail_counts(max(test_counts), self.num_classes, self.options["imbalance"])
             test_idx = long_tail_indices(test_targets, test_counts, seed=0)
         else:
             test_idx = np.arange(len(test_targets), dtype=np.int64)
@@ -493,14 +474,14 @@ class LongTailCifar10Source(LongTailCifarSource):
 
 class SvhnSource(CifarSource):
     """SVHN ('train' split only, no 'extra') from ``data_dir``: ToTensor only, no normalisation and no
-    augmentation (spec §6); a 5 000-image val pool split into val and cal; test = official test."""
+    augmentation, as in the official JEI-DNN code; a 5 000-image val pool split into val and cal; test =
+    the official test split."""
 
     name = "svhn"
     label = "SVHN"
     num_classes = 10
     default_image_size = 32
     files = ("train_32x32.mat", "test_32x32.mat")
-    defaults = {"val_size": 5000, "cal_fraction": 0.5}
 
     def _load(self, train: bool):
         from torchvision import datasets
@@ -518,7 +499,7 @@ class SvhnSource(CifarSource):
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
-        cal_f = _check_fraction("cal_fraction", self.options["cal_fraction"], self.name)
+        cal_f = self.fraction("cal_fraction")
         train_base, test_base = self._load(True), self._load(False)
         train_targets = [int(t) for t in train_base.labels]
         parts = hold_out(np.asarray(train_targets), self._val_fraction(len(train_targets)), cal_f, seed)
@@ -530,7 +511,7 @@ class SvhnSource(CifarSource):
             name=self.name, num_classes=self.num_classes,
             train=subset(view, parts["train"]), val=subset(view, parts["val"]), cal=subset(view, parts["cal"]),
             test=test_view, class_names=[str(c) for c in range(10)], train_eval=subset(view, parts["train"]),
-            info=self._info(image_size, seed, augment, augmentation="none (spec §6)"),
+            info=self._info(image_size, seed, augment, augmentation="none"),
         )
 
 
@@ -616,7 +597,7 @@ def _class_dirs(folder: Path) -> list[str]:
 
 
 class ImageFolderSource(_Source):
-    """Images under ``path`` (a directory or a ``.tar.gz``) laid out as ``train/<class>/*`` and
+    """Images under ``data_dir`` (a directory or a ``.tar.gz``) laid out as ``train/<class>/*`` and
     optionally ``test/<class>/*``; class names are the sorted ``train/`` folder names.
 
     A ``.tar.gz`` is extracted once into ``cache_dir/<hash of path, size, mtime>`` (default cache
@@ -629,15 +610,21 @@ class ImageFolderSource(_Source):
 
     name = "image-folder"
     channels = 3
-    defaults = {"data_dir": None, "cache_dir": None, "val_fraction": 0.1, "cal_fraction": 0.5,
-                "test_fraction": 0.1, "mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     data_key = ("val_fraction", "cal_fraction", "test_fraction", "mean", "std")
+
+    @dataclass
+    class Options:
+        data_dir: str = option(MISSING, "a directory or .tar.gz holding train/<class>/<image files>; "
+                                         "--data-dir sets it")
+        cache_dir: str | None = option(None, "where a .tar.gz is extracted (default: ~/.cache/eedn/image-folder)")
+        val_fraction: float = _fraction_option("share of train/ held out as the validation pool", 0.1)
+        cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
+        test_fraction: float = _fraction_option("share of train/ held out as test when there is no test/", 0.1)
+        mean: list[float] = option(list(CIFAR10_MEAN), "per-channel normalisation mean (default: CIFAR-10's)")
+        std: list[float] = option(list(CIFAR10_STD), "per-channel normalisation std (default: CIFAR-10's)")
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        if not self.options["data_dir"]:
-            raise EednError("dataset 'image-folder' needs --data-dir (option data_dir): a directory or .tar.gz holding "
-                            "train/<class>/<image files>")
         self.path = Path(self.options["data_dir"]).expanduser()
         if not self.path.exists():
             raise EednError(f"image folder {self.path} does not exist; give a directory or .tar.gz holding "
@@ -647,7 +634,6 @@ class ImageFolderSource(_Source):
     def describe(self) -> dict:
         out = super().describe()
         out["path"] = str(self.path.resolve())
-        out["mean"], out["std"] = list(self.options["mean"]), list(self.options["std"])
         if self.path.is_file():
             out["archive"] = _fingerprint(self.path)
         return out
@@ -708,14 +694,14 @@ class ImageFolderSource(_Source):
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
-        val_f = _check_fraction("val_fraction", self.options["val_fraction"], self.name)
-        cal_f = _check_fraction("cal_fraction", self.options["cal_fraction"], self.name)
+        val_f = self.fraction("val_fraction")
+        cal_f = self.fraction("cal_fraction")
         tree = self.tree()
         samples = tree["train"]
         targets = [label for _, label in samples]
         test_f = 0.0
         if tree["test"] is None:
-            test_f = _check_fraction("test_fraction", self.options["test_fraction"], self.name)
+            test_f = self.fraction("test_fraction")
             if val_f + test_f >= 1.0:
                 raise EednError(f"dataset 'image-folder': val_fraction + test_fraction must be < 1, "
                                 f"got {val_f + test_f}")
@@ -731,6 +717,7 @@ class ImageFolderSource(_Source):
             train=subset(train_view, parts["train"]), val=subset(eval_view, parts["val"]),
             cal=subset(eval_view, parts["cal"]), test=test, class_names=list(tree["classes"]),
             train_eval=subset(eval_view, parts["train"]),
-            info=self._info(image_size, seed, augment, root=str(tree["root"]),
+            info=self._info(image_size, seed, augment, mean=self.options["mean"], std=self.options["std"],
+                            root=str(tree["root"]),
                             test_from=("test/" if tree["test"] is not None else f"{test_f:g} of train/")),
         )

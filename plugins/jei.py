@@ -1,11 +1,12 @@
 """JEI-DNN (Regol et al., ICLR 2024): the learned exit gate and the joint exit/inference training.
 
 The gate scores IM ``l`` with ``g_l = σ(Linear(4→1)(stats(softmax(ŷ_l))))`` on four detached
-confidence statistics (spec §2.3). The scores set *unconditional* exit probabilities, capped so their
-sum is at most 1; a sample leaves at the first exit whose hazard reaches 0.5 (spec §2.4).
+confidence statistics. The scores set *unconditional* exit probabilities, capped so their
+sum is at most 1; a sample leaves at the first exit whose hazard reaches 0.5.
 
 The strategy warms the IMs up, then alternates blocks of gate batches (cumulative BCE targets aimed
-at the most cost-effective exit, spec §3.4) and IM batches (spec §3.5), one λ per trained setting.
+at the most cost-effective exit) and IM batches, one λ per trained setting (docs/usage.md lists the
+switches).
 The backbone is frozen; in the clean profile it is a fixed feature extractor, so every epoch and
 every λ trains from cached per-exit features.
 """
@@ -14,20 +15,22 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eedn.contracts import Gate
-from eedn.strategy import StrategyResult, TrainingStrategy
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.strategy import per_exit_cross_entropy, warmup_weights
+from eedn.options import option
+from eedn.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
+                           warmup_weights)
 
 # --------------------------------------------------------------------------------------------------
-# Gate statistics and the exit rule (pure functions, unit-tested against the spec's vectors)
+# Gate statistics and the exit rule (pure functions, unit-tested on worked examples)
 # --------------------------------------------------------------------------------------------------
 
 GATE_STATISTICS = ("p_max", "entropy", "margin", "pow_entropy")
@@ -36,7 +39,7 @@ GATE_STATISTICS = ("p_max", "entropy", "margin", "pow_entropy")
 def gate_statistics(logits: Tensor) -> Tensor:
     """``[..., 4]`` = [p_max, H(p), top1 − top2, H(q)] of ``p = softmax(logits)``, with ``q ∝ p²``.
 
-    Detached on purpose: the gate must not push gradients into the IM it reads (spec §2.3).
+    Detached on purpose: the gate must not push gradients into the IM it reads.
     ``0·ln 0 = 0`` via ``xlogy``, so saturated softmaxes give finite entropies.
     """
     with torch.no_grad():
@@ -55,7 +58,7 @@ def gate_statistics(logits: Tensor) -> Tensor:
 
 
 def _capped_and_hazards(g: Tensor) -> tuple[Tensor, Tensor]:
-    """Capped exit probabilities ``[B, G]`` and hazards ``[B, G]``, following §9's loop exactly.
+    """Capped exit probabilities ``[B, G]`` and hazards ``[B, G]``, following the row-by-row rule exactly.
 
     The loop runs over exits (G is small) and is vectorised over the batch; it performs the same
     float operations in the same order as the row-by-row reference, so decisions agree bit for bit.
@@ -101,14 +104,16 @@ def jei_exit_decision(g: Tensor) -> Tensor:
 
 
 class JeiGate(Gate):
-    """One ``Linear(4, 1)`` per intermediate exit on detached confidence statistics (spec §2.3–2.4)."""
+    """One ``Linear(4, 1)`` per intermediate exit on detached confidence statistics."""
 
     trainable = True
 
+    @dataclass
+    class Options:
+        """None: the gate's parameters are learned by the strategy."""
+
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
-        if options:
-            raise EednError(f"gate 'jei' takes no options, got: {', '.join(sorted(options))}")
-        super().__init__(num_exits, num_classes)
+        super().__init__(num_exits, num_classes, **options)
         self.linears = nn.ModuleList([nn.Linear(len(GATE_STATISTICS), 1) for _ in range(num_exits)])
 
     def gate_logit(self, exit_index: int, logits: Tensor) -> Tensor:
@@ -148,7 +153,7 @@ class JeiGate(Gate):
 
 def gate_targets(per_exit_ce: Tensor, lam: float, costs: Tensor) -> tuple[Tensor, Tensor]:
     """``(l*, t)``: ``l* = first argmin_l (CE_l + λ c_l)`` over exits 0..G and cumulative targets
-    ``t_l = 1{l ≥ l*}`` for the G gates (all 0 when l* = G), spec §3.4."""
+    ``t_l = 1{l ≥ l*}`` for the G gates (all 0 when l* = G)."""
     total = per_exit_ce + lam * costs.to(per_exit_ce)
     best = total.argmin(dim=1)  # torch returns the first minimum: ties go to the earlier exit
     n_gates = per_exit_ce.shape[1] - 1
@@ -179,7 +184,7 @@ def gate_bce_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> T
 
 
 def uniform_im_loss(ce: Tensor) -> Tensor:
-    """``mean_{n,l} CE_{n,l}``: the official IM loss once its exit weighting cancels (spec §3.5)."""
+    """``mean_{n,l} CE_{n,l}``: the official IM loss once its exit weighting cancels."""
     return ce.mean()
 
 
@@ -197,8 +202,8 @@ def exit_weighted_im_loss(exit_probs: Tensor, ce: Tensor, renorm: bool = False, 
 def official_im_loss(exit_probs: Tensor, ce: Tensor) -> Tensor:
     """The official code's IM loss ``mean_{n,l}[P·L·S_n/W_n]`` with the ratio *not* detached.
 
-    Kept to document quirk 1: since ``Σ_l P·L = W_n``, it equals ``mean_n S_n / G`` and its gradient
-    w.r.t. every ``L_{n,l}`` is exactly ``1/(N·G)`` — the exit weighting has no effect.
+    Kept to document why the official loss is uniform: since ``Σ_l P·L = W_n``, it equals ``mean_n S_n / G``
+    and its gradient w.r.t. every ``L_{n,l}`` is exactly ``1/(N·G)``: the exit weighting has no effect.
     """
     s = ce.sum(1, keepdim=True)
     w = (exit_probs * ce).sum(1, keepdim=True)
@@ -209,152 +214,37 @@ def official_im_loss(exit_probs: Tensor, ce: Tensor) -> Tensor:
 # Options
 # --------------------------------------------------------------------------------------------------
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "profile": ("clean", "paper-compat"),
-    "warmup": ("fixed", "early_stop"),
-    "gate_cost": ("uniform_index", "measured", "true_macs"),
-    "im_loss": ("uniform", "exit_weighted"),
-    "pos_weight_counts": ("exact", "cumulative"),
-    "optimizers": ("separate", "shared"),
-    "select": ("last", "val_tradeoff", "pt_compat"),
-    "backbone_mode": ("eval", "train"),
+#: what each profile sets for the options declared "per profile" (explicit options still win).
+#: ``paper-compat`` reproduces the official code's behaviour (docs/usage.md, "JEI-DNN switches").
+PROFILES: dict[str, dict[str, Any]] = {
+    "clean": {"warmup": "fixed", "alternation": "auto", "gate_cost": "uniform_index", "im_loss": "uniform",
+              "pos_weight_counts": "exact", "optimizers": "separate", "select": "last", "backbone_mode": "eval",
+              "head_augment": False},
+    "paper-compat": {"warmup": "fixed", "alternation": "batches:200", "gate_cost": "uniform_index",
+                     "im_loss": "uniform", "pos_weight_counts": "exact", "optimizers": "shared",
+                     "select": "pt_compat", "backbone_mode": "train", "head_augment": True},
 }
-
-#: clean-profile defaults (spec §8: `clean` is the default profile).
-DEFAULTS: dict[str, Any] = {
-    "profile": "clean",
-    "lambda": 0.5,
-    "epochs": 15,
-    "batch_size": 64,
-    "warmup": "fixed",
-    "warmup_epochs": 3,
-    "max_warmup_epochs": 6,
-    "warmup_patience": 2,
-    "alternation": "auto",
-    "gate_cost": "uniform_index",
-    "im_loss": "uniform",
-    "im_loss_renorm": False,
-    "pos_weight_counts": "exact",
-    "optimizers": "separate",
-    "select": "last",
-    "backbone_mode": "eval",
-    "head_augment": False,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "eta_min": 2e-4,
-}
-
-#: what `profile=paper-compat` changes (spec §8.1; explicit options still win).
-PAPER_COMPAT: dict[str, Any] = {
-    "im_loss": "uniform",
-    "gate_cost": "uniform_index",
-    "backbone_mode": "train",
-    "head_augment": True,
-    "alternation": "batches:200",
-    "optimizers": "shared",
-    "warmup": "fixed",
-    "pos_weight_counts": "exact",
-    "select": "pt_compat",
-}
-
-_INT_OPTIONS = {"epochs": 1, "batch_size": 1, "warmup_epochs": 0, "max_warmup_epochs": 0, "warmup_patience": 1}
-_FLOAT_OPTIONS = {"lr": 0.0, "momentum": 0.0, "weight_decay": 0.0, "eta_min": 0.0}
-_BOOL_OPTIONS = ("im_loss_renorm", "head_augment")
 _ALTERNATION = re.compile(r"^(auto|batches:(\d+)|fraction:([0-9.eE+-]+))$")
 
 
-def _bad(name: str, value: Any, valid: str) -> EednError:
-    return EednError(f"strategy 'jei': invalid {name}={value!r}; valid: {valid}")
+def _per_profile(help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """An option whose default comes from :data:`PROFILES`."""
+    return option(None, f"{help} (default: per profile)", choices=choices)
 
 
-def _parse_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise _bad(name, value, "true or false")
-
-
-def parse_lambdas(value: Any) -> list[float]:
-    """λ as a float, a list of floats or a comma string ``"0.01,0.5,2"`` -> a non-empty list ≥ 0."""
-    items = value.split(",") if isinstance(value, str) else (value if isinstance(value, (list, tuple)) else [value])
-    try:
-        lams = [float(v) for v in items if not (isinstance(v, str) and not v.strip())]
-    except (TypeError, ValueError):
-        raise _bad("lambda", value, "a number >= 0, a list of them, or a comma list like 0.01,0.5,2") from None
-    if not lams or any(not math.isfinite(l) or l < 0 for l in lams):
-        raise _bad("lambda", value, "a number >= 0, a list of them, or a comma list like 0.01,0.5,2")
-    return lams
-
-
-def _check_alternation(value: Any) -> str:
-    text = str(value).strip()
-    m = _ALTERNATION.match(text)
+def _check_alternation(value: str) -> None:
+    m = _ALTERNATION.match(value)
     ok = m is not None
     if ok and m.group(2) is not None:
         ok = int(m.group(2)) >= 1
     if ok and m.group(3) is not None:
         try:
-            f = float(m.group(3))
-            ok = 0 < f <= 1
+            ok = 0 < float(m.group(3)) <= 1
         except ValueError:
             ok = False
     if not ok:
-        raise _bad("alternation", value, "auto, batches:N (N >= 1) or fraction:F (0 < F <= 1)")
-    return text
-
-
-def resolve_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Defaults, then the profile, then the user's explicit options, all validated."""
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise EednError(f"strategy 'jei': unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(DEFAULTS))}")
-    profile = str(options.get("profile", DEFAULTS["profile"]))
-    if profile not in _CHOICES["profile"]:
-        raise _bad("profile", profile, ", ".join(_CHOICES["profile"]))
-    resolved = dict(DEFAULTS) | (PAPER_COMPAT if profile == "paper-compat" else {}) | dict(options)
-    resolved["profile"] = profile
-    for name, choices in _CHOICES.items():
-        if resolved[name] not in choices:
-            raise _bad(name, resolved[name], ", ".join(choices))
-    for name, low in _INT_OPTIONS.items():
-        v = resolved[name]
-        try:
-            iv = int(v)
-            if isinstance(v, bool) or float(v) != iv or iv < low:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise _bad(name, v, f"an integer >= {low}") from None
-        resolved[name] = iv
-    for name, low in _FLOAT_OPTIONS.items():
-        v = resolved[name]
-        try:
-            fv = float(v)
-            if isinstance(v, bool) or not math.isfinite(fv) or fv < low:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise _bad(name, v, f"a number >= {low:g}") from None
-        resolved[name] = fv
-    for name in _BOOL_OPTIONS:
-        resolved[name] = _parse_bool(name, resolved[name])
-    resolved["alternation"] = _check_alternation(resolved["alternation"])
-    raw = resolved["lambda"]
-    lams = parse_lambdas(raw)
-    as_list = isinstance(raw, (list, tuple)) or (isinstance(raw, str) and "," in raw)
-    resolved["lambda"] = lams if as_list else lams[0]  # keep the shape the user gave, for the record
-    if resolved["im_loss_renorm"] and resolved["im_loss"] != "exit_weighted":
-        raise EednError("strategy 'jei': im_loss_renorm=true only applies to im_loss=exit_weighted; "
-                        "set im_loss=exit_weighted or drop im_loss_renorm")
-    if resolved["warmup"] == "fixed" and resolved["epochs"] <= resolved["warmup_epochs"]:
-        raise EednError(f"strategy 'jei': epochs={resolved['epochs']} counts warm-up plus main epochs and must "
-                        f"exceed warmup_epochs={resolved['warmup_epochs']}")
-    if resolved["warmup"] == "early_stop" and resolved["epochs"] < 2:
-        raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
-    return resolved
+        raise EednError(f"strategy 'jei': invalid alternation={value!r}; valid: auto, batches:N (N >= 1) or "
+                        "fraction:F (0 < F <= 1)")
 
 
 def alternation_block(spec: str, batches_per_epoch: int) -> int:
@@ -382,7 +272,7 @@ def _final_logits(model: EarlyExitModel, feats: list[Tensor]) -> Tensor:
 class _Validation:
     """Val (V_sel) features held once on the device; every post-epoch evaluation reads them."""
 
-    def __init__(self, context, chunk: int = 8192):
+    def __init__(self, context: FitContext, chunk: int = 8192):
         fs = context.features.features("val")  # eval-mode features even when training runs in train mode
         self.feats = [f.float().to(context.device) for f in fs.feats]
         self.labels = fs.labels.to(context.device)
@@ -402,33 +292,79 @@ class _Validation:
 
 
 class JeiStrategy(TrainingStrategy):
-    """JEI-DNN: IM warm-up, then gate/IM alternation for each λ (one trained setting per λ)."""
+    """JEI-DNN: IM warm-up, then gate/IM alternation for each λ (one trained setting per λ).
+
+    Options marked "per profile" are filled from :data:`PROFILES`; ``self.options`` and ``describe()``
+    hold the fully resolved values, so a run records them and reloading with them rebuilds the same
+    strategy.
+    """
 
     default_gate = "jei"
     trains_backbone = False
     tradeoff_option = "lambda"
 
+    @dataclass
+    class Options:
+        profile: str = option("clean", "clean (eedn's defaults) or paper-compat (the official code's choices)",
+                              choices=tuple(PROFILES))
+        lambda_: float | list[float] = option(0.5, "cost trade-off λ of the gate targets; a list trains one "
+                                                    "setting per λ", min=0)
+        epochs: int = option(15, "total epochs per λ, warm-up included", min=1)
+        batch_size: int = option(64, "training batch size", min=1)
+        warmup: str | None = _per_profile("fixed (warmup_epochs) or early_stop (per-IM patience)",
+                                          ("fixed", "early_stop"))
+        warmup_epochs: int = option(3, "fixed warm-up length (constant lr)", min=0)
+        max_warmup_epochs: int = option(6, "most warm-up epochs with warmup=early_stop", min=0)
+        warmup_patience: int = option(2, "epochs without val gain before an IM stops (early_stop)", min=1)
+        alternation: str | None = _per_profile("gate/IM phase blocks: auto (min(200, half an epoch) batches), "
+                                               "batches:N or fraction:F")
+        gate_cost: str | None = _per_profile("cost c_l in the gate targets: (l+1)/(G+1) (uniform_index) or "
+                                             "MACs / final MACs (measured, true_macs)",
+                                             ("uniform_index", "measured", "true_macs"))
+        im_loss: str | None = _per_profile("IM loss: plain mean CE (uniform, the official effective loss) or "
+                                           "Σ sg(P)·CE (exit_weighted)", ("uniform", "exit_weighted"))
+        im_loss_renorm: bool = option(False, "with im_loss=exit_weighted: rescale to the uniform loss's magnitude")
+        pos_weight_counts: str | None = _per_profile("gate pos-weights from exact-exit or cumulative counts",
+                                                     ("exact", "cumulative"))
+        optimizers: str | None = _per_profile("one SGD per phase (separate) or one for both (shared)",
+                                              ("separate", "shared"))
+        select: str | None = _per_profile("setting kept per λ: the last epoch, the best val accuracy − λ·cost "
+                                          "(val_tradeoff) or the paper-time rule (pt_compat)",
+                                          ("last", "val_tradeoff", "pt_compat"))
+        backbone_mode: str | None = _per_profile("frozen backbone in eval mode (cacheable) or train mode "
+                                                 "(dropout, DropPath on)", ("eval", "train"))
+        head_augment: bool | None = _per_profile("train the heads on augmented images (no feature cache)")
+        lr: float = option(0.01, "SGD learning rate", min=0)
+        momentum: float = option(0.9, "SGD momentum", min=0)
+        weight_decay: float = option(5e-4, "SGD weight decay", min=0)
+        eta_min: float = option(2e-4, "final lr of the cosine schedule after the warm-up", min=0)
+
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self.options = resolve_options(options)  # resolved: profile applied, so describe() records it all
+        profile = PROFILES[self.options["profile"]]
+        self.options = {k: profile[k] if v is None and k in profile else v for k, v in self.options.items()}
+        self._check_relations()
 
-    @property
-    def backbone_mode(self) -> str:
-        return self.options["backbone_mode"]
-
-    @property
-    def head_augment(self) -> bool:
-        return self.options["head_augment"]
+    def _check_relations(self) -> None:
+        """What the declaration cannot say: the alternation syntax and how options constrain each other."""
+        o = self.options
+        _check_alternation(o["alternation"])
+        if o["im_loss_renorm"] and o["im_loss"] != "exit_weighted":
+            raise EednError("strategy 'jei': im_loss_renorm=true only applies to im_loss=exit_weighted; "
+                            "set im_loss=exit_weighted or drop im_loss_renorm")
+        if o["warmup"] == "fixed" and o["epochs"] <= o["warmup_epochs"]:
+            raise EednError(f"strategy 'jei': epochs={o['epochs']} counts warm-up plus main epochs and must "
+                            f"exceed warmup_epochs={o['warmup_epochs']}")
+        if o["warmup"] == "early_stop" and o["epochs"] < 2:
+            raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
 
     @property
     def lambdas(self) -> list[float]:
-        return parse_lambdas(self.options["lambda"])
-
-    def describe(self) -> dict:
-        return dict(self.options)
+        lam = self.options["lambda"]
+        return list(lam) if isinstance(lam, list) else [lam]
 
     # ---------------------------------------------------------------- fit
-    def fit(self, model: EarlyExitModel, context) -> StrategyResult:
+    def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         opts = self.options
         gate = model.gate
         if not isinstance(gate, JeiGate):
@@ -457,8 +393,8 @@ class JeiStrategy(TrainingStrategy):
         model.load_heads_state_dict(settings[-1][1])
         return StrategyResult(settings=settings, history=history)
 
-    # ---------------------------------------------------------------- warm-up (spec §3.2)
-    def _warmup(self, model: EarlyExitModel, context, val: _Validation, history: list[dict]) -> int:
+    # ---------------------------------------------------------------- warm-up
+    def _warmup(self, model: EarlyExitModel, context: FitContext, val: _Validation, history: list[dict]) -> int:
         opts = self.options
         g = len(model.ims)
         early = opts["warmup"] == "early_stop"
@@ -485,10 +421,12 @@ class JeiStrategy(TrainingStrategy):
                 with torch.no_grad():
                     final_ce = F.cross_entropy(_final_logits(model, feats).float(), y)
                 loss = (ce * weights).sum(1).mean()
+                value = loss.item()
+                check_finite(value, "jei warm-up", epoch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += (loss.item() + float(final_ce)) * len(y)
+                total += (value + float(final_ce)) * len(y)
                 count += len(y)
             run += 1
             logits, scores = val.outputs(model)
@@ -511,6 +449,8 @@ class JeiStrategy(TrainingStrategy):
                         frozen[l] = True
                 entry["frozen"] = list(frozen)
             history.append(entry)
+            context.progress.epoch("jei warm-up", epoch, epochs, loss=entry["loss"],
+                                   val_gated_accuracy=entry["val_gated_accuracy"])
         if early:
             for l in range(g):
                 if not frozen[l]:
@@ -518,8 +458,8 @@ class JeiStrategy(TrainingStrategy):
             model.ims.requires_grad_(True)
         return run
 
-    # ---------------------------------------------------------------- alternation (spec §3.3–3.6)
-    def _alternate(self, model: EarlyExitModel, context, val: _Validation, lam: float, costs: Tensor,
+    # ---------------------------------------------------------------- alternation
+    def _alternate(self, model: EarlyExitModel, context: FitContext, val: _Validation, lam: float, costs: Tensor,
                    macs: Tensor, first_epoch: int, history: list[dict]) -> dict:
         opts = self.options
         torch.manual_seed(context.seed)  # every λ starts from the same state, as if run alone
@@ -576,10 +516,12 @@ class JeiStrategy(TrainingStrategy):
                         with torch.no_grad():
                             probs = gate.exit_probabilities(torch.sigmoid(gate.gate_logits(im)))[:, :g]
                         loss = exit_weighted_im_loss(probs, ce, renorm=opts["im_loss_renorm"])
+                value = loss.item()
+                check_finite(value, f"jei λ={lam:g}", epoch)
                 opt.zero_grad(set_to_none=set_to_none)
                 loss.backward()
                 opt.step()
-                sums[phase] += loss.item() * len(y)
+                sums[phase] += value * len(y)
                 counts[phase] += len(y)
 
             # after every post-warm-up epoch: evaluate on val, refresh pos-weights, step the schedule
@@ -604,6 +546,9 @@ class JeiStrategy(TrainingStrategy):
                 "pos_weights": pos_weight.tolist(),
             }
             history.append(entry)
+            context.progress.epoch(f"jei λ={lam:g}", epoch, total_epochs, gate_loss=entry["gate_loss"],
+                                   im_loss=entry["im_loss"], val_gated_accuracy=acc,
+                                   val_macs_fraction=entry["val_macs_fraction"])
 
             if opts["select"] == "val_tradeoff":
                 score = acc - lam * mean_cost

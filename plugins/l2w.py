@@ -1,11 +1,10 @@
 """L2W-DEN (Han et al., ECCV 2022, "Learning to Weight Samples for Dynamic Early-exiting Networks")
-on a frozen backbone (spec §4.3).
+on a frozen backbone.
 
 A weight net ``MLP(G → 500 → G)`` (ReLU hidden layer, tanh output) reads a sample's per-IM CE losses
 (detached) and outputs ``m`` ``[B, G]``. The per-sample, per-IM loss weights are
-``w = 1 + 0.3·(m − mean(m))`` where the mean runs over the whole ``[B, G]`` batch matrix. (Reading of
-the spec line "Input: the sample's per-IM CE losses m; weights w = 1 + 0.3·(m − mean(m))": ``m`` in the
-weight formula is the weight net's tanh output, not its CE input — otherwise the net would be unused.)
+``w = 1 + 0.3·(m − mean(m))`` where the mean runs over the whole ``[B, G]`` batch matrix. (``m`` in the
+weight formula is the weight net's tanh output, not its CE input: otherwise the net would be unused.)
 The training loss of a batch is ``mean_n Σ_l w_{n,l}·CE_{n,l}`` over the IMs (the final head is frozen).
 
 Each batch is split into halves A and B. Every ``meta_interval`` iterations (the first included) a
@@ -21,19 +20,18 @@ epoch with the best val accuracy of the last IM (``select``).
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from eedn.strategy import StrategyResult, TrainingStrategy
-from eedn.data import DataSplits
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.strategy import FitContext, per_exit_cross_entropy, sgd
-from eedn_plugins.sdn import resolve_options, selection_metric, train_batches, val_exit_accuracy
+from eedn.options import option
+from eedn.strategy import FitContext, StrategyResult, TrainingStrategy, per_exit_cross_entropy, sgd, train_heads
+from eedn_plugins.heads import SGDHeadOptions
 
 
 class WeightNet(nn.Module):
@@ -84,74 +82,72 @@ class L2WStrategy(TrainingStrategy):
     """IMs trained with per-sample weights from a meta-learned weight net."""
 
     default_gate = "max_prob"
-    DEFAULTS: dict[str, Any] = {
-        "epochs": 15, "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-        "meta_lr": 1e-4, "meta_weight_decay": 1e-4, "meta_interval": 100, "hidden": 500,
-        "weight_scale": 0.3, "meta_q": 0.75, "select": "last_im",
-    }
 
-    def __init__(self, **options: Any):
-        super().__init__(**options)
-        self.opts = resolve_options("l2w", self.DEFAULTS, options)
-        if not isinstance(self.opts["meta_interval"], int) or self.opts["meta_interval"] < 1:
-            raise EednError(f"l2w option meta_interval must be a positive integer, got {self.opts['meta_interval']!r}")
+    @dataclass
+    class Options(SGDHeadOptions):
+        meta_lr: float = option(1e-4, "Adam learning rate of the weight net (cosine to 0)", min=0)
+        meta_weight_decay: float = option(1e-4, "Adam weight decay of the weight net", min=0)
+        meta_interval: int = option(100, "iterations between meta steps (the first iteration has one)", min=1)
+        hidden: int = option(500, "hidden width of the weight net", min=1)
+        weight_scale: float = option(0.3, "scale of the sample weights: w = 1 + scale·(m − mean(m))", min=0)
+        meta_q: float = option(0.75, "exit shares of the meta loss ∝ meta_q^k", min=0)
 
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
-        o = self.opts
+        o = self.options
         torch.manual_seed(context.seed)
         model.backbone.requires_grad_(False)
         g = len(model.ims)
         if g == 0:
             raise EednError("l2w needs at least one intermediate exit")
-        wnet = WeightNet(g, int(o["hidden"])).to(context.device)
+        wnet = WeightNet(g, o["hidden"]).to(context.device)
         self.weight_net = wnet  # kept for inspection; it plays no part at inference
         opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
         meta_opt = torch.optim.Adam(wnet.parameters(), lr=o["meta_lr"], weight_decay=o["meta_weight_decay"])
-        shares = meta_target_shares(g, float(o["meta_q"]))
+        shares = meta_target_shares(g, o["meta_q"])
         total_steps = o["epochs"] * context.features.num_batches("train", o["batch_size"])
-        step, history = 0, []
-        best_metric, best_state = None, None
-        for epoch in range(o["epochs"]):
-            model.ims.train()
-            total, count, meta_losses = 0.0, 0, []
-            for feats, y in context.progress.track(train_batches(context, o["batch_size"], epoch, self.head_augment),
-                                                   f"L2W-DEN epoch {epoch + 1}/{o['epochs']}"):
-                lr = cosine(o["lr"], step, total_steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                for group in meta_opt.param_groups:
-                    group["lr"] = cosine(o["meta_lr"], step, total_steps)
-                half = (len(y) + 1) // 2
-                a = ([f[:half] for f in feats], y[:half])
-                b = ([f[half:] for f in feats], y[half:])
-                if step % o["meta_interval"] == 0 and len(b[1]) > 0:
-                    meta_losses.append(self._meta_step(model, wnet, opt, meta_opt, a, b, lr, shares))
-                for fs, ys in (a, b):
-                    if len(ys) == 0:
-                        continue
-                    ce = per_exit_cross_entropy(model.im_logits(fs), ys)
-                    with torch.no_grad():
-                        w = l2w_sample_weights(wnet(ce.detach()), float(o["weight_scale"]))
-                    loss = (w * ce).sum(1).mean()
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total, count = total + float(loss.detach()) * len(ys), count + len(ys)
-                step += 1
-            val_acc = val_exit_accuracy(model, context)
-            metric = selection_metric(val_acc, o["select"])
-            if best_state is None or metric is None or metric > best_metric:
-                best_metric, best_state = metric, model.heads_state_dict()
-            history.append({"phase": "l2w", "epoch": epoch, "loss": total / max(count, 1), "lr": lr,
-                            "meta_loss": sum(meta_losses) / len(meta_losses) if meta_losses else None,
-                            "val_accuracy": val_acc.tolist()})
-        model.load_heads_state_dict(best_state)
+        iteration, lr, meta_losses = 0, o["lr"], []
+
+        def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
+            """A meta step every ``meta_interval`` iterations, then one main step on each half."""
+            nonlocal iteration, lr
+            lr = cosine(o["lr"], iteration, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            for group in meta_opt.param_groups:
+                group["lr"] = cosine(o["meta_lr"], iteration, total_steps)
+            half = (len(y) + 1) // 2
+            a = ([f[:half] for f in feats], y[:half])
+            b = ([f[half:] for f in feats], y[half:])
+            if iteration % o["meta_interval"] == 0 and len(b[1]) > 0:
+                meta_losses.append(self._meta_step(model, wnet, opt, meta_opt, a, b, lr, shares))
+            total = 0.0
+            for fs, ys in (a, b):
+                if len(ys) == 0:
+                    continue
+                ce = per_exit_cross_entropy(model.im_logits(fs), ys)
+                with torch.no_grad():
+                    w = l2w_sample_weights(wnet(ce.detach()), o["weight_scale"])
+                loss = (w * ce).sum(1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(ys)
+            iteration += 1
+            return total / len(y)
+
+        def end_epoch(epoch: int) -> dict:
+            mean_meta = sum(meta_losses) / len(meta_losses) if meta_losses else None
+            meta_losses.clear()
+            return {"lr": lr, "meta_loss": mean_meta}
+
+        history = train_heads(model, context, name="l2w", epochs=o["epochs"], batch_size=o["batch_size"], step=step,
+                              select=o["select"], augmented=self.head_augment, end_epoch=end_epoch)
         return StrategyResult(settings=[("l2w", model.heads_state_dict())], history=history)
 
     def _meta_step(self, model: EarlyExitModel, wnet: WeightNet, opt: torch.optim.SGD, meta_opt: torch.optim.Adam,
                    a: tuple[list[Tensor], Tensor], b: tuple[list[Tensor], Tensor], lr: float, shares: Tensor) -> float:
         """One look-ahead SGD step of the IMs on A, meta loss on B, one Adam step of the weight net."""
-        o = self.opts
+        o = self.options
         g = len(model.ims)
         params = dict(model.ims.named_parameters())
 
@@ -164,7 +160,7 @@ class L2WStrategy(TrainingStrategy):
             return torch.stack(cols, dim=1)
 
         ce_a = per_exit_cross_entropy(logits_with(params, a[0]), a[1])
-        w = l2w_sample_weights(wnet(ce_a.detach()), float(o["weight_scale"]))
+        w = l2w_sample_weights(wnet(ce_a.detach()), o["weight_scale"])
         loss_a = (w * ce_a).sum(1).mean()
         names = list(params)
         grads = torch.autograd.grad(loss_a, [params[n] for n in names], create_graph=True)

@@ -3,7 +3,7 @@
 Every model here has the same shape, so one :class:`ResNetBackbone` serves them all: a stem
 (``conv1``, ``bn1``, ``relu``, ``maxpool``), residual layers ``layer1..layerK`` of blocks, a global
 average pool and a linear ``fc``. Attribute names follow torchvision, so a torchvision ResNet state
-dict loads unchanged (``checkpoint=...``) when the stem was not adapted.
+dict loads unchanged (``--backbone-checkpoint``) when the stem was not adapted.
 
 Exits (option ``exits``):
 
@@ -24,6 +24,8 @@ Choices worth knowing:
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -31,12 +33,21 @@ from torch import Tensor, nn
 
 from eedn.contracts import Backbone, InputSpec, State
 from eedn.errors import EednError
-from eedn.io import load_checkpoint
+from eedn.io import load_checkpoint, load_state_dict_strict
+from eedn.options import option
 
 EXIT_MODES = ("block", "stage")
-OPTIONS = ("exits", "checkpoint")
 MIN_IMAGE_SIZE = 8
 SMALL_IMAGE_SIZE = 64  # at or below: CIFAR-style stem for torchvision ResNets; `resnet` picks ResNet-20
+
+
+@dataclass
+class ResNetOptions:
+    """The options of every ResNet."""
+
+    exits: str | None = option(None, "block: one exit per residual block; stage: one per residual layer "
+                                     "(default: block for CIFAR ResNets, stage for torchvision ones)",
+                               choices=EXIT_MODES)
 
 
 class BasicBlock(nn.Module):
@@ -86,8 +97,10 @@ class ResNetBackbone(Backbone):
         num_classes: int,
         input_spec: InputSpec,
         exits: str,
+        display_name: str,
     ):
         super().__init__()
+        self._display_name = display_name
         self.conv1 = conv1
         self.bn1 = bn1
         self.relu = nn.ReLU(inplace=True)
@@ -120,56 +133,28 @@ class ResNetBackbone(Backbone):
     def head(self, features: Tensor) -> Tensor:
         return self.fc(features)
 
+    def load_pretrained(self, path: str | os.PathLike) -> None:
+        """Weights of this exact model, strictly: a plain state dict, eedn's backbone cache (``model``) or a
+        run directory's ``weights.pt`` (``backbone``). A torchvision ResNet's own state dict loads too when
+        the stem was not adapted (3 channels, > 64 px)."""
+        blob = load_checkpoint(path)
+        for key in ("backbone", "model", "state_dict"):
+            if isinstance(blob, dict) and isinstance(blob.get(key), dict):
+                blob = blob[key]
+                break
+        spec = self.input_spec
+        load_state_dict_strict(self, blob, f"checkpoint {path} (for {self.display_name}, {self.num_classes} "
+                                           f"classes, {spec.channels}-channel {spec.image_size} px images)")
 
-def _check_common(num_classes: int, image_size: int, in_channels: int, options: dict[str, Any], default_exits: str) -> str:
-    """Validate the factory arguments a user controls; return the exit mode."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise EednError(f"unknown resnet option(s) {', '.join(unknown)}; allowed: {', '.join(OPTIONS)}")
+
+def _check_arguments(num_classes: int, image_size: int, in_channels: int) -> None:
+    """The data-given factory arguments (the options are checked by their declaration)."""
     if int(num_classes) < 1:
         raise EednError(f"num_classes must be at least 1, got {num_classes}")
     if int(in_channels) < 1:
         raise EednError(f"in_channels must be at least 1, got {in_channels}")
     if int(image_size) < MIN_IMAGE_SIZE:
         raise EednError(f"image_size {image_size} is too small for a ResNet; use at least {MIN_IMAGE_SIZE} px")
-    exits = options.get("exits") or default_exits
-    if exits not in EXIT_MODES:
-        raise EednError(f"invalid resnet option exits={exits!r}; allowed: {', '.join(EXIT_MODES)}")
-    return exits
-
-
-def _load_checkpoint_option(model: ResNetBackbone, checkpoint: Any, name: str) -> None:
-    """Load a strict state dict of this exact model; a mismatch is one clear line."""
-    if checkpoint in (None, ""):
-        return
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state, dict):
-        raise EednError(f"checkpoint {checkpoint} holds a {type(state).__name__}, not a state dict of {name}")
-    result = _try_load(model, state)
-    if result is not None:
-        raise EednError(f"checkpoint {checkpoint} does not fit {name} "
-                        f"(num_classes={model.num_classes}, image_size={model.input_spec.image_size}, "
-                        f"in_channels={model.input_spec.channels}): {result}")
-
-
-def _try_load(model: nn.Module, state: dict) -> str | None:
-    """Strict load; on failure a short summary of what did not match (None on success)."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and isinstance(state[k], Tensor) and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
-            if keys:
-                shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
-                parts.append(f"{label}: {shown}")
-        return "; ".join(parts)
-    try:
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, TypeError) as exc:
-        return str(exc).splitlines()[0][:200]
-    return None
 
 
 def build_cifar_resnet(
@@ -178,11 +163,11 @@ def build_cifar_resnet(
     num_classes: int,
     image_size: int,
     in_channels: int = 3,
-    name: str = "cifar_resnet",
-    **options: Any,
+    exits: str | None = None,
+    display_name: str = "CIFAR ResNet",
 ) -> ResNetBackbone:
     """He et al. (2016) CIFAR ResNet-(6n+2): 3x3 stem, 3 layers of n basic blocks, strides 1/2/2."""
-    exits = _check_common(num_classes, image_size, in_channels, options, default_exits="block")
+    _check_arguments(num_classes, image_size, in_channels)
     conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
     bn1 = nn.BatchNorm2d(widths[0])
     layers = []
@@ -196,9 +181,8 @@ def build_cifar_resnet(
         layers.append(nn.Sequential(*blocks))
     fc = nn.Linear(widths[-1], num_classes)
     model = ResNetBackbone(conv1, bn1, nn.Identity(), layers, fc, num_classes,
-                           InputSpec(in_channels, image_size), exits)
+                           InputSpec(in_channels, image_size), exits or "block", display_name)
     _init_cifar(model)
-    _load_checkpoint_option(model, options.get("checkpoint"), name)
     return model
 
 
@@ -217,12 +201,12 @@ def build_torchvision_resnet(
     num_classes: int,
     image_size: int,
     in_channels: int = 3,
-    **options: Any,
+    exits: str | None = None,
 ) -> ResNetBackbone:
     """torchvision ResNet-18/50 (random init), split at its four layers (or at every block)."""
     import torchvision
 
-    exits = _check_common(num_classes, image_size, in_channels, options, default_exits="stage")
+    _check_arguments(num_classes, image_size, in_channels)
     net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     conv1, maxpool = net.conv1, net.maxpool
     if image_size <= SMALL_IMAGE_SIZE:
@@ -233,10 +217,8 @@ def build_torchvision_resnet(
     if conv1 is not net.conv1:
         nn.init.kaiming_normal_(conv1.weight, mode="fan_out", nonlinearity="relu")
     layers = [net.layer1, net.layer2, net.layer3, net.layer4]
-    model = ResNetBackbone(conv1, net.bn1, maxpool, layers, net.fc, num_classes,
-                           InputSpec(in_channels, image_size), exits)
-    _load_checkpoint_option(model, options.get("checkpoint"), arch)
-    return model
+    return ResNetBackbone(conv1, net.bn1, maxpool, layers, net.fc, num_classes, InputSpec(in_channels, image_size),
+                          exits or "stage", f"ResNet-{arch.removeprefix('resnet')}")
 
 
 def _cifar_factory(depth: int) -> Callable[..., ResNetBackbone]:
@@ -244,10 +226,11 @@ def _cifar_factory(depth: int) -> Callable[..., ResNetBackbone]:
 
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
         return build_cifar_resnet(n, (16, 32, 64), num_classes, image_size, in_channels,
-                                  name=f"resnet{depth}", **options)
+                                  display_name=f"ResNet-{depth}", **options)
 
     factory.__name__ = f"resnet{depth}"
     factory.__doc__ = f"CIFAR ResNet-{depth} ({n} basic blocks per stage, widths 16/32/64)."
+    factory.Options = ResNetOptions
     return factory
 
 
@@ -257,6 +240,7 @@ def _torchvision_factory(arch: str) -> Callable[..., ResNetBackbone]:
 
     factory.__name__ = arch
     factory.__doc__ = f"torchvision {arch} with eedn stages at its four layers."
+    factory.Options = ResNetOptions
     return factory
 
 
@@ -270,20 +254,30 @@ resnet50 = _torchvision_factory("resnet50")
 
 def resnet_tiny(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
     """CIFAR-style ResNet-8 with widths 8/16/32: three stages in block mode, for fast tests."""
-    return build_cifar_resnet(1, (8, 16, 32), num_classes, image_size, in_channels, name="resnet_tiny", **options)
+    return build_cifar_resnet(1, (8, 16, 32), num_classes, image_size, in_channels, display_name="ResNet-8 (tiny)",
+                              **options)
 
 
-def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str | int = "auto",
+resnet_tiny.Options = ResNetOptions
+SIZES: dict[str, Callable[..., ResNetBackbone]] = {"tiny": resnet_tiny, "20": resnet20, "32": resnet32,
+                                                   "56": resnet56, "110": resnet110, "18": resnet18, "50": resnet50}
+
+
+@dataclass
+class ResNetFamilyOptions(ResNetOptions):
+    size: str = option("auto", "tiny, 20, 32, 56, 110 (CIFAR), 18, 50 (torchvision); auto: tiny for 1-channel "
+                               "inputs of <= 32 px, ResNet-20 up to 64 px, else ResNet-18",
+                       choices=("auto", *SIZES))
+
+
+def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str = "auto",
            **options: Any) -> ResNetBackbone:
-    """The family by size: ``size`` in auto, tiny, 20, 32, 56, 110, 18, 50. ``auto`` is ResNet-20 for
-    small images (<= 64 px) and ResNet-18 for larger ones."""
-    sizes = {"tiny": resnet_tiny, "20": resnet20, "32": resnet32, "56": resnet56, "110": resnet110,
-             "18": resnet18, "50": resnet50}
-    if str(size) == "auto":  # tiny for digits-like data (1 channel, <= 32 px), as the T2T-ViT family does
+    """The family by ``size``; ``auto`` picks tiny for digits-like data (1 channel, <= 32 px), as the
+    T2T-ViT family does, ResNet-20 for other small images (<= 64 px) and ResNet-18 for larger ones."""
+    if size == "auto":
         tiny = in_channels == 1 and image_size <= 32
-        factory = resnet_tiny if tiny else resnet20 if image_size <= SMALL_IMAGE_SIZE else resnet18
-    elif str(size) in sizes:
-        factory = sizes[str(size)]
-    else:
-        raise EednError(f"unknown ResNet size {size!r}; known: auto, {', '.join(sizes)}")
-    return factory(num_classes, image_size, in_channels, **options)
+        size = "tiny" if tiny else "20" if image_size <= SMALL_IMAGE_SIZE else "18"
+    return SIZES[size](num_classes, image_size, in_channels, **options)
+
+
+resnet.Options = ResNetFamilyOptions

@@ -10,75 +10,29 @@ On a frozen backbone (default) the IMs have disjoint parameters, so the weights 
 IM's step. With ``train_backbone=True`` the backbone trains too (live, on augmented images), the final
 head joins the loss with weight 1, and the backbone keeps its selected weights in place after
 ``fit``; the returned setting holds the heads only.
-
-This file also holds the small helpers the other baseline strategies (BoostNet, L2W-DEN) share.
 """
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from eedn.strategy import StrategyResult, TrainingStrategy
-from eedn.data import DataSplits
-from eedn.errors import EednError
 from eedn.model import EarlyExitModel
-from eedn.features import compute_split_outputs
-from eedn.strategy import FitContext, per_exit_cross_entropy, sgd
-
-COMMON_OPTIONS = ("backbone_mode", "head_augment")  # read by the base TrainingStrategy / pipeline
-#: checkpoint choice: best val accuracy of the last IM, of the final exit, or simply the last epoch.
-SELECT_CHOICES = ("last_im", "final", "last")
+from eedn.options import option
+from eedn.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
+                           selection_metric, sgd, train_heads)
+from eedn_plugins.heads import SGDHeadOptions, cosine_schedule
 
 
-# ------------------------------------------------------------------------------------ shared helpers
-def resolve_options(strategy: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with the user's options; an unknown name is a one-line EednError."""
-    unknown = sorted(set(given) - set(defaults) - set(COMMON_OPTIONS))
-    if unknown:
-        known = ", ".join(sorted(set(defaults) | set(COMMON_OPTIONS)))
-        raise EednError(f"unknown option(s) for strategy '{strategy}': {', '.join(unknown)}; known: {known}")
-    opts = dict(defaults) | {k: v for k, v in given.items() if k in defaults}
-    for key in ("epochs", "batch_size"):
-        if key in opts and (not isinstance(opts[key], int) or isinstance(opts[key], bool) or opts[key] < 1):
-            raise EednError(f"strategy '{strategy}' option {key} must be a positive integer, got {opts[key]!r}")
-    if "select" in opts and opts["select"] not in SELECT_CHOICES:
-        raise EednError(f"strategy '{strategy}' option select must be one of {', '.join(SELECT_CHOICES)}, "
-                        f"got {opts['select']!r}")
-    return opts
-
-
-def selection_metric(val_accuracy: Tensor, select: str) -> float | None:
-    """The val number a checkpoint is chosen on: the last IM's or the final exit's accuracy (None: keep
-    the last epoch)."""
-    if select == "last":
-        return None
-    return float(val_accuracy[-2] if select == "last_im" and len(val_accuracy) > 1 else val_accuracy[-1])
-
-
-def val_exit_accuracy(model: EarlyExitModel, context: FitContext) -> Tensor:
-    """Per-exit val accuracy ``[E]`` of the model as it reports its exits (combiner included)."""
-    out = compute_split_outputs(model, context.features, "val", context.exit_macs, context.full_macs)
-    return out.exit_accuracy()
-
-
-def train_batches(context: FitContext, batch_size: int, epoch: int, augmented: bool):
-    return context.features.batches("train", batch_size, shuffle=True, seed=context.seed, epoch=epoch,
-                                    augmented=augmented)
-
-
-# ------------------------------------------------------------------------------------------- SDN
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:
-    """``c_l`` for IMs 0..G-1: relative position by cumulative MACs or by index."""
+    """``c_l`` for IMs 0..G-1: relative position by cumulative MACs (``macs``) or by index (``index``)."""
     if kind == "macs":
         macs = torch.as_tensor(context.exit_macs, dtype=torch.float64)
         return (macs[:num_ims] / macs[-1]).float()
-    if kind == "index":
-        return torch.arange(1, num_ims + 1, dtype=torch.float32) / (num_ims + 1)
-    raise EednError(f"sdn option weight_position must be 'macs' or 'index', got {kind!r}")
+    return torch.arange(1, num_ims + 1, dtype=torch.float32) / (num_ims + 1)
 
 
 def sdn_weights(positions: Tensor, epoch: int, epochs: int, start: float = 0.01) -> Tensor:
@@ -105,81 +59,89 @@ class SDNStrategy(TrainingStrategy):
     """SDN weighted joint loss on the IMs (optionally on the whole backbone)."""
 
     default_gate = "max_prob"
-    DEFAULTS: dict[str, Any] = {
-        "epochs": 15, "batch_size": 64, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
-        "weight_start": 0.01, "weight_position": "macs", "select": "last_im",
-        "train_backbone": False, "backbone_lr": 1e-4,
-    }
 
-    def __init__(self, **options: Any):
+    @dataclass
+    class Options(SGDHeadOptions):
+        weight_start: float = option(0.01, "loss weight of every IM at the first epoch", min=0)
+        weight_position: str = option("macs", "where each IM's final loss weight comes from: its share of the "
+                                              "final exit's MACs (macs) or (l+1)/(G+1) (index)",
+                                      choices=("macs", "index"))
+        train_backbone: bool = option(False, "train the backbone too (live, on augmented images; no cache)")
+        backbone_lr: float = option(1e-4, "SGD learning rate of the backbone with train_backbone", min=0)
+
+    def __init__(self, **options):
         super().__init__(**options)
-        self.opts = resolve_options("sdn", self.DEFAULTS, options)
-        self.trains_backbone = bool(self.opts["train_backbone"])
+        self.trains_backbone = self.options["train_backbone"]
 
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
-        o = self.opts
+        o = self.options
         torch.manual_seed(context.seed)
-        g = len(model.ims)
-        positions = sdn_positions(context, g, o["weight_position"]).to(context.device)
+        positions = sdn_positions(context, len(model.ims), o["weight_position"]).to(context.device)
         if self.trains_backbone:
-            model.backbone.requires_grad_(True)
-            params = [{"params": list(model.ims.parameters()), "lr": o["lr"]},
-                      {"params": list(model.backbone.parameters()), "lr": o["backbone_lr"]}]
-            opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        else:
-            model.backbone.requires_grad_(False)
-            opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o["epochs"])
+            history = self._fit_with_backbone(model, context, positions)
+            return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
+
+        model.backbone.requires_grad_(False)
+        opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        schedule = cosine_schedule(opt, o["epochs"])
+
+        def weights(epoch: int) -> Tensor:
+            return sdn_weights(positions, epoch, o["epochs"], o["weight_start"])
+
+        def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
+            loss = (per_exit_cross_entropy(model.im_logits(feats), y) * weights(epoch)).sum(1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        history = train_heads(model, context, name="sdn", epochs=o["epochs"], batch_size=o["batch_size"], step=step,
+                              select=o["select"], augmented=self.head_augment,
+                              end_epoch=lambda epoch: schedule(epoch) | {"weights": weights(epoch).tolist()})
+        return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
+
+    def _fit_with_backbone(self, model: EarlyExitModel, context: FitContext, positions: Tensor) -> list[dict]:
+        """Its own epoch loop: the backbone runs live on augmented images, so cached features cannot serve
+        the batches. The checkpoint covers the whole model; the backbone is frozen again at the end."""
+        o = self.options
+        model.backbone.requires_grad_(True)
+        groups = [{"params": list(model.ims.parameters()), "lr": o["lr"]},
+                  {"params": list(model.backbone.parameters()), "lr": o["backbone_lr"]}]
+        opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        schedule = cosine_schedule(opt, o["epochs"])
         history: list[dict] = []
         best_metric, best_state = None, None
         for epoch in range(o["epochs"]):
             tau = sdn_weights(positions, epoch, o["epochs"], o["weight_start"])
-            lr = opt.param_groups[0]["lr"]
-            if self.trains_backbone:
-                loss = self._backbone_epoch(model, context, opt, tau, epoch)
-                val_acc = live_exit_accuracy(model, context, "val")
-            else:
-                loss = self._heads_epoch(model, context, opt, tau, epoch)
-                val_acc = val_exit_accuracy(model, context)
-            sched.step()
+            loss = self._backbone_epoch(model, context, opt, tau, epoch)
+            val_acc = live_exit_accuracy(model, context, "val")
+            record = {"phase": "sdn", "epoch": epoch, "loss": loss, **schedule(epoch), "weights": tau.tolist(),
+                      "val_accuracy": val_acc.tolist()}
             metric = selection_metric(val_acc, o["select"])
             if best_state is None or metric is None or metric > best_metric:
-                best_metric = metric
-                best_state = copy.deepcopy(model.state_dict()) if self.trains_backbone else model.heads_state_dict()
-            history.append({"phase": "sdn", "epoch": epoch, "loss": loss, "lr": lr, "weights": tau.tolist(),
-                            "val_accuracy": val_acc.tolist()})
-        if self.trains_backbone:
-            model.load_state_dict(best_state)
-            model.freeze_backbone()
-        else:
-            model.load_heads_state_dict(best_state)
-        return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
+                best_metric, best_state = metric, copy.deepcopy(model.state_dict())
+            history.append(record)
+            context.progress.epoch("sdn (backbone)", epoch, o["epochs"], loss=loss, val_accuracy=float(val_acc[-1]))
+        model.load_state_dict(best_state)
+        model.freeze_backbone()
+        return history
 
-    def _heads_epoch(self, model: EarlyExitModel, context: FitContext, opt, tau: Tensor, epoch: int) -> float:
-        model.ims.train()
-        total, count = 0.0, 0
-        batches = train_batches(context, self.opts["batch_size"], epoch, self.head_augment)
-        for feats, y in context.progress.track(batches, f"SDN epoch {epoch + 1}/{self.opts['epochs']}"):
-            loss = (per_exit_cross_entropy(model.im_logits(feats), y) * tau).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, count = total + float(loss.detach()) * len(y), count + len(y)
-        return total / max(count, 1)
-
-    def _backbone_epoch(self, model: EarlyExitModel, context: FitContext, opt, tau: Tensor, epoch: int) -> float:
+    def _backbone_epoch(self, model: EarlyExitModel, context: FitContext, opt: torch.optim.Optimizer, tau: Tensor,
+                        epoch: int) -> float:
         model.train()
         gen = torch.Generator().manual_seed(context.seed * 1_000_003 + epoch)
-        loader = DataLoader(context.features.dataset("train", augmented=True), batch_size=self.opts["batch_size"],
+        loader = DataLoader(context.features.dataset("train", augmented=True), batch_size=self.options["batch_size"],
                             shuffle=True, generator=gen)
         weights = torch.cat([tau, tau.new_ones(1)])  # the final head joins with weight 1
         total, count = 0.0, 0
-        for x, y in context.progress.track(loader, f"SDN (backbone) epoch {epoch + 1}/{self.opts['epochs']}"):
+        for x, y in context.progress.track(loader, f"sdn (backbone) epoch {epoch + 1}/{self.options['epochs']}"):
             x, y = x.to(context.device), y.to(context.device)
             logits = model.logits_from_features(model.exit_features(x))
             loss = (per_exit_cross_entropy(logits, y) * weights).sum(1).mean()
+            value = float(loss.detach())
+            check_finite(value, "sdn", epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, count = total + float(loss.detach()) * len(y), count + len(y)
+            total, count = total + value * len(y), count + len(y)
         return total / max(count, 1)

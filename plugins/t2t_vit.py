@@ -1,4 +1,4 @@
-"""T2T-ViT backbones (Yuan et al., ICCV 2021) as stage-wise eedn backbones (JEI-DNN spec §2.1-2.2).
+"""T2T-ViT backbones (Yuan et al., ICCV 2021) as stage-wise eedn backbones, as JEI-DNN uses them.
 
 The tokens-to-token module is the *performer* variant, written so that the official T2T-ViT checkpoints
 load by key: ``tokens_to_token.{soft_split0,1,2, attention1,2, project}``, ``cls_token``, ``pos_embed``,
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from eedn.contracts import Backbone, InputSpec
 from eedn.errors import EednError
 from eedn.io import load_checkpoint
+from eedn.options import option
 
 #: side of the patch grid cell: the three soft splits have strides 4, 2 and 2.
 TOTAL_STRIDE = 16
@@ -49,7 +50,34 @@ VARIANTS: dict[str, T2TConfig] = {
     "t2t_vit_tiny": T2TConfig("t2t_vit_tiny", embed_dim=64, depth=4, num_heads=2, mlp_ratio=2.0, token_dim=32),
 }
 SIZE_ALIASES = {"7": "t2t_vit_7", "14": "t2t_vit_14", "24": "t2t_vit_24", "tiny": "t2t_vit_tiny"}
-TINY_OVERRIDES = ("embed_dim", "depth", "num_heads", "mlp_ratio", "token_dim")
+DISPLAY_NAMES = {"t2t_vit_7": "T2T-ViT-7", "t2t_vit_14": "T2T-ViT-14", "t2t_vit_24": "T2T-ViT-24",
+                 "t2t_vit_tiny": "T2T-ViT tiny"}
+
+
+@dataclass
+class T2TOptions:
+    """The options of every T2T-ViT size."""
+
+    drop_path_rate: float = option(0.1, "stochastic depth of the last block (linear from 0 at the first)",
+                                   min=0.0, max=1.0)
+
+
+@dataclass
+class TinyOptions(T2TOptions):
+    """The tiny size can also be reshaped (not a published size: its shape is free)."""
+
+    embed_dim: int | None = option(None, "token width (default 64)", min=1)
+    depth: int | None = option(None, "transformer blocks, i.e. exits (default 4)", min=1)
+    num_heads: int | None = option(None, "attention heads (default 2)", min=1)
+    mlp_ratio: float | None = option(None, "MLP width over token width (default 2)", min=0)
+    token_dim: int | None = option(None, "token width inside the T2T module (default 32)", min=1)
+
+
+@dataclass
+class FamilyOptions(TinyOptions):
+    size: str = option("auto", "7, 14, 24 or tiny; auto: tiny for 1-channel inputs of <= 32 px, else 7 (the "
+                               "JEI-DNN backbone). The tiny-only options need size=tiny",
+                       choices=("auto", *SIZE_ALIASES))
 
 
 def sinusoid_position_table(num_positions: int, dim: int) -> Tensor:
@@ -171,20 +199,18 @@ class T2TViT(Backbone):
     """T2T-ViT as a stage-wise backbone: one stage per transformer block, exits on the cls token."""
 
     def __init__(self, config: T2TConfig, num_classes: int, image_size: int, in_channels: int = 3,
-                 drop_path_rate: float = 0.1):
+                 drop_path_rate: float = T2TOptions.drop_path_rate):
         super().__init__()
         check_image_size(image_size)
         if not isinstance(in_channels, int) or in_channels < 1:
             raise EednError(f"in_channels must be a positive integer (1 or 3), got {in_channels!r}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise EednError(f"num_classes must be a positive integer, got {num_classes!r}")
-        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) \
-                or not 0.0 <= drop_path_rate < 1.0:
-            raise EednError(f"drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}")
         if config.embed_dim % config.num_heads:
             raise EednError(f"embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
         self.config = config
         self.variant = config.name
+        self._display_name = DISPLAY_NAMES.get(config.name, config.name)
         self.num_classes = num_classes
         self.num_stages = config.depth
         self.feature_dims = [config.embed_dim] * config.depth
@@ -238,6 +264,54 @@ class T2TViT(Backbone):
     def head(self, features: Tensor) -> Tensor:
         return self.classifier(features)
 
+    def load_pretrained(self, path: str | os.PathLike) -> dict[str, list[str]]:
+        """Load official or eedn-saved T2T-ViT weights, non-strictly (``--backbone-checkpoint``).
+
+        Accepts an official checkpoint (EMA weights first, DataParallel's ``module.`` prefix removed), a
+        plain state dict, eedn's backbone cache (``model``), a run directory's ``weights.pt``
+        (``backbone``) or a whole :class:`~eedn.model.EarlyExitModel` state dict. A head of another class
+        count is dropped (it stays freshly initialised) and a position table of another resolution is
+        resized; every other backbone weight must be present with the right shape, else one
+        :class:`EednError` line. Returns which keys were dropped, resized and left at their init.
+        """
+        source = _state_dict_from(load_checkpoint(path), path)
+        target = self.state_dict()
+        prefix = f"checkpoint {path} does not match {self.variant}"
+        dropped: list[str] = []
+        resized: list[str] = []
+        mismatched: list[str] = []
+        to_load: dict[str, Tensor] = {}
+
+        for key, value in source.items():
+            if key not in target:
+                if key.startswith(("blocks.", "tokens_to_token.")):
+                    mismatched.append(f"unexpected {key}")
+                continue
+            expected = target[key].shape
+            if value.shape == expected:
+                to_load[key] = value
+            elif key.startswith("head."):
+                dropped.append(key)
+            elif key == "pos_embed" and value.dim() == 3 and value.shape[-1] == expected[-1]:
+                to_load[key] = resize_pos_embed(value, expected[1])
+                resized.append(key)
+            else:
+                mismatched.append(f"{key} has shape {list(value.shape)}, expected {list(expected)}")
+        if mismatched:
+            more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+            raise EednError(f"{prefix}: {'; '.join(mismatched[:3])}{more}; check the model size and in_channels")
+
+        # The head may be new (another dataset); the position table is fixed and rebuilt anyway.
+        optional = ("head.", "pos_embed")
+        missing = [k for k in target if k not in to_load and not k.startswith(optional) and k not in dropped]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise EednError(f"{prefix}: missing {len(missing)} weights: {', '.join(missing[:3])}{more}; "
+                            f"is it a T2T-ViT checkpoint?")
+        self.load_state_dict(to_load, strict=False)
+        left_at_init = [k for k in target if k not in to_load]
+        return {"dropped": dropped, "resized": resized, "left_at_init": left_at_init}
+
 
 def _init_weights(module: nn.Module) -> None:
     """T2T-ViT's initialisation: truncated normal (std 0.02) linears with zero bias, unit LayerNorms.
@@ -264,13 +338,13 @@ def _state_dict_from(obj: Any, path: str | os.PathLike) -> dict[str, Tensor]:
     :class:`~eedn.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
     state = obj
     if isinstance(obj, dict):
-        for key in ("state_dict_ema", "state_dict", "model"):
+        for key in ("state_dict_ema", "state_dict", "model", "backbone"):
             if isinstance(obj.get(key), dict):
                 state = obj[key]
                 break
     if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
         raise EednError(f"checkpoint {path} holds no state dict (looked for 'state_dict_ema', 'state_dict', "
-                        f"'model' or a plain dict of tensors)")
+                        f"'model', 'backbone' or a plain dict of tensors)")
     cleaned: dict[str, Tensor] = {}
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
@@ -298,88 +372,32 @@ def resize_pos_embed(table: Tensor, num_tokens: int) -> Tensor:
     return torch.cat([cls_row, grid_rows], dim=1)
 
 
-def load_t2t_checkpoint(model: T2TViT, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Load official (or eedn-saved) T2T-ViT weights into ``model``, non-strictly.
-
-    A head of another class count is dropped (it stays freshly initialised) and a position table of
-    another resolution is resized; every other backbone weight must be present with the right shape,
-    else :class:`EednError`. Returns which keys were dropped, resized and left at their init.
-    """
-    source = _state_dict_from(load_checkpoint(path), path)
-    target = model.state_dict()
-    prefix = f"checkpoint {path} does not match {model.variant}"
-    dropped: list[str] = []
-    resized: list[str] = []
-    mismatched: list[str] = []
-    to_load: dict[str, Tensor] = {}
-
-    for key, value in source.items():
-        if key not in target:
-            if key.startswith(("blocks.", "tokens_to_token.")):
-                mismatched.append(f"unexpected {key}")
-            continue
-        expected = target[key].shape
-        if value.shape == expected:
-            to_load[key] = value
-        elif key.startswith("head."):
-            dropped.append(key)
-        elif key == "pos_embed" and value.dim() == 3 and value.shape[-1] == expected[-1]:
-            to_load[key] = resize_pos_embed(value, expected[1])
-            resized.append(key)
-        else:
-            mismatched.append(f"{key} has shape {list(value.shape)}, expected {list(expected)}")
-    if mismatched:
-        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
-        raise EednError(f"{prefix}: {'; '.join(mismatched[:3])}{more}; check the model size and in_channels")
-
-    # The head may be new (another dataset); the position table is fixed and rebuilt anyway.
-    optional = ("head.", "pos_embed")
-    missing = [k for k in target if k not in to_load and not k.startswith(optional) and k not in dropped]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise EednError(f"{prefix}: missing {len(missing)} weights: {', '.join(missing[:3])}{more}; "
-                        f"is it a T2T-ViT checkpoint?")
-    model.load_state_dict(to_load, strict=False)
-    left_at_init = [k for k in target if k not in to_load]
-    return {"dropped": dropped, "resized": resized, "left_at_init": left_at_init}
-
-
 # --------------------------------------------------------------------------------------------------
 # Factories and registration
 
 
 def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: int = 3,
-                  **options: Any) -> T2TViT:
-    """``variant`` is a key of :data:`VARIANTS`. Options: ``drop_path_rate`` (default 0.1),
-    ``checkpoint`` (path to weights), and for ``t2t_vit_tiny`` only ``embed_dim``, ``depth``,
-    ``num_heads``, ``mlp_ratio``, ``token_dim``."""
+                  drop_path_rate: float = T2TOptions.drop_path_rate, **shape: int | float | None) -> T2TViT:
+    """``variant`` is a key of :data:`VARIANTS`; ``shape`` holds the tiny size's :class:`TinyOptions`
+    (None: keep the size's own value)."""
     config = VARIANTS[variant]
-    allowed = {"drop_path_rate", "checkpoint"} | (set(TINY_OVERRIDES) if variant == "t2t_vit_tiny" else set())
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise EednError(f"unknown option(s) {', '.join(unknown)} for backbone {variant}; "
-                        f"known: {', '.join(sorted(allowed))}")
-    overrides = {k: options[k] for k in TINY_OVERRIDES if options.get(k) is not None}
-    if overrides:
-        for key in ("embed_dim", "depth", "num_heads", "token_dim"):
-            value = overrides.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise EednError(f"{key} must be a positive integer, got {value!r}")
-        config = replace(config, **{k: (float(v) if k == "mlp_ratio" else v) for k, v in overrides.items()})
-    drop_path_rate = options.get("drop_path_rate")
-    model = T2TViT(config, num_classes=num_classes, image_size=image_size, in_channels=in_channels,
-                   drop_path_rate=0.1 if drop_path_rate is None else drop_path_rate)
-    if options.get("checkpoint"):
-        load_t2t_checkpoint(model, options["checkpoint"])
-    return model
+    given = {k: v for k, v in shape.items() if v is not None}
+    if given:
+        if variant != "t2t_vit_tiny":
+            raise EednError(f"backbone {variant}: the tiny-only option(s) {', '.join(given)} need size=tiny; "
+                            "drop them or use size=tiny")
+        config = replace(config, **given)
+    return T2TViT(config, num_classes=num_classes, image_size=image_size, in_channels=in_channels,
+                  drop_path_rate=drop_path_rate)
 
 
-def _factory_for(variant: str):
+def _factory_for(variant: str) -> Callable[..., T2TViT]:
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> T2TViT:
         return build_t2t_vit(variant, num_classes, image_size, in_channels, **options)
 
     factory.__name__ = variant
     factory.__doc__ = f"Build {variant}; see build_t2t_vit for the options."
+    factory.Options = TinyOptions if variant == "t2t_vit_tiny" else T2TOptions
     return factory
 
 
@@ -389,14 +407,13 @@ t2t_vit_24 = _factory_for("t2t_vit_24")
 t2t_vit_tiny = _factory_for("t2t_vit_tiny")
 
 
-def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str | int = "auto",
-            **options: Any) -> T2TViT:
-    """The family by size: ``size`` in auto, 7, 14, 24, tiny. ``auto`` is tiny for single-channel inputs
-    of at most 32 px (the embedded digits, MNIST-like data: a 1 797-image set needs no T2T-ViT-7) and
-    T2T-ViT-7, the JEI-DNN backbone, otherwise; the run log prints the member it resolved to."""
-    if str(size) == "auto":
+def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str = "auto", **options: Any) -> T2TViT:
+    """The family by ``size``. ``auto`` is tiny for single-channel inputs of at most 32 px (the embedded
+    digits, MNIST-like data: a 1 797-image set needs no T2T-ViT-7) and T2T-ViT-7, the JEI-DNN backbone,
+    otherwise; the run log prints the member it resolved to."""
+    if size == "auto":
         size = "tiny" if in_channels == 1 and image_size <= 32 else "7"
-    variant = SIZE_ALIASES.get(str(size))
-    if variant is None:
-        raise EednError(f"unknown T2T-ViT size {size!r}; known: {', '.join(SIZE_ALIASES)}")
-    return build_t2t_vit(variant, num_classes, image_size, in_channels, **options)
+    return build_t2t_vit(SIZE_ALIASES[size], num_classes, image_size, in_channels, **options)
+
+
+t2t_vit.Options = FamilyOptions

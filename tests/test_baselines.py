@@ -11,11 +11,12 @@ from torch import nn
 
 import eedn
 from eedn.cache import FeatureCache
-from eedn.contracts import Backbone, InputSpec, StrategyResult
+from eedn.contracts import Backbone, InputSpec
 from eedn.data import DataSplits, TensorImages
 from eedn.errors import EednError
+from eedn.features import FeatureSource, compute_split_outputs
 from eedn.model import EarlyExitModel
-from eedn.training import FeatureSource, FitContext, compute_split_outputs
+from eedn.strategy import FitContext, StrategyResult
 from eedn_plugins.heads import LinearIM
 from eedn_plugins.boostnet import BoostNetEnsemble, BoostNetStrategy, boostnet_loss
 from eedn_plugins.l2w import (
@@ -31,8 +32,6 @@ from eedn_plugins.thresholds import MaxProbGate
 NUM_CLASSES = 3
 
 
-
-
 # ------------------------------------------------------------------------------- tiny model and data
 class TinyStages(Backbone):
     """Three small MLP stages on 1x4x4 images; exit features are the stage activations."""
@@ -43,7 +42,8 @@ class TinyStages(Backbone):
         self.feature_dims = [width] * 3
         self.num_classes = NUM_CLASSES
         self.input_spec = InputSpec(channels=1, image_size=4)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16 if i == 0 else width, width), nn.ReLU()) for i in range(3))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16 if i == 0 else width, width), nn.ReLU())
+                                    for i in range(3))
         self.fc = nn.Linear(width, NUM_CLASSES)
 
     def stem(self, x):
@@ -57,8 +57,6 @@ class TinyStages(Backbone):
 
     def head(self, features):
         return self.fc(features)
-
-
 
 
 def make_splits(seed: int = 0) -> DataSplits:
@@ -98,7 +96,8 @@ def make_model(backbone: TinyStages) -> EarlyExitModel:
     return EarlyExitModel(bb, ims, MaxProbGate(bb.num_stages - 1, NUM_CLASSES))
 
 
-def make_context(model: EarlyExitModel, data: DataSplits, cache_dir, seed: int = 0, cacheable: bool = True) -> FitContext:
+def make_context(model: EarlyExitModel, data: DataSplits, cache_dir, seed: int = 0,
+                 cacheable: bool = True) -> FitContext:
     source = FeatureSource(model, data, cache=FeatureCache(cache_dir), cacheable=cacheable, batch_size=64)
     return FitContext(features=source, exit_macs=[100, 220, 330], full_macs=300, seed=seed)
 
@@ -179,13 +178,36 @@ def _check_result(result: StrategyResult, model: EarlyExitModel, epochs: int, la
 
 def test_registered_strategies():
     names = set(eedn.list_names("strategy"))
-    assert {"sdn", "boostnet", "l2w"} <= names
+    assert {"sdn", "boostnet", "l2w", "im-only"} <= names
     assert eedn.create("strategy", "boostnet").default_gate == "max_prob"
-    with pytest.raises(EednError, match="unknown option"):
-        eedn.create("strategy", "l2w", epoch=3)
 
 
-@pytest.mark.parametrize("name", ["sdn", "boostnet", "l2w"])
+@pytest.mark.parametrize("name", ["sdn", "boostnet", "l2w", "im-only"])
+def test_an_option_typo_names_the_valid_options(name):
+    with pytest.raises(EednError) as err:
+        eedn.create("strategy", name, epoch=3)
+    message = str(err.value)
+    assert "unknown option(s) epoch" in message and "did you mean 'epochs'" in message
+    assert "valid: epochs, batch_size, lr" in message and "\n" not in message
+
+
+def test_yaml_strings_are_coerced_and_bad_values_rejected():
+    sdn = eedn.create("strategy", "sdn", lr="1e-3", epochs="4", train_backbone="true", select="final")
+    assert sdn.options["lr"] == 0.001 and sdn.options["epochs"] == 4 and sdn.trains_backbone is True
+    assert eedn.create("strategy", "boostnet", decay="0.25").options["decay"] == 0.25
+    assert eedn.create("strategy", "l2w").options["select"] == "last_im"
+    assert eedn.create("strategy", "boostnet").options["select"] == "final"
+    for name, options, fragment in [("sdn", {"select": "best"}, "last_im, final, last"),
+                                    ("boostnet", {"decay": 1.5}, "decay"),
+                                    ("l2w", {"meta_interval": 0}, "meta_interval"),
+                                    ("sdn", {"weight_position": "depth"}, "macs, index"),
+                                    ("im-only", {"epochs": 0}, "epochs"),
+                                    ("im-only", {"head_augment": "perhaps"}, "true or false")]:
+        with pytest.raises(EednError, match=fragment):
+            eedn.create("strategy", name, **options)
+
+
+@pytest.mark.parametrize("name", ["sdn", "boostnet", "l2w", "im-only"])
 def test_strategy_fits_heads_on_frozen_backbone_and_settings_load_back(name, pretrained_backbone, tmp_path):
     data = make_splits()
     model = make_model(pretrained_backbone)
@@ -196,7 +218,7 @@ def test_strategy_fits_heads_on_frozen_backbone_and_settings_load_back(name, pre
     strategy = eedn.create("strategy", name, **options)
     backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     ims_before = [p.clone() for p in model.ims.parameters()]
-    result = strategy.fit(model, data, context)
+    result = strategy.fit(model, context)
     _check_result(result, model, 3, name)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, backbone_before[k]), f"backbone weight {k} changed"
@@ -224,7 +246,7 @@ def test_boostnet_model_reports_ensembles_and_selects_best_val_epoch(pretrained_
     model = make_model(pretrained_backbone)
     context = make_context(model, data, tmp_path)
     strategy = BoostNetStrategy(epochs=4, batch_size=32, lr=0.05)
-    result = strategy.fit(model, data, context)
+    result = strategy.fit(model, context)
     assert isinstance(model.exit_combiner, BoostNetEnsemble)
     feats = context.features.features("val").feats
     raw = torch.stack([model.exit_logits(i, f) for i, f in enumerate(feats)], dim=1)
@@ -243,7 +265,7 @@ def test_strategies_are_seeded(pretrained_backbone, tmp_path):
     states = []
     for _ in range(2):
         model = make_model(pretrained_backbone)
-        result = L2WStrategy(epochs=1, batch_size=32, meta_interval=1).fit(model, data, make_context(model, data, tmp_path))
+        result = L2WStrategy(epochs=1, batch_size=32, meta_interval=1).fit(model, make_context(model, data, tmp_path))
         states.append(result.settings[0][1])
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -255,8 +277,18 @@ def test_sdn_can_train_the_backbone_live(pretrained_backbone, tmp_path):
     strategy = SDNStrategy(epochs=2, batch_size=32, train_backbone=True, backbone_lr=0.05, select="last")
     assert strategy.trains_backbone and not SDNStrategy().trains_backbone
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    result = strategy.fit(model, data, context)
+    result = strategy.fit(model, context)
     _check_result(result, model, 2, "sdn")
     assert any(not torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())
     assert not any(p.requires_grad for p in model.backbone.parameters())  # frozen again for evaluation
     assert len(result.history[0]["weights"]) == 2
+
+
+@pytest.mark.parametrize("name", ["sdn", "boostnet", "l2w"])
+def test_a_diverging_loss_stops_training_with_one_line(name, pretrained_backbone, tmp_path):
+    data = make_splits()
+    model = make_model(pretrained_backbone)
+    strategy = eedn.create("strategy", name, epochs=2, batch_size=32, lr=1e30, momentum=0)
+    with pytest.raises(EednError, match="diverged") as err:
+        strategy.fit(model, make_context(model, data, tmp_path))
+    assert "strategy_options.lr" in str(err.value) and "\n" not in str(err.value)

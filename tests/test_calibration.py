@@ -198,11 +198,32 @@ def test_calibration_evaluator_rejects_bad_input():
     with pytest.raises(EednError, match="0..2"):
         eedn.create("evaluator", "calibration").evaluate(test, test, torch.full((20,), 3),
                                                          torch.zeros(20, dtype=torch.long))
-    with pytest.raises(EednError, match="unknown calibration option"):
+    with pytest.raises(EednError, match="unknown option.*did you mean 'n_bins'.*valid: n_bins, compat_batch_size"):
         eedn.create("evaluator", "calibration", bins=10)
+    with pytest.raises(EednError, match="n_bins"):
+        eedn.create("evaluator", "calibration", n_bins=0)
+    assert eedn.create("evaluator", "calibration", ts_line_search="none", n_bins="10").ts_options["line_search"] is None
 
 
-def test_temperatures_are_fitted_once_per_calibration_split(monkeypatch):
+def test_headline_is_the_gated_ece_raw_and_scaled_and_rows_are_flat():
+    test, cal = exit_outputs(200, seed=10), exit_outputs(300, seed=11)
+    evaluator = eedn.create("evaluator", "calibration")
+    evaluator.fit(cal)
+    metrics = evaluator.evaluate(test, cal, torch.arange(200) % 3, torch.zeros(300, dtype=torch.long))
+    shown = evaluator.headline_metrics()
+    assert set(shown) == {"ece", "ece_scaled"}
+    assert shown["ece"].label == "ECE of the gated prediction (%)" and shown["ece"].scale == 100
+    assert shown["ece"].lower_is_better
+    assert evaluator.headline(metrics) == {"ece": metrics["ece"], "ece_scaled": metrics["scaled"]["ece"]}
+    assert evaluator.headline(metrics)["ece"] != evaluator.headline(metrics)["ece_scaled"]
+    rows = evaluator.rows(metrics)
+    assert [r["scaling"] for r in rows] == ["none", "temperature"]
+    assert rows[0]["ece"] == metrics["ece"] and rows[1]["nll"] == metrics["scaled"]["nll"]
+    assert all(not isinstance(v, (dict, list)) for r in rows for v in r.values())
+    json.dumps(rows, allow_nan=False)
+
+
+def test_temperatures_are_fitted_once_per_trained_setting(monkeypatch):
     import eedn_plugins.calibration as calibration
 
     calls = []
@@ -210,9 +231,13 @@ def test_temperatures_are_fitted_once_per_calibration_split(monkeypatch):
     monkeypatch.setattr(calibration, "fit_exit_temperatures", lambda *a, **k: calls.append(1) or real(*a, **k))
     test, cal = exit_outputs(60, seed=8), exit_outputs(80, seed=9)
     evaluator = eedn.create("evaluator", "calibration")
+    evaluator.fit(cal)
+    first = []
     for exits in (torch.zeros(60, dtype=torch.long), torch.full((60,), 2)):  # two policies, same heads
-        evaluator.evaluate(test, cal, exits, torch.zeros(80, dtype=torch.long))
-    assert len(calls) == 1
+        first.append(evaluator.evaluate(test, cal, exits, torch.zeros(80, dtype=torch.long))["temperatures"])
+    assert len(calls) == 1 and first[0] == first[1]
     other = ExitOutputs(cal.logits * 2, cal.labels, cal.gate_scores, cal.exit_macs, cal.full_macs)
-    evaluator.evaluate(test, other, torch.zeros(60, dtype=torch.long), torch.zeros(80, dtype=torch.long))
+    evaluator.fit(other)  # the next trained setting
+    second = evaluator.evaluate(test, other, torch.zeros(60, dtype=torch.long), torch.zeros(80, dtype=torch.long))
     assert len(calls) == 2
+    assert second["temperatures"] == pytest.approx([2 * t for t in first[0]], rel=0.05)

@@ -28,7 +28,6 @@ from eedn_plugins.conformal import (
     class_scores,
     conformal_rank,
     conformal_threshold,
-    flatten_for_results,
     label_scores,
     prediction_sets,
 )
@@ -229,7 +228,7 @@ def test_gated_falls_back_to_all_samples_when_few_exited():
     assert gated["per_exit"][2]["qhat"] == conformal_threshold(scores[:, 2], 0.1)
 
     # the official rule is "more than 20": 20 exited samples then fall back too
-    compat = eedn.create("evaluator", "conformal", methods=["lac"], profile="paper-compat").evaluate(
+    compat = eedn.create("evaluator", "conformal", methods=["lac"], min_per_exit=21).evaluate(
         test, cal, exit_test, exit_cal)
     assert [e["calibrated_on"] for e in row(compat, 0.1, "lac", "gated")["per_exit"]] == ["exited", "all", "all"]
     strict = eedn.create("evaluator", "conformal", methods=["lac"], variants=["gated_strict", "gated_all"]).evaluate(
@@ -256,15 +255,16 @@ def test_general_and_gated_differ_as_computed_by_hand():
     assert (gated["coverage"], gated["mean_set_size"]) == (0.5, 1.0)
     assert [(e["count"], e["coverage"], e["mean_set_size"]) for e in gated["per_exit"]] == [(1, 0.0, 0.0),
                                                                                            (1, 1.0, 2.0)]
-    flat = flatten_for_results(metrics)
+    flat = eedn.create("evaluator", "conformal").rows(metrics)
     assert flat == [{"alpha": 0.1, "method": "lac", "variant": v, "coverage": c, "mean_set_size": s}
                     for v, c, s in (("general", 1.0, 1.5), ("gated", 0.5, 1.0))]
 
 
 def test_too_few_calibration_samples_give_full_sets():
     cal, test = exchangeable_outputs(5, seed=6), exchangeable_outputs(50, seed=7)
-    metrics = eedn.create("evaluator", "conformal").evaluate(test, cal, confidence_policy(test), confidence_policy(cal))
-    assert len(flatten_for_results(metrics)) == 3 * 3 * 2
+    evaluator = eedn.create("evaluator", "conformal")
+    metrics = evaluator.evaluate(test, cal, confidence_policy(test), confidence_policy(cal))
+    assert len(evaluator.rows(metrics)) == 3 * 3 * 2
     for r in metrics["results"]:  # k = ceil(6 (1 - α)) = 6 > 5 for every default α
         assert (r["coverage"], r["mean_set_size"]) == (1.0, 6.0)
     json.dumps(metrics, allow_nan=False)
@@ -278,7 +278,8 @@ def test_randomized_aps_is_seeded():
         return eedn.create("evaluator", "conformal", methods=["aps"], randomized=True, seed=seed).evaluate(*args)
 
     assert run(1) == run(1)
-    assert flatten_for_results(run(1)) != flatten_for_results(run(2))
+    rows = eedn.create("evaluator", "conformal").rows
+    assert rows(run(1)) != rows(run(2))
 
 
 def test_bad_options_are_user_errors():
@@ -288,10 +289,43 @@ def test_bad_options_are_user_errors():
         eedn.create("evaluator", "conformal", methods=["thr"])
     with pytest.raises(EednError, match="variant"):
         eedn.create("evaluator", "conformal", variants=["per_exit"])
-    with pytest.raises(EednError, match="unknown conformal option"):
+    with pytest.raises(EednError, match="unknown option.*did you mean 'alphas'.*valid: alphas, methods, variants"):
         eedn.create("evaluator", "conformal", alpha=0.1)
+    with pytest.raises(EednError, match="alpha"):
+        eedn.create("evaluator", "conformal", headline_alpha=1.0)
+    with pytest.raises(EednError, match="headline_method"):
+        eedn.create("evaluator", "conformal", headline_method="thr")
+    coerced = eedn.create("evaluator", "conformal", alphas="0.02,0.2", methods="lac,aps", randomized="true")
+    assert (coerced.alphas, coerced.methods, coerced.randomized) == ([0.02, 0.2], ["lac", "aps"], True)
     cal = exchangeable_outputs(10, num_exits=2, seed=10)
     test = exchangeable_outputs(10, num_exits=3, seed=11)
     with pytest.raises(EednError, match="exits"):
         eedn.create("evaluator", "conformal").evaluate(test, cal, torch.zeros(10, dtype=torch.long),
                                                        torch.zeros(10, dtype=torch.long))
+
+
+def test_headline_is_the_declared_setting_and_rows_are_flat():
+    cal, test = exchangeable_outputs(300, seed=14), exchangeable_outputs(200, seed=15)
+    args = (test, cal, confidence_policy(test), confidence_policy(cal))
+    evaluator = eedn.create("evaluator", "conformal")
+    metrics = evaluator.evaluate(*args)
+    shown = evaluator.headline_metrics()
+    assert set(shown) == {"set_size", "coverage"}
+    assert shown["set_size"].label == "mean conformal set size (LAC, α = 0.05, general q̂)"
+    assert shown["set_size"].lower_is_better and not shown["coverage"].lower_is_better
+    assert shown["coverage"].scale == 100
+    lac = row(metrics, 0.05, "lac", "general")
+    assert evaluator.headline(metrics) == {"set_size": lac["mean_set_size"], "coverage": lac["coverage"]}
+    rows = evaluator.rows(metrics)
+    assert len(rows) == 3 * 3 * 2 and set(rows[0]) == {"alpha", "method", "variant", "coverage", "mean_set_size"}
+    assert rows[0] == {k: metrics["results"][0][k] for k in rows[0]}
+
+    # another headline choice, not among the rows: computed as well, and equal to a run that lists it
+    other = eedn.create("evaluator", "conformal", alphas=[0.1], methods=["lac"], headline_alpha=0.2,
+                        headline_method="aps", headline_variant="gated")
+    assert other.headline_metrics()["set_size"].label == "mean conformal set size (APS, α = 0.2, gated q̂)"
+    got = other.evaluate(*args)
+    assert [(r["alpha"], r["method"]) for r in got["results"]] == [(0.1, "lac"), (0.1, "lac")]
+    listed = eedn.create("evaluator", "conformal", alphas=[0.2], methods=["aps"]).evaluate(*args)
+    full = row(listed, 0.2, "aps", "gated")
+    assert other.headline(got) == {"set_size": full["mean_set_size"], "coverage": full["coverage"]}

@@ -134,3 +134,34 @@ def test_gate_decide_default_is_first_exit_that_fires():
     g = Threshold(3, 2)
     s = torch.tensor([[0.9, 0.9, 0.9], [0.1, 0.6, 0.9], [0.1, 0.1, 0.1]])
     assert g.decide(s).tolist() == [0, 1, 3]
+
+
+def test_every_builtin_plugin_declares_documented_options_and_rejects_typos():
+    from eedn.plugins import KINDS
+
+    for kind in KINDS:
+        for name in eedn.list_names(kind):
+            entry = eedn.registry(kind).get(name)
+            if not entry.origin.startswith("eedn "):
+                continue  # a third-party plugin installed here
+            specs = entry.options()
+            assert specs is not None, entry.label  # declared, so they can be checked
+            assert all(spec.help for spec in specs), entry.label
+            with pytest.raises(EednError) as err:
+                entry.resolve({"no_such_option": 1})
+            valid = ", ".join(spec.name for spec in specs) or "none"
+            assert str(err.value) == f"{entry.label}: unknown option(s) no_such_option; valid: {valid}"
+
+
+def test_yaml_strings_coerce_to_the_declared_types():
+    from eedn.plugins import resolve
+
+    resolved = resolve("strategy", "jei", {"lr": "1e-3", "lambda": "0.1,0.5", "head_augment": "true",
+                                                        "epochs": "6"})
+    assert (resolved["lr"], resolved["lambda"], resolved["head_augment"], resolved["epochs"]) == (0.001, [0.1, 0.5],
+                                                                                                  True, 6)
+    assert resolve("strategy", "jei", {"lambda": "0.3"})["lambda"] == 0.3
+    assert resolve("backbone", "t2t_vit", {"size": 14})["size"] == "14"
+    assert resolve("gate", "max_prob", {"include_final": "no"})["include_final"] is False
+    with pytest.raises(EednError, match="invalid lr='fast'"):
+        resolve("strategy", "sdn", {"lr": "fast"})

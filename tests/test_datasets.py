@@ -107,6 +107,30 @@ def test_digits_describe_is_json_and_bad_options_fail():
         ds.DigitsSource(cal_fraction=1.5).splits(32, seed=0)
     with pytest.raises(EednError, match="< 1"):
         ds.DigitsSource(val_fraction=0.5, test_fraction=0.5).splits(32, seed=0)
+    with pytest.raises(EednError, match="test_fraction must be strictly between 0 and 1"):
+        ds.DigitsSource(test_fraction=0).splits(32, seed=0)
+
+
+def test_option_typos_name_the_valid_options_and_strings_are_coerced():
+    with pytest.raises(EednError) as err:
+        eedn.create("dataset", "digits", val_fractoin=0.2)
+    message = str(err.value)
+    assert "dataset 'digits': unknown option(s) val_fractoin (did you mean 'val_fraction'?)" in message
+    assert "valid: val_fraction, cal_fraction, test_fraction" in message and "\n" not in message
+    # only sources that read files declare data_dir
+    with pytest.raises(EednError, match="unknown option.*data_dir"):
+        eedn.create("dataset", "digits", data_dir="data")
+    for name in ("cifar10", "cifar100", "cifar100-lt", "cifar10-lt", "svhn", "image-folder"):
+        assert "data_dir" in [spec.name for spec in eedn.registry("dataset").get(name).options()]
+    assert eedn.create("dataset", "digits", val_fraction="0.25").options["val_fraction"] == 0.25
+    source = eedn.create("dataset", "cifar100-lt", val_size="500", imbalance="50", test_profile="balanced")
+    assert source.describe() == {"name": "cifar100-lt", "imbalance": 50.0, "val_size": 500, "cal_fraction": 0.5,
+                                 "test_profile": "balanced"}
+    assert eedn.create("dataset", "cifar100").options["val_size"] == 10000
+    with pytest.raises(EednError, match="imbalanced, balanced"):
+        eedn.create("dataset", "cifar10-lt", test_profile="uniform")
+    with pytest.raises(EednError, match="val_size"):
+        eedn.create("dataset", "cifar10", val_size=0)
 
 
 # ------------------------------------------------------------------------------------ long tail
@@ -255,7 +279,7 @@ def make_tar(folder: Path, archive: Path) -> Path:
 
 def test_image_folder_directory_without_test_split(tmp_path):
     root = make_image_tree(tmp_path / "imgs")
-    source = eedn.create("dataset", "image-folder", path=str(root))
+    source = eedn.create("dataset", "image-folder", data_dir=str(root))
     assert (source.num_classes, source.channels, source.default_image_size) == (3, 3, 8)
     splits = source.splits(16, seed=0)
     assert splits.class_names == ["ant", "bee", "cat"]  # sorted folder names
@@ -271,14 +295,16 @@ def test_image_folder_directory_without_test_split(tmp_path):
     assert Path(sample_path).parent.name == splits.class_names[label]
     other = source.splits(16, seed=1)
     assert indices(other.test) != parts["test"]
+    # the normalisation is recorded, so a run directory can preprocess new images the same way
+    assert (splits.info["mean"], splits.info["std"]) == (list(ds.CIFAR10_MEAN), list(ds.CIFAR10_STD))
 
 
 def test_image_folder_with_test_split_and_a_tar_gz_extracted_once(tmp_path, monkeypatch):
     root = make_image_tree(tmp_path / "imgs", test_per_class=4)
     archive = make_tar(root, tmp_path / "imgs.tar.gz")
     cache = tmp_path / "cache"
-    from_dir = ds.ImageFolderSource(path=str(root)).splits(8, seed=0)
-    source = ds.ImageFolderSource(path=str(archive), cache_dir=str(cache))
+    from_dir = ds.ImageFolderSource(data_dir=str(root)).splits(8, seed=0)
+    source = ds.ImageFolderSource(data_dir=str(archive), cache_dir=str(cache))
     from_tar = source.splits(8, seed=0)
     assert len(from_tar.test) == 12 and sum(len(getattr(from_tar, k)) for k in ("train", "val", "cal")) == 60
     for k in SPLITS:
@@ -290,14 +316,14 @@ def test_image_folder_with_test_split_and_a_tar_gz_extracted_once(tmp_path, monk
         raise AssertionError("extracted twice")
 
     monkeypatch.setattr(ds, "_extract_regular_files", no_second_extraction)
-    again = ds.ImageFolderSource(path=str(archive), cache_dir=str(cache)).splits(8, seed=0)
+    again = ds.ImageFolderSource(data_dir=str(archive), cache_dir=str(cache)).splits(8, seed=0)
     assert again.val.indices == from_tar.val.indices
 
 
 def test_image_folder_archive_wrapped_in_one_top_folder(tmp_path):
     make_image_tree(tmp_path / "outer" / "data")
     archive = make_tar(tmp_path / "outer", tmp_path / "wrapped.tar.gz")
-    splits = ds.ImageFolderSource(path=str(archive), cache_dir=str(tmp_path / "c")).splits(8, seed=0)
+    splits = ds.ImageFolderSource(data_dir=str(archive), cache_dir=str(tmp_path / "c")).splits(8, seed=0)
     assert sum(splits.sizes().values()) == 60
 
 
@@ -307,23 +333,23 @@ def test_malformed_image_folders_raise_one_line_errors(tmp_path):
             ds.ImageFolderSource(**options).splits(8, seed=0)
         assert "\n" not in str(err.value)
 
-    fails("needs option path")
-    fails("does not exist", path=str(tmp_path / "nowhere"))
+    fails("option data_dir is required .*--data-dir")
+    fails("does not exist", data_dir=str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    fails("no train/ folder", path=str(tmp_path / "empty"))
+    fails("no train/ folder", data_dir=str(tmp_path / "empty"))
     (tmp_path / "noclass" / "train").mkdir(parents=True)
-    fails("no class folders", path=str(tmp_path / "noclass"))
+    fails("no class folders", data_dir=str(tmp_path / "noclass"))
     (tmp_path / "noimg" / "train" / "a").mkdir(parents=True)
     (tmp_path / "noimg" / "train" / "a" / "notes.txt").write_text("not an image")
-    fails("no image files", path=str(tmp_path / "noimg"))
+    fails("no image files", data_dir=str(tmp_path / "noimg"))
     root = make_image_tree(tmp_path / "holes")
     (root / "train" / "empty_class").mkdir()
-    fails("empty_class", path=str(root))
+    fails("empty_class", data_dir=str(root))
     root = make_image_tree(tmp_path / "foreign", test_per_class=2)
     (root / "test" / "ant").rename(root / "test" / "zebra")
-    fails("zebra", path=str(root))
+    fails("zebra", data_dir=str(root))
     (tmp_path / "junk.tar.gz").write_bytes(b"this is not a tar archive")
-    fails("cannot extract", path=str(tmp_path / "junk.tar.gz"), cache_dir=str(tmp_path / "c1"))
+    fails("cannot extract", data_dir=str(tmp_path / "junk.tar.gz"), cache_dir=str(tmp_path / "c1"))
     assert list((tmp_path / "c1").iterdir()) == []  # nothing half-extracted left behind
     evil = tmp_path / "evil.tar.gz"
     with tarfile.open(evil, "w:gz") as tar:
@@ -331,5 +357,5 @@ def test_malformed_image_folders_raise_one_line_errors(tmp_path):
         info = tarfile.TarInfo("../escape.png")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    fails("outside its folder", path=str(evil), cache_dir=str(tmp_path / "c2"))
+    fails("outside its folder", data_dir=str(evil), cache_dir=str(tmp_path / "c2"))
     assert not (tmp_path / "c2" / "escape.png").exists() and not (tmp_path / "escape.png").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 from eedn.cost import measure_exit_macs
 from eedn.errors import EednError
 from eedn.inference import EarlyExitEngine, InferenceResult, early_exit_inference, full_inference
-from eedn.model import EarlyExitModel, create_model
+from eedn.build import create_model
+from eedn.model import EarlyExitModel
 
 MARGIN = 1e-4
 #: stand-in per-exit costs (measuring real ones is slow and tested once, below)
@@ -128,8 +130,9 @@ def spread_thresholds(model: EarlyExitModel, x: Tensor) -> None:
 def spread_jei(model: EarlyExitModel, x: Tensor) -> None:
     """JEI gate on p_max alone: ``gate logit = W·p_max + b_l``, with each ``b_l`` in a gap.
 
-    A running row leaves at l iff ``g_l >= surv/2`` and ``1 - Σ_{j<l} g_j >= surv/2`` (spec §2.4),
-    i.e. iff ``b_l >= logit(surv/2) - W·p_max``: a per-row cut, so ``b_l`` goes between two of them.
+    A running row leaves at l iff ``g_l >= surv/2`` and ``1 - Σ_{j<l} g_j >= surv/2`` (the hazard rule,
+    docs/method.md), i.e. iff ``b_l >= logit(surv/2) - W·p_max``: a per-row cut, so ``b_l`` goes between
+    two of them.
     """
     from eedn_plugins.jei import hazards
 
@@ -395,19 +398,18 @@ def _digit_pngs(folder, indices) -> list:
 
 
 def test_preprocessing_matches_the_digits_eval_split(tiny_run, tmp_path):
-    from eedn.plugins import create
-    from eedn.predict import eval_preprocessor, eval_recipe, load_image, read_results
+    import eedn
+    from eedn.predict import InputRecipe, load_image, preprocessor
+    from eedn.rundir import read_manifest
 
-    results = read_results(tiny_run)
-    recipe = eval_recipe(results)
-    cfg = results["config"]
-    data = create("dataset", "digits").splits(16, seed=cfg["seed"], augment=False)
+    recipe = InputRecipe.from_manifest(read_manifest(tiny_run))
+    data = eedn.load_dataset("digits", image_size=16, seed=eedn.read_results(tiny_run)["config"]["seed"])
     assert (recipe.channels, recipe.image_size) == (1, 16)
     assert recipe.mean == data.info["mean"] and recipe.std == data.info["std"]
     assert recipe.class_names == [str(c) for c in range(10)]
     base = data.test.dataset  # the whole normalised tensor; test is a Subset of it
     indices = [int(i) for i in data.test.indices[:6]]
-    preprocess = eval_preprocessor(recipe)
+    preprocess = preprocessor(recipe)
     for path, i in zip(_digit_pngs(tmp_path, indices), indices):
         # 8-bit PNGs round the k/16 pixel values by at most 0.5/255 before normalisation
         torch.testing.assert_close(load_image(path, preprocess), base.images[i], atol=0.6 / 255 / recipe.std[0],
@@ -417,7 +419,8 @@ def test_preprocessing_matches_the_digits_eval_split(tiny_run, tmp_path):
 def test_predict_command_prints_each_image(tiny_run, tmp_path):
     from click.testing import CliRunner
 
-    from eedn.predict import predict, predict_files, read_results
+    from eedn.predict import predict, predict_files
+    from eedn.rundir import read_manifest
 
     pngs = _digit_pngs(tmp_path / "imgs", range(5)) + _digit_pngs(tmp_path / "imgs" / "nested", [10])
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
@@ -431,7 +434,7 @@ def test_predict_command_prints_each_image(tiny_run, tmp_path):
 
     rows = predict_files(tiny_run, [tmp_path / "imgs", single], batch_size=3)
     assert [r["file"] for r in rows] == [str(p) for p in pngs + [single]]
-    exit_macs = [e["macs"] for e in read_results(tiny_run)["exits"]]
+    exit_macs = read_manifest(tiny_run)["model"]["exit_macs"]
     for r in rows:
         assert r["class"] == str(r["class_index"]) and 0 <= r["class_index"] < 10
         assert 0 < r["confidence"] <= 1 and r["macs"] == exit_macs[r["exit"]]
@@ -439,6 +442,22 @@ def test_predict_command_prints_each_image(tiny_run, tmp_path):
     drop = lambda r: {k: v for k, v in r.items() if k != "confidence"}  # noqa: E731
     assert [drop(r) for r in rows] == [drop(r) for r in other]
     assert [r["confidence"] for r in rows] == pytest.approx([r["confidence"] for r in other])  # ...to the last bits
+
+
+def test_predict_agrees_with_the_runs_stored_test_decisions(tiny_run):
+    """The engine on the preprocessed test images reproduces run.json's per-sample policy decisions."""
+    import eedn
+    from eedn.inference import EarlyExitEngine
+    from eedn.rundir import read_manifest
+
+    manifest = read_manifest(tiny_run)
+    model, _ = eedn.load_run(tiny_run)
+    data = eedn.load_dataset("digits", image_size=16, seed=0)
+    images = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    out = EarlyExitEngine(model, exit_macs=manifest["model"]["exit_macs"])(images)
+    stored = manifest["policy"]["test"]
+    assert out.exit_index.tolist() == stored["exit_index"]
+    assert out.predictions.tolist() == stored["prediction"]
 
 
 def test_predict_bad_input_is_one_line(tiny_run, tmp_path):
@@ -455,6 +474,8 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path):
         ([str(tiny_run), "--input", str(tmp_path / "missing.png")], "does not exist"),
         ([str(tiny_run), "--input", str(broken)], "cannot read image"),
         ([str(tmp_path), "--input", str(tmp_path / "ok")], "not a finished eedn run directory"),
+        ([str(tmp_path / "nowhere"), "--input", str(tmp_path / "ok")], "no such run directory"),
+        ([str(tiny_run), "--input", str(tmp_path / "ok"), "--batch-size", "0"], "--batch-size"),
     ]
     for args, message in cases:
         res = CliRunner().invoke(predict, args)
@@ -463,21 +484,83 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path):
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.output
 
 
-def test_benchmark_rows_are_consistent(tiny_run):
-    from eedn.bench import benchmark
-    from eedn.predict import read_results
+def _colour_folder(root, classes=("red", "green", "blue"), per_class=20, size=16) -> None:
+    """``root/train/<class>/*.png``: noisy RGB squares whose dominant channel is the class."""
+    import numpy as np
+    from PIL import Image
 
-    results = read_results(tiny_run)
-    rows = benchmark(tiny_run, batch_sizes=(1, 8), repeats=2, warmup=1, max_samples=24, batch1_samples=5)
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (size, size, 3))
+            pixels[..., c] += 160
+            Image.fromarray(pixels.astype(np.uint8), mode="RGB").save(folder / f"{name}_{i:02d}.png")
+
+
+def test_predict_and_bench_need_only_the_run_directory(eedn_cache, tmp_path):
+    """An image-folder run keeps working after its training data is deleted: model and preprocessing
+    come from run.json and model.pt, and the preprocessing equals the source's evaluation transform."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import eedn
+    from eedn.bench import bench
+    from eedn.predict import InputRecipe, load_image, predict, predict_files, preprocessor
+    from eedn.rundir import read_manifest
+
+    data_dir = tmp_path / "colours"
+    _colour_folder(data_dir)
+    run_dir = tmp_path / "run"
+    eedn.run_pipeline({"backbone": "resnet_tiny", "dataset": "image-folder", "dataset_options": {"data_dir": str(data_dir)},
+                       "image_size": 16, "backbone_training": {"epochs": 1, "batch_size": 32}, "strategy": "im-only",
+                       "strategy_options": {"epochs": 1}, "evaluators": [], "cache_dir": eedn_cache,
+                       "out": str(run_dir), "progress": False})
+    recipe = InputRecipe.from_manifest(read_manifest(run_dir))
+    assert recipe.class_names == ["blue", "green", "red"] and (recipe.channels, recipe.image_size) == (3, 16)
+    data = eedn.load_dataset("image-folder", image_size=16, seed=0, data_dir=str(data_dir))
+    view, index = data.test.dataset, data.test.indices[0]  # test is a Subset of the evaluation view
+    torch.testing.assert_close(load_image(view.samples[index][0], preprocessor(recipe)), view[index][0])
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("red_00.png", "green_01.png", "blue_02.png"):
+        shutil.copy(next(data_dir.rglob(name)), inputs / name)
+    shutil.rmtree(data_dir)  # the training data is gone
+
+    rows = predict_files(run_dir, [inputs])
+    assert [Path(r["file"]).name for r in rows] == ["blue_02.png", "green_01.png", "red_00.png"]
+    assert all(r["class"] in recipe.class_names for r in rows)
+    res = CliRunner(env={"COLUMNS": "300"}).invoke(predict, [str(run_dir), "--input", str(inputs)])
+    assert res.exit_code == 0, res.output
+    assert "red_00.png" in res.output and "of the full network" in res.output
+    res = CliRunner(env={"COLUMNS": "300"}).invoke(
+        bench, [str(run_dir), "--input", str(inputs), "--batch-sizes", "1,3", "--repeats", "1", "--no-stage-profile"])
+    assert res.exit_code == 0, res.output
+    assert "realised" in res.output
+
+
+def test_benchmark_rows_are_consistent(tiny_run):
+    import eedn
+    from eedn.bench import benchmark
+    from eedn.rundir import read_manifest
+
+    spec = read_manifest(tiny_run)["model"]
+    test = eedn.load_dataset("digits", image_size=16, seed=0).test
+    rows = benchmark(tiny_run, test, batch_sizes=(1, 8), repeats=2, warmup=1, max_samples=24, batch1_samples=5)
     assert [(r["batch_size"], r["samples"]) for r in rows] == [(1, 5), (8, 24)]
-    exit_macs = torch.tensor([e["macs"] for e in results["exits"]], dtype=torch.float64)
+    exit_macs = torch.tensor(spec["exit_macs"], dtype=torch.float64)
     for r in rows:
-        assert r["full_macs"] == results["full_macs"]
+        assert r["full_macs"] == spec["full_macs"]
         assert r["mean_macs"] == pytest.approx(float((torch.tensor(r["exit_fractions"]) * exit_macs).sum()))
         assert r["mac_speedup"] == pytest.approx(r["full_macs"] / r["mean_macs"])
         assert r["wall_speedup"] == pytest.approx(r["full_s"] / r["engine_s"])
         assert r["realisation"] == pytest.approx(r["wall_speedup"] / r["mac_speedup"])
         assert sum(r["exit_fractions"]) == pytest.approx(1.0) and r["full_s"] > 0 and r["engine_s"] > 0
+    with pytest.raises(EednError, match="give the images"):
+        benchmark(tiny_run)
 
 
 def test_benchmark_on_a_model_measures_its_macs():
@@ -499,25 +582,32 @@ def test_benchmark_on_a_model_measures_its_macs():
 def test_bench_command_and_script(tiny_run, tmp_path):
     import json
     import runpy
-    from pathlib import Path
 
     from click.testing import CliRunner
 
     from eedn.bench import bench
 
+    images = tmp_path / "imgs"
+    _digit_pngs(images, range(10))
     out = tmp_path / "bench.json"
     res = CliRunner(env={"COLUMNS": "200"}).invoke(
-        bench, [str(tiny_run), "--batch-sizes", "2,8", "--max-samples", "8", "--repeats", "1", "--threads", "1",
-                "--json", str(out)])
+        bench, [str(tiny_run), "--input", str(images), "--batch-sizes", "2,8", "--max-samples", "8", "--repeats", "1",
+                "--threads", "1", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "realised" in res.output
-    assert [r["batch_size"] for r in json.loads(out.read_text())] == [2, 8]
-    res = CliRunner().invoke(bench, [str(tiny_run), "--batch-sizes", "a,b"])
+    rows = json.loads(out.read_text())
+    assert [(r["batch_size"], r["samples"]) for r in rows] == [(2, 8), (8, 8)]
+    res = CliRunner().invoke(bench, [str(tiny_run), "--input", str(images), "--batch-sizes", "a,b"])
     assert res.exit_code == 1 and "--batch-sizes" in res.output and len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(bench, [str(tiny_run)])
+    assert res.exit_code != 0 and "--input" in res.output
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_inference.py"
     main = runpy.run_path(str(script))["main"]
     rows = main(["--backbone", "resnet_tiny", "--image-size", "16", "--samples", "30", "--batch-sizes", "30",
                  "--repeats", "1", "--exit-shares", "1,1,1"])
     assert rows[0]["exit_fractions"] == pytest.approx([1 / 3] * 3, abs=0.04)  # the gate met the asked shares
-    assert main(["--run-dir", str(tiny_run), "--batch-sizes", "4", "--max-samples", "8", "--repeats", "1"])
+    rows = main(["--run-dir", str(tiny_run), "--batch-sizes", "4", "--max-samples", "8", "--repeats", "1"])
+    assert rows[0]["samples"] == 8  # the run's test split, rebuilt through the library
+    rows = main(["--run-dir", str(tiny_run), "--input", str(images), "--batch-sizes", "5", "--repeats", "1"])
+    assert rows[0]["samples"] == 10

@@ -1,4 +1,4 @@
-"""JEI-DNN gate and strategy against spec/jei-dnn.md §2.3, §2.4, §3 and §9."""
+"""JEI-DNN gate and strategy: gate statistics, the hazard exit rule, the losses and targets, options and tiny fits."""
 from __future__ import annotations
 
 
@@ -12,8 +12,9 @@ from eedn.contracts import Backbone, Gate, InputSpec
 from eedn.cost import measure_exit_macs
 from eedn.data import DataSplits, TensorImages
 from eedn.errors import EednError
+from eedn.features import FeatureSource, compute_split_outputs
 from eedn.model import EarlyExitModel
-from eedn.training import FeatureSource, FitContext, compute_split_outputs
+from eedn.strategy import FitContext
 from eedn_plugins.heads import LinearIM
 from eedn_plugins.jei import (
     JeiGate,
@@ -28,7 +29,6 @@ from eedn_plugins.jei import (
     official_im_loss,
     pos_weights,
     pos_weights_from_counts,
-    resolve_options,
     uniform_im_loss,
 )
 
@@ -43,10 +43,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-# ------------------------------------------------------------------------------------ §2.3 statistics
+# ------------------------------------------------------------------------------------ gate statistics
 
 
-def test_gate_statistics_match_spec_vectors():
+def test_gate_statistics_match_worked_vectors():
     p = torch.tensor([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]], dtype=torch.float64)
     stats = gate_statistics(p.log())  # softmax(log p) = p
     expected = torch.tensor([[0.5, 1.029653, 0.2, 0.853584], [0.7, 0.801819, 0.5, 0.354829]])
@@ -76,7 +76,7 @@ def test_gate_shape_and_vectorised_scores_match_per_exit_scores():
     assert ((per_exit > 0) & (per_exit < 1)).all()
 
 
-# ------------------------------------------------------------------------------------ §2.4 exit rule
+# ------------------------------------------------------------------------------------ exit rule
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_exit_rule_worked_cases(g, probs, p_final, h, exit_index):
 
 
 def exit_decision(g: list[float]) -> int:
-    """The row-by-row reference of spec §9, in plain Python floats."""
+    """The row-by-row reference rule, in plain Python floats."""
     s, surv = 0.0, 1.0
     for l, gl in enumerate(g):
         p = max(0.0, min(gl, 1.0 - s))
@@ -181,10 +181,10 @@ def test_running_sum_reaching_one_forces_exit(g):
         assert sum(g) < 1.0  # reaching the final head needs Σg < 1
 
 
-# ------------------------------------------------------------------------------------ §3.4 gate loss
+# ------------------------------------------------------------------------------------ gate loss
 
 
-def test_gate_targets_and_pos_weights_spec_vectors():
+def test_gate_targets_and_pos_weights_worked_vectors():
     costs = torch.tensor([0.25, 0.5, 0.75, 1.0])
     ce = torch.tensor([[1.2, 0.5, 0.3, 0.25]])
     best, t = gate_targets(ce, 0.5, costs)
@@ -206,7 +206,7 @@ def test_pos_weights_exact_vs_cumulative_counts():
     assert torch.allclose(pos_weights(best, 3, "cumulative"), torch.tensor([5.0, 60 / 40, 60 / 40]))
 
 
-# ------------------------------------------------------------------------------------ §3.5 IM loss
+# ------------------------------------------------------------------------------------ IM loss
 
 
 def _probs_and_losses(n: int = 6, g: int = 4):
@@ -257,6 +257,40 @@ def test_paper_compat_profile_resolves_to_the_listed_settings():
     clean = JeiStrategy().describe()
     assert clean["profile"] == "clean" and clean["backbone_mode"] == "eval" and clean["head_augment"] is False
     assert clean["alternation"] == "auto" and clean["optimizers"] == "separate" and clean["epochs"] == 15
+    assert None not in d.values() and None not in clean.values()  # every per-profile default is filled in
+
+
+def test_recorded_options_rebuild_the_same_strategy():
+    """A run records describe(); building from it again (through the registry) gives the same strategy."""
+    import eedn
+
+    for options in ({"profile": "paper-compat", "lambda": "0.1,0.5"}, {"optimizers": "shared", "epochs": "9"}):
+        first = eedn.create("strategy", "jei", **options).describe()
+        again = eedn.create("strategy", "jei", **first).describe()
+        assert again == first
+
+
+def test_per_profile_options_are_declared_without_a_default():
+    import eedn
+
+    specs = {s.name: s for s in eedn.registry("strategy").get("jei").options()}
+    for name in ("optimizers", "select", "backbone_mode", "head_augment", "alternation"):
+        assert specs[name].default is None and "default: per profile" in specs[name].help
+    assert specs["lambda"].default == 0.5 and specs["lambda"].min == 0
+    assert specs["epochs"].default == 15
+
+
+def test_yaml_strings_are_coerced():
+    s = JeiStrategy(lr="1e-3", head_augment="true", epochs="6", warmup_epochs="2", **{"lambda": "0.1,0.5"})
+    assert (s.options["lr"], s.head_augment, s.options["epochs"], s.options["lambda"]) == (0.001, True, 6, [0.1, 0.5])
+
+
+def test_the_jei_gate_takes_no_options():
+    import eedn
+
+    with pytest.raises(EednError, match="unknown option.*valid: none") as err:
+        eedn.create("gate", "jei", 3, 2, k=2)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +300,7 @@ def test_paper_compat_profile_resolves_to_the_listed_settings():
         ({"im_loss": "weighted"}, "uniform, exit_weighted"),
         ({"alternation": "batches:0"}, "batches:N"),
         ({"alternation": "fraction:1.5"}, "fraction:F"),
-        ({"lambda": "0.1,x"}, "comma list"),
+        ({"lambda": "0.1,x"}, "lambda"),
         ({"lambda": -1}, "lambda"),
         ({"epochs": 3, "warmup_epochs": 3}, "warmup_epochs"),
         ({"profile": "paper"}, "clean, paper-compat"),
@@ -282,9 +316,14 @@ def test_bad_options_raise_one_line_errors(options, fragment):
 
 
 def test_lambda_forms_and_alternation_blocks():
-    assert resolve_options({"lambda": "0.01,0.5,2"})["lambda"] == [0.01, 0.5, 2.0]
-    assert resolve_options({"lambda": 1})["lambda"] == 1.0
-    assert resolve_options({"lambda": [3]})["lambda"] == [3.0]
+    def lam(value):
+        return JeiStrategy(**{"lambda": value}).options["lambda"]
+
+    assert lam("0.01,0.5,2") == [0.01, 0.5, 2.0]
+    assert lam(1) == 1.0 and lam("1e-3") == 0.001
+    assert lam([3]) == [3.0]
+    assert JeiStrategy(**{"lambda": "0.1,0.5"}).lambdas == [0.1, 0.5]
+    assert JeiStrategy(**{"lambda": 0.2}).lambdas == [0.2]
     assert alternation_block("auto", 16) == 8
     assert alternation_block("auto", 15) == 8
     assert alternation_block("auto", 704) == 200
@@ -358,7 +397,7 @@ def fit(tmp_path, cacheable: bool = True, backbone_mode: str = "eval", **options
     exit_macs, full_macs = measure_exit_macs(model)
     ctx = FitContext(features=source, exit_macs=exit_macs, full_macs=full_macs, seed=0)
     options = {"epochs": 8, "warmup_epochs": 2} | options
-    result = JeiStrategy(**options).fit(model, data, ctx)
+    result = JeiStrategy(**options).fit(model, ctx)
     return model, source, result, (exit_macs, full_macs)
 
 
@@ -438,4 +477,4 @@ def test_strategy_refuses_a_foreign_gate(tmp_path):
     source = FeatureSource(model, toy_data(), cacheable=False)
     ctx = FitContext(features=source, exit_macs=[1, 2, 3, 4], full_macs=4)
     with pytest.raises(EednError, match="jei"):
-        JeiStrategy(**{"lambda": 1.0}).fit(model, source.data, ctx)
+        JeiStrategy(**{"lambda": 1.0}).fit(model, ctx)

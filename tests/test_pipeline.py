@@ -106,6 +106,48 @@ def test_bad_inputs_are_one_line_errors(tiny_config, tmp_path):
     assert res.exit_code != 0 and "multiple of 16" in res.output and "Traceback" not in res.output
 
 
+def test_names_and_options_are_checked_before_stage_0(tiny_config, tmp_path, monkeypatch):
+    from eedn import run as pipeline
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("stage 0 ran before the config was checked")
+
+    monkeypatch.setattr(pipeline, "train_backbone", no_training)
+    cfg = tiny_config | {"cache_dir": str(tmp_path / "fresh-cache")}
+    with pytest.raises(EednError, match=r"strategy 'im-only': unknown option\(s\) epochz.*did you mean 'epochs'"):
+        eedn.run_pipeline(cfg | {"strategy": "im-only", "strategy_options": {"epochz": 2}})
+    with pytest.raises(EednError, match="unknown evaluator 'nope'; known: .*calibration"):
+        eedn.run_pipeline(cfg | {"strategy": "im-only", "evaluators": ["nope"]})
+    with pytest.raises(EednError, match="unknown gate 'nope'"):
+        eedn.run_pipeline(cfg | {"strategy": "im-only", "gate": "nope"})
+    with pytest.raises(EednError, match="backbone 'resnet_tiny': unknown option"):
+        eedn.run_pipeline(cfg | {"backbone_options": {"exitz": "block"}})
+
+
+def test_run_directory_describes_itself(tiny_config, tmp_path):
+    """run.json alone rebuilds the model (no dataset), and the stored decisions are the gate's."""
+    from eedn.outputs import ExitOutputs
+    from eedn.rundir import load_model, read_manifest
+
+    out = tmp_path / "selfdescribing"
+    results = eedn.run_pipeline(tiny_config | {"strategy": "im-only", "strategy_options": {"epochs": 1},
+                                               "evaluators": [], "out": str(out)})
+    manifest = read_manifest(out)
+    assert manifest["model"]["backbone"]["name"] == "resnet_tiny"
+    assert manifest["input"]["image_size"] == 16 and manifest["input"]["channels"] == 1
+    assert manifest["environment"]["torch"] == torch.__version__
+    assert manifest["environment"]["world_size"] == 1
+    model, _ = load_model(out)
+    outputs = torch.load(out / "outputs.pt", weights_only=True)
+    test = ExitOutputs.from_dict(outputs[manifest["policy"]["trained_setting"]]["test"])
+    decided = model.gate.decide(test.gate_scores)
+    assert decided.tolist() == manifest["policy"]["test"]["exit_index"]
+    shares = torch.bincount(decided, minlength=model.num_exits).double() / len(decided)
+    assert torch.allclose(shares, torch.tensor(results["policy"]["exit_fractions"], dtype=torch.float64))
+    predictions = test.gated_logits(decided).argmax(-1)
+    assert predictions.tolist() == manifest["policy"]["test"]["prediction"]
+
+
 def test_library_api_builds_a_model_from_registry_names():
     model = eedn.create_model("t2t_vit_tiny", num_classes=10, image_size=32, in_channels=1, gate="jei")
     logits = model(torch.zeros(2, 1, 32, 32))

@@ -1,4 +1,4 @@
-"""ResNet backbones: stage-wise contract, exact MAC accounting, options and checkpoints."""
+"""ResNet backbones: stage-wise contract, exact MAC accounting, options, display names and checkpoints."""
 from __future__ import annotations
 
 import math
@@ -29,8 +29,7 @@ class NeverExitGate(Gate):
 
 def make(name: str, num_classes: int = 5, image_size: int = 16, in_channels: int = 3, **options) -> eedn.Backbone:
     torch.manual_seed(0)
-    return eedn.create("backbone", name, num_classes=num_classes, image_size=image_size,
-                       in_channels=in_channels, **options)
+    return eedn.create("backbone", name, num_classes, image_size, in_channels, **options)
 
 
 def randomise_bn(model: nn.Module) -> None:
@@ -187,45 +186,70 @@ def test_plain_resnet_picks_by_image_size():
     assert "64" in eedn.registry("backbone").get("resnet").info["description"]
 
 
-def test_checkpoint_round_trip(tmp_path):
+def test_display_names_say_which_member_was_built():
+    assert make("resnet", image_size=32, in_channels=1).display_name == "ResNet-8 (tiny)"  # digits-like data
+    assert make("resnet", image_size=32).display_name == "ResNet-20"
+    assert make("resnet", image_size=72).display_name == "ResNet-18"
+    assert make("resnet", image_size=8, size=56).display_name == "ResNet-56"
+    assert make("resnet", image_size=8, size="50").display_name == "ResNet-50"
+    assert make("resnet_tiny", image_size=8).display_name == "ResNet-8 (tiny)"
+
+
+def trained_tiny() -> eedn.Backbone:
     trained = make("resnet_tiny", num_classes=3, image_size=8).eval()
     randomise_bn(trained)
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.05)
+    return trained
+
+
+@pytest.mark.parametrize("wrap", [lambda s: s, lambda s: {"model": s, "summary": {}},
+                                  lambda s: {"backbone": s, "heads": {}}],
+                         ids=["state_dict", "backbone_cache", "run_weights"])
+def test_load_pretrained_round_trip_of_eedn_saved_weights(tmp_path, wrap):
+    trained = trained_tiny()
     path = tmp_path / "tiny.pt"
-    torch.save(trained.state_dict(), path)
-    loaded = eedn.create("backbone", "resnet_tiny", num_classes=3, image_size=8, checkpoint=str(path)).eval()
+    torch.save(wrap(trained.state_dict()), path)
+    loaded = make("resnet_tiny", num_classes=3, image_size=8)
+    loaded.load_pretrained(path)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), trained(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.eval()(x), trained(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_classes=4), dict(name="resnet20")])
-def test_mismatched_checkpoint_is_one_line_error(tmp_path, kwargs):
+@pytest.mark.parametrize("name,num_classes,display", [("resnet_tiny", 4, "ResNet-8 (tiny)"),
+                                                      ("resnet20", 3, "ResNet-20")])
+def test_mismatched_checkpoint_is_one_line_error(tmp_path, name, num_classes, display):
     torch.save(make("resnet_tiny", num_classes=3, image_size=8).state_dict(), tmp_path / "tiny.pt")
-    name = kwargs.pop("name", "resnet_tiny")
-    with pytest.raises(EednError) as info:
-        eedn.create("backbone", name, num_classes=kwargs.get("num_classes", 3), image_size=8,
-                    checkpoint=str(tmp_path / "tiny.pt"))
+    model = make(name, num_classes=num_classes, image_size=8)
+    with pytest.raises(EednError, match="does not fit") as info:
+        model.load_pretrained(tmp_path / "tiny.pt")
     message = str(info.value)
-    assert "\n" not in message and "tiny.pt" in message and name in message
+    assert "\n" not in message and "tiny.pt" in message and display in message
 
 
 def test_bad_checkpoint_files(tmp_path):
+    model = make("resnet_tiny", image_size=8)
     with pytest.raises(EednError, match="not found"):
-        make("resnet_tiny", image_size=8, checkpoint=str(tmp_path / "missing.pt"))
+        model.load_pretrained(tmp_path / "missing.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(EednError, match="not a state dict"):
-        make("resnet_tiny", image_size=8, checkpoint=str(tmp_path / "list.pt"))
+        model.load_pretrained(tmp_path / "list.pt")
 
 
-def test_invalid_options_list_allowed_values():
-    with pytest.raises(EednError, match="allowed: block, stage") as info:
+def test_invalid_options_list_the_valid_ones():
+    with pytest.raises(EednError, match="invalid exits='layer'; choose from block, stage") as info:
         make("resnet20", exits="layer")
     assert "\n" not in str(info.value)
-    with pytest.raises(EednError, match="allowed: exits, checkpoint"):
+    with pytest.raises(EednError, match="unknown option\\(s\\) depth; valid: exits"):
         make("resnet18", depth=3)
+    with pytest.raises(EednError, match="unknown option\\(s\\) checkpoint"):  # --backbone-checkpoint loads weights
+        make("resnet18", checkpoint="weights.pt")
+    with pytest.raises(EednError, match="did you mean 'exits'.*valid: exits, size"):
+        make("resnet", exit="stage")
+    with pytest.raises(EednError, match="invalid size=19; choose from auto, tiny, 20"):
+        make("resnet", size=19)
     with pytest.raises(EednError, match="too small"):
         make("resnet_tiny", image_size=7)
     with pytest.raises(EednError, match="too small"):

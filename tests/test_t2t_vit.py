@@ -22,15 +22,18 @@ from eedn_plugins.t2t_vit import (
     SoftSplit,
     T2TViT,
     TokenPerformer,
-    load_t2t_checkpoint,
     resize_pos_embed,
     sinusoid_position_table,
 )
 
 
-def make(name: str = "t2t_vit_tiny", num_classes: int = 10, image_size: int = 32, **kw) -> T2TViT:
+def make(name: str = "t2t_vit_tiny", num_classes: int = 10, image_size: int = 32, in_channels: int = 3,
+         checkpoint: str | None = None, **options) -> T2TViT:
     torch.manual_seed(0)
-    return eedn.create("backbone", name, num_classes=num_classes, image_size=image_size, **kw).eval()
+    model = eedn.create("backbone", name, num_classes, image_size, in_channels, **options)
+    if checkpoint is not None:
+        model.load_pretrained(checkpoint)
+    return model.eval()
 
 
 class MaxProbGate(Gate):
@@ -121,6 +124,21 @@ def test_tiny_overrides_and_bad_options():
         make("t2t_vit_tiny", depth=0)
     with pytest.raises(EednError, match="drop_path_rate"):
         make("t2t_vit_tiny", drop_path_rate="a lot")
+    with pytest.raises(EednError, match="did you mean 'drop_path_rate'.*valid: drop_path_rate$"):
+        make("t2t_vit_7", drop_path=0.2)
+    with pytest.raises(EednError, match="unknown option\\(s\\) checkpoint"):  # --backbone-checkpoint loads weights
+        make("t2t_vit_7", checkpoint_path="weights.pth")
+    # the family takes the tiny-only options, but only with the tiny size
+    assert make("t2t_vit", size="tiny", depth="2").num_stages == 2
+    with pytest.raises(EednError, match="tiny-only option\\(s\\) depth need size=tiny"):
+        make("t2t_vit", size=7, depth=2)
+
+
+def test_display_names_say_which_member_was_built(t2t7_32, t2t14_224):
+    assert make("t2t_vit", in_channels=1).display_name == "T2T-ViT tiny"  # digits-like data
+    assert make("t2t_vit", image_size=16).display_name == "T2T-ViT-7"
+    assert t2t7_32.display_name == "T2T-ViT-7" and t2t14_224.display_name == "T2T-ViT-14"
+    assert make("t2t_vit_tiny", depth=2).display_name == "T2T-ViT tiny"
 
 
 @pytest.mark.parametrize("size", [0, 8, 24, 40, 33, -16, 32.0])
@@ -299,7 +317,7 @@ def test_token_performer_follows_the_reference_math():
 
 @pytest.mark.parametrize("fixture,ims,want", [("t2t7_224", 6 * 2570, 4.07e6), ("t2t14_224", 13 * 3850, 21.2e6)])
 def test_parameter_count_with_linear_ims_matches_the_spec(request, fixture, ims, want):
-    """Spec §2.1 counts every parameter at 224 px, the fixed position table and features included."""
+    """The published counts include every parameter at 224 px, the fixed position table included."""
     backbone = request.getfixturevalue(fixture)
     head = sum(p.numel() for p in backbone.classifier.parameters())
     model = early_exit_model(backbone)
@@ -318,7 +336,7 @@ def official_checkpoint(tmp_path_factory) -> tuple[str, dict[str, Tensor]]:
     """An ImageNet-like T2T-ViT-7 checkpoint: 224-px table, 1000-class head, DataParallel keys,
     EMA weights next to (different) training weights."""
     torch.manual_seed(3)
-    source = eedn.create("backbone", "t2t_vit_7", num_classes=1000, image_size=224)
+    source = eedn.create("backbone", "t2t_vit_7", 1000, 224)
     ema = {f"module.{k}": v.clone() for k, v in source.state_dict().items()}
     plain = {k: torch.zeros_like(v) for k, v in ema.items()}
     path = tmp_path_factory.mktemp("ckpt") / "t2t_vit_7.pth.tar"
@@ -345,7 +363,7 @@ def test_official_checkpoint_loads_into_a_small_model(official_checkpoint):
 
 
 def test_loader_reports_what_it_adapted(official_checkpoint, t2t7_32):
-    report = load_t2t_checkpoint(copy.deepcopy(t2t7_32), official_checkpoint[0])
+    report = copy.deepcopy(t2t7_32).load_pretrained(official_checkpoint[0])
     assert report["dropped"] == ["head.weight", "head.bias"]
     assert report["resized"] == ["pos_embed"]
     assert report["left_at_init"] == ["head.weight", "head.bias"]
@@ -356,7 +374,9 @@ def test_same_shape_checkpoint_round_trips_including_the_head(tmp_path):
     path = tmp_path / "plain.pt"
     torch.save({"model": model.state_dict()}, path)
     torch.manual_seed(9)
-    other = eedn.create("backbone", "t2t_vit_tiny", num_classes=10, image_size=32, checkpoint=str(path)).eval()
+    other = eedn.create("backbone", "t2t_vit_tiny", 10, 32)
+    other.load_pretrained(path)
+    other.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(other(x), model(x))
@@ -367,10 +387,26 @@ def test_backbone_part_of_an_early_exit_model_checkpoint_loads(tmp_path):
     path = tmp_path / "eedn_model.pt"
     torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)
     torch.manual_seed(5)
-    model = eedn.create("backbone", "t2t_vit_tiny", num_classes=10, image_size=32, checkpoint=str(path)).eval()
+    model = eedn.create("backbone", "t2t_vit_tiny", 10, 32)
+    model.load_pretrained(path)
+    model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), source.backbone(x))
+
+
+def test_a_run_directory_weights_file_loads(tmp_path):
+    """A run's weights.pt holds the backbone next to the trained heads; the backbone part loads."""
+    source = make()
+    path = tmp_path / "weights.pt"
+    torch.save({"backbone": source.state_dict(), "heads": {"lambda=0.5": {"ims.0.fc.weight": torch.zeros(1)}}}, path)
+    torch.manual_seed(7)
+    model = eedn.create("backbone", "t2t_vit_tiny", 10, 32)
+    report = model.load_pretrained(path)
+    assert report == {"dropped": [], "resized": [], "left_at_init": []}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), source(x))
 
 
 def test_resize_pos_embed_keeps_identity_and_rejects_non_square():
@@ -384,7 +420,7 @@ def test_checkpoint_of_another_size_is_a_clear_error(tmp_path, t2t7_32):
     path = tmp_path / "tiny.pt"
     torch.save(make("t2t_vit_tiny").state_dict(), path)
     with pytest.raises(EednError, match="does not match t2t_vit_7: cls_token has shape") as info:
-        load_t2t_checkpoint(t2t7_32, path)
+        copy.deepcopy(t2t7_32).load_pretrained(path)
     assert "\n" not in str(info.value)
 
 

@@ -10,15 +10,8 @@ import eedn
 from eedn.contracts import Gate
 from eedn.errors import EednError
 from eedn.outputs import ExitOutputs
-from eedn_plugins.thresholds import (
-    EntropyGate,
-    MarginGate,
-    MaxProbGate,
-    PatienceGate,
-    fit_thresholds,
-    fit_thresholds_batch,
-    geometric_shares,
-)
+from eedn.budgets import fit_thresholds, fit_thresholds_batch, geometric_shares
+from eedn_plugins.thresholds import EntropyGate, MarginGate, MaxProbGate, PatienceGate
 
 
 def make_outputs(n: int = 600, num_exits: int = 4, num_classes: int = 5, seed: int = 0, gate: Gate | None = None,
@@ -143,7 +136,7 @@ def test_fit_thresholds_greedy_on_hand_example():
 
 
 def _greedy_fit_reference(scores: torch.Tensor, shares: list[float]) -> list[float]:
-    """Spec §9 written as plainly as possible, sample by sample."""
+    """The greedy MSDNet fit written as plainly as possible, sample by sample."""
     n, g = scores.shape
     thresholds, running = [math.inf] * g, [True] * n
     for k in range(g):
@@ -181,8 +174,20 @@ def test_budget_sweep_and_options():
         gate.calibrate(val, target)
         fractions.append(val.summarize(gate.decide(val.gate_scores))["macs_fraction"])
     assert fractions == sorted(fractions)  # a larger p pushes samples later: cost grows
+    with pytest.raises(EednError, match="did you mean 'divisor'.*valid: divisor, include_final, thresholds") as err:
+        eedn.create("gate", "max_prob", 2, 3, divsor=20)
+    assert "\n" not in str(err.value)
     with pytest.raises(EednError, match="unknown option"):
         MaxProbGate(2, 3, divsor=20)
+    with pytest.raises(EednError, match="divisor"):
+        MaxProbGate(2, 3, divisor=-1)
+    with pytest.raises(EednError, match="divisor must be positive"):
+        MaxProbGate(2, 3, divisor=0)
+    coerced = eedn.create("gate", "entropy", 2, 3, divisor="20", include_final="false", thresholds="0.5,0.7")
+    assert (coerced.divisor, coerced.include_final) == (20.0, False)
+    assert coerced.thresholds.tolist() == [0.5, 0.7]
+    with pytest.raises(EednError, match="thresholds needs 2 values"):
+        MaxProbGate(2, 3, thresholds=[0.5])
     with pytest.raises(EednError, match="exactly one of"):
         gate.calibrate(val, {"budget": 0.5})
     with pytest.raises(EednError, match="exit_shares needs 7"):
@@ -271,8 +276,11 @@ def test_patience_scores_are_predicted_classes_and_k_is_saved():
     assert gate.scores(0, logits).tolist() == [1.0, 0.0]
     assert int(gate.state_dict()["k"]) == 2
     assert gate.budget_sweep() == [{"k": 1}, {"k": 2}]
-    with pytest.raises(EednError, match="positive integer"):
+    with pytest.raises(EednError, match="invalid k=0; expected an integer >= 1"):
         PatienceGate(2, 3, k=0)
+    with pytest.raises(EednError, match="positive integer"):
+        gate.calibrate(make_outputs(num_exits=3, num_classes=3), {"k": 0})
+    assert PatienceGate(2, 3, k="3").options["k"] == 3
 
 
 def test_patience_macs_and_accuracy_targets():

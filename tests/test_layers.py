@@ -1,0 +1,171 @@
+"""The core's layering: no import cycles, no built-in plugin named by the core, a light ``import eedn``.
+
+Imports are read from the source (ast), at module level and inside ``if TYPE_CHECKING:`` blocks; imports
+inside functions are the sanctioned way to defer heavy or upward dependencies and are not edges.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "eedn"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements run at import time or read by type checkers: module level, inside top-level
+    ``if``/``try`` blocks (``if TYPE_CHECKING:`` included), never inside functions or classes."""
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def walk(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.append(node)
+            elif isinstance(node, ast.If):
+                walk(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                walk(node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody)
+
+    walk(tree.body)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """eedn module -> the eedn modules it imports (``from eedn import x`` names module ``eedn.x`` when
+    that is a module, else the package itself)."""
+    modules = {module_name(p): p for p in PACKAGE.glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges: set[str] = set()
+        for node in top_level_imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif node.level:  # relative: eedn is one flat package
+                targets = [f"eedn.{node.module}" if node.module else "eedn"]
+            else:
+                targets = [node.module or ""]
+            for target in targets:
+                if target == "eedn" and isinstance(node, ast.ImportFrom):
+                    subs = [f"eedn.{a.name}" for a in node.names if f"eedn.{a.name}" in modules]
+                    edges.update(subs or ["eedn"])
+                elif target in modules:
+                    edges.add(target)
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path ``[a, b, ..., a]``, or None (depth-first search, three colours)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            cycle = visit(start)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    tree = ast.parse(textwrap.dedent("""
+        import os
+        from typing import TYPE_CHECKING
+        if TYPE_CHECKING:
+            from eedn.model import EarlyExitModel
+        def f():
+            from eedn.run import run_pipeline
+    """))
+    assert [getattr(n, "module", None) for n in top_level_imports(tree)] == [None, "typing", "eedn.model"]
+
+
+def test_no_import_cycles_among_eedn_modules():
+    graph = import_graph()
+    assert "eedn.cli" in graph and "eedn.errors" in graph  # the graph really holds the package
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle (module level or TYPE_CHECKING): " + " -> ".join(cycle)
+
+
+def plugin_references(tree: ast.Module) -> list[str]:
+    """Imports of, and string constants naming, the built-in plugin package (docstrings and comments,
+    which may explain how plugins are found, are not code)."""
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    refs = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            refs += [a.name for a in node.names if a.name.split(".")[0] == "eedn_plugins"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "eedn_plugins":
+            refs.append(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings \
+                and "eedn_plugins" in node.value:
+            refs.append(node.value)
+    return refs
+
+
+def test_core_never_names_a_builtin_plugin_module():
+    sample = ast.parse('"""eedn_plugins in a docstring is prose."""\nimport eedn_plugins.jei\nX = "eedn_plugins:y"')
+    assert plugin_references(sample) == ["eedn_plugins.jei", "eedn_plugins:y"]
+    offenders = {p.name: refs for p in sorted(PACKAGE.glob("*.py"))
+                 if (refs := plugin_references(ast.parse(p.read_text(), str(p))))}
+    assert offenders == {}, f"eedn/ modules naming the built-in plugin package: {offenders}"
+
+
+LIGHT = """
+import sys
+import eedn, eedn.cli, eedn.plugins, eedn.options, eedn.errors, eedn.hookspecs, eedn.cli_options
+from eedn.plugins import KINDS, list_names
+names = {kind: list_names(kind) for kind in KINDS}
+assert all(names.values()), names
+heavy = sorted(m for m in ("torch", "torchvision", "timm", "numpy", "matplotlib") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+"""
+
+
+def test_import_eedn_and_listing_plugins_import_no_torch():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY=\n" in out.stdout, f"imported: {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["run", "--help"]])
+def test_cli_start_imports_no_torch(args):
+    probe = ("import sys, atexit; atexit.register(lambda: print('TORCH=%d' % ('torch' in sys.modules)));"
+             "sys.argv = ['eedn'] + sys.argv[1:]; from eedn.cli import main; main()")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Usage" in out.stdout or "eedn plugins" in out.stdout
+    assert out.stdout.strip().endswith("TORCH=0"), "the command imported torch"
