@@ -1,14 +1,9 @@
 """The research API behind ``import eedn``: the pipeline's steps as functions.
 
 :func:`eedn.run_pipeline` is ``eedn run`` in one call; these functions are its steps, for experiments that
-change one of them (docs/api.md lists the whole public API, examples/library_use.py runs it)::
-
-    data = eedn.load_dataset("digits", image_size=32)
-    model = eedn.create_model("t2t_vit_tiny", num_classes=data.num_classes, image_size=32, in_channels=1)
-    eedn.fit_strategy("im-only", model, data, epochs=2)
-    val, test = eedn.split_outputs(model, data, "val"), eedn.split_outputs(model, data, "test")
-    gate = eedn.calibrate_gate(model.gate, val, 0.8)
-    print(test.summarize(eedn.apply_gate(gate, test)))
+change one of them: :func:`load_dataset` → :func:`eedn.create_model` → :func:`fit_strategy` →
+:func:`split_outputs` per split → :func:`calibrate_gate` / :func:`eedn.apply_gate` → :func:`evaluate`.
+docs/api.md lists the whole public API with an example; examples/library_use.py runs it.
 """
 from __future__ import annotations
 
@@ -29,8 +24,8 @@ from eedn.outputs import ExitOutputs
 from eedn.plugins import create
 from eedn.policy import calibrated_copy
 from eedn.progress import Progress
-from eedn.rundir import POLICY_HEADS, load_model
 from eedn.run import seed_everything
+from eedn.rundir import POLICY_HEADS, load_model
 from eedn.strategy import FitContext, StrategyResult, TrainingStrategy
 
 SPLITS = ("train", "val", "cal", "test")
@@ -81,12 +76,6 @@ def split_outputs(model: EarlyExitModel, data: DataSplits, split: str, cache_dir
     return compute_split_outputs(model, source, split, exit_macs, full_macs, batch_size)
 
 
-def _fixed_features(strategy: TrainingStrategy) -> bool:
-    """True when the strategy trains on the frozen backbone's eval-mode features of unaugmented images,
-    which are then computed once and cacheable."""
-    return not (strategy.trains_backbone or strategy.head_augment or strategy.backbone_mode != "eval")
-
-
 def fit_strategy(strategy: str | TrainingStrategy, model: EarlyExitModel, data: DataSplits, *,
                  cache_dir: str | os.PathLike | None = None, seed: int = 0, device: str | None = None,
                  batch_size: int = 256, progress: Progress | None = None, **options: Any) -> StrategyResult:
@@ -107,7 +96,7 @@ def fit_strategy(strategy: str | TrainingStrategy, model: EarlyExitModel, data: 
     model.freeze_backbone()
     exit_macs, full_macs = measure_exit_macs(model)
     progress = progress or Progress(enabled=False)
-    source = _feature_source(model, data, cache_dir, device, batch_size, cacheable=_fixed_features(strategy),
+    source = _feature_source(model, data, cache_dir, device, batch_size, cacheable=strategy.uses_fixed_features,
                              backbone_mode=strategy.backbone_mode, progress=progress)
     context = FitContext(features=source, exit_macs=exit_macs, full_macs=full_macs, seed=seed, device=device,
                          progress=progress)

@@ -85,7 +85,7 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
     for epoch in range(start, epochs):
         backbone.train()
         total_loss, n = 0.0, 0
-        for x, y in progress.track(train_loader, f"backbone epoch {epoch + 1}/{epochs}"):
+        for x, y in progress.track(train_loader, "backbone", epoch=epoch, epochs=epochs):
             x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(backbone(x), y, label_smoothing=float(rec["label_smoothing"]))
             opt.zero_grad(set_to_none=True)
@@ -96,6 +96,7 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
             n += len(y)
         acc = evaluate_accuracy(backbone, val_loader, device)
         history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "val_accuracy": acc})
+        progress.epoch("backbone", epoch, epochs, loss=total_loss / max(n, 1), val_accuracy=acc)
         if acc > best_acc:
             best_acc = acc
             best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}

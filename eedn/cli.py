@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import click
 
 from eedn.cli_options import build_config, common_run_options, friendly_errors
+from eedn.config import DEFAULTS
 from eedn.errors import EednError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,8 +71,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--strategy", help="training strategy: jei (default), im-only, sdn, boostnet, l2w, ...")
-@click.option("--gate", help="gate (default: the strategy's): jei, max_prob, entropy, margin, patience, ...")
+@click.option("--strategy", help=f"training strategy (default {DEFAULTS['strategy']}; `eedn plugins` lists them)")
+@click.option("--gate", help="gate (default: the strategy's own; `eedn plugins` lists them)")
 @click.option("--out", type=click.Path(), help="run directory (default runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>)")
 @common_run_options
 @friendly_errors
@@ -79,8 +80,9 @@ def run(strategy, gate, out, quiet, debug, **kw) -> None:
     """Train and evaluate one early-exit model; write results.json, summary.md and a plot.
 
     Progress: one live line per stage on a terminal, one line per finished epoch in a log,
-    nothing but the final table with --quiet. JEI switches go through --set, e.g.
-    --set strategy_options.profile=paper-compat; `docs/usage.md` lists them all.
+    nothing but the final table with --quiet. Plugin options go through --set, e.g.
+    --set strategy_options.epochs=5; `eedn plugins NAME` lists a plugin's options and
+    `docs/usage.md` every config key.
     """
     from eedn.progress import Progress
     from eedn.run import prepare, run_strategy
@@ -143,9 +145,10 @@ def print_plugin_options(name: str) -> None:
     for entry in entries:
         specs = entry.options()
         title = f"{entry.label} from {entry.origin}" + (f": {entry.description}" if entry.description else "")
-        if specs is None:
+        if not specs:
             console.print(title, markup=False)
-            console.print("  takes options it does not declare (**options); see its documentation", markup=False)
+            console.print("  takes no options" if specs == [] else
+                          "  takes options it does not declare (**options); see its documentation", markup=False)
             continue
         table = Table(title=Text(title), title_justify="left")
         for col in ("option", "type", "default", "help", "choices / limits"):
@@ -153,8 +156,6 @@ def print_plugin_options(name: str) -> None:
         for spec in specs:
             table.add_row(*(Text(t) for t in (spec.name, spec.type_text(), spec.default_text(), spec.help,
                                                _limits(spec))))
-        if not specs:
-            table.add_row("(none)", "", "", "", "")
         console.print(table)
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import click
 
+from eedn.config import DEFAULTS
 from eedn.errors import EednError
 
 DEBUG_ENV = "EEDN_DEBUG"
@@ -62,8 +63,8 @@ def parse_lambdas(text: str | None) -> Any:
 def common_run_options(fn: Callable) -> Callable:
     """Options shared by `run` and `compare`."""
     opts = [
-        click.option("--backbone", help="backbone name (see `eedn plugins`), e.g. t2t_vit, t2t_vit_7, resnet20"),
-        click.option("--dataset", help="dataset source, e.g. digits (default), cifar10, image-folder"),
+        click.option("--backbone", help=f"backbone (default {DEFAULTS['backbone']}; `eedn plugins` lists them)"),
+        click.option("--dataset", help=f"dataset source (default {DEFAULTS['dataset']}; `eedn plugins` lists them)"),
         click.option("--data-dir", type=click.Path(), help="where the dataset's files are (never downloaded)"),
         click.option("--config", "config_file", type=click.Path(), help="YAML/JSON config file"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key (dotted)"),
@@ -72,7 +73,8 @@ def common_run_options(fn: Callable) -> Callable:
         click.option("--backbone-epochs", type=int, help="epochs of backbone training (0 with a checkpoint: no training)"),
         click.option("--backbone-checkpoint", type=click.Path(), help="trained backbone weights to load"),
         click.option("--epochs", type=int, help="epochs of head/gate training for the strategy"),
-        click.option("--lambda", "lambdas", help="JEI trade-off λ: one value or a list, e.g. 0.01,0.5,2"),
+        click.option("--lambda", "lambdas", help="cost trade-off λ of strategies that have one: one value or a "
+                                                 "list, e.g. 0.01,0.5,2"),
         click.option("--budget", type=float, help="target mean-MACs fraction for threshold gates (default 0.75)"),
         click.option("--device", help="cpu or cuda"),
         click.option("--threads", type=int, help="torch CPU threads (default 1; raise for large backbones)"),

@@ -97,6 +97,7 @@ class TensorImages(Dataset):
 
 
 def subset(dataset: Dataset, indices: np.ndarray) -> Subset:
+    """The rows ``indices`` of a dataset (a split from :func:`hold_out`'s positions)."""
     return Subset(dataset, indices.tolist())
 
 

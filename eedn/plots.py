@@ -1,4 +1,4 @@
-"""Figures for `eedn compare` and `eedn report`, drawn with matplotlib's Agg canvas.
+"""Figures of run and comparison reports (`eedn run`, `compare`, `report`), drawn with matplotlib's Agg canvas.
 
 Every function takes plain numbers (already aggregated over seeds) and writes one PNG atomically. Figures are
 built on ``matplotlib.figure.Figure`` with an explicit ``FigureCanvasAgg`` rather than through pyplot, so drawing

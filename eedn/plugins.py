@@ -197,6 +197,7 @@ def unregister_plugin(name: str) -> None:
 
 
 def registry(kind: str) -> Registry:
+    """The registry of one plugin kind (``backbone``, ``gate``, ...), entry points loaded on first use."""
     if kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; known: {', '.join(KINDS)}")
     return get_plugin_manager().registries()[kind]
@@ -214,6 +215,7 @@ def resolve(kind: str, name: str, options: dict[str, Any] | None) -> dict[str, A
 
 
 def list_names(kind: str) -> list[str]:
+    """Sorted names of every registered plugin of ``kind``."""
     return registry(kind).names()
 
 

@@ -1,6 +1,6 @@
 """Progress reporting: one live bar per stage on a terminal, plain lines in a log, silence when disabled.
 
-A *stage* is one named piece of work ("backbone", "im-only", "jei λ=0.5", "features: train"). Each stage
+A *stage* is one named piece of work ("backbone", a strategy's "λ=0.5" setting, "features: train"). Each stage
 gets one line, however many epochs it runs: :meth:`Progress.track` drives its bar through the batches of
 the current epoch and :meth:`Progress.epoch` shows the epoch's loss and val accuracy on the same line.
 On a non-terminal (a CI log, a pipe) the same calls print one readable line per finished epoch (and per

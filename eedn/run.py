@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import eedn
+from eedn import __version__
 from eedn.backbone_training import backbone_key, recipe, train_backbone
 from eedn.build import build_backbone, build_model
 from eedn.cache import FeatureCache
@@ -177,7 +177,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     model.freeze_backbone()
     exit_macs, full_macs = measure_exit_macs(model)
 
-    cacheable = not (strategy.trains_backbone or strategy.head_augment or strategy.backbone_mode != "eval")
+    cacheable = strategy.uses_fixed_features
     if not cacheable:
         progress.log(f"strategy '{cfg['strategy']}' trains on {'augmented images' if strategy.head_augment else 'a train-mode backbone'}: "
                      "features cannot be cached, running uncached")
@@ -257,7 +257,7 @@ def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate
     metrics = {key: m.to_dict() | {"evaluator": name} for name, ev in evaluators.items()
                for key, m in ev.headline_metrics().items()}
     results = {
-        "eedn_version": eedn.__version__,
+        "eedn_version": __version__,
         "config": cfg,
         "dataset": {"name": cfg["dataset"], "num_classes": model.num_classes, "sizes": prep.data.sizes(),
                     "image_size": prep.image_size, "class_names": list(prep.data.class_names),

@@ -90,6 +90,12 @@ class TrainingStrategy(ABC):
         """True if heads train on augmented images (then features cannot be cached)."""
         return bool(self.options.get("head_augment", False))
 
+    @property
+    def uses_fixed_features(self) -> bool:
+        """True when the strategy trains on the frozen backbone's eval-mode features of unaugmented images,
+        which are then computed once and cached."""
+        return not (self.trains_backbone or self.head_augment or self.backbone_mode != "eval")
+
     def prepare_model(self, model: EarlyExitModel) -> None:
         """Attach strategy-specific modules (e.g. an exit combiner) before ``fit`` and before saved heads
         are loaded back; the default attaches nothing."""
@@ -171,7 +177,8 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
         model.heads().train()
         total, count = 0.0, 0
         batches = source.batches("train", batch_size, shuffle=True, seed=context.seed, epoch=epoch, augmented=augmented)
-        for feats, y in context.progress.track(batches, f"{name} epoch {epoch + 1}/{epochs}", total=total_batches):
+        for feats, y in context.progress.track(batches, name, total=total_batches, epoch=epoch,
+                                                   epochs=epochs):
             loss = float(step(feats, y, epoch))
             check_finite(loss, name, epoch)
             total, count = total + loss * len(y), count + len(y)

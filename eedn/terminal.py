@@ -17,6 +17,11 @@ def _thin(rows: list[dict], limit: int) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
+def _header(key: str, spec: dict) -> str:
+    """A short column header (the metric's key); the full labels are printed below the table."""
+    return f"{key} %" if spec["scale"] == 100 else key
+
+
 def print_comparison(comparison: dict, console=None) -> None:
     """The reported policies (mean ± std), then the accuracy at matched cost (means only, so that several
     strategies fit a terminal), or a one-strategy comparison's operating points."""
@@ -28,17 +33,20 @@ def print_comparison(comparison: dict, console=None) -> None:
     metrics, matched = comparison["metrics"], comparison["matched"]
     cols = matched["columns"]
     t = Table(title=escape(f"reported policies: {title(comparison)}"))
-    for col in ("strategy", "setting", "MACs frac.", *(spec["label"] for spec in metrics.values())):
+    for col in ("strategy", "setting", "MACs frac.", *(_header(key, spec) for key, spec in metrics.items())):
         t.add_column(escape(col), justify="left" if col in ("strategy", "setting") else "right", overflow="fold")
     for label, pol in comparison["summary"].items():
         t.add_row(escape(label), escape(", ".join(pol["policy_setting"])), cell(pol["macs_fraction"], 1, 3, "±"),
                   *(metric_cell(pol[key], spec, "±") for key, spec in metrics.items()))
     console.print(t)
+    legend = [f"{key}: {spec['label']}" for key, spec in metrics.items() if key != "accuracy"]
+    if legend:
+        console.print(escape("; ".join(legend)))
     one = len(cols) == 1
     acc = metrics["accuracy"]
     table = Table(title=f"operating points of {escape(cols[0])}" if one else
                   "accuracy % at matched mean MACs; — : outside that strategy's cost range")
-    for col in ("operating point", "MACs frac.", *([spec["label"] for spec in metrics.values()] if one else cols)):
+    for col in ("operating point", "MACs frac.", *([_header(k, spec) for k, spec in metrics.items()] if one else cols)):
         table.add_column(escape(col), justify="left" if col == "operating point" else "right", overflow="fold")
     thinned = False
     for label in cols:

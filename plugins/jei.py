@@ -416,7 +416,8 @@ class JeiStrategy(TrainingStrategy):
             total, count = 0.0, 0
             batches = context.features.batches("train", opts["batch_size"], shuffle=True, seed=context.seed,
                                                epoch=epoch, augmented=self.head_augment)
-            for feats, y in context.progress.track(batches, f"jei warm-up {epoch + 1}/{epochs}", total=nb):
+            for feats, y in context.progress.track(batches, "jei warm-up", total=nb, epoch=epoch,
+                                                            epochs=epochs):
                 ce = per_exit_cross_entropy(model.im_logits(feats), y)
                 with torch.no_grad():
                     final_ce = F.cross_entropy(_final_logits(model, feats).float(), y)
@@ -497,8 +498,8 @@ class JeiStrategy(TrainingStrategy):
             counts = {"gate": 0, "ims": 0}
             batches = context.features.batches("train", bs, shuffle=True, seed=context.seed, epoch=epoch,
                                                augmented=self.head_augment)
-            desc = f"jei λ={lam:g} epoch {epoch + 1}/{total_epochs}"
-            for b, (feats, y) in enumerate(context.progress.track(batches, desc, total=nb)):
+            tracked = context.progress.track(batches, f"jei λ={lam:g}", total=nb, epoch=epoch, epochs=total_epochs)
+            for b, (feats, y) in enumerate(tracked):
                 phase = "gate" if (b // block) % 2 == 0 else "ims"
                 opt = optimizers[phase]
                 if phase == "gate":

@@ -134,7 +134,8 @@ class SDNStrategy(TrainingStrategy):
                             shuffle=True, generator=gen)
         weights = torch.cat([tau, tau.new_ones(1)])  # the final head joins with weight 1
         total, count = 0.0, 0
-        for x, y in context.progress.track(loader, f"sdn (backbone) epoch {epoch + 1}/{self.options['epochs']}"):
+        for x, y in context.progress.track(loader, "sdn (backbone)", epoch=epoch,
+                                              epochs=self.options["epochs"]):
             x, y = x.to(context.device), y.to(context.device)
             logits = model.logits_from_features(model.exit_features(x))
             loss = (per_exit_cross_entropy(logits, y) * weights).sum(1).mean()

@@ -49,3 +49,42 @@ def test_pipeline_runs_with_the_example_gate(installed_example, tiny_config, mon
     assert results["policy"]["gate"] == "top2_ratio"
     assert abs(sum(results["policy"]["exit_fractions"]) - 1) < 1e-9
     monkeypatch.setattr(plugins, "_manager", None)
+
+
+def docs_examples() -> dict[str, dict]:
+    """The ``# docs-example: NAME`` code blocks of docs/plugins.md, each executed as its own module."""
+    import re
+    import types
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    modules = {}
+    for name, code in re.findall(r"```python\n# docs-example: (\w+)\n(.*?)```", text, flags=re.S):
+        module = types.ModuleType(f"docs_example_{name}")
+        sys.modules[module.__name__] = module  # as an import would: dataclasses and type hints look it up
+        exec(compile(code, f"docs/plugins.md:{name}", "exec", dont_inherit=True), module.__dict__)
+        modules[name] = module
+    return modules
+
+
+def test_the_plugin_guide_examples_run_in_the_pipeline(tiny_config):
+    from eedn.plugins import unregister_plugin
+
+    examples = docs_examples()
+    assert set(examples) == {"gate", "dataset"}
+    for name, module in examples.items():
+        eedn.register_plugin(module, name=f"docs-{name}")
+    try:
+        cfg = tiny_config | {"dataset": "noise-squares", "dataset_options": {"samples": "200"},
+                             "strategy": "im-only", "gate": "logit_gap", "strategy_options": {"epochs": 2},
+                             "evaluators": []}
+        results = eedn.run_pipeline(cfg)
+        assert results["dataset"]["sizes"] == {"train": 100, "val": 30, "cal": 30, "test": 40}
+        assert results["policy"]["gate"] == "logit_gap"
+        assert results["policy"]["val"]["macs_fraction"] <= 0.75 + 1e-9  # calibrated to the default budget
+        assert len(results["curve"]) >= 2  # the budget sweep of a ThresholdGate
+        with pytest.raises(eedn.EednError, match="dataset 'noise-squares': unknown option.*did you mean 'samples'"):
+            eedn.create("dataset", "noise-squares", sample=3)
+    finally:
+        for name in examples:
+            unregister_plugin(f"docs-{name}")
+            sys.modules.pop(f"docs_example_{name}", None)
