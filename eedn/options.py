@@ -247,7 +247,8 @@ def _type_text(tp: Any) -> str:
         return " or ".join(_type_text(a) for a in typing.get_args(tp))
     if origin in (list, tuple, Sequence):
         args = typing.get_args(tp)
-        return f"a list of {_type_text(args[0]) if args else 'values'}"
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        return f"a list of {plural.get(args[0], _type_text(args[0])) if args else 'values'}"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
              type(None): "none"}
     return names.get(tp, getattr(tp, "__name__", str(tp)))

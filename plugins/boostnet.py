@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from eedn.model import EarlyExitModel
 from eedn.options import option
-from eedn.strategy import SELECT_CHOICES, FitContext, StrategyResult, TrainingStrategy, sgd, train_heads
-from eedn_plugins.heads import SGDHeadOptions, cosine_schedule
+from eedn.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, cosine_schedule,
+                           sgd, train_heads)
 
 
 class BoostNetEnsemble(nn.Module):

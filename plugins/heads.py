@@ -4,15 +4,12 @@ threshold gate calibrated on val."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
 from torch import Tensor, nn
 
 from eedn.contracts import InferenceModule
 from eedn.model import EarlyExitModel
 from eedn.options import option
-from eedn.strategy import SELECT_CHOICES, FitContext, StrategyResult, TrainingStrategy, train_heads_warmup
+from eedn.strategy import FitContext, HeadTrainingOptions, StrategyResult, TrainingStrategy, train_heads_warmup
 
 
 class LinearIM(InferenceModule):
@@ -42,42 +39,6 @@ class MLPIM(InferenceModule):
 
 
 # ------------------------------------------------------------------------- shared strategy options
-
-
-@dataclass
-class HeadTrainingOptions:
-    """Options of every strategy that trains the heads on a frozen backbone."""
-
-    epochs: int = option(15, "training epochs", min=1)
-    batch_size: int = option(64, "training batch size", min=1)
-    lr: float = option(0.01, "SGD learning rate of the IMs", min=0)
-    backbone_mode: str = option("eval", "eval: the backbone is a fixed feature extractor (features cached); "
-                                        "train: its dropout / DropPath stay active (no cache)",
-                                choices=("eval", "train"))
-    head_augment: bool = option(False, "train the heads on augmented images (no feature cache)")
-
-
-@dataclass
-class SGDHeadOptions(HeadTrainingOptions):
-    """Head training with a cosine-annealed SGD and a checkpoint chosen on val (SDN, BoostNet, L2W-DEN)."""
-
-    momentum: float = option(0.9, "SGD momentum", min=0)
-    weight_decay: float = option(5e-4, "SGD weight decay", min=0)
-    select: str = option("last_im", "checkpoint: best val accuracy of the last IM (last_im) or of the final "
-                                    "exit (final), or the last epoch (last)", choices=SELECT_CHOICES)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> Callable[[int], dict]:
-    """An ``end_epoch`` hook for :func:`eedn.strategy.train_heads`: steps a per-epoch cosine schedule
-    (to 0 over ``epochs``) and records the lr the epoch ran at."""
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-
-    def end_epoch(epoch: int) -> dict:
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        return {"lr": lr}
-
-    return end_epoch
 
 
 # ------------------------------------------------------------------------------------------ im-only

@@ -30,8 +30,8 @@ from torch.func import functional_call
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
 from eedn.options import option
-from eedn.strategy import FitContext, StrategyResult, TrainingStrategy, per_exit_cross_entropy, sgd, train_heads
-from eedn_plugins.heads import SGDHeadOptions
+from eedn.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy, sgd,
+                           train_heads)
 
 
 class WeightNet(nn.Module):

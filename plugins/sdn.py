@@ -22,9 +22,8 @@ from torch.utils.data import DataLoader
 
 from eedn.model import EarlyExitModel
 from eedn.options import option
-from eedn.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
-                           selection_metric, sgd, train_heads)
-from eedn_plugins.heads import SGDHeadOptions, cosine_schedule
+from eedn.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite, cosine_schedule,
+                           per_exit_cross_entropy, selection_metric, sgd, train_heads)
 
 
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:
