@@ -9,7 +9,7 @@ from typing import Any
 
 from eedn.contracts import Backbone
 from eedn.model import EarlyExitModel
-from eedn.plugins import create
+from eedn.plugins import create, registry
 
 
 def build_backbone(name: str, num_classes: int, image_size: int, in_channels: int = 3,
@@ -21,13 +21,16 @@ def build_backbone(name: str, num_classes: int, image_size: int, in_channels: in
 
 def build_model(
     backbone: Backbone,
-    gate: str = "max_prob",
-    inference_module: str = "linear",
+    gate: str | None = None,
+    inference_module: str | None = None,
     gate_options: dict[str, Any] | None = None,
     im_options: dict[str, Any] | None = None,
 ) -> EarlyExitModel:
-    """Attach registry-named IMs (one per intermediate exit) and a gate to a backbone."""
+    """Attach registry-named IMs (one per intermediate exit) and a gate to a backbone; None names the
+    registered default."""
     g = backbone.num_stages - 1
+    gate = gate or registry("gate").default()
+    inference_module = inference_module or registry("inference_module").default()
     ims = [create("inference_module", inference_module, backbone.feature_dims[i], backbone.num_classes,
                   **(im_options or {})) for i in range(g)]
     gate_obj = create("gate", gate, g, backbone.num_classes, **(gate_options or {}))
@@ -39,8 +42,8 @@ def create_model(
     num_classes: int,
     image_size: int,
     in_channels: int = 3,
-    gate: str = "max_prob",
-    inference_module: str = "linear",
+    gate: str | None = None,
+    inference_module: str | None = None,
     backbone_options: dict[str, Any] | None = None,
     gate_options: dict[str, Any] | None = None,
     im_options: dict[str, Any] | None = None,

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import click
 
 from eedn.cli_options import build_config, common_run_options, friendly_errors
-from eedn.config import DEFAULTS
 from eedn.errors import EednError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,8 +70,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--strategy", help=f"training strategy (default {DEFAULTS['strategy']}; `eedn plugins` lists them)")
-@click.option("--gate", help="gate (default: the strategy's own; `eedn plugins` lists them)")
+@click.option("--strategy", help="training strategy (default: the one `eedn plugins` marks as default)")
+@click.option("--gate", help="gate (default: the strategy's own, else the default gate; `eedn plugins` lists them)")
 @click.option("--out", type=click.Path(), help="run directory (default runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>)")
 @common_run_options
 @friendly_errors
@@ -117,12 +116,13 @@ def print_plugin_list() -> None:
 
     from eedn.plugins import KINDS, registry
 
-    table = Table(title="eedn plugins (`eedn plugins NAME` shows a plugin's options)")
+    table = Table(title="eedn plugins (`eedn plugins NAME` shows a plugin's options; * = the default)")
     for col in ("kind", "name", "from", "description"):
         table.add_column(col)
     for kind in KINDS:
         for entry in registry(kind).entries.values():
-            table.add_row(kind.replace("_", " "), entry.name, entry.origin, Text(entry.description))
+            name = entry.name + (" *" if entry.info.get("default") else "")
+            table.add_row(kind.replace("_", " "), name, entry.origin, Text(entry.description))
         table.add_section()
     Console().print(table)
 

@@ -8,7 +8,6 @@ from typing import Any, Callable
 
 import click
 
-from eedn.config import DEFAULTS
 from eedn.errors import EednError
 
 DEBUG_ENV = "EEDN_DEBUG"
@@ -63,8 +62,8 @@ def parse_lambdas(text: str | None) -> Any:
 def common_run_options(fn: Callable) -> Callable:
     """Options shared by `run` and `compare`."""
     opts = [
-        click.option("--backbone", help=f"backbone (default {DEFAULTS['backbone']}; `eedn plugins` lists them)"),
-        click.option("--dataset", help=f"dataset source (default {DEFAULTS['dataset']}; `eedn plugins` lists them)"),
+        click.option("--backbone", help="backbone (default: the one `eedn plugins` marks as default)"),
+        click.option("--dataset", help="dataset source (default: the one `eedn plugins` marks as default)"),
         click.option("--data-dir", type=click.Path(), help="where the dataset's files are (never downloaded)"),
         click.option("--config", "config_file", type=click.Path(), help="YAML/JSON config file"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key (dotted)"),

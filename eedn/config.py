@@ -14,14 +14,15 @@ from typing import Any
 from eedn.errors import EednError
 
 DEFAULTS: dict[str, Any] = {
-    "backbone": "t2t_vit",
+    # None for a plugin name: the plugin registered as that kind's default (`eedn plugins` marks it)
+    "backbone": None,
     "backbone_options": {},
-    "strategy": "jei",
+    "strategy": None,
     "strategy_options": {},
     "gate": None,  # None: the strategy's default gate
     "gate_options": {},
-    "inference_module": "linear",
-    "dataset": "digits",
+    "inference_module": None,
+    "dataset": None,
     "dataset_options": {},
     "image_size": None,  # None: the dataset's default
     "seed": 0,
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "budget": {"macs_fraction": 0.75},  # operating point for calibratable (threshold) gates
     "policy_setting": None,  # which trained setting (e.g. "lambda=0.5") is the reported policy
-    "evaluators": ["calibration", "conformal"],
+    "evaluators": None,  # None: every evaluator registered as on by default
     "evaluator_options": {},
     "eval_batch_size": 256,
     "out": None,  # run directory; None: runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>
@@ -120,7 +121,19 @@ def resolve_config(config: dict | None = None, sets: list[str] | None = None, **
     if unknown:
         raise EednError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
     validate(cfg)
+    fill_plugin_defaults(cfg)
     return cfg
+
+
+def fill_plugin_defaults(cfg: dict) -> None:
+    """Plugin names left unset become the registered defaults, so the saved config names what ran."""
+    from eedn.plugins import registry
+
+    for key in ("backbone", "strategy", "dataset", "inference_module"):
+        if cfg[key] is None:
+            cfg[key] = registry(key).default()
+    if cfg["evaluators"] is None:
+        cfg["evaluators"] = registry("evaluator").defaults()
 
 
 def validate(cfg: dict) -> None:

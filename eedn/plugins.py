@@ -113,6 +113,20 @@ class Registry:
     def create(self, name: str, *args: Any, **options: Any) -> Any:
         return self.get(name).create(*args, **options)
 
+    def defaults(self) -> list[str]:
+        """Names registered with ``default=True`` (e.g. the evaluators that run unless the user names others)."""
+        return [n for n in self.names() if self.entries[n].info.get("default")]
+
+    def default(self) -> str:
+        """The one plugin of this kind registered with ``default=True``: what runs when the user names none."""
+        label = self.kind.replace("_", " ")
+        names = self.defaults()
+        if len(names) != 1:
+            found = f"{len(names)} ({', '.join(names)})" if names else "none"
+            raise EednError(f"no single default {label}: {found} registered with default=True; name the {label} "
+                            f"to use (`eedn plugins` lists them)")
+        return names[0]
+
 
 class PluginManager:
     """Loads the ``eedn`` entry points on first use and fills one registry per kind."""

@@ -55,7 +55,7 @@ def check_plugins(cfg: dict) -> dict[str, Any]:
     or a typo in an option fails here, not after stage 0). Returns the resolved options by role."""
     strategy_entry = registry("strategy").get(cfg["strategy"])
     strategy_options = strategy_entry.resolve(cfg["strategy_options"])
-    gate = cfg["gate"] or strategy_entry.factory.default_gate
+    gate = cfg["gate"] or strategy_entry.factory.default_gate or registry("gate").default()
     out = {
         "dataset": registry("dataset").get(cfg["dataset"]).resolve(cfg["dataset_options"]),
         "backbone": registry("backbone").get(cfg["backbone"]).resolve(cfg["backbone_options"]),
@@ -169,7 +169,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     progress = prep.progress
     seed_everything(cfg["seed"])
     strategy: TrainingStrategy = create("strategy", cfg["strategy"], **cfg["strategy_options"])
-    gate_name = cfg["gate"] or strategy.default_gate
+    gate_name = cfg["gate"] or strategy.default_gate or registry("gate").default()
     backbone = copy.deepcopy(prep.backbone) if strategy.trains_backbone else prep.backbone
     model = build_model(backbone, gate=gate_name, inference_module=cfg["inference_module"],
                         gate_options=cfg["gate_options"]).to(cfg["device"])

@@ -70,8 +70,8 @@ class TrainingStrategy(ABC):
     strategy declares them.
     """
 
-    #: the gate paired with this strategy when the user names none.
-    default_gate: str = "max_prob"
+    #: the gate paired with this strategy when the user names none (None: the registered default gate).
+    default_gate: str | None = None
     #: True if fit() updates backbone weights (then no feature cache is used).
     trains_backbone: bool = False
     #: the option the command line's ``--lambda`` sets (a cost/accuracy trade-off), if the strategy has one.

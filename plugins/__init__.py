@@ -2,8 +2,9 @@
 
 This page is the whole registration: one hook per kind, each naming its factories by ``"module:attribute"``
 reference, so eedn imports a family's module (and torch, timm, torchvision) only when one of its plugins
-is built. Listing plugins and starting the CLI stay fast. The implementations live one file per family
-beside this one. The package is installed under the ``eedn`` entry-point group (``pyproject.toml``).
+is built. Listing plugins and starting the CLI stay fast. ``default=True`` marks what runs when the user names
+none of that kind (every evaluator so marked runs unless the user lists others). The implementations live one file
+per family beside this one. The package is installed under the ``eedn`` entry-point group (``pyproject.toml``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ _TV = "stages = its 4 layers (exits='stage', default) or every block; 3x3 stem w
 @hookimpl
 def register_backbones(register):
     t2t = "eedn_plugins.t2t_vit"
-    register("t2t_vit", f"{t2t}:t2t_vit",
+    register("t2t_vit", f"{t2t}:t2t_vit", default=True,
              description="T2T-ViT by size: size=auto|7|14|24|tiny; auto = tiny for 1-channel inputs of <= 32 px "
                          "(digits), else 7. " + _T2T)
     register("t2t_vit_7", f"{t2t}:t2t_vit_7", description="T2T-ViT-7 (d=256, 7 blocks, 4 heads, MLP x2), the "
@@ -42,14 +43,14 @@ def register_backbones(register):
 
 @hookimpl
 def register_inference_modules(register):
-    register("linear", "eedn_plugins.heads:LinearIM", description="one Linear layer (JEI-DNN's IM)")
+    register("linear", "eedn_plugins.heads:LinearIM", default=True, description="one Linear layer (JEI-DNN's IM)")
     register("mlp", "eedn_plugins.heads:MLPIM", description="Linear-GELU-Linear")
 
 
 @hookimpl
 def register_gates(register):
     th = "eedn_plugins.thresholds"
-    register("max_prob", f"{th}:MaxProbGate", description="max softmax probability thresholds (MSDNet budgets)")
+    register("max_prob", f"{th}:MaxProbGate", default=True, description="max softmax probability thresholds (MSDNet budgets)")
     register("entropy", f"{th}:EntropyGate", description="negative-entropy thresholds (MSDNet budgets)")
     register("margin", f"{th}:MarginGate", description="top-1 minus top-2 probability thresholds (MSDNet budgets)")
     register("patience", f"{th}:PatienceGate", description="exit after k consecutive agreeing predictions")
@@ -59,7 +60,7 @@ def register_gates(register):
 
 @hookimpl
 def register_strategies(register):
-    register("jei", "eedn_plugins.jei:JeiStrategy",
+    register("jei", "eedn_plugins.jei:JeiStrategy", default=True,
              description="JEI-DNN: IM warm-up, then alternating gate/IM training per λ")
     register("im-only", "eedn_plugins.heads:IMOnlyStrategy",
              description="IMs with the JEI warm-up loss, threshold gate")
@@ -73,11 +74,11 @@ def register_strategies(register):
 
 @hookimpl
 def register_evaluators(register):
-    register("calibration", "eedn_plugins.calibration:CalibrationEvaluator",
+    register("calibration", "eedn_plugins.calibration:CalibrationEvaluator", default=True,
              description="ECE (equal-width / equal-mass), MCE, NLL, Brier of the gated prediction and every exit, "
                          "raw and after per-exit temperature scaling; paper-compat per-batch ECE. Headline: the "
                          "gated prediction's ECE, raw and scaled")
-    register("conformal", "eedn_plugins.conformal:ConformalEvaluator",
+    register("conformal", "eedn_plugins.conformal:ConformalEvaluator", default=True,
              description="split conformal sets (LAC/APS/RAPS) on the gated prediction; one q̂ (general) or one "
                          "per exit (gated); coverage and mean set size at fixed alphas. Headline: set size and "
                          "coverage at LAC, α = 0.05, general q̂ (headline_* options)")
@@ -86,7 +87,7 @@ def register_evaluators(register):
 @hookimpl
 def register_datasets(register):
     ds = "eedn_plugins.datasets"
-    register("digits", f"{ds}:DigitsSource",
+    register("digits", f"{ds}:DigitsSource", default=True,
              description="sklearn's embedded 1797 8x8 digits (default; upsampled to 32 px, no files needed)")
     register("cifar10", f"{ds}:CifarSource", description="CIFAR-10 from data_dir (torchvision layout)")
     register("cifar100", f"{ds}:Cifar100Source", description="CIFAR-100 from data_dir (torchvision layout)")

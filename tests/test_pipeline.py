@@ -153,3 +153,27 @@ def test_library_api_builds_a_model_from_registry_names():
     logits = model(torch.zeros(2, 1, 32, 32))
     assert logits.shape == (2, model.num_exits, 10)
     assert model.gate_scores(logits).shape == (2, model.num_exits - 1)
+
+
+def test_plugin_defaults_come_from_the_registrations():
+    """The core names no plugin: unset names resolve to what the plugins registered as default."""
+    from eedn.config import resolve_config
+    from eedn.plugins import unregister_plugin
+
+    cfg = resolve_config({})
+    assert (cfg["backbone"], cfg["strategy"], cfg["dataset"], cfg["inference_module"]) == (
+        "t2t_vit", "jei", "digits", "linear")
+    assert cfg["evaluators"] == ["calibration", "conformal"]
+
+    class Rival:
+        @eedn.hookimpl
+        def register_datasets(self, register):
+            register("rival", "nowhere:Nothing", default=True)
+
+    eedn.register_plugin(Rival(), name="rival-default")
+    try:
+        with pytest.raises(EednError, match=r"no single default dataset: 2 \(digits, rival\)"):
+            resolve_config({})
+        assert resolve_config({"dataset": "digits"})["dataset"] == "digits"
+    finally:
+        unregister_plugin("rival-default")
