@@ -51,19 +51,21 @@ def seed_everything(seed: int) -> None:
 
 
 def check_plugins(cfg: dict) -> dict[str, Any]:
-    """Every plugin name and option of a config, validated before anything is trained (an unknown name
-    or a typo in an option fails here, not after stage 0). Returns the resolved options by role."""
-    strategy_entry = registry("strategy").get(cfg["strategy"])
-    strategy_options = strategy_entry.resolve(cfg["strategy_options"])
-    gate = cfg["gate"] or strategy_entry.factory.default_gate or registry("gate").default()
+    """Every plugin name and option of a config, validated before anything is trained (an unknown name,
+    a typo in an option or options that contradict each other fail here, not after stage 0). Strategies
+    and evaluators are built once to run their own checks (they hold no tensors yet); the rest have their
+    declared options checked. Returns the resolved options by role."""
+    strategy = create("strategy", cfg["strategy"], **cfg["strategy_options"])
+    gate = cfg["gate"] or strategy.default_gate or registry("gate").default()
+    evaluators = {name: create("evaluator", name, **cfg["evaluator_options"].get(name, {}))
+                  for name in cfg["evaluators"]}
     out = {
         "dataset": registry("dataset").get(cfg["dataset"]).resolve(cfg["dataset_options"]),
         "backbone": registry("backbone").get(cfg["backbone"]).resolve(cfg["backbone_options"]),
-        "strategy": strategy_options,
+        "strategy": strategy.describe(),
         "gate": registry("gate").get(gate).resolve(cfg["gate_options"]),
         "inference_module": registry("inference_module").get(cfg["inference_module"]).resolve({}),
-        "evaluators": {name: registry("evaluator").get(name).resolve(cfg["evaluator_options"].get(name, {}))
-                       for name in cfg["evaluators"]},
+        "evaluators": {name: ev.options for name, ev in evaluators.items()},
     }
     unknown = sorted(set(cfg["evaluator_options"]) - set(cfg["evaluators"]))
     if unknown:

@@ -17,6 +17,23 @@ def _thin(rows: list[dict], limit: int) -> list[dict]:
     return [r for i, r in enumerate(rows) if i in keep]
 
 
+def _min_width(header: str, text: bool) -> int:
+    """Narrow terminals wrap headers between words, never inside one (numbers keep their width)."""
+    return 8 if text else max(len(word) for word in header.split())
+
+
+def _terminal_metrics(metrics: dict[str, dict]) -> dict[str, dict]:
+    """Accuracy and each evaluator's first headline number: what fits an 80-column terminal."""
+    seen: set = set()
+    shown = {}
+    for key, spec in metrics.items():
+        owner = spec.get("evaluator", key)
+        if owner not in seen:
+            seen.add(owner)
+            shown[key] = spec
+    return shown
+
+
 def _header(key: str, spec: dict) -> str:
     """A short column header (the metric's key); the full labels are printed below the table."""
     return f"{key} %" if spec["scale"] == 100 else key
@@ -30,11 +47,12 @@ def print_comparison(comparison: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    metrics, matched = comparison["metrics"], comparison["matched"]
+    metrics, matched = _terminal_metrics(comparison["metrics"]), comparison["matched"]
     cols = matched["columns"]
     t = Table(title=escape(f"reported policies: {title(comparison)}"))
     for col in ("strategy", "setting", "MACs frac.", *(_header(key, spec) for key, spec in metrics.items())):
-        t.add_column(escape(col), justify="left" if col in ("strategy", "setting") else "right", overflow="fold")
+        text = col in ("strategy", "setting")
+        t.add_column(escape(col), justify="left" if text else "right", overflow="fold", min_width=_min_width(col, text))
     for label, pol in comparison["summary"].items():
         t.add_row(escape(label), escape(", ".join(pol["policy_setting"])), cell(pol["macs_fraction"], 1, 3, "±"),
                   *(metric_cell(pol[key], spec, "±") for key, spec in metrics.items()))
@@ -47,7 +65,9 @@ def print_comparison(comparison: dict, console=None) -> None:
     table = Table(title=f"operating points of {escape(cols[0])}" if one else
                   "accuracy % at matched mean MACs; — : outside that strategy's cost range")
     for col in ("operating point", "MACs frac.", *([_header(k, spec) for k, spec in metrics.items()] if one else cols)):
-        table.add_column(escape(col), justify="left" if col == "operating point" else "right", overflow="fold")
+        text = col == "operating point"
+        table.add_column(escape(col), justify="left" if text else "right", overflow="fold",
+                         min_width=_min_width(col, text))
     thinned = False
     for label in cols:
         rows = [r for r in matched["rows"] if r["strategy"] == label]
@@ -61,7 +81,7 @@ def print_comparison(comparison: dict, console=None) -> None:
             table.add_row(escape(point_name(r)), cell(r["macs_fraction"], 1, 3, "±"), *cells)
         table.add_section()
     console.print(table)
-    if thinned or not one:
+    if thinned or not one or len(metrics) < len(comparison["metrics"]):
         console.print("(every operating point and metric, with ± std over seeds, is in the Markdown report)")
 
 
