@@ -179,7 +179,7 @@ class ThresholdGate(Gate):
     @dataclass
     class Options:
         divisor: float = option(DEFAULT_DIVISOR, "geometric budgets q = p / divisor (15: official JEI, 20: MSDNet)",
-                                min=0)
+                                above=0)
         include_final: bool = option(True, "the final exit gets a share of the geometric budget (MSDNet); "
                                            "false: the official JEI variant")
         thresholds: list[float] | None = option(None, "one threshold per IM, set directly (else calibrated)")
@@ -187,8 +187,6 @@ class ThresholdGate(Gate):
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
         self.divisor = self.options["divisor"]
-        if self.divisor == 0:
-            raise EednError("gate option divisor must be positive, got 0")
         self.include_final = self.options["include_final"]
         thresholds = self.options["thresholds"]
         init = torch.full((num_exits,), math.inf, dtype=torch.float64)

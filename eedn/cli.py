@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import click
 
 from eedn.cli_options import build_config, common_run_options, friendly_errors
 from eedn.errors import EednError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from eedn.options import OptionSpec
 
 
 class LazyCommand(NamedTuple):
@@ -155,19 +152,8 @@ def print_plugin_options(name: str) -> None:
             table.add_column(col, overflow="fold")
         for spec in specs:
             table.add_row(*(Text(t) for t in (spec.name, spec.type_text(), spec.default_text(), spec.help,
-                                               _limits(spec))))
+                                               spec.limits_text())))
         console.print(table)
-
-
-def _limits(spec: OptionSpec) -> str:
-    parts = []
-    if spec.choices is not None:
-        parts.append(", ".join(map(str, spec.choices)))
-    if spec.min is not None:
-        parts.append(f">= {spec.min:g}")
-    if spec.max is not None:
-        parts.append(f"<= {spec.max:g}")
-    return "; ".join(parts)
 
 
 def main() -> None:

@@ -98,13 +98,13 @@ def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_siz
     base = dict(base)
     overrides: dict[str, Any] = {"backbone": backbone, "dataset": dataset, "seed": seed, "image_size": image_size,
                                  "device": device, "threads": threads, "cache_dir": cache_dir, "resume": resume, "strategy": strategy,
-                                 "gate": gate, "out": out}
+                                 "gate": gate, "out": out, "tradeoff": parse_lambdas(lambdas)}
     if dataset is not None and dataset != base.get("dataset"):
         base.pop("dataset_options", None)
     bt = {k: v for k, v in {"epochs": backbone_epochs, "checkpoint": backbone_checkpoint}.items() if v is not None}
     if bt:
         overrides["backbone_training"] = bt
-    so = {k: v for k, v in {"epochs": epochs, "lambda": parse_lambdas(lambdas)}.items() if v is not None}
+    so = {"epochs": epochs} if epochs is not None else {}
     if strategy is not None and strategy != base.get("strategy"):
         base.pop("strategy_options", None)
     if so:

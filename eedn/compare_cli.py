@@ -31,7 +31,7 @@ def resolve_compare_config(config_file, sets, epochs, lambdas, kw) -> tuple[dict
     _, per_strategy = split_strategies_key(holder)
     other_sets = [s for s in sets if not s.strip().startswith("strategies.")]
     cfg = build_config(config_file=None, sets=other_sets, epochs=epochs, lambdas=lambdas, base=base, **kw)
-    return cfg, per_strategy, {"epochs": epochs, "lambda": parse_lambdas(lambdas)}
+    return cfg, per_strategy, {"epochs": epochs, "tradeoff": parse_lambdas(lambdas)}
 
 
 @click.command("compare", epilog=METRICS_HELP)
@@ -53,13 +53,15 @@ def compare_command(strategies_text, num_seeds, seed_list, out, quiet, debug, co
     strategy and seed, comparison.json, comparison.md and the figures; `--resume` keeps finished runs of the
     same config.
     """
-    from eedn.comparison import default_out_dir, parse_seeds, parse_strategies, run_compare, strategy_options_for
+    from eedn.comparison import (check_shared_options, default_out_dir, parse_seeds, parse_strategies, run_compare,
+                                 strategy_options_for)
     from eedn.progress import Progress
     from eedn.terminal import print_comparison
 
     specs = parse_strategies(strategies_text)
     cfg, per_strategy, cli = resolve_compare_config(config_file, list(sets), epochs, lambdas, dict(kw, seed=None))
     seeds = parse_seeds(num_seeds, seed_list, seed, cfg["seed"])
+    check_shared_options(specs, cfg["strategy_options"])
     options = {s.label: strategy_options_for(s, cfg["strategy_options"], per_strategy, cli) for s in specs}
     out_dir = Path(out) if out else default_out_dir(cfg)
     progress = Progress(enabled=not quiet and cfg["progress"])

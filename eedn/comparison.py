@@ -99,27 +99,42 @@ def split_strategies_key(base: dict) -> tuple[dict, dict[str, dict]]:
 
 
 def strategy_options_for(spec: StrategySpec, shared: dict, per_strategy: dict[str, dict], cli: dict) -> dict:
-    """Options of one strategy: shared ``strategy_options`` ← ``strategies.<name>`` ← ``strategies.<name:gate>``
-    ← command-line ``--epochs``/``--lambda``. ``lambda`` goes only to strategies whose ``tradeoff_option``
-    is ``lambda`` (JEI); the others do not take it."""
+    """Options of one strategy: the shared ``strategy_options`` it declares ← ``strategies.<name>`` ←
+    ``strategies.<name:gate>`` ← command-line ``--epochs`` and ``--lambda`` (``cli["tradeoff"]``), the latter
+    under the strategy's own ``tradeoff_option`` and only for strategies that have one."""
     from eedn.config import deep_merge
     from eedn.plugins import registry
 
-    takes_lambda = getattr(registry("strategy").get(spec.name).factory, "tradeoff_option", None) == "lambda"
-    opts = {k: v for k, v in shared.items() if takes_lambda or k != "lambda"}
+    entry = registry("strategy").get(spec.name)
+    declared = {s.name for s in entry.options() or []}
+    opts = {k: v for k, v in shared.items() if k in declared}
     opts = deep_merge(opts, per_strategy.get(spec.name, {}))
     if spec.gate is not None:
         opts = deep_merge(opts, per_strategy.get(spec.text, {}))
-    for key, value in cli.items():
-        if value is not None and (key != "lambda" or takes_lambda):
-            opts[key] = value
+    if cli.get("epochs") is not None:
+        opts["epochs"] = cli["epochs"]
+    tradeoff_option = entry.factory.tradeoff_option
+    if cli.get("tradeoff") is not None and tradeoff_option is not None:
+        opts[tradeoff_option] = cli["tradeoff"]
     return opts
+
+
+def check_shared_options(specs: Sequence[StrategySpec], shared: dict) -> None:
+    """A shared ``strategy_options`` key goes to the strategies that declare it; one that none of them
+    declares is a typo."""
+    from eedn.plugins import registry
+
+    declared = {s.name for spec in specs for s in registry("strategy").get(spec.name).options() or []}
+    unknown = sorted(set(shared) - declared)
+    if unknown:
+        raise EednError(f"strategy_options {', '.join(unknown)} is declared by none of the compared strategies "
+                        f"({', '.join(s.text for s in specs)}); `eedn plugins NAME` lists each one's options")
 
 
 def run_config(cfg: dict, spec: StrategySpec, options: dict, seed: int) -> dict:
     """The config of one strategy's run in one seed."""
     return copy.deepcopy(cfg) | {"seed": seed, "strategy": spec.name, "strategy_options": copy.deepcopy(options),
-                                 "gate": spec.gate}
+                                 "gate": spec.gate, "tradeoff": None}
 
 
 def check_strategies(cfg: dict, specs: Sequence[StrategySpec], options: dict[str, dict]) -> None:

@@ -19,9 +19,12 @@ DEFAULTS: dict[str, Any] = {
     "backbone_options": {},
     "strategy": None,
     "strategy_options": {},
+    # --lambda: the strategy's cost trade-off, put under the option the strategy names for it (tradeoff_option)
+    "tradeoff": None,
     "gate": None,  # None: the strategy's default gate
     "gate_options": {},
     "inference_module": None,
+    "inference_module_options": {},
     "dataset": None,
     "dataset_options": {},
     "image_size": None,  # None: the dataset's default
@@ -42,7 +45,8 @@ DEFAULTS: dict[str, Any] = {
         "warmup_epochs": 1,
         "augment": True,
     },
-    "budget": {"macs_fraction": 0.75},  # operating point for calibratable (threshold) gates
+    # operating point for calibratable (threshold) gates; one of several targets, so a given budget replaces it
+    "budget": {"macs_fraction": 0.75},
     "policy_setting": None,  # which trained setting (e.g. "lambda=0.5") is the reported policy
     "evaluators": None,  # None: every evaluator registered as on by default
     "evaluator_options": {},
@@ -109,13 +113,24 @@ def load_config_file(path: str | os.PathLike) -> dict:
     return data
 
 
+#: mappings that hold one choice among alternatives: a value given for them replaces the default whole
+ONE_OF_KEYS = ("budget",)
+
+
 def resolve_config(config: dict | None = None, sets: list[str] | None = None, **overrides: Any) -> dict:
     """Defaults ← config ← keyword overrides (None means 'not given') ← ``--set`` assignments."""
-    cfg = deep_merge(DEFAULTS, config or {})
+    config = config or {}
+    cfg = deep_merge(DEFAULTS, config)
+    cfg.update({k: copy.deepcopy(config[k]) for k in ONE_OF_KEYS if k in config})
     for k, v in overrides.items():
         if v is not None:
             cfg[k] = deep_merge(cfg[k], v) if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    replaced: set[str] = set()
     for s in sets or []:
+        head = s.split("=", 1)[0].strip().split(".")[0]
+        if head in ONE_OF_KEYS and head not in replaced and "." in s.split("=", 1)[0]:
+            cfg[head] = {}  # the first --set budget.X=... replaces the default target
+            replaced.add(head)
         apply_set(cfg, s)
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
@@ -152,7 +167,8 @@ def validate(cfg: dict) -> None:
         raise EednError(f"backbone_training.epochs must be a non-negative integer, got {bt['epochs']!r}")
     if not isinstance(cfg["budget"], dict) or len(cfg["budget"]) != 1:
         raise EednError("budget must be one of {macs_fraction: F}, {accuracy_drop: D}, {p: P}, {exit_shares: [...]}")
-    for name in ("backbone_options", "strategy_options", "gate_options", "dataset_options", "evaluator_options"):
+    for name in ("backbone_options", "strategy_options", "gate_options", "dataset_options", "evaluator_options",
+                 "inference_module_options"):
         if not isinstance(cfg[name], dict):
             raise EednError(f"{name} must be a mapping")
     if isinstance(cfg["evaluators"], str):

@@ -52,9 +52,9 @@ class FeatureSource:
             return self.data.train_eval
         return getattr(self.data, split)
 
-    def _backbone_forward(self, x: Tensor) -> list[Tensor]:
+    def _backbone_forward(self, x: Tensor, mode: str | None = None) -> list[Tensor]:
         bb = self.model.backbone
-        bb.train(self.backbone_mode == "train")
+        bb.train((mode or self.backbone_mode) == "train")
         with torch.no_grad():
             return self.model.exit_features(x.to(self.device))
 
@@ -76,14 +76,9 @@ class FeatureSource:
         loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
         chunks: list[list[Tensor]] = []
         labels = []
-        mode = self.backbone_mode
-        self.backbone_mode = "eval"
-        try:
-            for x, y in self.progress.track(loader, f"features: {split}"):
-                chunks.append([f.cpu() for f in self._backbone_forward(x)])
-                labels.append(y)
-        finally:
-            self.backbone_mode = mode
+        for x, y in self.progress.track(loader, f"features: {split}"):
+            chunks.append([f.cpu() for f in self._backbone_forward(x, "eval")])
+            labels.append(y)
         fs = FeatureSet([torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))], torch.cat(labels))
         if key is not None:
             self.cache.save(key, fs)
@@ -101,7 +96,8 @@ class FeatureSource:
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 augmented: bool = False) -> Iterator[tuple[list[Tensor], Tensor]]:
-        """Batches of ``(per-exit features on device, labels)`` in a seeded order."""
+        """Batches of ``(per-exit features on device, labels)`` in a seeded order. Only the train split sees
+        a train-mode backbone (``backbone_mode``); val / cal / test are always read in eval mode."""
         n = self.num_samples(split)
         order = seeded_permutation(n, seed, epoch) if shuffle else torch.arange(n)
         if self.cacheable and not augmented:
@@ -113,8 +109,9 @@ class FeatureSource:
             return
         ds = self.dataset(split, augmented=augmented)
         loader = DataLoader(ds, batch_size=batch_size, sampler=order.tolist(), num_workers=self.num_workers)
+        mode = self.backbone_mode if split == "train" else "eval"
         for x, y in loader:
-            yield [f.float() for f in self._backbone_forward(x)], y.to(self.device)
+            yield [f.float() for f in self._backbone_forward(x, mode)], y.to(self.device)
 
     def num_batches(self, split: str, batch_size: int) -> int:
         return math.ceil(self.num_samples(split) / batch_size)

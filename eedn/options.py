@@ -31,10 +31,11 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any, help: str = "", *, choices: Sequence[Any] | None = None, min: float | None = None,
-           max: float | None = None) -> Any:
+           max: float | None = None, above: float | None = None) -> Any:
     """A dataclass field with the help text and limits :func:`resolve_options` checks (``min``/``max`` are
-    inclusive). Mutable defaults (lists, dicts) are copied per instance."""
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max}
+    inclusive, ``above`` a strict lower bound). Mutable defaults (lists, dicts) are copied per instance."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max,
+            "above": above}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -51,6 +52,7 @@ class OptionSpec:
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
+    above: float | None = None
 
     @property
     def required(self) -> bool:
@@ -58,6 +60,13 @@ class OptionSpec:
 
     def type_text(self) -> str:
         return _type_text(self.type)
+
+    def limits_text(self) -> str:
+        """The choices and bounds, e.g. ``">= 0; <= 1"`` (empty when there are none)."""
+        parts = [", ".join(map(str, self.choices))] if self.choices is not None else []
+        parts += [f"{sign} {bound:g}" for sign, bound in ((">", self.above), (">=", self.min), ("<=", self.max))
+                  if bound is not None]
+        return "; ".join(parts)
 
     def default_text(self) -> str:
         if self.required:
@@ -79,7 +88,7 @@ def option_specs(factory: Callable[..., Any]) -> list[OptionSpec] | None:
                 f.default_factory() if f.default_factory is not _MISSING else _MISSING)
             meta = f.metadata or {}
             specs.append(OptionSpec(name, hints.get(f.name, Any), default, meta.get("help", ""),
-                                    meta.get("choices"), meta.get("min"), meta.get("max")))
+                                    meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("above")))
         return specs
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
@@ -141,7 +150,7 @@ def coerce(owner: str, spec: OptionSpec, value: Any) -> Any:
         out = _coerce(spec.type, value)
     except (TypeError, ValueError):
         raise EednError(f"{owner}: invalid {spec.name}={value!r}; expected {spec.type_text()}"
-                        f"{_limits_text(spec)}") from None
+                        f"{_limits(spec)}") from None
     if spec.choices is not None and out is not None:
         items = out if isinstance(out, list) else [out]
         bad = [v for v in items if v not in spec.choices]
@@ -149,9 +158,10 @@ def coerce(owner: str, spec: OptionSpec, value: Any) -> Any:
             raise EednError(f"{owner}: invalid {spec.name}={value!r}; choose from {', '.join(map(str, spec.choices))}")
     for v in (out if isinstance(out, list) else [out]):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if (spec.min is not None and v < spec.min) or (spec.max is not None and v > spec.max):
+            if ((spec.min is not None and v < spec.min) or (spec.max is not None and v > spec.max)
+                    or (spec.above is not None and v <= spec.above)):
                 raise EednError(f"{owner}: invalid {spec.name}={value!r}; expected {spec.type_text()}"
-                                f"{_limits_text(spec)}")
+                                f"{_limits(spec)}")
     return out
 
 
@@ -254,11 +264,9 @@ def _type_text(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _limits_text(spec: OptionSpec) -> str:
+def _limits(spec: OptionSpec) -> str:
+    """The bounds as the error messages say them: " in [0, 1]", " >= 1", " > 0"."""
     if spec.min is not None and spec.max is not None:
         return f" in [{spec.min:g}, {spec.max:g}]"
-    if spec.min is not None:
-        return f" >= {spec.min:g}"
-    if spec.max is not None:
-        return f" <= {spec.max:g}"
-    return ""
+    bounds = [f" {sign} {b:g}" for sign, b in ((">", spec.above), (">=", spec.min), ("<=", spec.max)) if b is not None]
+    return "".join(bounds)

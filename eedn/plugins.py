@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -137,8 +138,12 @@ class PluginManager:
         self._origins: dict[int, str] = {}
         self._registries: dict[str, Registry] | None = None
         self._entry_points_loaded = False
+        #: one line per installed plugin that failed to import (it is skipped; the others still load)
+        self.load_errors: list[str] = []
 
     def load_entry_points(self) -> None:
+        """Import every ``eedn`` entry point once. A package that fails to import is skipped with a warning on
+        stderr, so one broken third-party plugin cannot take the built-ins down with it."""
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
@@ -150,8 +155,11 @@ class PluginManager:
             try:
                 module = ep.load()
             except Exception as exc:  # noqa: BLE001 - a broken third-party package must not break eedn
-                raise EednError(f"plugin '{ep.name}' from {origin} failed to import ({type(exc).__name__}: "
-                                f"{exc}); fix or uninstall that package") from exc
+                message = (f"plugin '{ep.name}' from {origin} failed to import ({type(exc).__name__}: {exc}); "
+                           "it is skipped: fix or uninstall that package")
+                self.load_errors.append(message)
+                sys.stderr.write(f"warning: {message}\n")
+                continue
             self.register(module, name=ep.name, origin=origin)
 
     def register(self, plugin: Any, name: str | None = None, origin: str | None = None) -> None:
@@ -207,6 +215,7 @@ def unregister_plugin(name: str) -> None:
     plugin = manager.pm.get_plugin(name)
     if plugin is not None:
         manager.pm.unregister(plugin)
+        manager._origins.pop(id(plugin), None)
         manager._registries = None
 
 

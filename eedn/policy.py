@@ -16,7 +16,7 @@ from eedn.errors import EednError
 from eedn.outputs import ExitOutputs
 
 #: keys every operating point has; an evaluator's headline numbers may not reuse them
-POINT_KEYS = ("setting", "accuracy", "mean_macs", "macs_fraction", "exit_fractions", "val", "gate_setting", "rows")
+POINT_KEYS = ("setting", "accuracy", "mean_macs", "macs_fraction", "exit_fractions", "val", "gate_setting")
 
 
 def apply_gate(gate: Gate, outputs: ExitOutputs) -> Tensor:
@@ -26,11 +26,12 @@ def apply_gate(gate: Gate, outputs: ExitOutputs) -> Tensor:
 
 @dataclass
 class EvaluatedPoint:
-    """One operating point: its flat results.json entry, every evaluator's full metrics, and the test
-    exit index each sample took."""
+    """One operating point: its flat results.json entry, every evaluator's full metrics and flat rows, and the
+    test exit index each sample took."""
 
     point: dict
     details: dict
+    rows: dict
     exit_test: Tensor
 
 
@@ -39,13 +40,15 @@ def evaluate_point(gate: Gate, val: ExitOutputs, cal: ExitOutputs, test: ExitOut
     """Accuracy/cost on test (plus val, for selection), each evaluator's headline numbers and rows.
 
     The point is ``{setting, accuracy, mean_macs, macs_fraction, exit_fractions, val, gate_setting,
-    <headline numbers>, rows: {evaluator: [...]}}``.
+    <headline numbers>}``; each evaluator's full metrics and rows come beside it (results.json keeps them for
+    the reported policy only).
     """
     exit_test, exit_cal, exit_val = apply_gate(gate, test), apply_gate(gate, cal), apply_gate(gate, val)
     point = {"setting": setting} | test.summarize(exit_test)
     point["val"] = {k: v for k, v in val.summarize(exit_val).items() if k != "exit_fractions"}
     point["gate_setting"] = gate.describe()
     details: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {}
     for name, ev in evaluators.items():
         metrics = ev.evaluate(test, cal, exit_test, exit_cal)
         headline = ev.headline(metrics)
@@ -54,11 +57,9 @@ def evaluate_point(gate: Gate, val: ExitOutputs, cal: ExitOutputs, test: ExitOut
             raise EednError(f"evaluator '{name}' reports headline number(s) {', '.join(clash)} that another "
                             "evaluator or the pipeline already reports; rename them in that evaluator")
         point |= headline
-        rows = ev.rows(metrics)
-        if rows:
-            point.setdefault("rows", {})[name] = rows
+        rows[name] = ev.rows(metrics)
         details[name] = metrics
-    return EvaluatedPoint(point, details, exit_test)
+    return EvaluatedPoint(point, details, rows, exit_test)
 
 
 def calibrated_copy(gate: Gate, val: ExitOutputs, target: dict) -> Gate:

@@ -21,7 +21,8 @@ SUMMARY = "summary.md"
 
 
 def format_macs(macs: float) -> str:
-    """``1.23G``, ``45.6M``, ``7.8K`` or a plain count: the one MACs format of every report and command."""
+    """``1.23G``, ``45.6M``, ``7.8K`` or a plain count: the one MACs (and parameter-count) format of every
+    report and command."""
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if macs >= div:
             return f"{macs / div:.3g}{unit}"

@@ -33,6 +33,7 @@ from eedn.outputs import ExitOutputs
 from eedn.plugins import create, registry
 from eedn.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
 from eedn.progress import Progress
+from eedn.render import format_macs, render_run
 from eedn.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, created_now,
                          environment)
 from eedn.strategy import FitContext, TrainingStrategy
@@ -50,28 +51,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_plugins(cfg: dict) -> dict[str, Any]:
-    """Every plugin name and option of a config, validated before anything is trained (an unknown name,
-    a typo in an option or options that contradict each other fail here, not after stage 0). Strategies
-    and evaluators are built once to run their own checks (they hold no tensors yet); the rest have their
-    declared options checked. Returns the resolved options by role."""
-    strategy = create("strategy", cfg["strategy"], **cfg["strategy_options"])
+def strategy_options(cfg: dict) -> dict:
+    """The strategy's options, with the command line's trade-off (``--lambda``, config ``tradeoff``) put under
+    the option the strategy names for it (its ``tradeoff_option``)."""
+    options = dict(cfg["strategy_options"])
+    if cfg.get("tradeoff") is not None:
+        name = registry("strategy").get(cfg["strategy"]).factory.tradeoff_option
+        if name is None:
+            raise EednError(f"--lambda sets a cost trade-off, but strategy '{cfg['strategy']}' has none; drop it "
+                            f"(`eedn plugins {cfg['strategy']}` lists the strategy's options)")
+        options[name] = cfg["tradeoff"]
+    return options
+
+
+@dataclass
+class CheckedPlugins:
+    """What :func:`check_plugins` built and resolved: the strategy and evaluators (cheap objects, no tensors),
+    the gate's name, and every plugin's validated options by role."""
+
+    strategy: TrainingStrategy
+    gate: str
+    evaluators: dict[str, Evaluator]
+    options: dict[str, dict]
+
+
+def check_plugins(cfg: dict) -> CheckedPlugins:
+    """Every plugin name and option of a config, validated before anything is trained: an unknown name, a
+    typo in an option, options that contradict each other, or a learned gate without a strategy that trains
+    it fail here, not after stage 0."""
+    strategy: TrainingStrategy = create("strategy", cfg["strategy"], **strategy_options(cfg))
     gate = cfg["gate"] or strategy.default_gate or registry("gate").default()
-    evaluators = {name: create("evaluator", name, **cfg["evaluator_options"].get(name, {}))
-                  for name in cfg["evaluators"]}
-    out = {
-        "dataset": registry("dataset").get(cfg["dataset"]).resolve(cfg["dataset_options"]),
-        "backbone": registry("backbone").get(cfg["backbone"]).resolve(cfg["backbone_options"]),
-        "strategy": strategy.describe(),
-        "gate": registry("gate").get(gate).resolve(cfg["gate_options"]),
-        "inference_module": registry("inference_module").get(cfg["inference_module"]).resolve({}),
-        "evaluators": {name: ev.options for name, ev in evaluators.items()},
-    }
+    gate_entry = registry("gate").get(gate)
+    gate_options = gate_entry.resolve(cfg["gate_options"])
+    learned = bool(getattr(gate_entry.factory, "trainable", False))
+    if learned and not strategy.trains_gate:
+        raise EednError(f"gate '{gate}' is learned, but strategy '{cfg['strategy']}' does not train gates, so it "
+                        "would run untrained; pick a strategy that trains it or a rule-based gate")
+    if strategy.trains_gate and not learned:
+        raise EednError(f"strategy '{cfg['strategy']}' trains its gate, but gate '{gate}' has nothing to train; "
+                        "drop the gate option to use the strategy's own")
     unknown = sorted(set(cfg["evaluator_options"]) - set(cfg["evaluators"]))
     if unknown:
         raise EednError(f"evaluator_options names {', '.join(unknown)}, which is not among the evaluators "
                         f"({', '.join(cfg['evaluators']) or 'none'}); add it to evaluators or drop its options")
-    return out
+    evaluators = {name: create("evaluator", name, **cfg["evaluator_options"].get(name, {}))
+                  for name in cfg["evaluators"]}
+    options = {
+        "dataset": registry("dataset").get(cfg["dataset"]).resolve(cfg["dataset_options"]),
+        "backbone": registry("backbone").get(cfg["backbone"]).resolve(cfg["backbone_options"]),
+        "strategy": dict(strategy.options),
+        "gate": gate_options,
+        "inference_module": registry("inference_module").get(cfg["inference_module"]).resolve(
+            cfg["inference_module_options"]),
+    }
+    return CheckedPlugins(strategy, gate, evaluators, options)
 
 
 @dataclass
@@ -98,7 +131,7 @@ class Prepared:
 
 def prepare(cfg: dict, progress: Progress) -> Prepared:
     """Data and backbone for a resolved config (the backbone from the cache when already trained)."""
-    check_plugins(cfg)
+    checked = check_plugins(cfg)
     t0 = time.perf_counter()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -109,18 +142,17 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
     dataset_desc = {"name": cfg["dataset"], **source.describe(), "image_size": image_size, "seed": cfg["seed"]}
     timings = {"data_s": time.perf_counter() - t0}
 
-    entry = registry("backbone").get(cfg["backbone"])
-    bb_opts = entry.resolve(cfg["backbone_options"])
+    bb_opts = checked.options["backbone"]
     backbone = build_backbone(cfg["backbone"], source.num_classes, image_size, source.channels, bb_opts)
     ckpt = cfg["backbone_training"].get("checkpoint")
     if ckpt:
         backbone.load_pretrained(ckpt)
     backbone = backbone.to(cfg["device"])
-    rec = recipe(cfg["backbone_training"], getattr(source, "suggested_backbone_epochs", 30))
+    rec = recipe(cfg["backbone_training"], source.suggested_backbone_epochs)
     params = sum(p.numel() for p in backbone.parameters())
     info: dict[str, Any] = {"name": cfg["backbone"], "display_name": backbone.display_name, "options": bb_opts,
                             "recipe": rec, "parameters": params, "init_checkpoint": ckpt}
-    progress.log(f"{cfg['backbone']} -> {backbone.display_name}, {_count(params)} parameters, "
+    progress.log(f"{cfg['backbone']} -> {backbone.display_name}, {format_macs(params)} parameters, "
                  f"{backbone.num_stages} exits; data {cfg['dataset']} at {image_size} px "
                  f"({', '.join(f'{k} {v}' for k, v in data.sizes().items())})")
     t1 = time.perf_counter()
@@ -146,10 +178,6 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
     return Prepared(cfg, data, dataset_desc, image_size, source.channels, backbone, info, cache, progress, timings)
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.0f} k" if n >= 1e3 else str(n)
-
-
 def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True, mode: str = "eval") -> FeatureSource:
     cfg = prep.cfg
     return FeatureSource(model, prep.data, device=cfg["device"], cache=prep.cache, cacheable=cacheable,
@@ -165,16 +193,17 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
         cfg["strategy"] = strategy_name
         cfg["strategy_options"] = strategy_options or {}
         cfg["gate"] = gate
+        cfg["tradeoff"] = None  # a comparison gives each strategy its complete options
     if out is not None:
         cfg["out"] = str(out)
-    resolved = check_plugins(cfg)
+    checked = check_plugins(cfg)
     progress = prep.progress
     seed_everything(cfg["seed"])
-    strategy: TrainingStrategy = create("strategy", cfg["strategy"], **cfg["strategy_options"])
-    gate_name = cfg["gate"] or strategy.default_gate or registry("gate").default()
+    strategy, gate_name, evaluators = checked.strategy, checked.gate, checked.evaluators
     backbone = copy.deepcopy(prep.backbone) if strategy.trains_backbone else prep.backbone
     model = build_model(backbone, gate=gate_name, inference_module=cfg["inference_module"],
-                        gate_options=cfg["gate_options"]).to(cfg["device"])
+                        gate_options=checked.options["gate"],
+                        im_options=checked.options["inference_module"]).to(cfg["device"])
     strategy.prepare_model(model)
     model.freeze_backbone()
     exit_macs, full_macs = measure_exit_macs(model)
@@ -196,8 +225,6 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     # the training source already holds cached eval-mode features when it was cacheable: reuse it
     eval_source = train_source if cacheable else feature_source(prep, model, cacheable=not strategy.trains_backbone)
 
-    evaluators: dict[str, Evaluator] = {name: create("evaluator", name, **cfg["evaluator_options"].get(name, {}))
-                                        for name in cfg["evaluators"]}
     t1 = time.perf_counter()
     outputs: dict[str, dict[str, ExitOutputs]] = {}
     curve: list[dict] = []
@@ -239,8 +266,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     results = assemble_results(cfg, prep, strategy, gate_name, model, test, policy, curve, result.history,
                                evaluators)
     results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s}
-    manifest = build_manifest(cfg, prep, resolved, strategy, gate_name, model, test, policy, chosen, labels, exit_macs,
-                              full_macs)
+    manifest = build_manifest(cfg, prep, checked, model, test, policy, chosen, labels, exit_macs, full_macs)
     results["environment"] = manifest["environment"]
     run_dir = run_directory(cfg)
     write_run(run_dir, cfg, results, manifest, model, outputs,
@@ -273,19 +299,17 @@ def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate
                   | policy.point | {"details": policy.details},
         "curve": curve,
         "strategy": {"name": cfg["strategy"], "options": strategy.describe(), "history": history},
-        "evaluators": {name: {"options": ev.options, "rows": policy.point.get("rows", {}).get(name, [])}
-                       for name, ev in evaluators.items()},
+        "evaluators": {name: {"options": ev.options, "rows": policy.rows[name]} for name, ev in evaluators.items()},
     }
-    for name, rows in policy.point.get("rows", {}).items():
-        if name not in CORE_RESULT_KEYS:
-            results[name] = rows  # the policy's rows at the top level too, e.g. results["conformal"]
+    for name, rows in policy.rows.items():
+        if rows and name not in CORE_RESULT_KEYS:
+            results[name] = rows  # also at the top level under the evaluator's name, e.g. results["conformal"]
     return results
 
 
-def build_manifest(cfg: dict, prep: Prepared, resolved: dict, strategy: TrainingStrategy, gate_name: str,
-                   model: EarlyExitModel,
-                   test: ExitOutputs, policy: EvaluatedPoint, chosen: str, labels: list[str],
-                   exit_macs: list[int], full_macs: int) -> dict:
+def build_manifest(cfg: dict, prep: Prepared, checked: CheckedPlugins, model: EarlyExitModel, test: ExitOutputs,
+                   policy: EvaluatedPoint, chosen: str, labels: list[str], exit_macs: list[int],
+                   full_macs: int) -> dict:
     """run.json: the model spec, input preparation, environment and the policy's test decisions."""
     logits = test.gated_logits(policy.exit_test).float()
     confidence, prediction = logits.softmax(-1).max(-1)
@@ -299,9 +323,9 @@ def build_manifest(cfg: dict, prep: Prepared, resolved: dict, strategy: Training
                          "display_name": bb.display_name, "num_classes": bb.num_classes,
                          "image_size": prep.image_size, "in_channels": prep.channels,
                          "parameters": prep.backbone_info["parameters"]},
-            "inference_module": {"name": cfg["inference_module"], "options": resolved["inference_module"]},
-            "gate": {"name": gate_name, "options": resolved["gate"]},
-            "strategy": {"name": cfg["strategy"], "options": strategy.describe()},
+            "inference_module": {"name": cfg["inference_module"], "options": checked.options["inference_module"]},
+            "gate": {"name": checked.gate, "options": checked.options["gate"]},
+            "strategy": {"name": cfg["strategy"], "options": checked.options["strategy"]},
             "num_exits": model.num_exits,
             "feature_dims": list(bb.feature_dims),
             "exit_macs": [float(m) for m in exit_macs],
@@ -310,7 +334,7 @@ def build_manifest(cfg: dict, prep: Prepared, resolved: dict, strategy: Training
         "input": prep.input_spec,
         "settings": labels,
         "policy": {
-            "name": f"{cfg['strategy']}+{gate_name}", "trained_setting": chosen, "setting": policy.point["setting"],
+            "name": f"{cfg['strategy']}+{checked.gate}", "trained_setting": chosen, "setting": policy.point["setting"],
             "gate_setting": policy.point["gate_setting"],
             "test": {"exit_index": policy.exit_test.tolist(), "prediction": prediction.tolist(),
                      "confidence": [round(float(c), 7) for c in confidence], "label": test.labels.tolist()},
@@ -329,8 +353,6 @@ def run_directory(cfg: dict) -> Path:
 def write_run(run_dir: Path, cfg: dict, results: dict, manifest: dict, model: EarlyExitModel,
               outputs: dict[str, dict[str, ExitOutputs]], heads: dict[str, dict]) -> None:
     """Everything a later `eedn report` / `predict` / `bench` / `compare` needs; results.json is written last."""
-    from eedn.render import render_run
-
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / CONFIG, cfg)
     atomic_torch_save({"backbone": model.backbone.state_dict(), "heads": heads}, run_dir / WEIGHTS)

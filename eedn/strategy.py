@@ -74,6 +74,8 @@ class TrainingStrategy(ABC):
     default_gate: str | None = None
     #: True if fit() updates backbone weights (then no feature cache is used).
     trains_backbone: bool = False
+    #: True if fit() trains the gate's parameters (a learned gate is only accepted with such a strategy).
+    trains_gate: bool = False
     #: the option the command line's ``--lambda`` sets (a cost/accuracy trade-off), if the strategy has one.
     tradeoff_option: str | None = None
 
@@ -221,7 +223,7 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
         extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
         val_acc = validate()
         metric = selection_metric(val_acc, select)
-        if best_state is None or metric is None or metric > best_metric:
+        if metric is not None and (best_metric is None or metric > best_metric):  # "last" keeps the live heads
             best_metric, best_state = metric, model.heads_state_dict()
         record = {"phase": name, "epoch": epoch, "loss": total / max(count, 1), **extra,
                   "val_accuracy": val_acc.tolist()}

@@ -1,9 +1,9 @@
-"""Inference modules (exit classifiers), the options every head-training strategy shares, and the
-`im-only` strategy: IMs trained alone on the frozen backbone with the JEI warm-up loss, paired with a
+"""Inference modules (exit classifiers) and the `im-only` strategy: IMs trained alone on the frozen backbone with the JEI warm-up loss, paired with a
 threshold gate calibrated on val."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from eedn.contracts import InferenceModule
@@ -36,9 +36,6 @@ class MLPIM(InferenceModule):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features)
-
-
-# ------------------------------------------------------------------------- shared strategy options
 
 
 # ------------------------------------------------------------------------------------------ im-only

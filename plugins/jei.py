@@ -300,6 +300,7 @@ class JeiStrategy(TrainingStrategy):
     """
 
     default_gate = "jei"
+    trains_gate = True
     trains_backbone = False
     tradeoff_option = "lambda"
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from eedn.model import EarlyExitModel
 from eedn.options import option
 from eedn.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite, cosine_schedule,
-                           per_exit_cross_entropy, selection_metric, sgd, train_heads)
+                           per_exit_cross_entropy, selection_metric, sgd, train_heads, val_exit_accuracy)
 
 
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:
@@ -38,20 +38,6 @@ def sdn_weights(positions: Tensor, epoch: int, epochs: int, start: float = 0.01)
     """SDN's loss weights at ``epoch``: linear from ``start`` (first epoch) to ``positions`` (last)."""
     frac = 1.0 if epochs <= 1 else epoch / (epochs - 1)
     return start + (positions - start) * frac
-
-
-@torch.no_grad()
-def live_exit_accuracy(model: EarlyExitModel, context: FitContext, split: str, batch_size: int = 256) -> Tensor:
-    """Per-exit accuracy ``[E]`` with the backbone run live (its weights change while training)."""
-    model.eval()
-    loader = DataLoader(context.features.dataset(split), batch_size=batch_size, shuffle=False)
-    correct, total = None, 0
-    for x, y in loader:
-        pred = model(x.to(context.device)).argmax(-1).cpu()
-        hits = (pred == y[:, None]).sum(0)
-        correct = hits if correct is None else correct + hits
-        total += len(y)
-    return correct.double() / max(total, 1)
 
 
 class SDNStrategy(TrainingStrategy):
@@ -113,7 +99,7 @@ class SDNStrategy(TrainingStrategy):
         for epoch in range(o["epochs"]):
             tau = sdn_weights(positions, epoch, o["epochs"], o["weight_start"])
             loss = self._backbone_epoch(model, context, opt, tau, epoch)
-            val_acc = live_exit_accuracy(model, context, "val")
+            val_acc = val_exit_accuracy(model, context)  # the backbone runs live, in eval mode
             record = {"phase": "sdn", "epoch": epoch, "loss": loss, **schedule(epoch), "weights": tau.tolist(),
                       "val_accuracy": val_acc.tolist()}
             metric = selection_metric(val_acc, o["select"])

@@ -48,14 +48,19 @@ def test_parse_strategies_and_seeds():
         parse_seeds(None, "0,x", None, 0)
 
 
-def test_strategy_options_precedence_and_lambda_only_for_jei():
-    shared = {"epochs": 4, "lambda": [0.5]}
+def test_strategy_options_precedence_and_the_tradeoff_goes_where_declared():
+    from eedn.comparison import check_shared_options
+
+    shared = {"epochs": 4, "lambda": [0.5]}  # `lambda` is declared by jei only: the others do not get it
     per = {"jei": {"epochs": 6, "warmup_epochs": 1}, "im-only": {"lr": 0.1}, "im-only:entropy": {"lr": 0.2}}
-    assert strategy_options_for(StrategySpec("jei"), shared, per, {"epochs": None, "lambda": [0.1, 1.0]}) == {
+    assert strategy_options_for(StrategySpec("jei"), shared, per, {"epochs": None, "tradeoff": [0.1, 1.0]}) == {
         "epochs": 6, "lambda": [0.1, 1.0], "warmup_epochs": 1}
-    assert strategy_options_for(StrategySpec("im-only"), shared, per, {"epochs": 2, "lambda": 0.3}) == {
+    assert strategy_options_for(StrategySpec("im-only"), shared, per, {"epochs": 2, "tradeoff": 0.3}) == {
         "epochs": 2, "lr": 0.1}
     assert strategy_options_for(StrategySpec("im-only", "entropy"), shared, per, {}) == {"epochs": 4, "lr": 0.2}
+    check_shared_options([StrategySpec("jei"), StrategySpec("im-only")], shared)
+    with pytest.raises(EednError, match="strategy_options epochz is declared by none of the compared strategies"):
+        check_shared_options([StrategySpec("jei"), StrategySpec("im-only")], {"epochz": 3})
 
 
 def test_reliability_bins_agree_with_the_calibration_evaluator():

@@ -177,3 +177,50 @@ def test_plugin_defaults_come_from_the_registrations():
         assert resolve_config({"dataset": "digits"})["dataset"] == "digits"
     finally:
         unregister_plugin("rival-default")
+
+
+def test_gate_pairing_tradeoff_and_budget_are_checked_before_stage_0(tiny_config, tmp_path, monkeypatch):
+    from eedn import run as pipeline
+    from eedn.config import resolve_config
+
+    monkeypatch.setattr(pipeline, "train_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    cfg = tiny_config | {"cache_dir": str(tmp_path / "fresh-cache")}
+    with pytest.raises(EednError, match="gate 'jei' is learned, but strategy 'im-only' does not train gates"):
+        eedn.run_pipeline(cfg | {"strategy": "im-only", "gate": "jei"})
+    with pytest.raises(EednError, match="strategy 'jei' trains its gate, but gate 'max_prob' has nothing to train"):
+        eedn.run_pipeline(cfg | {"strategy": "jei", "gate": "max_prob"})
+    with pytest.raises(EednError, match="--lambda sets a cost trade-off, but strategy 'sdn' has none"):
+        eedn.run_pipeline(cfg | {"strategy": "sdn", "tradeoff": 0.5})
+    with pytest.raises(EednError, match="gate 'max_prob': invalid divisor=0"):
+        eedn.run_pipeline(cfg | {"strategy": "im-only", "gate_options": {"divisor": 0}})
+    assert pipeline.strategy_options(resolve_config({"strategy": "jei", "tradeoff": [0.1, 1]}))["lambda"] == [0.1, 1]
+    assert resolve_config({"budget": {"p": 12}})["budget"] == {"p": 12}  # a target replaces the default one
+    assert resolve_config({}, ["budget.accuracy_drop=0.01"])["budget"] == {"accuracy_drop": 0.01}
+
+
+def test_inference_module_options_reach_the_model_and_the_manifest(tiny_config, tmp_path):
+    from eedn.rundir import load_model
+
+    out = tmp_path / "mlp-ims"
+    eedn.run_pipeline(tiny_config | {"strategy": "im-only", "strategy_options": {"epochs": 1}, "evaluators": [],
+                                     "inference_module": "mlp", "inference_module_options": {"hidden": "12"},
+                                     "out": str(out)})
+    model, manifest = load_model(out)
+    assert manifest["model"]["inference_module"] == {"name": "mlp", "options": {"hidden": 12}}
+    assert model.ims[0].net[0].out_features == 12
+
+
+def test_evaluation_splits_are_read_in_eval_mode_whatever_the_training_mode():
+    """A train-mode backbone (DropPath on) serves the train batches; val must stay deterministic."""
+    from eedn.features import FeatureSource
+
+    data = eedn.load_dataset("digits", image_size=16, seed=0)
+    model = eedn.create_model("t2t_vit_tiny", num_classes=10, image_size=16, in_channels=1,
+                              backbone_options={"drop_path_rate": 0.5})
+    source = FeatureSource(model, data, cacheable=False, backbone_mode="train")
+    first = next(source.batches("val", 32, shuffle=False))[0][-1]
+    second = next(source.batches("val", 32, shuffle=False))[0][-1]
+    assert torch.equal(first, second)
+    a = next(source.batches("train", 32, shuffle=False))[0][-1]
+    b = next(source.batches("train", 32, shuffle=False))[0][-1]
+    assert not torch.equal(a, b)  # the train split does see the train-mode backbone

@@ -88,3 +88,16 @@ def test_the_plugin_guide_examples_run_in_the_pipeline(tiny_config):
         for name in examples:
             unregister_plugin(f"docs-{name}")
             sys.modules.pop(f"docs_example_{name}", None)
+
+
+def test_a_broken_installed_plugin_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    dist = tmp_path / "broken_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-pkg\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[eedn]\nbroken = no_such_module_for_eedn_tests\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = PluginManager()
+    regs = pm.registries()
+    assert "jei" in regs["strategy"].names() and "digits" in regs["dataset"].names()
+    assert len(pm.load_errors) == 1 and "broken-pkg 1.0" in pm.load_errors[0]
+    assert "warning: plugin 'broken' from broken-pkg 1.0 failed to import" in capsys.readouterr().err

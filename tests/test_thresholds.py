@@ -181,7 +181,7 @@ def test_budget_sweep_and_options():
         MaxProbGate(2, 3, divsor=20)
     with pytest.raises(EednError, match="divisor"):
         MaxProbGate(2, 3, divisor=-1)
-    with pytest.raises(EednError, match="divisor must be positive"):
+    with pytest.raises(EednError, match="invalid divisor=0; expected a number > 0"):
         MaxProbGate(2, 3, divisor=0)
     coerced = eedn.create("gate", "entropy", 2, 3, divisor="20", include_final="false", thresholds="0.5,0.7")
     assert (coerced.divisor, coerced.include_final) == (20.0, False)
