@@ -24,6 +24,8 @@ def recipe(cfg_training: dict, suggested_epochs: int) -> dict:
     """Fill the recipe's automatic values (None) so the cache key and config record real numbers."""
     r = dict(cfg_training)
     r.pop("checkpoint", None)
+    if not r.get("adapt_input_channels"):
+        r.pop("adapt_input_channels", None)  # the default leaves existing cache keys as they were
     adamw = r["optimizer"] == "adamw"
     r["epochs"] = suggested_epochs if r["epochs"] is None else r["epochs"]
     r["lr"] = (1e-3 if adamw else 0.05) if r["lr"] is None else r["lr"]

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "threads": 1,
     "backbone_training": {
         "checkpoint": None,  # a trained backbone to load instead of training one
+        # adapt the checkpoint's first convolution to the data's channel count (e.g. RGB weights, gray data)
+        "adapt_input_channels": False,
         "epochs": None,  # None: the dataset source's suggestion
         "optimizer": "adamw",
         "lr": None,  # None: 1e-3 for adamw, 0.05 for sgd

@@ -76,20 +76,21 @@ class Backbone(nn.Module, ABC):
             state = self.stage(i, state)
         return self.head(self.exit_features(self.num_stages - 1, state))
 
-    def load_pretrained(self, path: str | os.PathLike) -> Any:
-        """Load trained weights from a file (``--backbone-checkpoint``). The default reads a weights-only
-        state dict (or a dict holding one under ``model``, ``state_dict`` or ``backbone``: eedn's backbone
-        cache and a run's model.pt) and loads it strictly; families override it to accept their official
-        checkpoints and may return a report of what they adapted."""
-        from eedn.io import load_checkpoint, load_state_dict_strict
+    #: state-dict key prefixes of the classifier head (dropped from a checkpoint when its shape differs)
+    classifier_keys: tuple[str, ...] = ()
+    #: state-dict key of the first layer's kernel ``[O, C, ...]`` (adapted to other channel counts on request)
+    first_conv_key: str | None = None
 
-        blob = load_checkpoint(path)
-        if isinstance(blob, dict):
-            for key in ("model", "state_dict", "backbone"):
-                if isinstance(blob.get(key), dict):
-                    blob = blob[key]
-                    break
-        load_state_dict_strict(self, blob, str(path))
+    def load_pretrained(self, path: str | os.PathLike, adapt_input_channels: bool = False) -> Any:
+        """Load trained weights from a file (``--backbone-checkpoint``). The default reads a weights-only
+        state dict (or a dict holding one under ``state_dict``, ``model`` or ``backbone``: timm's trainer,
+        eedn's backbone cache and a run's model.pt) and loads it strictly, except that a classifier head of
+        another class count is dropped and the first convolution is adapted to other channel counts when
+        asked (:mod:`eedn.transfer`). Returns a report of what it changed; families may override it."""
+        from eedn.transfer import load_pretrained_weights
+
+        return load_pretrained_weights(self, path, self.display_name, self.classifier_keys, self.first_conv_key,
+                                       adapt_input_channels)
 
     @property
     def display_name(self) -> str:

@@ -102,6 +102,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise EednError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with _checkpoint_globals():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise EednError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _checkpoint_globals():
+    """Types beyond tensors and containers that the weights-only loader may rebuild: ``argparse.Namespace``,
+    which timm's trainer saves as ``args`` in every checkpoint (a plain attribute bag; nothing else is
+    allowed, so a pickle that calls code is still refused)."""
+    import argparse
+    import contextlib
+
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:  # torch < 2.5: the process-wide allow-list
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        return contextlib.nullcontext()
+    return safe_globals([argparse.Namespace])

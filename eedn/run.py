@@ -37,6 +37,7 @@ from eedn.render import format_macs, render_run
 from eedn.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, created_now,
                          environment)
 from eedn.strategy import FitContext, TrainingStrategy
+from eedn.transfer import transfer_summary
 
 SPLITS = ("val", "cal", "test")
 #: results.json keys the pipeline writes; an evaluator whose name is one of them keeps its rows only under
@@ -146,7 +147,10 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
     backbone = build_backbone(cfg["backbone"], source.num_classes, image_size, source.channels, bb_opts)
     ckpt = cfg["backbone_training"].get("checkpoint")
     if ckpt:
-        backbone.load_pretrained(ckpt)
+        adapt = cfg["backbone_training"].get("adapt_input_channels")
+        note = transfer_summary(backbone.load_pretrained(ckpt, **({"adapt_input_channels": True} if adapt else {})))
+        if note:
+            progress.log(note)
     backbone = backbone.to(cfg["device"])
     rec = recipe(cfg["backbone_training"], source.suggested_backbone_epochs)
     params = sum(p.numel() for p in backbone.parameters())

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from eedn.contracts import Backbone, InputSpec, State
 from eedn.errors import EednError
-from eedn.io import load_checkpoint, load_state_dict_strict
 from eedn.options import option
+from eedn.transfer import load_pretrained_weights
 
 EXIT_MODES = ("block", "stage")
 MIN_IMAGE_SIZE = 8
@@ -133,18 +133,18 @@ class ResNetBackbone(Backbone):
     def head(self, features: Tensor) -> Tensor:
         return self.fc(features)
 
-    def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Weights of this exact model, strictly: a plain state dict, eedn's backbone cache (``model``) or a
-        run directory's ``weights.pt`` (``backbone``). A torchvision ResNet's own state dict loads too when
-        the stem was not adapted (3 channels, > 64 px)."""
-        blob = load_checkpoint(path)
-        for key in ("backbone", "model", "state_dict"):
-            if isinstance(blob, dict) and isinstance(blob.get(key), dict):
-                blob = blob[key]
-                break
+    classifier_keys = ("fc.",)
+    first_conv_key = "conv1.weight"
+
+    def load_pretrained(self, path: str | os.PathLike, adapt_input_channels: bool = False) -> dict[str, list[str]]:
+        """Weights of this architecture: a plain state dict, timm's trainer checkpoint (``state_dict``), eedn's
+        backbone cache (``model``) or a run directory's ``model.pt`` (``backbone``). A torchvision ResNet's own
+        ImageNet weights load when the stem was not adapted (> 64 px): an ``fc`` of another class count is
+        dropped, and ``conv1`` is adapted to 1-channel (or other) data when ``adapt_input_channels``."""
         spec = self.input_spec
-        load_state_dict_strict(self, blob, f"checkpoint {path} (for {self.display_name}, {self.num_classes} "
-                                           f"classes, {spec.channels}-channel {spec.image_size} px images)")
+        return load_pretrained_weights(self, path, f"{self.display_name}, {self.num_classes} classes, "
+                                                   f"{spec.channels}-channel {spec.image_size} px images",
+                                       self.classifier_keys, self.first_conv_key, adapt_input_channels)
 
 
 def _check_arguments(num_classes: int, image_size: int, in_channels: int) -> None:

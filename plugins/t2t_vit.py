@@ -264,7 +264,7 @@ class T2TViT(Backbone):
     def head(self, features: Tensor) -> Tensor:
         return self.classifier(features)
 
-    def load_pretrained(self, path: str | os.PathLike) -> dict[str, list[str]]:
+    def load_pretrained(self, path: str | os.PathLike, adapt_input_channels: bool = False) -> dict[str, list[str]]:
         """Load official or eedn-saved T2T-ViT weights, non-strictly (``--backbone-checkpoint``).
 
         Accepts an official checkpoint (EMA weights first, DataParallel's ``module.`` prefix removed), a
@@ -273,10 +273,16 @@ class T2TViT(Backbone):
         count is dropped (it stays freshly initialised) and a position table of another resolution is
         resized; every other backbone weight must be present with the right shape, else one
         :class:`EednError` line. Returns which keys were dropped, resized and left at their init.
+        ``adapt_input_channels`` is refused: T2T-ViT's first layer layer-normalises the channels of each
+        7x7 patch together, which no kernel rewrite maps from RGB to another channel count.
         """
         source = _state_dict_from(load_checkpoint(path), path)
         target = self.state_dict()
         prefix = f"checkpoint {path} does not match {self.variant}"
+        first = "tokens_to_token.attention1.kqv.weight"
+        if adapt_input_channels and first in source and source[first].shape != target[first].shape:
+            raise EednError(f"{prefix}: T2T-ViT cannot adapt its first layer to {self.input_spec.channels}-channel "
+                            "inputs (it normalises each patch's channels together); train it from scratch")
         dropped: list[str] = []
         resized: list[str] = []
         mismatched: list[str] = []
