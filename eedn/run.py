@@ -85,6 +85,8 @@ def check_plugins(cfg: dict) -> CheckedPlugins:
     gate_entry = registry("gate").get(gate)
     gate_options = gate_entry.resolve(cfg["gate_options"])
     learned = bool(getattr(gate_entry.factory, "trainable", False))
+    if learned and strategy.trains_gate:
+        gate_options = _with_strategy_gate_options(cfg, gate_entry, gate_options, strategy.gate_options())
     if learned and not strategy.trains_gate:
         raise EednError(f"gate '{gate}' is learned, but strategy '{cfg['strategy']}' does not train gates, so it "
                         "would run untrained; pick a strategy that trains it or a rule-based gate")
@@ -106,6 +108,17 @@ def check_plugins(cfg: dict) -> CheckedPlugins:
             cfg["inference_module_options"]),
     }
     return CheckedPlugins(strategy, gate, evaluators, options)
+
+
+def _with_strategy_gate_options(cfg: dict, gate_entry: Any, resolved: dict, implied: dict) -> dict:
+    """The gate's options with those its training strategy sets (its exit rule); a different explicit value
+    in ``gate_options`` is refused rather than silently overridden."""
+    clash = sorted(k for k, v in implied.items() if k in cfg["gate_options"] and resolved.get(k) != v)
+    if clash:
+        raise EednError(f"gate_options {', '.join(clash)} contradicts strategy '{cfg['strategy']}', which sets it "
+                        f"on the gate it trains ({', '.join(f'{k}={implied[k]}' for k in clash)}); set it as a "
+                        "strategy option instead")
+    return gate_entry.resolve({**cfg["gate_options"], **implied})
 
 
 @dataclass

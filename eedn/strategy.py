@@ -98,6 +98,11 @@ class TrainingStrategy(ABC):
         which are then computed once and cached."""
         return not (self.trains_backbone or self.head_augment or self.backbone_mode != "eval")
 
+    def gate_options(self) -> dict:
+        """Options this strategy sets on the gate it trains (e.g. the exit rule its targets are meant for); the
+        pipeline passes them to the gate and records them with it. Default: none."""
+        return {}
+
     def prepare_model(self, model: EarlyExitModel) -> None:
         """Attach strategy-specific modules (e.g. an exit combiner) before ``fit`` and before saved heads
         are loaded back; the default attaches nothing."""

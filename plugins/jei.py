@@ -103,6 +103,37 @@ def jei_exit_decision(g: Tensor) -> Tensor:
     return torch.where(leave.any(1), first, torch.full_like(first, n_gates))
 
 
+#: how a rule reads the gate scores: ``official`` as capped unconditional exit probabilities (the hazard
+#: rule above), ``cdf`` as ``P(l* ≤ l | x)`` and ``hazard`` as ``P(l* = l | l* ≥ l, x)``; the last two exit at
+#: the first ``g_l ≥ τ`` (docs/method.md, "Consistent gate variants")
+EXIT_RULES = ("official", "cdf", "hazard")
+
+
+def first_above_decision(g: Tensor, tau: float = 0.5) -> Tensor:
+    """Exit index ``[B]``: the first ``l`` with ``g_l ≥ τ``, else ``G`` (the backbone's head)."""
+    n_gates = g.shape[1]
+    if n_gates == 0:
+        return torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
+    leave = g >= tau
+    first = leave.to(torch.uint8).argmax(1)
+    return torch.where(leave.any(1), first, torch.full_like(first, n_gates))
+
+
+def cdf_exit_probabilities(g: Tensor) -> Tensor:
+    """``[B, G+1]`` exit probabilities of scores read as a CDF: ``P_l = F_l − F_{l−1}`` with
+    ``F = cummax(g)`` (a CDF cannot fall) and ``P_G = 1 − F_{G−1}``."""
+    f = torch.cummax(g, dim=1).values if g.shape[1] else g
+    f = torch.cat([f, torch.ones_like(g[:, :1])], dim=1)
+    return torch.diff(f, dim=1, prepend=torch.zeros_like(f[:, :1]))
+
+
+def hazard_exit_probabilities(g: Tensor) -> Tensor:
+    """``[B, G+1]`` exit probabilities of scores read as hazards: ``P_l = g_l Π_{j<l}(1 − g_j)``,
+    ``P_G = Π_j(1 − g_j)``."""
+    survival = torch.cumprod(torch.cat([torch.ones_like(g[:, :1]), 1 - g], dim=1), dim=1)  # [B, G+1]
+    return torch.cat([g * survival[:, :-1], survival[:, -1:]], dim=1)
+
+
 class JeiGate(Gate):
     """One ``Linear(4, 1)`` per intermediate exit on detached confidence statistics."""
 
@@ -110,11 +141,23 @@ class JeiGate(Gate):
 
     @dataclass
     class Options:
-        """None: the gate's parameters are learned by the strategy."""
+        """How the scores are read; the strategy that trains the gate sets both to match its targets."""
+
+        exit_rule: str = option("official", "official (capped exit probabilities, hazard >= 0.5), cdf or "
+                                            "hazard (first exit with g_l >= tau)", choices=EXIT_RULES)
+        tau: float = option(0.5, "threshold of the cdf and hazard rules", above=0, max=1)
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
         self.linears = nn.ModuleList([nn.Linear(len(GATE_STATISTICS), 1) for _ in range(num_exits)])
+
+    def set_rule(self, exit_rule: str, tau: float) -> None:
+        """Read the scores with ``exit_rule`` (one of :data:`EXIT_RULES`) at threshold ``tau``."""
+        self.options = self.options | {"exit_rule": exit_rule, "tau": float(tau)}
+
+    @property
+    def exit_rule(self) -> str:
+        return self.options["exit_rule"]
 
     def gate_logit(self, exit_index: int, logits: Tensor) -> Tensor:
         """Pre-sigmoid score ``[B]`` of exit ``exit_index`` (what the BCE gate loss reads)."""
@@ -132,18 +175,29 @@ class JeiGate(Gate):
         return torch.sigmoid(self.gate_logit(exit_index, logits))
 
     def exits_at(self, prefix: Tensor) -> Tensor:
+        if self.exit_rule != "official":
+            return prefix[:, -1] >= self.options["tau"]
         # hazards are causal in g, so the prefix alone fixes h at its last column
         return hazards(prefix)[:, -1] >= 0.5
 
     def exit_probabilities(self, scores: Tensor) -> Tensor:
+        if self.exit_rule == "cdf":
+            return cdf_exit_probabilities(scores)
+        if self.exit_rule == "hazard":
+            return hazard_exit_probabilities(scores)
         return capped_exit_probabilities(scores)
 
     def decide(self, scores: Tensor) -> Tensor:
+        if self.exit_rule != "official":
+            return first_above_decision(scores, self.options["tau"])
         return jei_exit_decision(scores)
 
     def describe(self) -> dict:
+        rules = {"official": "first exit with hazard >= 0.5 on min-capped exit probabilities",
+                 "cdf": f"first exit with g_l >= {self.options['tau']:g}, g_l read as P(l* <= l)",
+                 "hazard": f"first exit with g_l >= {self.options['tau']:g}, g_l read as P(l* = l | l* >= l)"}
         return {"type": "jei", "num_gates": self.num_exits, "statistics": list(GATE_STATISTICS),
-                "rule": "first exit with hazard >= 0.5 on min-capped exit probabilities"}
+                "exit_rule": self.exit_rule, "tau": self.options["tau"], "rule": rules[self.exit_rule]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,18 +223,55 @@ def pos_weights_from_counts(counts: Tensor, num_samples: int, max_weight: float 
 
 def pos_weights(best_exit: Tensor, num_gates: int, counts: str = "exact") -> Tensor:
     """Positive-class weights from the optimal exits ``l*`` of the val samples: ``exact`` counts
-    ``#{l* = l}`` (the official choice, although targets are cumulative) or ``cumulative`` ``#{l* ≤ l}``."""
-    hist = torch.bincount(best_exit.cpu(), minlength=num_gates + 1)[:num_gates]
+    ``#{l* = l}`` (the official choice, although targets are cumulative), ``cumulative`` ``#{l* ≤ l}``, or
+    ``survivors``: ``#{l* = l}`` among the ``#{l* ≥ l}`` samples still running at ``l`` (hazard targets)."""
+    hist = torch.bincount(best_exit.cpu(), minlength=num_gates + 1)
+    if counts == "survivors":
+        running = hist.flip(0).cumsum(0).flip(0)[:num_gates]  # #{l* >= l}
+        n = hist[:num_gates].double().clamp(min=0.1)
+        return ((running.double() - n) / n).clamp(min=0.0, max=5.0).float()  # no survivors: no loss, weight 0
+    hist = hist[:num_gates]
     if counts == "cumulative":
         hist = hist.cumsum(0)
     return pos_weights_from_counts(hist, int(best_exit.numel()))
 
 
-def gate_bce_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor) -> Tensor:
-    """Mean over the N×G pairs of ``w·BCEWithLogits``, ``w = pos_weight_l`` where ``t = 1`` else 1."""
+#: gate target kinds: ``cumulative`` ``1{l ≥ l*}`` (official), ``hazard`` ``1{l = l*}`` on the samples still
+#: running at ``l`` only, ``onehot`` ``1{l = l*}`` on every sample (docs/method.md, "Consistent gate variants")
+TARGETS = ("cumulative", "hazard", "onehot")
+
+
+def variant_targets(best_exit: Tensor, num_gates: int, kind: str = "cumulative") -> tuple[Tensor, Tensor | None]:
+    """``(t, mask)`` ``[N, G]`` for the gates from the optimal exits ``l*``; ``mask`` (None: every pair) marks
+    the (sample, gate) pairs the loss reads: for ``hazard`` only ``l* ≥ l``."""
+    gates = torch.arange(num_gates, device=best_exit.device).unsqueeze(0)
+    best = best_exit.unsqueeze(1)
+    if kind == "cumulative":
+        return (gates >= best).float(), None
+    onehot = (gates == best).float()
+    return onehot, ((best >= gates).float() if kind == "hazard" else None)
+
+
+def gate_phase_loss(gate_logits: Tensor, per_exit_ce: Tensor, lam: float, costs: Tensor, pos_weight: Tensor,
+                    targets: str = "cumulative") -> Tensor:
+    """The gate loss of one batch: targets of kind ``targets`` from ``l*`` (:func:`gate_targets`), then the
+    pos-weighted BCE (the official loss for ``cumulative``)."""
+    best, cumulative = gate_targets(per_exit_ce, lam, costs)
+    if targets == "cumulative":
+        return gate_bce_loss(gate_logits, cumulative, pos_weight)
+    t, mask = variant_targets(best, gate_logits.shape[1], targets)
+    return gate_bce_loss(gate_logits, t.to(gate_logits), pos_weight, mask)
+
+
+def gate_bce_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over the N×G pairs of ``w·BCEWithLogits``, ``w = pos_weight_l`` where ``t = 1`` else 1; with a
+    ``mask``, the mean over the pairs it marks (0 when none)."""
     bce = F.binary_cross_entropy_with_logits(gate_logits, targets, reduction="none")
     w = torch.where(targets > 0.5, pos_weight.to(bce).unsqueeze(0), torch.ones_like(bce))
-    return (w * bce).mean()
+    if mask is None:
+        return (w * bce).mean()
+    mask = mask.to(bce)
+    return (mask * w * bce).sum() / mask.sum().clamp(min=1)
 
 
 def uniform_im_loss(ce: Tensor) -> Tensor:
@@ -218,11 +309,18 @@ def official_im_loss(exit_probs: Tensor, ce: Tensor) -> Tensor:
 #: ``paper-compat`` reproduces the official code's behaviour (docs/usage.md, "JEI-DNN switches").
 PROFILES: dict[str, dict[str, Any]] = {
     "clean": {"warmup": "fixed", "alternation": "auto", "gate_cost": "uniform_index", "im_loss": "uniform",
-              "pos_weight_counts": "exact", "optimizers": "separate", "select": "last", "backbone_mode": "eval",
+              "optimizers": "separate", "select": "last", "backbone_mode": "eval",
               "head_augment": False},
     "paper-compat": {"warmup": "fixed", "alternation": "batches:200", "gate_cost": "uniform_index",
-                     "im_loss": "uniform", "pos_weight_counts": "exact", "optimizers": "shared",
+                     "im_loss": "uniform", "optimizers": "shared",
                      "select": "pt_compat", "backbone_mode": "train", "head_augment": True},
+}
+#: per target kind: the exit rules that read it consistently and the pos-weight counts that match it (the
+#: first of each is the default; ``cdf`` defaults to cumulative counts, docs/method.md "Consistent gate variants")
+PAIRINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "cumulative": {"exit_rule": ("official", "cdf"), "pos_weight_counts": ("exact", "cumulative")},
+    "hazard": {"exit_rule": ("hazard",), "pos_weight_counts": ("survivors",)},
+    "onehot": {"exit_rule": ("official",), "pos_weight_counts": ("exact",)},
 }
 _ALTERNATION = re.compile(r"^(auto|batches:(\d+)|fraction:([0-9.eE+-]+))$")
 
@@ -291,6 +389,24 @@ class _Validation:
         return torch.cat(logits), torch.cat(scores)
 
 
+def resolve_variant(targets: str | None, exit_rule: str | None, counts: str | None) -> dict[str, str]:
+    """Fill the unset of ``targets`` / ``exit_rule`` / ``pos_weight_counts`` from the set ones (:data:`PAIRINGS`)
+    and refuse pairings that read the gate inconsistently."""
+    if targets is None:
+        targets = "hazard" if exit_rule == "hazard" else "cumulative"
+    pairing = PAIRINGS[targets]
+    exit_rule = exit_rule or pairing["exit_rule"][0]
+    if exit_rule not in pairing["exit_rule"]:
+        raise EednError(f"strategy 'jei': exit_rule={exit_rule} does not read targets={targets}; with targets="
+                        f"{targets} use exit_rule {' or '.join(pairing['exit_rule'])}")
+    if counts is None:
+        counts = "cumulative" if exit_rule == "cdf" else pairing["pos_weight_counts"][0]
+    if counts not in pairing["pos_weight_counts"]:
+        raise EednError(f"strategy 'jei': pos_weight_counts={counts} does not match targets={targets}; use "
+                        f"{' or '.join(pairing['pos_weight_counts'])} (or leave it unset)")
+    return {"targets": targets, "exit_rule": exit_rule, "pos_weight_counts": counts}
+
+
 class JeiStrategy(TrainingStrategy):
     """JEI-DNN: IM warm-up, then gate/IM alternation for each λ (one trained setting per λ).
 
@@ -325,8 +441,20 @@ class JeiStrategy(TrainingStrategy):
         im_loss: str | None = _per_profile("IM loss: plain mean CE (uniform, the official effective loss) or "
                                            "Σ sg(P)·CE (exit_weighted)", ("uniform", "exit_weighted"))
         im_loss_renorm: bool = option(False, "with im_loss=exit_weighted: rescale to the uniform loss's magnitude")
-        pos_weight_counts: str | None = _per_profile("gate pos-weights from exact-exit or cumulative counts",
-                                                     ("exact", "cumulative"))
+        targets: str | None = option(None, "gate targets: cumulative 1{l >= l*} (official), hazard 1{l = l*} on "
+                                           "survivors l* >= l, onehot 1{l = l*} (default: cumulative, or what "
+                                           "exit_rule reads)", choices=TARGETS)
+        exit_rule: str | None = option(None, "test-time rule: official (capped probabilities, hazard >= 0.5), cdf "
+                                             "or hazard (first g_l >= tau) (default: the one targets pair with)",
+                                       choices=EXIT_RULES)
+        tau: float = option(0.5, "threshold of exit_rule=cdf|hazard", above=0, max=1)
+        pos_weight_counts: str | None = option(None, "gate pos-weights from exact-exit, cumulative or survivor "
+                                                     "counts (default: the ones matching targets and exit_rule)",
+                                               choices=("exact", "cumulative", "survivors"))
+        im_training: str = option("alternate", "alternate (official: IM blocks between gate blocks) or converge "
+                                               "(IMs first, per-head mean CE with early stopping on val, then "
+                                               "gates only)", choices=("alternate", "converge"))
+        max_im_epochs: int = option(50, "most IM epochs with im_training=converge", min=1)
         optimizers: str | None = _per_profile("one SGD per phase (separate) or one for both (shared)",
                                               ("separate", "shared"))
         select: str | None = _per_profile("setting kept per λ: the last epoch, the best val accuracy − λ·cost "
@@ -344,7 +472,17 @@ class JeiStrategy(TrainingStrategy):
         super().__init__(**options)
         profile = PROFILES[self.options["profile"]]
         self.options = {k: profile[k] if v is None and k in profile else v for k, v in self.options.items()}
+        self.options |= resolve_variant(self.options["targets"], self.options["exit_rule"],
+                                        self.options["pos_weight_counts"])
         self._check_relations()
+
+    def gate_options(self) -> dict:
+        """The rule the trained gate must read its scores with (recorded with the gate in run.json)."""
+        return {"exit_rule": self.options["exit_rule"], "tau": self.options["tau"]}
+
+    def prepare_model(self, model: EarlyExitModel) -> None:
+        if isinstance(model.gate, JeiGate):
+            model.gate.set_rule(self.options["exit_rule"], self.options["tau"])
 
     def _check_relations(self) -> None:
         """What the declaration cannot say: the alternation syntax and how options constrain each other."""
@@ -356,6 +494,9 @@ class JeiStrategy(TrainingStrategy):
         if o["warmup"] == "fixed" and o["epochs"] <= o["warmup_epochs"]:
             raise EednError(f"strategy 'jei': epochs={o['epochs']} counts warm-up plus main epochs and must "
                             f"exceed warmup_epochs={o['warmup_epochs']}")
+        if o["im_training"] == "converge" and o["optimizers"] == "shared":
+            raise EednError("strategy 'jei': im_training=converge keeps the trained IMs fixed, but a shared optimiser "
+                            "moves them during gate batches (weight decay, momentum); set optimizers=separate")
         if o["warmup"] == "early_stop" and o["epochs"] < 2:
             raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
 
@@ -372,6 +513,7 @@ class JeiStrategy(TrainingStrategy):
             raise EednError(f"strategy 'jei' trains the 'jei' gate; got {type(gate).__name__} "
                             "(drop the gate option or use gate=jei)")
         torch.manual_seed(context.seed)
+        self.prepare_model(model)  # the gate reads its scores with this strategy's exit rule
         model.freeze_backbone()
         if self.head_augment or not context.features.cacheable:
             context.log("jei: features are not cacheable (backbone_mode="
@@ -398,13 +540,17 @@ class JeiStrategy(TrainingStrategy):
     def _warmup(self, model: EarlyExitModel, context: FitContext, val: _Validation, history: list[dict]) -> int:
         opts = self.options
         g = len(model.ims)
-        early = opts["warmup"] == "early_stop"
+        # im_training=converge: every head on its own mean CE until its val CE stops falling (docs/usage.md)
+        converge = opts["im_training"] == "converge"
+        early = opts["warmup"] == "early_stop" or converge
         # early stopping may end sooner; leave at least one main epoch either way
         epochs = min(opts["max_warmup_epochs"], opts["epochs"] - 1) if early else opts["warmup_epochs"]
-        weights = warmup_weights(g).to(context.device)  # G+1-l
+        if converge:
+            epochs = opts["max_im_epochs"]
+        weights = (torch.ones(g) if converge else warmup_weights(g)).to(context.device)  # G+1-l officially
         opt = torch.optim.SGD(model.ims.parameters(), lr=opts["lr"], momentum=opts["momentum"],
                               weight_decay=opts["weight_decay"])
-        best_acc = [-1.0] * g
+        best_acc = [-math.inf] * g
         best_state = [copy.deepcopy(im.state_dict()) for im in model.ims]
         stale = [0] * g
         frozen = [False] * g
@@ -436,12 +582,19 @@ class JeiStrategy(TrainingStrategy):
             entry = {"phase": "warmup", "epoch": epoch, "lambda": None, "loss": total / max(count, 1),
                      "val_im_accuracy": im_acc,
                      "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
+            if converge:
+                im_ce = per_exit_cross_entropy(logits[:, :g], val.labels).mean(0).tolist()
+                entry["val_im_loss"] = im_ce
+                im_score = [-c for c in im_ce]
+            else:
+                im_score = im_acc
             if early:
                 for l in range(g):
                     if frozen[l]:
                         continue
-                    if im_acc[l] > best_acc[l]:
-                        best_acc[l], stale[l] = im_acc[l], 0
+                    score = im_score[l]
+                    if score > best_acc[l]:
+                        best_acc[l], stale[l] = score, 0
                         best_state[l] = copy.deepcopy(model.ims[l].state_dict())
                     else:
                         stale[l] += 1
@@ -458,7 +611,8 @@ class JeiStrategy(TrainingStrategy):
                 if not frozen[l]:
                     model.ims[l].load_state_dict(best_state[l])
             model.ims.requires_grad_(True)
-        return run
+        # converged IMs stay fixed; the gates then train for the usual epochs - warmup_epochs epochs
+        return opts["warmup_epochs"] if converge else run
 
     # ---------------------------------------------------------------- alternation
     def _alternate(self, model: EarlyExitModel, context: FitContext, val: _Validation, lam: float, costs: Tensor,
@@ -471,6 +625,7 @@ class JeiStrategy(TrainingStrategy):
         total_epochs = opts["epochs"]
         nb = context.features.num_batches("train", bs)
         block = alternation_block(opts["alternation"], nb)
+        gates_only = opts["im_training"] == "converge"  # the IMs were trained to convergence before
 
         def make_sgd(params) -> torch.optim.SGD:
             return torch.optim.SGD(list(params), lr=opts["lr"], momentum=opts["momentum"],
@@ -481,7 +636,7 @@ class JeiStrategy(TrainingStrategy):
             optimizers = {"ims": shared, "gate": shared}
         else:
             optimizers = {"ims": make_sgd(model.ims.parameters()), "gate": make_sgd(gate.parameters())}
-        unique = list({id(o): o for o in optimizers.values()}.values())
+        unique = list({id(o): o for name, o in optimizers.items() if not (gates_only and name == "ims")}.values())
         schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total_epochs, eta_min=opts["eta_min"])
                       for o in unique]
         # the official shared optimiser zeroes grads in place, so momentum and weight decay keep moving the
@@ -501,14 +656,14 @@ class JeiStrategy(TrainingStrategy):
                                                augmented=self.head_augment)
             tracked = context.progress.track(batches, f"jei λ={lam:g}", total=nb, epoch=epoch, epochs=total_epochs)
             for b, (feats, y) in enumerate(tracked):
-                phase = "gate" if (b // block) % 2 == 0 else "ims"
+                phase = "gate" if gates_only or (b // block) % 2 == 0 else "ims"
                 opt = optimizers[phase]
                 if phase == "gate":
                     with torch.no_grad():
                         im = model.im_logits(feats)
                         all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
-                        _, targets = gate_targets(per_exit_cross_entropy(all_logits, y), lam, costs)
-                    loss = gate_bce_loss(gate.gate_logits(im), targets, pos_weight)
+                        ce_all = per_exit_cross_entropy(all_logits, y)
+                    loss = gate_phase_loss(gate.gate_logits(im), ce_all, lam, costs, pos_weight, opts["targets"])
                 else:
                     im = model.im_logits(feats)
                     ce = per_exit_cross_entropy(im, y)

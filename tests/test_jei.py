@@ -1,6 +1,7 @@
 """JEI-DNN gate and strategy: gate statistics, the hazard exit rule, the losses and targets, options and tiny fits."""
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -21,6 +22,13 @@ from eedn_plugins.jei import (
     JeiStrategy,
     alternation_block,
     capped_exit_probabilities,
+    cdf_exit_probabilities,
+    first_above_decision,
+    gate_bce_loss,
+    gate_phase_loss,
+    hazard_exit_probabilities,
+    resolve_variant,
+    variant_targets,
     exit_weighted_im_loss,
     gate_statistics,
     gate_targets,
@@ -206,6 +214,132 @@ def test_pos_weights_exact_vs_cumulative_counts():
     assert torch.allclose(pos_weights(best, 3, "cumulative"), torch.tensor([5.0, 60 / 40, 60 / 40]))
 
 
+# ------------------------------------------------------------------------------------ consistent variants
+
+
+def test_first_above_rule_worked_cases():
+    g = torch.tensor([[0.2, 0.6, 0.9], [0.1, 0.2, 0.3], [0.5, 0.0, 0.0]])
+    assert first_above_decision(g, 0.5).tolist() == [1, 3, 0]
+    assert first_above_decision(g, 0.7).tolist() == [2, 3, 3]
+    # the official rule on the same scores: row 0 caps P_1 = min(0.6, 0.8) -> h_1 = 0.6 / 0.8 = 0.75 -> exit 1;
+    # row 1: h = 0.1, 0.2/0.9, 0.3/0.7 -> final head; row 2: h_0 = 0.5 -> exit 0
+    assert jei_exit_decision(g).tolist() == [1, 3, 0]
+    cdf_reads = torch.tensor([[0.21, 0.49, 0.7, 0.9]])  # a CDF: the median of l* lies at exit 2
+    assert first_above_decision(cdf_reads).tolist() == [2]
+    assert jei_exit_decision(cdf_reads).tolist() == [1]  # the PMF reading exits early: h_1 = 0.49 / 0.79
+
+
+def test_variant_exit_probabilities_worked_cases():
+    assert torch.allclose(cdf_exit_probabilities(torch.tensor([[0.2, 0.6, 0.5]])),
+                          torch.tensor([[0.2, 0.4, 0.0, 0.4]]))  # cummax keeps the CDF monotone
+    assert torch.allclose(hazard_exit_probabilities(torch.tensor([[0.5, 0.5, 0.2]])),
+                          torch.tensor([[0.5, 0.25, 0.05, 0.2]]))
+
+
+def test_variant_targets_worked_cases():
+    best = torch.tensor([0, 2, 3])  # G = 3 gates; l* = 3 is the backbone's head
+    t, mask = variant_targets(best, 3, "cumulative")
+    assert t.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]] and mask is None
+    t, mask = variant_targets(best, 3, "hazard")
+    assert t.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0]]
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 1]]  # gate l sees only samples with l* >= l
+    t, mask = variant_targets(best, 3, "onehot")
+    assert t.tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 0]] and mask is None
+
+
+def test_variant_pos_weights_worked_cases():
+    best = torch.tensor([0] * 40 + [1] * 30 + [2] * 20 + [3] * 10)  # G = 3, N = 100
+    assert torch.allclose(pos_weights(best, 3, "exact"), torch.tensor([60 / 40, 70 / 30, 80 / 20]))
+    assert torch.allclose(pos_weights(best, 3, "cumulative"), torch.tensor([60 / 40, 30 / 70, 10 / 90]))
+    # survivors: 100, 60, 30 samples still run at gates 0, 1, 2, of which 40, 30, 20 leave there
+    assert torch.allclose(pos_weights(best, 3, "survivors"), torch.tensor([60 / 40, 30 / 30, 10 / 20]))
+    nobody = torch.tensor([0] * 10 + [3] * 90)
+    assert pos_weights(nobody, 3, "survivors").tolist() == [5.0, 5.0, 5.0]  # n_l = 0 -> clamp 0.1 -> cap 5
+    early = torch.tensor([0] * 10 + [1] * 90)  # nobody runs past gate 1: gate 2 has no pairs, weight 0
+    assert pos_weights(early, 3, "survivors").tolist() == [5.0, 0.0, 0.0]
+
+
+def test_masked_gate_loss_worked_case():
+    logits = torch.zeros(2, 2)  # every BCE term is ln 2
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # weights 2 (t=1 at gate 0), 1, 3 (t=1 at gate 1) on the three masked pairs: mean = 6 ln 2 / 3
+    loss = gate_bce_loss(logits, targets, torch.tensor([2.0, 3.0]), mask)
+    assert float(loss) == pytest.approx(2 * math.log(2))
+    ce = torch.tensor([[1.2, 0.5, 0.3, 0.25]])  # λ = 0.5 on costs 1/4 .. 1: l* = 2
+    costs = torch.tensor([0.25, 0.5, 0.75, 1.0])
+    w = torch.tensor([1.0, 1.0, 4.0])
+    official = gate_phase_loss(torch.zeros(1, 3), ce, 0.5, costs, w)
+    assert float(official) == float(gate_bce_loss(torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 1.0]]), w))
+    hazard = gate_phase_loss(torch.zeros(1, 3), ce, 0.5, costs, w, "hazard")
+    assert float(hazard) == pytest.approx((1 + 1 + 4) * math.log(2) / 3)  # gates 0, 1 (t=0) and 2 (t=1)
+
+
+def test_variant_pairings_resolve_and_refuse_inconsistent_ones():
+    assert resolve_variant(None, None, None) == {"targets": "cumulative", "exit_rule": "official",
+                                                 "pos_weight_counts": "exact"}
+    assert resolve_variant(None, "cdf", None)["pos_weight_counts"] == "cumulative"
+    assert resolve_variant("cumulative", "cdf", "exact")["pos_weight_counts"] == "exact"
+    assert resolve_variant("hazard", None, None) == {"targets": "hazard", "exit_rule": "hazard",
+                                                     "pos_weight_counts": "survivors"}
+    assert resolve_variant(None, "hazard", None)["targets"] == "hazard"
+    assert resolve_variant("onehot", None, None) == {"targets": "onehot", "exit_rule": "official",
+                                                     "pos_weight_counts": "exact"}
+    for bad, fragment in ((("hazard", "official", None), "exit_rule hazard"), (("onehot", "cdf", None), "official"),
+                          (("onehot", None, "cumulative"), "exact"), (("cumulative", None, "survivors"), "exact")):
+        with pytest.raises(EednError, match=fragment):
+            resolve_variant(*bad)
+
+
+@pytest.mark.parametrize("rule", ["official", "cdf", "hazard"])
+def test_gate_rules_agree_between_decide_exits_at_and_probabilities(rule):
+    gate = JeiGate(4, 3, exit_rule=rule, tau=0.6)
+    scores = torch.rand(200, 4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(gate.decide(scores), Gate.decide(gate, scores))  # the causal loop gives the same exits
+    probs = gate.exit_probabilities(scores)
+    assert probs.shape == (200, 5) and torch.allclose(probs.sum(1), torch.ones(200)) and bool((probs >= -1e-7).all())
+    assert gate.describe()["exit_rule"] == rule
+
+
+def test_strategy_sets_and_records_the_gate_rule(tmp_path):
+    import eedn
+    from eedn.config import resolve_config
+    from eedn.run import check_plugins
+
+    s = JeiStrategy(targets="hazard", tau=0.4)
+    assert s.gate_options() == {"exit_rule": "hazard", "tau": 0.4}
+    model = toy_model()
+    s.prepare_model(model)
+    assert model.gate.options == {"exit_rule": "hazard", "tau": 0.4}
+    cfg = resolve_config(None, ["strategy_options.exit_rule=cdf"], backbone="t2t_vit", strategy="jei")
+    assert check_plugins(cfg).options["gate"] == {"exit_rule": "cdf", "tau": 0.5}
+    cfg = resolve_config(None, ["strategy_options.exit_rule=cdf", "gate_options.exit_rule=hazard"],
+                         backbone="t2t_vit", strategy="jei")
+    with pytest.raises(EednError, match="strategy option"):
+        check_plugins(cfg)
+    assert eedn.create("strategy", "jei", **s.describe()).describe() == s.describe()
+
+
+@pytest.mark.parametrize("options", [{"exit_rule": "cdf"}, {"targets": "hazard"}, {"targets": "onehot"}])
+def test_variants_train_on_the_toy_task(tmp_path, options):
+    model, source, result, macs = fit(tmp_path, batch_size=16, **options, **{"lambda": [0.01, 5.0]})
+    assert model.gate.exit_rule == JeiStrategy(**options).options["exit_rule"]
+    means = [mean_exit_index(model, source, state, macs) for _, state in result.settings]
+    assert means[0] > means[1]  # a larger λ sends samples to earlier exits under every variant
+    last = [h for h in result.history if h["phase"] == "main"][-1]
+    assert all(0 <= w <= 5.0 for w in last["pos_weights"])
+
+
+def test_im_training_converge_trains_heads_first_then_gates_only(tmp_path):
+    model, _, result, _ = fit(tmp_path, im_training="converge", max_im_epochs=6, **{"lambda": 0.5})
+    warm = [h for h in result.history if h["phase"] == "warmup"]
+    main = [h for h in result.history if h["phase"] == "main"]
+    assert 1 <= len(warm) <= 6 and all("val_im_loss" in h for h in warm)
+    assert len(main) == 8 - 2 and all(h["im_samples"] == 0 and h["gate_samples"] > 0 for h in main)
+    with pytest.raises(EednError, match="optimizers=separate"):
+        JeiStrategy(im_training="converge", optimizers="shared")
+
+
 # ------------------------------------------------------------------------------------ IM loss
 
 
@@ -285,12 +419,13 @@ def test_yaml_strings_are_coerced():
     assert (s.options["lr"], s.head_augment, s.options["epochs"], s.options["lambda"]) == (0.001, True, 6, [0.1, 0.5])
 
 
-def test_the_jei_gate_takes_no_options():
+def test_the_jei_gate_takes_only_its_rule_options():
     import eedn
 
-    with pytest.raises(EednError, match="unknown option.*valid: none") as err:
+    with pytest.raises(EednError, match="unknown option.*valid: exit_rule, tau") as err:
         eedn.create("gate", "jei", 3, 2, k=2)
     assert "\n" not in str(err.value)
+    assert eedn.create("gate", "jei", 3, 2).options == {"exit_rule": "official", "tau": 0.5}
 
 
 @pytest.mark.parametrize(
