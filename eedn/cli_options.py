@@ -75,6 +75,10 @@ def common_run_options(fn: Callable) -> Callable:
         click.option("--lambda", "lambdas", help="cost trade-off λ of strategies that have one: one value or a "
                                                  "list, e.g. 0.01,0.5,2"),
         click.option("--budget", type=float, help="target mean-MACs fraction for threshold gates (default 0.75)"),
+        click.option("--risk", help="risk-controlled exits: a risk (`eedn plugins` lists them), e.g. prediction_gap"),
+        click.option("--epsilon", type=float, help="risk level ε the controlled policy must keep (default 0.05)"),
+        click.option("--delta", type=float, help="failure probability δ of the ucb-*/ltt controllers (default 0.1)"),
+        click.option("--controller", help="naive, crc, ucb-hb, ucb-wsr or ltt (default ltt; docs/evaluation.md)"),
         click.option("--device", help="cpu or cuda"),
         click.option("--threads", type=int, help="torch CPU threads (default 1; raise for large backbones)"),
         click.option("--cache-dir", type=click.Path(), help="backbone and feature cache (default ~/.cache/eedn)"),
@@ -89,7 +93,8 @@ def common_run_options(fn: Callable) -> Callable:
 
 def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_size, backbone_epochs,
                  backbone_checkpoint, epochs, lambdas, budget, device, cache_dir, resume, threads=None, strategy=None,
-                 gate=None, out=None, base: dict | None = None) -> dict:
+                 gate=None, out=None, base: dict | None = None, risk=None, epsilon=None, delta=None,
+                 controller=None) -> dict:
     """CLI options → resolved config (CLI wins over the file or ``base``, --set wins over both)."""
     from eedn.config import load_config_file, resolve_config
 
@@ -104,6 +109,10 @@ def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_siz
     bt = {k: v for k, v in {"epochs": backbone_epochs, "checkpoint": backbone_checkpoint}.items() if v is not None}
     if bt:
         overrides["backbone_training"] = bt
+    rc = {k: v for k, v in {"risk": risk, "epsilon": epsilon, "delta": delta, "controller": controller}.items()
+          if v is not None}
+    if rc:
+        overrides["risk_control"] = rc
     so = {"epochs": epochs} if epochs is not None else {}
     if strategy is not None and strategy != base.get("strategy"):
         base.pop("strategy_options", None)

@@ -19,6 +19,7 @@ from eedn.cli_options import parse_number_list
 from eedn.errors import EednError
 from eedn.matched import comparison_numbers
 from eedn.render import render_run, write_comparison
+from eedn.risk_run import comparison_rows
 from eedn.rundir import MANIFEST, RESULTS, created_now, read_manifest, read_results
 
 COMPARISON = "comparison.json"
@@ -222,6 +223,7 @@ def render_comparison(out_dir: Path, meta: dict) -> dict:
         entry["gate"] = next(iter(runs[label].values()))["policy"]["gate"]
     first = next(iter(next(iter(runs.values())).values()))
     comparison = {**meta, "dataset": first["dataset"], **comparison_numbers(runs)}
+    comparison["risk_control"] = comparison_rows(runs)  # risk-controlled policies beside the others (if any)
     return write_comparison(out_dir, comparison, manifests)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from eedn.errors import EednError
+from eedn.risk_run import RISK_DEFAULTS
 
 DEFAULTS: dict[str, Any] = {
     # None for a plugin name: the plugin registered as that kind's default (`eedn plugins` marks it)
@@ -59,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "progress": True,
     "resume": False,
+    # risk-controlled exits (--risk/--epsilon/--delta/--controller; docs/evaluation.md): off while risk is null
+    "risk_control": RISK_DEFAULTS,
 }
 
 
@@ -173,6 +176,8 @@ def validate(cfg: dict) -> None:
                  "inference_module_options"):
         if not isinstance(cfg[name], dict):
             raise EednError(f"{name} must be a mapping")
+    if not isinstance(cfg["risk_control"], dict):
+        raise EednError("risk_control must be a mapping, e.g. {risk: prediction_gap, epsilon: 0.05}")
     if isinstance(cfg["evaluators"], str):
         cfg["evaluators"] = [e for e in cfg["evaluators"].split(",") if e]
 

@@ -48,5 +48,10 @@ def register_datasets(register):
 
 
 @hookspec
+def register_risks(register):
+    """Register risks for risk-controlled exits: ``register(name, cls)``; ``cls(**options) -> eedn.risk.Risk``."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``eedn`` click group: ``cli.add_command(my_command)``."""

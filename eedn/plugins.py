@@ -20,7 +20,7 @@ from eedn import hookspecs
 from eedn.errors import EednError, UnknownNameError
 from eedn.options import OptionSpec, option_specs, resolve_options
 
-KINDS = ("backbone", "inference_module", "gate", "strategy", "evaluator", "dataset")
+KINDS = ("backbone", "inference_module", "gate", "strategy", "evaluator", "dataset", "risk")
 _HOOK_FOR_KIND = {
     "backbone": "register_backbones",
     "inference_module": "register_inference_modules",
@@ -28,6 +28,7 @@ _HOOK_FOR_KIND = {
     "strategy": "register_strategies",
     "evaluator": "register_evaluators",
     "dataset": "register_datasets",
+    "risk": "register_risks",
 }
 
 

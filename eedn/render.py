@@ -13,6 +13,7 @@ from typing import Iterable
 
 from eedn.io import atomic_write_json, atomic_write_text
 from eedn.matched import MISSING, comparison_numbers
+from eedn.risk_run import comparison_table, risk_lines, write_risk_figure
 
 #: figures every report has besides one ``<metric>_vs_macs.png`` per metric
 EXIT_SHARES, RELIABILITY = "exit_shares.png", "reliability.png"
@@ -198,6 +199,8 @@ def comparison_markdown(comparison: dict) -> str:
              f"One backbone per seed ({spread}), shared by every strategy. Every number is measured on the test "
              "split.", "", "## Reported policies", "", *policies_table(comparison), ""]
     lines += ["## Operating points", "", *points_table(comparison)] if one else matched_section(comparison)
+    if comparison.get("risk_control"):
+        lines += ["", *comparison_table(comparison["risk_control"])]
     lines += _tail(comparison, comparison.get("files", []))
     runs = ([e["label"], seed, f"[{rel}]({rel}/{SUMMARY})"] for e in comparison["strategies"]
             for seed, rel in e["runs"].items())
@@ -225,6 +228,8 @@ def run_markdown(results: dict, comparison: dict, files: list[str]) -> str:
             keys = list(dict.fromkeys(k for r in rows for k in r))
             lines += ["", f"## {name} (reported policy)", "",
                       *_table(keys, ([_plain(r.get(k)) for k in keys] for r in rows))]
+    if results.get("risk_control"):
+        lines += ["", "## Risk-controlled policy", "", "```", *risk_lines(results["risk_control"]), "```"]
     lines += _tail(comparison, files)
     return "\n".join(lines + ["", "All numbers: `results.json`; the model and its inputs: `run.json`. Re-render "
                                   "with `eedn report <this directory>`.", ""])
@@ -257,6 +262,8 @@ def render_run(run_dir: Path, results: dict, manifest: dict | None = None) -> li
     run_dir = Path(run_dir)
     comparison = run_comparison(results, manifest)
     files = [SUMMARY, *draw_figures(run_dir, comparison, exits=results["exits"])]
+    risk_figure = write_risk_figure(run_dir, results)
+    files += [risk_figure] if risk_figure else []
     atomic_write_text(run_dir / SUMMARY, run_markdown(results, comparison, files))
     return files
 

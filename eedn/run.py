@@ -34,6 +34,7 @@ from eedn.plugins import create, registry
 from eedn.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
 from eedn.progress import Progress
 from eedn.render import format_macs, render_run
+from eedn.risk_run import check_risk_config, risk_control_block
 from eedn.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, created_now,
                          environment)
 from eedn.strategy import FitContext, TrainingStrategy
@@ -43,7 +44,8 @@ SPLITS = ("val", "cal", "test")
 #: results.json keys the pipeline writes; an evaluator whose name is one of them keeps its rows only under
 #: ``evaluators``
 CORE_RESULT_KEYS = ("eedn_version", "config", "dataset", "input", "backbone", "full_macs", "exits", "metrics",
-                    "policy", "curve", "strategy", "evaluators", "timings", "environment", "run_dir")
+                    "policy", "curve", "strategy", "evaluators", "timings", "environment", "run_dir",
+                    "risk_control")
 
 
 def seed_everything(seed: int) -> None:
@@ -107,6 +109,7 @@ def check_plugins(cfg: dict) -> CheckedPlugins:
         "inference_module": registry("inference_module").get(cfg["inference_module"]).resolve(
             cfg["inference_module_options"]),
     }
+    check_risk_config(cfg)
     return CheckedPlugins(strategy, gate, evaluators, options)
 
 
@@ -282,6 +285,9 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     test = outputs[chosen]["test"]
     results = assemble_results(cfg, prep, strategy, gate_name, model, test, policy, curve, result.history,
                                evaluators)
+    if cfg["risk_control"].get("risk"):
+        model.load_heads_state_dict(policy_heads)  # the reported setting's gate (thresholds or learned weights)
+        results["risk_control"] = risk_control_block(cfg, model.gate, outputs[chosen], evaluators)
     results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s}
     manifest = build_manifest(cfg, prep, checked, model, test, policy, chosen, labels, exit_macs, full_macs)
     results["environment"] = manifest["environment"]

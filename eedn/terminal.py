@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from eedn.render import cell, format_macs, metric_cell, point_name, run_comparison, title
+from eedn.risk_run import comparison_table, risk_lines
 
 #: rows per strategy in the terminal's matched-cost table (the Markdown report has all of them)
 TERMINAL_ROWS_PER_STRATEGY = 8
@@ -81,6 +82,8 @@ def print_comparison(comparison: dict, console=None) -> None:
             table.add_row(escape(point_name(r)), cell(r["macs_fraction"], 1, 3, "±"), *cells)
         table.add_section()
     console.print(table)
+    if comparison.get("risk_control"):
+        console.print("\n".join(comparison_table(comparison["risk_control"])), markup=False, highlight=False)
     if thinned or not one or len(metrics) < len(comparison["metrics"]):
         console.print("(every operating point and metric, with ± std over seeds, is in the Markdown report)")
 
@@ -100,5 +103,7 @@ def print_run(results: dict, console=None) -> None:
                   f"{100 * shares[e['index']]:.1f}%")
     console.print(t)
     print_comparison(run_comparison(results), console)
+    if results.get("risk_control"):
+        console.print("\n".join(risk_lines(results["risk_control"])), markup=False, highlight=False)
     if results.get("run_dir"):
         console.print(f"run directory: {results['run_dir']}")

@@ -97,3 +97,18 @@ def register_datasets(register):
     register("svhn", f"{ds}:SvhnSource", description="SVHN train/test .mat files from data_dir")
     register("image-folder", f"{ds}:ImageFolderSource",
              description="train/<class>/* (and optional test/) in a directory or .tar.gz at data_dir")
+
+
+@hookimpl
+def register_risks(register):
+    rk = "eedn_plugins.risks"
+    register("prediction_gap", f"{rk}:PredictionGap", default=True,
+             description="1{exit prediction != final prediction}; needs no labels; in {0, 1}")
+    register("accuracy_gap", f"{rk}:AccuracyGap",
+             description="1{final correct} - 1{exit correct}; in [-1, 1] (clip=true: its positive part, in {0, 1})")
+    register("set_size_gap", f"{rk}:SetSizeGap",
+             description="(|C_exit| - |C_final|) / classes of conformal sets (needs the conformal evaluator); "
+                         "in [-1, 1]")
+    register("miscoverage_gap", f"{rk}:MiscoverageGap",
+             description="1{y not in C_exit} - 1{y not in C_final} of conformal sets (needs the conformal "
+                         "evaluator); in [-1, 1]")

@@ -245,6 +245,22 @@ class ConformalEvaluator(Evaluator):
             },
         }
 
+    def exit_sets(self, fit: ExitOutputs, outputs: ExitOutputs) -> Tensor:
+        """Bool ``[N, E, C]``: the set every exit of ``outputs`` would give each sample, with one q̂ per exit from
+        ``fit``'s IM scores (the gated_all variant) at the headline α and method, not randomised. Risk-controlled
+        exits read it (the set-size and miscoverage gaps); ``fit`` is the val split there, so cal stays unused."""
+        if fit.num_exits != outputs.num_exits:
+            raise EednError(f"fit outputs have {fit.num_exits} exits but outputs have {outputs.num_exits}")
+        o = self.options
+        method, alpha = o["headline_method"], o["headline_alpha"]
+        n_fit = fit.num_samples
+        fit_scores = label_scores(fit.probabilities().double(), fit.labels.long()[:, None].expand(n_fit, fit.num_exits),
+                                  method, **self.score_options)  # [M, E]
+        qhat = torch.tensor([conformal_threshold(fit_scores[:, l], alpha) for l in range(fit.num_exits)],
+                            dtype=torch.float64)
+        scores = class_scores(outputs.probabilities().double(), method, **self.score_options)  # [N, E, C]
+        return scores <= qhat[None, :, None]
+
     def headline_metrics(self) -> dict[str, Metric]:
         o = self.options
         at = f"{o['headline_method'].upper()}, α = {o['headline_alpha']:g}, {o['headline_variant']} q̂"
