@@ -65,6 +65,9 @@ class Risk(ABC):
         #: the risk's declared options, validated (see :mod:`eedn.options`)
         self.options = declared_options(f"risk '{self.name}'", type(self), options)
 
+    def check(self, evaluators: dict) -> None:
+        """Raise a one-line error before training if the run lacks something the risk needs; default none."""
+
     def fit(self, val: ExitOutputs, evaluators: dict) -> None:
         """Fit what the loss depends on (e.g. conformal thresholds) on the val split; default none."""
 
@@ -251,6 +254,9 @@ def certify(controller: str, losses: np.ndarray, epsilon: float, delta: float, l
         passed = rb.wsr_rejects(unit, delta, unit_eps)
         return _prefix(passed), passed.astype(float), "WSR capital above 1/δ"
     if controller == "ltt" and binary:
+        if not np.all((losses == 0) | (losses == 1)):
+            raise EednError("the risk declares binary losses but a loss is neither 0 nor 1: the exact binomial "
+                            "test does not apply; fix the risk's `binary` flag")
         pvalues = np.asarray(rb.binomial_pvalue(losses.sum(1), n, epsilon), dtype=np.float64).reshape(k)
         return _prefix(pvalues <= delta), pvalues, "binomial p-value"
     pvalues = np.asarray(rb.hb_pvalue(unit.mean(1), n, unit_eps), dtype=np.float64).reshape(k)

@@ -25,8 +25,9 @@ RISK_DEFAULTS: dict[str, Any] = {
 FIGURE = "risk_control.png"
 
 
-def check_risk_config(cfg: dict) -> None:
-    """Validate the ``risk_control`` block (and build the risk once) before anything is trained."""
+def check_risk_config(cfg: dict, evaluators: dict) -> None:
+    """Validate the ``risk_control`` block (and build the risk once, against the run's evaluators) before
+    anything is trained."""
     from eedn.plugins import create
     from eedn.risk import CONTROLLERS, KNOBS, check_levels
 
@@ -43,6 +44,7 @@ def check_risk_config(cfg: dict) -> None:
     if not isinstance(rc["grid_size"], int) or rc["grid_size"] < 2:
         raise EednError(f"risk_control.grid_size must be an integer >= 2, got {rc['grid_size']!r}")
     risk = create("risk", rc["risk"], **(rc.get("risk_options") or {}))
+    risk.check(evaluators)
     for eps in [rc["epsilon"], *rc["epsilons"]]:
         if not isinstance(eps, (int, float)) or isinstance(eps, bool):
             raise EednError(f"risk_control epsilon values must be numbers, got {eps!r}")

@@ -109,7 +109,7 @@ def check_plugins(cfg: dict) -> CheckedPlugins:
         "inference_module": registry("inference_module").get(cfg["inference_module"]).resolve(
             cfg["inference_module_options"]),
     }
-    check_risk_config(cfg)
+    check_risk_config(cfg, evaluators)
     return CheckedPlugins(strategy, gate, evaluators, options)
 
 

@@ -76,12 +76,15 @@ class _ConformalGap(Risk):
     class Options:
         """None: α and the score are the conformal evaluator's headline ones."""
 
-    def fit(self, val: ExitOutputs, evaluators: dict) -> None:
-        builders = [ev for ev in evaluators.values() if hasattr(ev, "exit_sets")]
-        if not builders:
+    def check(self, evaluators: dict) -> None:
+        if not any(hasattr(ev, "exit_sets") for ev in evaluators.values()):
             raise EednError(f"risk '{self.name}' needs an active evaluator that builds conformal sets (the conformal "
                             f"evaluator): add it to evaluators (running: {', '.join(evaluators) or 'none'})")
-        self.builder, self.val = builders[0], val
+
+    def fit(self, val: ExitOutputs, evaluators: dict) -> None:
+        self.check(evaluators)
+        self.builder = next(ev for ev in evaluators.values() if hasattr(ev, "exit_sets"))
+        self.val = val
 
     def sets(self, outputs: ExitOutputs) -> Tensor:
         if not hasattr(self, "builder"):
