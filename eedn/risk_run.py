@@ -110,13 +110,15 @@ def plot_risk_sweep(rows: list[dict], path: str | Path, *, title: str, delta: fl
         axes[0, 1].plot(xs, [100 * r["macs_saved"] for r in mine], **style)
         if violations:
             axes[0, 2].plot(xs, [r["violation"] for r in mine], **style)
+            if "pool_violation" in mine[0]:
+                axes[0, 2].plot(xs, [r["pool_violation"] for r in mine], color=f"C{i}", ls=":", lw=1)
     axes[0, 0].plot(eps_all, eps_all, color="0.4", ls=":", label="risk = ε")
     axes[0, 0].set_ylabel("mean test risk" if any("mean_risk" in r for r in rows) else "test risk")
     axes[0, 1].set_ylabel("MACs saved vs the full backbone (%)")
     if violations:
         if delta is not None:
             axes[0, 2].axhline(delta, color="0.4", ls=":", label="δ")
-        axes[0, 2].set_ylabel("P(test risk > ε) over re-splits")
+        axes[0, 2].set_ylabel("P(test risk > ε) over re-splits (dotted: pool risk)")
     for ax in axes[0]:
         ax.set_xlabel("ε")
         ax.grid(alpha=0.3)
