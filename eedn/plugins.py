@@ -5,6 +5,10 @@ Built-in plugins (package ``eedn_plugins``) and third-party ones are found the s
 :func:`register_plugin`. A factory may be registered as an object or as a ``"module:attribute"`` string;
 a string is imported only when that plugin is built, so listing plugins (``eedn plugins``) and starting
 the CLI import no model code at all.
+
+A plugin registered with ``namespace=True`` names a whole family: ``timm:vit_tiny_patch16_224`` is the entry
+``timm`` built with ``variant="vit_tiny_patch16_224"`` (its factory takes a ``variant`` parameter). The core
+resolves the prefix and never names the family.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ class Entry:
     target: Callable[..., Any] | str
     origin: str
     info: dict = field(default_factory=dict)
+    #: the name after ``family:`` when this entry is a member of a namespace entry (``timm:resnet18``)
+    variant: str | None = None
 
     @property
     def label(self) -> str:
@@ -75,6 +81,10 @@ class Entry:
         declared = {s.name for s in (self.options() or [])}
         parameters = _call_parameters(factory)
         call = {k: kwargs.pop(k) for k in list(kwargs) if k in parameters and k not in declared}
+        if self.info.get("namespace"):
+            if self.variant is None:
+                raise UnknownNameError(f"{self.label} is a family: name a member, e.g. {self.name}:<name>")
+            call["variant"] = self.variant
         return factory(*args, **call, **self.resolve(kwargs))
 
     @property
@@ -107,9 +117,17 @@ class Registry:
         return sorted(self.entries)
 
     def get(self, name: str) -> Entry:
+        label = self.kind.replace("_", " ")
+        family, colon, variant = name.partition(":")
+        namespace = self.entries.get(family) if colon else None
+        if namespace is not None and namespace.info.get("namespace"):
+            if not variant:
+                raise UnknownNameError(f"{label} '{name}' needs a name after the colon, e.g. {family}:<name>")
+            return Entry(name, self.kind, namespace.target, namespace.origin, namespace.info, variant)
         if name not in self.entries:
-            known = ", ".join(self.names()) or "(none)"
-            raise UnknownNameError(f"unknown {self.kind.replace('_', ' ')} '{name}'; known: {known}")
+            known = ", ".join(f"{n}:<name>" if self.entries[n].info.get("namespace") else n
+                              for n in self.names()) or "(none)"
+            raise UnknownNameError(f"unknown {label} '{name}'; known: {known}")
         return self.entries[name]
 
     def create(self, name: str, *args: Any, **options: Any) -> Any:

@@ -30,8 +30,12 @@ STATE_KEYS = ("state_dict", "model", "backbone")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of a checkpoint's model weights, ``module.`` prefixes (DataParallel) removed."""
-    blob = load_checkpoint(path)
+    """The tensors of a checkpoint's model weights, ``module.`` prefixes (DataParallel) removed. A
+    ``.safetensors`` file (Hugging Face) is read with safetensors, which holds tensors only."""
+    if str(path).endswith(".safetensors"):
+        blob = _read_safetensors(path)
+    else:
+        blob = load_checkpoint(path)
     if isinstance(blob, dict):
         for key in STATE_KEYS:
             if isinstance(blob.get(key), dict):
@@ -47,6 +51,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
                 key = key[len("module."):]
             state[key] = value
     return state
+
+
+def _read_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        raise EednError(f"checkpoint not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise EednError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from exc
 
 
 def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:

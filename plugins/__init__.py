@@ -39,6 +39,10 @@ def register_backbones(register):
     register("resnet18", f"{res}:resnet18", description=f"torchvision ResNet-18; {_TV}")
     register("resnet50", f"{res}:resnet50", description=f"torchvision ResNet-50; {_TV}")
     register("resnet_tiny", f"{res}:resnet_tiny", description="CIFAR-style ResNet-8, 8/16/32 wide, 3 block stages")
+    register("timm", "eedn_plugins.timm_backbones:timm_backbone", namespace=True,
+             description="any timm model, timm:<model_name> (pretrained=False): ViT family = blocks as stages "
+                         "(every=k blocks per exit), hierarchical families = their feature_info stages; "
+                         "--backbone-checkpoint: a local timm/HF weight file")
 
 
 @hookimpl
