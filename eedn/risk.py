@@ -136,14 +136,20 @@ def _budget_knob(gate: Gate, val: ExitOutputs, grid_size: int) -> Knob:
     return Knob(f"budget_{key}", [None, *values], decide)
 
 
-def _offset_knob(gate: Gate, val: ExitOutputs, grid_size: int, span: float = 8.0) -> Knob:
+def _gate_logits(scores: Tensor) -> Tensor:
+    g = scores.double().clamp(1e-12, 1 - 1e-12)
+    return torch.log(g) - torch.log1p(-g)
+
+
+def _offset_knob(gate: Gate, val: ExitOutputs, grid_size: int) -> Knob:
     """A scalar ``b`` added to the logit of every gate score ``g`` of a probabilistic gate (JEI):
-    ``g' = σ(logit(g) + b)``; larger b exits more."""
-    offsets = np.linspace(-span, span, grid_size).tolist()
+    ``g' = σ(logit(g) + b)``; larger b exits more. The grid is minus the quantiles of the val gate logits (from
+    the highest down), so ``logit(g) + b`` crosses 0 for a steady share of val samples from one value to the next."""
+    levels = torch.linspace(1.0, 0.0, grid_size, dtype=torch.float64)
+    offsets = sorted({-float(q) for q in torch.quantile(_gate_logits(val.gate_scores).flatten(), levels)})
 
     def decide(outputs: ExitOutputs) -> Tensor:
-        g = outputs.gate_scores.double().clamp(1e-12, 1 - 1e-12)
-        logit = torch.log(g) - torch.log1p(-g)
+        logit = _gate_logits(outputs.gate_scores)
         return torch.stack([gate.decide(torch.sigmoid(logit + b).to(outputs.gate_scores.dtype)) for b in offsets])
 
     return Knob("offset", [None, *offsets], decide)

@@ -225,7 +225,9 @@ def test_budget_and_offset_knobs():
                           val.exit_macs, val.full_macs)
     offset = build_knob(jei, jei_val, "auto", grid_size=9)
     exits = offset.exits(jei_val)
-    assert offset.name == "offset" and bool((exits[1] == 2).all()) and bool((exits[-1] == 0).all())
+    assert offset.name == "offset" and len(offset.values) == 10 and bool((exits[0] == 2).all())
+    assert bool((exits[-1] == 0).all())  # b = -(lowest val gate logit): every first gate reaches 0.5
+    assert float(exits[1].double().mean()) > float(exits[-1].double().mean())
     with pytest.raises(EednError, match="knob 'threshold' needs a confidence-threshold gate"):
         build_knob(jei, jei_val, "threshold")
 
@@ -274,3 +276,18 @@ def test_cli_risk_errors_are_one_line_before_training(tiny_config, tmp_path):
         assert res.exit_code == 1 and message in res.stderr, (extra, res.output)
         assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_compare_puts_the_risk_controlled_policy_beside_the_others(tiny_config, tmp_path):
+    out = tmp_path / "risk-compare"
+    args = ["compare", "--strategies", "im-only", "--backbone", "resnet_tiny", "--epochs", "1", "--image-size", "16",
+            "--backbone-epochs", "3", "--set", "backbone_training.batch_size=64", "--set", "evaluators=[]", "--quiet",
+            "--cache-dir", tiny_config["cache_dir"], "--out", str(out), "--risk", "accuracy_gap", "--epsilon", "0.1",
+            "--controller", "crc"]
+    res = CliRunner(env={"COLUMNS": "300"}).invoke(cli, args, terminal_width=300)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "comparison.json").read_text())["risk_control"]
+    assert [(r["strategy"], r["risk"], r["controller"], r["seeds"]) for r in rows] == [("im-only", "accuracy_gap",
+                                                                                        "crc", 1)]
+    assert "## Risk-controlled policies" in (out / "comparison.md").read_text()
+    assert "| im-only |" in res.stdout
