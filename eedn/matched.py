@@ -22,6 +22,10 @@ COST_RTOL = 1e-9
 ACCURACY = {"label": "accuracy (%)", "scale": 100.0, "digits": 2, "lower_is_better": False}
 #: cost numbers every aggregated point carries besides its metrics
 COST_KEYS = ("mean_macs", "macs_fraction")
+#: results.json key of a learned-gate run's max-prob threshold sweep on its own IMs (eedn/own_ims.py)
+OWN_IMS_KEY = "threshold_on_own_ims"
+#: suffix of the comparison column made from it
+OWN_IMS_SUFFIX = " IMs+max_prob"
 #: why a matched cell is empty: the cost lies outside the strategy's cost range, or it reports no such number
 OUTSIDE, MISSING = "outside", "missing"
 
@@ -207,9 +211,32 @@ def matched_cost_table(points: dict[str, dict[int, RunPoints]], metrics: Sequenc
     }
 
 
+def own_im_threshold_runs(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """``runs`` with, after every learned-gate strategy, one more column: the max-prob sweep on the IMs of its
+    reported setting (its policy: the sweep point closest in cost to the learned gate's policy)."""
+    out: dict[str, dict[int, dict]] = {}
+    for label, by_seed in runs.items():
+        out[label] = by_seed
+        if not all(res.get(OWN_IMS_KEY) for res in by_seed.values()):
+            continue
+        column = {}
+        for seed, res in by_seed.items():
+            thr = res[OWN_IMS_KEY]
+            curve = thr["curves"][thr["policy_setting"]]
+            target = res["policy"]["mean_macs"]
+            nearest = min(curve, key=lambda p: abs(p["mean_macs"] - target))
+            policy = dict(nearest) | {"name": f"{res['policy']['strategy']}+{thr['gate']}",
+                                      "strategy": res["policy"]["strategy"], "gate": thr["gate"]}
+            column[seed] = {k: v for k, v in res.items() if k not in ("metrics", OWN_IMS_KEY)} \
+                | {"curve": curve, "policy": policy, "metrics": {}}
+        out[label + OWN_IMS_SUFFIX] = column
+    return out
+
+
 def comparison_numbers(runs: dict[str, dict[int, dict]]) -> dict:
     """Every number of a comparison from its runs' results (``runs[label][seed]``): the metrics and how to show
     them, the per-strategy summary of the reported policies, the aggregated curves and the matched table."""
+    runs = own_im_threshold_runs(runs)  # a learned gate's IMs under max-prob thresholds: one more column
     metrics = metric_specs(res for by_seed in runs.values() for res in by_seed.values())
     keys = list(metrics)
     points = {label: {seed: RunPoints.of(res) for seed, res in by_seed.items()} for label, by_seed in runs.items()}

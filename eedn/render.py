@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from eedn.io import atomic_write_json, atomic_write_text
-from eedn.matched import MISSING, comparison_numbers
+from eedn.matched import MISSING, OWN_IMS_KEY, comparison_numbers
 from eedn.risk_run import comparison_table, risk_lines, write_risk_figure
 
 #: figures every report has besides one ``<metric>_vs_macs.png`` per metric
@@ -220,8 +220,11 @@ def run_markdown(results: dict, comparison: dict, files: list[str]) -> str:
                      ([str(e["index"]), format_macs(e["macs"]), f"{e['macs'] / full:.3f}", f"{e['accuracy']:.4f}"]
                       for e in results["exits"])),
              "", "## Reported policy", "", *policies_table(comparison), "",
-             "Exit shares: " + ", ".join(f"{s:.3f}" for s in results["policy"]["exit_fractions"]), "",
-             "## Operating points", "", *points_table(comparison)]
+             "Exit shares: " + ", ".join(f"{s:.3f}" for s in results["policy"]["exit_fractions"]), ""]
+    if len(comparison["matched"]["columns"]) == 1:
+        lines += ["## Operating points", "", *points_table(comparison)]
+    else:
+        lines += [*own_ims_section(results), *matched_section(comparison)]
     for name, entry in (results.get("evaluators") or {}).items():
         rows = entry.get("rows") or []
         if rows:
@@ -233,6 +236,26 @@ def run_markdown(results: dict, comparison: dict, files: list[str]) -> str:
     lines += _tail(comparison, files)
     return "\n".join(lines + ["", "All numbers: `results.json`; the model and its inputs: `run.json`. Re-render "
                                   "with `eedn report <this directory>`.", ""])
+
+
+def own_ims_section(results: dict) -> list[str]:
+    """A learned gate against max-prob thresholds on the same IMs, at the gate's own cost, per trained setting."""
+    own = results.get(OWN_IMS_KEY)
+    if not own:
+        return []
+
+    def pct(v) -> str:
+        return "—" if v is None else f"{100 * v:.2f}"
+
+    rows = ([r["setting"], f"{r['macs_fraction']:.3f}", pct(r["gate_accuracy"]), pct(r["threshold_accuracy"]),
+             "—" if r["gate_minus_threshold"] is None else f"{100 * r['gate_minus_threshold']:+.2f}"]
+            for r in own["at_gate_cost"])
+    return ["## Learned gate vs thresholds on the same IMs", "",
+            f"Each trained setting's learned gate against {own['gate']} thresholds on that setting's own IMs (budgets "
+            "calibrated on val), read at the gate's test cost: the difference is what the gate adds (or loses) "
+            "beyond the IMs. — : the gate's cost lies outside the threshold sweep's range.", "",
+            *_table(["setting", "MACs fraction", "gate accuracy %", "thresholds accuracy %", "gate − thresholds"],
+                    rows), ""]
 
 
 def _plain(value) -> str:

@@ -30,6 +30,8 @@ from eedn.features import FeatureSource, compute_split_outputs
 from eedn.io import atomic_torch_save, atomic_write_json, load_checkpoint
 from eedn.model import EarlyExitModel
 from eedn.outputs import ExitOutputs
+from eedn.matched import OWN_IMS_KEY
+from eedn.own_ims import threshold_on_own_ims
 from eedn.plugins import create, registry
 from eedn.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
 from eedn.progress import Progress
@@ -45,7 +47,7 @@ SPLITS = ("val", "cal", "test")
 #: ``evaluators``
 CORE_RESULT_KEYS = ("eedn_version", "config", "dataset", "input", "backbone", "full_macs", "exits", "metrics",
                     "policy", "curve", "strategy", "evaluators", "timings", "environment", "run_dir",
-                    "risk_control")
+                    "risk_control", OWN_IMS_KEY)
 
 
 def seed_everything(seed: int) -> None:
@@ -288,7 +290,11 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     if cfg["risk_control"].get("risk"):
         model.load_heads_state_dict(policy_heads)  # the reported setting's gate (thresholds or learned weights)
         results["risk_control"] = risk_control_block(cfg, model.gate, outputs[chosen], evaluators)
-    results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s}
+    t2 = time.perf_counter()
+    if strategy.trains_gate:  # the gate apart from the IMs: thresholds on the same IMs (eedn/own_ims.py)
+        results[OWN_IMS_KEY] = threshold_on_own_ims(outputs, model.gate, chosen)
+    results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s,
+                                         "own_ims_thresholds_s": time.perf_counter() - t2}
     manifest = build_manifest(cfg, prep, checked, model, test, policy, chosen, labels, exit_macs, full_macs)
     results["environment"] = manifest["environment"]
     run_dir = run_directory(cfg)

@@ -190,10 +190,18 @@ def test_compare_writes_runs_comparison_and_report(compared):
     n_points = {"jei": 2, "im-only+patience": 3}  # jei: two λ (policy = λ=0.1); patience: k=1, k=2 + budget policy
     for label, n in n_points.items():
         assert sum(r["strategy"] == label for r in matched["rows"]) == n
+    own = "jei IMs+max_prob"  # the learned gate's own IMs under max-prob thresholds: one more column
+    assert matched["columns"] == ["jei", own, "im-only+patience"]
     for row in matched["rows"]:
-        assert set(row["values"]) == {"jei", "im-only+patience"}
+        assert set(row["values"]) == {"jei", own, "im-only+patience"}
         for cell in row["values"].values():
             assert set(cell) == {"accuracy", "mean_confidence"}
+    thr = runs[("jei", 0)]["threshold_on_own_ims"]
+    assert thr["policy_setting"] == "lambda=0.1" and set(thr["curves"]) == {"lambda=0.1", "lambda=1"}
+    own_rows = [r for r in matched["rows"] if r["strategy"] == own]
+    assert len(own_rows) == len({p["setting"] for p in thr["curves"]["lambda=0.1"]})
+    assert comparison["summary"][own]["gate"] == "max_prob"
+    assert all(r["values"][own]["mean_confidence"]["empty"] == "missing" for r in own_rows)  # no evaluators there
     # a cross cell, recomputed by hand from the per-seed results.json files
     row = next(r for r in matched["rows"] if r["strategy"] == "im-only+patience" and r["setting"] == "k=2")
     expected = []
@@ -312,7 +320,10 @@ def test_report_on_a_single_run(compared, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     for name in ("summary.md", *FIGURES):
         assert (run / name).exists(), name
-    assert "exits of jei+jei" in res.output and "operating points of jei+jei" in res.output
+    # a learned gate is shown beside max-prob thresholds on its own IMs
+    assert "exits of jei+jei" in res.output and "jei+jei IMs+max_prob" in res.output
+    assert "accuracy % at matched mean MACs" in res.output
+    assert "## Learned gate vs thresholds on the same IMs" in (run / "summary.md").read_text()
 
 
 def test_runs_of_an_older_eedn_are_refused_in_one_line(compared, tmp_path):
