@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 from eedn.cache import cache_key
 from eedn.contracts import Backbone
 from eedn.data import DataSplits
+from eedn.image_batches import ImageBatches, LoaderOptions
 from eedn.io import atomic_torch_save, load_checkpoint
+from eedn.precision import autocast, grad_scaler, to_memory_format
 from eedn.progress import Progress
 
 
@@ -40,26 +42,35 @@ def backbone_key(backbone_name: str, backbone_options: dict, dataset: dict, imag
 
 
 @torch.no_grad()
-def evaluate_accuracy(backbone: Backbone, loader: DataLoader, device: str) -> float:
+def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, device: str, precision: str = "fp32",
+                      channels_last: bool = False) -> float:
     backbone.eval()
     correct = total = 0
     for x, y in loader:
-        pred = backbone(x.to(device)).argmax(-1).cpu()
-        correct += int((pred == y).sum())
+        with autocast(precision, device):
+            pred = backbone(to_memory_format(x.to(device), channels_last)).argmax(-1)
+        correct += int((pred == y.to(pred.device)).sum())
         total += len(y)
     return correct / max(total, 1)
 
 
 def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str, checkpoint_path: Path,
-                   resume: bool = False, progress: Progress | None = None, num_workers: int = 0) -> dict:
-    """Train ``backbone`` in place with ``rec``; return a summary (best val accuracy, epochs run)."""
+                   resume: bool = False, progress: Progress | None = None, num_workers: int = 0,
+                   precision: str = "fp32", channels_last: bool = False, loader: LoaderOptions | None = None) -> dict:
+    """Train ``backbone`` in place with ``rec``; return a summary (best val accuracy, epochs run).
+
+    ``precision`` runs forward and loss under :func:`eedn.precision.autocast` (fp16 with a GradScaler);
+    ``channels_last`` feeds NHWC images to a backbone whose weights were put in that format.
+    """
     progress = progress or Progress(False)
     partial = checkpoint_path.with_suffix(".partial.pt")
     epochs = int(rec["epochs"])
     g = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(data.train, batch_size=int(rec["batch_size"]), shuffle=True, generator=g,
-                              num_workers=num_workers, drop_last=len(data.train) > int(rec["batch_size"]))
-    val_loader = DataLoader(data.val, batch_size=256, shuffle=False, num_workers=num_workers)
+    loader = loader or LoaderOptions(num_workers=num_workers)
+    train_loader = ImageBatches(data.train, int(rec["batch_size"]), shuffle=True, generator=g, loader=loader,
+                                drop_last=len(data.train) > int(rec["batch_size"]), device=device)
+    val_loader = ImageBatches(data.val, 256, loader=loader, device=device)
+    scaler = grad_scaler(precision, device)
     params = [p for p in backbone.parameters() if p.requires_grad]
     if rec["optimizer"] == "adamw":
         opt = torch.optim.AdamW(params, lr=rec["lr"], weight_decay=rec["weight_decay"])
@@ -82,21 +93,25 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         g.set_state(ck["generator"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
         start, best_acc, best_state, history = ck["epoch"] + 1, ck["best_acc"], ck["best_state"], ck["history"]
         progress.log(f"resuming backbone training at epoch {start + 1}/{epochs}")
     for epoch in range(start, epochs):
         backbone.train()
         total_loss, n = 0.0, 0
         for x, y in progress.track(train_loader, "backbone", epoch=epoch, epochs=epochs):
-            x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(backbone(x), y, label_smoothing=float(rec["label_smoothing"]))
+            x, y = to_memory_format(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
+            with autocast(precision, device):
+                loss = F.cross_entropy(backbone(x), y, label_smoothing=float(rec["label_smoothing"]))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             total_loss += float(loss.detach()) * len(y)
             n += len(y)
-        acc = evaluate_accuracy(backbone, val_loader, device)
+        acc = evaluate_accuracy(backbone, val_loader, device, precision, channels_last)
         history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "val_accuracy": acc})
         progress.epoch("backbone", epoch, epochs, loss=total_loss / max(n, 1), val_accuracy=acc)
         if acc > best_acc:
@@ -104,6 +119,7 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
             best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
         atomic_torch_save({"model": backbone.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "generator": g.get_state(), "epoch": epoch,
+                           "scaler": scaler.state_dict(),
                            "best_acc": best_acc, "best_state": best_state, "history": history}, partial)
     if best_state is not None:
         backbone.load_state_dict(best_state)

@@ -81,6 +81,8 @@ def common_run_options(fn: Callable) -> Callable:
         click.option("--controller", help="naive, crc, ucb-hb, ucb-wsr or ltt (default ltt; docs/evaluation.md)"),
         click.option("--device", help="cpu or cuda"),
         click.option("--threads", type=int, help="torch CPU threads (default 1; raise for large backbones)"),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
+                     help="autocast precision of every stage (default fp32; fp16 needs CUDA)"),
         click.option("--cache-dir", type=click.Path(), help="backbone and feature cache (default ~/.cache/eedn)"),
         click.option("--resume", is_flag=True, default=None, help="continue an interrupted backbone training"),
         click.option("--quiet", is_flag=True, help="no progress: print only the final table and directory"),
@@ -94,7 +96,7 @@ def common_run_options(fn: Callable) -> Callable:
 def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_size, backbone_epochs,
                  backbone_checkpoint, epochs, lambdas, budget, device, cache_dir, resume, threads=None, strategy=None,
                  gate=None, out=None, base: dict | None = None, risk=None, epsilon=None, delta=None,
-                 controller=None) -> dict:
+                 controller=None, precision=None) -> dict:
     """CLI options → resolved config (CLI wins over the file or ``base``, --set wins over both)."""
     from eedn.config import load_config_file, resolve_config
 
@@ -103,7 +105,7 @@ def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_siz
     base = dict(base)
     overrides: dict[str, Any] = {"backbone": backbone, "dataset": dataset, "seed": seed, "image_size": image_size,
                                  "device": device, "threads": threads, "cache_dir": cache_dir, "resume": resume, "strategy": strategy,
-                                 "gate": gate, "out": out, "tradeoff": parse_lambdas(lambdas)}
+                                 "gate": gate, "out": out, "tradeoff": parse_lambdas(lambdas), "precision": precision}
     if dataset is not None and dataset != base.get("dataset"):
         base.pop("dataset_options", None)
     bt = {k: v for k, v in {"epochs": backbone_epochs, "checkpoint": backbone_checkpoint}.items() if v is not None}

@@ -57,7 +57,12 @@ DEFAULTS: dict[str, Any] = {
     "out": None,  # run directory; None: runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>
     "cache_dir": None,  # None: $EEDN_CACHE or ~/.cache/eedn
     "cache_fp16": False,
-    "num_workers": 0,
+    "num_workers": 0,  # DataLoader workers for datasets not held in memory (docs/scale.md)
+    "pin_memory": None,  # None: pinned host memory when the device is CUDA
+    "persistent_workers": True,
+    # torch.autocast precision of stage 0, features, heads and the engine: fp32, bf16 or fp16 (CUDA)
+    "precision": "fp32",
+    "channels_last": "auto",  # NHWC images and weights; auto: when the backbone prefers it (convolutions)
     "progress": True,
     "resume": False,
     # risk-controlled exits (--risk/--epsilon/--delta/--controller; docs/evaluation.md): off while risk is null
@@ -165,6 +170,10 @@ def validate(cfg: dict) -> None:
         raise EednError(f"device must be cpu or cuda[:N], got {cfg['device']!r}")
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):
         raise EednError(f"threads must be a positive integer, got {cfg['threads']!r}")
+    if cfg["precision"] not in ("fp32", "bf16", "fp16"):
+        raise EednError(f"precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
+    if cfg["channels_last"] not in ("auto", True, False):
+        raise EednError(f"channels_last must be auto, true or false, got {cfg['channels_last']!r}")
     bt = cfg["backbone_training"]
     if bt["optimizer"] not in ("adamw", "sgd"):
         raise EednError(f"backbone_training.optimizer must be adamw or sgd, got {bt['optimizer']!r}")

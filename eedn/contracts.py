@@ -53,6 +53,8 @@ class Backbone(nn.Module, ABC):
     feature_dims: list[int]
     num_classes: int
     input_spec: InputSpec
+    #: True for convolutional backbones that run faster on NHWC tensors (config ``channels_last: auto``)
+    prefers_channels_last: bool = False
 
     @abstractmethod
     def stem(self, x: Tensor) -> State:

@@ -7,12 +7,14 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from eedn.cache import FeatureCache, FeatureSet, cache_key, state_dict_hash
 from eedn.data import DataSplits, dataset_labels
+from eedn.image_batches import ImageBatches, LoaderOptions
 from eedn.model import EarlyExitModel
 from eedn.outputs import ExitOutputs
+from eedn.precision import autocast, numerics_key, to_memory_format
 from eedn.progress import Progress
 
 
@@ -26,13 +28,15 @@ class FeatureSource:
     (frozen, eval mode, no augmentation), else computed live batch by batch.
 
     ``batches(split, ...)`` yields ``(feats, labels)`` in the same seeded order either way, so cached
-    and live training see identical batches.
+    and live training see identical batches. The backbone runs under ``precision`` autocast (and NHWC
+    images when ``channels_last``); features are stored as fp32 whatever the precision.
     """
 
     def __init__(self, model: EarlyExitModel, data: DataSplits, *, device: str = "cpu",
                  cache: FeatureCache | None = None, cacheable: bool = True, backbone_mode: str = "eval",
                  batch_size: int = 256, dataset_key: dict | None = None, progress: Progress | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, precision: str = "fp32", channels_last: bool = False,
+                 loader: LoaderOptions | None = None):
         self.model = model
         self.data = data
         self.device = device
@@ -43,6 +47,9 @@ class FeatureSource:
         self.dataset_key = dataset_key or {"name": data.name}
         self.progress = progress or Progress(False)
         self.num_workers = num_workers
+        self.precision = precision
+        self.channels_last = channels_last
+        self.loader = loader or LoaderOptions(num_workers=num_workers)
         self._memory: dict[str, FeatureSet] = {}
         self._backbone_hash: str | None = None
 
@@ -55,8 +62,9 @@ class FeatureSource:
     def _backbone_forward(self, x: Tensor, mode: str | None = None) -> list[Tensor]:
         bb = self.model.backbone
         bb.train((mode or self.backbone_mode) == "train")
-        with torch.no_grad():
-            return self.model.exit_features(x.to(self.device))
+        x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
+        with torch.no_grad(), autocast(self.precision, self.device):
+            return [f.float() for f in self.model.exit_features(x)]
 
     def features(self, split: str) -> FeatureSet:
         """All per-exit features of a split with eval transforms (computed once, cached on disk)."""
@@ -67,13 +75,13 @@ class FeatureSource:
             if self._backbone_hash is None:
                 self._backbone_hash = state_dict_hash(self.model.backbone)
             key = cache_key(backbone=self._backbone_hash, dataset=self.dataset_key, split=split,
-                            transform="eval", fp16=self.cache.fp16)
+                            transform="eval", fp16=self.cache.fp16, **numerics_key(self.precision, False))
             fs = self.cache.load(key)
             if fs is not None:
                 self._memory[split] = fs
                 return fs
         ds = self.dataset(split)
-        loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        loader = ImageBatches(ds, self.batch_size, loader=self.loader, device=self.device)
         chunks: list[list[Tensor]] = []
         labels = []
         for x, y in self.progress.track(loader, f"features: {split}"):
@@ -108,10 +116,10 @@ class FeatureSource:
                 yield [f.to(self.device) for f in feats], y.to(self.device)
             return
         ds = self.dataset(split, augmented=augmented)
-        loader = DataLoader(ds, batch_size=batch_size, sampler=order.tolist(), num_workers=self.num_workers)
+        loader = ImageBatches(ds, batch_size, order=order, loader=self.loader, device=self.device)
         mode = self.backbone_mode if split == "train" else "eval"
         for x, y in loader:
-            yield [f.float() for f in self._backbone_forward(x, mode)], y.to(self.device)
+            yield self._backbone_forward(x, mode), y.to(self.device)
 
     def num_batches(self, split: str, batch_size: int) -> int:
         return math.ceil(self.num_samples(split) / batch_size)
@@ -123,10 +131,13 @@ def compute_split_outputs(model: EarlyExitModel, source: FeatureSource, split: s
     """ExitOutputs of one split from its per-exit features (one backbone pass at most)."""
     model.eval()
     logits, scores, labels = [], [], []
+    precision, device = getattr(source, "precision", "fp32"), getattr(source, "device", "cpu")
     for feats, y in source.batches(split, batch_size, shuffle=False):
-        lg = model.logits_from_features(feats)
+        with autocast(precision, device):
+            lg = model.logits_from_features(feats)
+            score = model.gate_scores(lg, feats)
         logits.append(lg.float().cpu())
-        scores.append(model.gate_scores(lg, feats).float().cpu())
+        scores.append(score.float().cpu())
         labels.append(y.cpu())
     return ExitOutputs(torch.cat(logits), torch.cat(labels), torch.cat(scores),
                        torch.tensor(exit_macs, dtype=torch.float64), float(full_macs))

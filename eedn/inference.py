@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from eedn.contracts import select_rows
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
+from eedn.precision import autocast, to_memory_format
 
 
 @dataclass
@@ -97,11 +98,15 @@ class EarlyExitEngine:
 
     ``exit_macs`` (cumulative MACs per exit, ``E`` numbers) gives each sample's cost; when omitted it
     is measured once with :func:`eedn.cost.measure_exit_macs` on first use and kept. The model runs
-    in eval mode on its own device; inputs are moved there.
+    in eval mode on its own device; inputs are moved there. ``precision`` runs it under
+    :func:`eedn.precision.autocast` (logits come back as fp32); ``channels_last`` feeds NHWC images.
     """
 
-    def __init__(self, model: EarlyExitModel, exit_macs: Sequence[float] | Tensor | None = None):
+    def __init__(self, model: EarlyExitModel, exit_macs: Sequence[float] | Tensor | None = None,
+                 precision: str = "fp32", channels_last: bool = False):
         self.model = model
+        self.precision = precision
+        self.channels_last = channels_last
         self._exit_macs = None if exit_macs is None else _as_macs_tensor(exit_macs, model.num_exits)
         self._macs_on: dict[torch.device, Tensor] = {}
         self._checked_combiner: nn.Module | None = None
@@ -137,8 +142,11 @@ class EarlyExitEngine:
         if was_training:
             model.eval()
         try:
-            with torch.inference_mode():
-                return self._run(x.to(device), macs_table)
+            with torch.inference_mode(), autocast(self.precision, device):
+                result = self._run(to_memory_format(x.to(device), self.channels_last), macs_table)
+            if result.logits.dtype != torch.float32:
+                result.logits = result.logits.float()
+            return result
         finally:
             if was_training:
                 model.train()

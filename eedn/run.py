@@ -27,6 +27,7 @@ from eedn.cost import measure_exit_macs
 from eedn.data import DataSplits
 from eedn.errors import EednError
 from eedn.features import FeatureSource, compute_split_outputs
+from eedn.image_batches import LoaderOptions
 from eedn.io import atomic_torch_save, atomic_write_json, load_checkpoint
 from eedn.model import EarlyExitModel
 from eedn.outputs import ExitOutputs
@@ -34,6 +35,7 @@ from eedn.matched import OWN_IMS_KEY
 from eedn.own_ims import threshold_on_own_ims
 from eedn.plugins import create, registry
 from eedn.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
+from eedn.precision import apply_memory_format, check_precision, numerics_key, use_channels_last
 from eedn.progress import Progress
 from eedn.render import format_macs, render_run
 from eedn.risk_run import check_risk_config, risk_control_block
@@ -151,6 +153,7 @@ class Prepared:
 def prepare(cfg: dict, progress: Progress) -> Prepared:
     """Data and backbone for a resolved config (the backbone from the cache when already trained)."""
     checked = check_plugins(cfg)
+    check_precision(cfg["precision"], cfg["device"])
     t0 = time.perf_counter()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -170,6 +173,8 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
         if note:
             progress.log(note)
     backbone = backbone.to(cfg["device"])
+    channels_last = use_channels_last(cfg["channels_last"], backbone)
+    apply_memory_format(backbone, channels_last)
     rec = recipe(cfg["backbone_training"], source.suggested_backbone_epochs)
     params = sum(p.numel() for p in backbone.parameters())
     info: dict[str, Any] = {"name": cfg["backbone"], "display_name": backbone.display_name, "options": bb_opts,
@@ -182,7 +187,8 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
         info["source"] = f"checkpoint {ckpt}"
     else:
         key = backbone_key(cfg["backbone"], bb_opts, dataset_desc, image_size, cfg["seed"],
-                           rec | {"init_checkpoint": str(ckpt) if ckpt else None})
+                           rec | {"init_checkpoint": str(ckpt) if ckpt else None}
+                           | numerics_key(cfg["precision"], channels_last))
         path = cache_dir(cfg) / "backbones" / f"{cfg['backbone']}-{key}.pt"
         info["cache_path"] = str(path)
         if path.exists():
@@ -193,7 +199,8 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
         else:
             summary = train_backbone(backbone, data, rec, seed=cfg["seed"], device=cfg["device"],
                                      checkpoint_path=path, resume=cfg["resume"], progress=progress,
-                                     num_workers=cfg["num_workers"])
+                                     precision=cfg["precision"], channels_last=channels_last,
+                                     loader=LoaderOptions.from_config(cfg))
             info |= {"source": "trained", "val_accuracy": summary["val_accuracy"], "epochs": summary["epochs"]}
     timings["backbone_s"] = time.perf_counter() - t1
     cache = FeatureCache(cache_dir(cfg) / "features", fp16=bool(cfg["cache_fp16"]))
@@ -204,7 +211,9 @@ def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = T
     cfg = prep.cfg
     return FeatureSource(model, prep.data, device=cfg["device"], cache=prep.cache, cacheable=cacheable,
                          backbone_mode=mode, batch_size=cfg["eval_batch_size"], dataset_key=prep.dataset_desc,
-                         progress=prep.progress, num_workers=cfg["num_workers"])
+                         progress=prep.progress, num_workers=cfg["num_workers"], precision=cfg["precision"],
+                         channels_last=use_channels_last(cfg["channels_last"], model.backbone),
+                         loader=LoaderOptions.from_config(cfg))
 
 
 def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_options: dict | None = None,
@@ -236,7 +245,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
                      "features cannot be cached, running uncached")
     train_source = feature_source(prep, model, cacheable=cacheable, mode=strategy.backbone_mode)
     ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=cfg["seed"],
-                     device=cfg["device"], progress=progress)
+                     device=cfg["device"], progress=progress, precision=cfg["precision"])
     t0 = time.perf_counter()
     result = strategy.fit(model, ctx)
     fit_s = time.perf_counter() - t0

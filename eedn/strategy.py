@@ -19,6 +19,7 @@ from eedn.errors import EednError
 from eedn.features import FeatureSource, compute_split_outputs
 from eedn.model import EarlyExitModel
 from eedn.options import declared_options, option
+from eedn.precision import autocast
 from eedn.progress import Progress
 
 
@@ -46,6 +47,13 @@ class FitContext:
     seed: int = 0
     device: str = "cpu"
     progress: Progress = field(default_factory=lambda: Progress(False))
+    #: the run's precision; head training autocasts under bf16 (see :meth:`head_autocast`)
+    precision: str = "fp32"
+
+    def head_autocast(self):
+        """The autocast a head-training step runs under: bf16 when the run is bf16. Under fp16 heads train in
+        fp32, since fp16 needs loss scaling inside every strategy's own optimiser step (docs/scale.md)."""
+        return autocast(self.precision if self.precision == "bf16" else "fp32", self.device)
 
     def normalised_costs(self, kind: str = "uniform_index") -> Tensor:
         """Cost vector ``c_l`` for exits 0..G: ``uniform_index`` = (l+1)/(G+1) (paper time) or
@@ -222,7 +230,8 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
         batches = source.batches("train", batch_size, shuffle=True, seed=context.seed, epoch=epoch, augmented=augmented)
         for feats, y in context.progress.track(batches, name, total=total_batches, epoch=epoch,
                                                    epochs=epochs):
-            loss = float(step(feats, y, epoch))
+            with context.head_autocast():
+                loss = float(step(feats, y, epoch))
             check_finite(loss, name, epoch)
             total, count = total + loss * len(y), count + len(y)
         extra = (end_epoch(epoch) if end_epoch is not None else None) or {}

@@ -26,7 +26,7 @@ import tempfile
 import zlib
 from dataclasses import MISSING, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from eedn.contracts import DatasetSource
-from eedn.data import DataSplits, TensorImages, hold_out, subset
+from eedn.data import DataSplits, hold_out, subset
+from eedn.image_batches import InMemoryImages, RandomCropFlip
 from eedn.errors import EednError
 from eedn.options import option
 
@@ -142,21 +143,57 @@ class ImageFiles(Dataset):
         return image, label
 
 
-class RandomShift:
-    """Pad by ``pad`` pixels with ``fill`` and crop back at a random offset: a cheap random shift of
-    an in-memory ``[C, H, W]`` tensor."""
+#: default cap on the decoded uint8 pixels a source keeps in memory (``in_memory_mb`` option)
+IN_MEMORY_MB = 2048
 
-    def __init__(self, pad: int, fill: Tensor):
-        self.pad = pad
-        self.fill = fill.view(-1, 1, 1)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        c, h, w = x.shape
-        p = self.pad
-        padded = self.fill.expand(c, h + 2 * p, w + 2 * p).clone()
-        padded[:, p : p + h, p : p + w] = x
-        top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
-        return padded[:, top : top + h, left : left + w]
+def _in_memory_option() -> Any:
+    return option(IN_MEMORY_MB, "decode the images once into memory (uint8) when they take at most this many MiB, "
+                                "and augment whole batches with tensor ops; 0: decode per sample", min=0)
+
+
+def _fits_in_memory(count: int, channels: int, image_size: int, limit_mb: int) -> bool:
+    return count * channels * image_size * image_size <= limit_mb * 2**20
+
+
+def _augment(image_size: int, augment: bool) -> RandomCropFlip | None:
+    """The train augmentation of :func:`cifar_transforms` as a batched op: crop with ``image_size // 8``
+    padding and a horizontal flip."""
+    return RandomCropFlip(image_size // 8, flip=True) if augment else None
+
+
+def _resized_uint8(images: Iterable, count: int, image_size: int) -> Tensor | None:
+    """``count`` PIL images resized (shorter side, as ``T.Resize``) to ``image_size`` once, as
+    ``[N, 3, S, S]`` uint8; None as soon as one comes out non-square (its random crop would then differ
+    from the per-sample path's, which crops the whole resized image)."""
+    from torchvision import transforms as T
+
+    resize = T.Resize(image_size)
+    out = torch.empty(count, 3, image_size, image_size, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        image = image if image.size == (image_size, image_size) else resize(image)
+        if image.size != (image_size, image_size):
+            return None
+        out[i] = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return out
+
+
+def _open_rgb(paths: Iterable[str]) -> Iterator:
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as im:
+            yield im.convert("RGB")
+
+
+def _hwc_uint8(array: np.ndarray, image_size: int) -> Tensor:
+    """A torchvision dataset's ``[N, H, W, C]`` uint8 array as ``[N, C, S, S]``, resized once when ``S`` differs."""
+    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+    if pixels.shape[-1] == image_size:
+        return pixels
+    from PIL import Image
+
+    return _resized_uint8((Image.fromarray(a) for a in array), len(array), image_size)
 
 
 def cifar_transforms(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
@@ -180,6 +217,11 @@ def cifar_transforms(image_size: int, mean: Sequence[float] | None, std: Sequenc
     train_tf = T.Compose(resize + [T.RandomCrop(image_size, padding=image_size // 8),
                                    T.RandomHorizontalFlip()] + tail)
     return train_tf, eval_tf
+
+
+def _targets(base) -> list[int]:
+    """Labels of a torchvision CIFAR (``targets``) or SVHN (``labels``) object."""
+    return [int(t) for t in (base.targets if hasattr(base, "targets") else base.labels)]
 
 
 def _check_image_size(image_size: int) -> int:
@@ -263,8 +305,9 @@ class DigitsSource(_Source):
     No official split exists, so all four are seeded stratified hold-outs: test 20 %, validation pool
     30 % (val 15 % + cal 15 %), train the remaining ~50 %. Images are upsampled 8 -> 32 px by default
     so a T2T-ViT gets 4 patch tokens, as in the paper's 32 px SVHN setup. The bilinear resize and the
-    normalisation (mean/std of the train split) are done once on the whole in-memory tensor; train
-    augmentation is a random shift of up to ``image_size // 8`` pixels (one original pixel at 32 px).
+    normalisation statistics (mean/std of the train split) are computed once on the whole in-memory tensor; train
+    augmentation is a random shift of up to ``image_size // 8`` pixels (one original pixel at 32 px), padding
+    with black, applied to whole batches (:mod:`eedn.image_batches`).
     """
 
     name = "digits"
@@ -295,11 +338,10 @@ class DigitsSource(_Source):
             resized = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
         train_pixels = resized[torch.as_tensor(parts["train"])]
         mean, std = train_pixels.mean().item(), train_pixels.std().item()
-        normalised = (resized - mean) / std
 
-        eval_ds = TensorImages(normalised, labels)
-        shift = RandomShift(max(1, image_size // 8), torch.tensor([(0.0 - mean) / std])) if augment else None
-        train_ds = TensorImages(normalised, labels, transform=shift)
+        eval_ds = InMemoryImages(resized, labels, mean=[mean], std=[std])
+        shift = RandomCropFlip(max(1, image_size // 8), flip=False) if augment else None
+        train_ds = eval_ds.view(shift)
         return DataSplits(
             name=self.name, num_classes=self.num_classes,
             train=subset(train_ds, parts["train"]), val=subset(eval_ds, parts["val"]),
@@ -335,6 +377,7 @@ class CifarSource(_Source):
         data_dir: str | None = option(None, "folder holding the dataset files (default: $EEDN_DATA_DIR or ./data)")
         val_size: int = option(5000, "images held out of the train split as the validation pool", min=1)
         cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
+        in_memory_mb: int = _in_memory_option()
 
     def data_dir(self) -> Path:
         return Path(self.options["data_dir"] or default_data_dir()).expanduser()
@@ -360,6 +403,24 @@ class CifarSource(_Source):
             raise EednError(f"dataset '{self.name}': val_size must be less than the {n} train images, got {val_size}")
         return val_size / n
 
+    def views(self, train_base, test_base, image_size: int, augment: bool,
+              normalise: bool = True) -> tuple[Dataset, Dataset, Dataset]:
+        """(train, eval, test) views: in memory (uint8, batched augmentation) when the pixels fit
+        ``in_memory_mb``, else torchvision's per-sample transforms."""
+        train_targets, test_targets = _targets(train_base), _targets(test_base)
+        mean, std = (self.mean, self.std) if normalise else (None, None)
+        if _fits_in_memory(len(train_targets) + len(test_targets), 3, image_size, self.options["in_memory_mb"]):
+            eval_view = InMemoryImages(self._pixels(train_base, image_size), torch.tensor(train_targets), mean, std)
+            test_view = InMemoryImages(self._pixels(test_base, image_size), torch.tensor(test_targets), mean, std)
+            return eval_view.view(_augment(image_size, augment)), eval_view, test_view
+        train_tf, eval_tf = cifar_transforms(image_size, mean, std, augment)
+        return (TransformedDataset(train_base, train_targets, train_tf),
+                TransformedDataset(train_base, train_targets, eval_tf),
+                TransformedDataset(test_base, test_targets, eval_tf))
+
+    def _pixels(self, base, image_size: int) -> Tensor:
+        return _hwc_uint8(base.data, image_size)
+
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
         cal_f = self.fraction("cal_fraction")
@@ -367,10 +428,7 @@ class CifarSource(_Source):
         train_targets = list(train_base.targets)
         parts = hold_out(np.asarray(train_targets), self._val_fraction(len(train_targets)), cal_f, seed)
         _require_nonempty(self.name, parts, "use a larger val_size")
-        train_tf, eval_tf = cifar_transforms(image_size, self.mean, self.std, augment)
-        train_view = TransformedDataset(train_base, train_targets, train_tf)
-        eval_view = TransformedDataset(train_base, train_targets, eval_tf)
-        test_view = TransformedDataset(test_base, list(test_base.targets), eval_tf)
+        train_view, eval_view, test_view = self.views(train_base, test_base, image_size, augment)
         return DataSplits(
             name=self.name, num_classes=self.num_classes,
             train=subset(train_view, parts["train"]), val=subset(eval_view, parts["val"]),
@@ -444,10 +502,7 @@ class LongTailCifarSource(CifarSource):
         else:
             test_idx = np.arange(len(test_targets), dtype=np.int64)
 
-        train_tf, eval_tf = cifar_transforms(image_size, self.mean, self.std, augment)
-        train_view = TransformedDataset(train_base, train_targets, train_tf)
-        eval_view = TransformedDataset(train_base, train_targets, eval_tf)
-        test_view = TransformedDataset(test_base, test_targets, eval_tf)
+        train_view, eval_view, test_view = self.views(train_base, test_base, image_size, augment)
         return DataSplits(
             name=self.name, num_classes=self.num_classes,
             train=subset(train_view, parts["train"]), val=subset(eval_view, parts["val"]),
@@ -497,6 +552,9 @@ class SvhnSource(CifarSource):
             raise EednError(f"SVHN under {root} is incomplete or corrupted ({err}); replace "
                             f"{' and '.join(self.files)} with fresh copies") from None
 
+    def _pixels(self, base, image_size: int) -> Tensor:
+        return _hwc_uint8(base.data.transpose(0, 2, 3, 1), image_size)  # SVHN stores [N, C, H, W]
+
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
         cal_f = self.fraction("cal_fraction")
@@ -504,9 +562,7 @@ class SvhnSource(CifarSource):
         train_targets = [int(t) for t in train_base.labels]
         parts = hold_out(np.asarray(train_targets), self._val_fraction(len(train_targets)), cal_f, seed)
         _require_nonempty(self.name, parts, "use a larger val_size")
-        eval_tf, _ = cifar_transforms(image_size, None, None, augment=False)
-        view = TransformedDataset(train_base, train_targets, eval_tf)
-        test_view = TransformedDataset(test_base, [int(t) for t in test_base.labels], eval_tf)
+        _, view, test_view = self.views(train_base, test_base, image_size, augment=False, normalise=False)
         return DataSplits(
             name=self.name, num_classes=self.num_classes,
             train=subset(view, parts["train"]), val=subset(view, parts["val"]), cal=subset(view, parts["cal"]),
@@ -604,8 +660,9 @@ class ImageFolderSource(_Source):
     ``~/.cache/eedn/image-folder``) and reused. Without ``test/``, a seeded stratified
     ``test_fraction`` of ``train/`` becomes the test split. The val pool is ``val_fraction`` of the
     ``train/`` images, split into val and cal by ``cal_fraction``. Images are decoded lazily, one per
-    sample; transforms are CIFAR-10's (resize to ``image_size``, crop with padding, flip, normalise
-    with ``mean``/``std``, default CIFAR-10's). The default image size is that of the first train image.
+    sample, or all at once into memory when they fit ``in_memory_mb`` (:mod:`eedn.image_batches`);
+    transforms are CIFAR-10's (resize to ``image_size``, crop with padding, flip, normalise with
+    ``mean``/``std``, default CIFAR-10's). The default image size is that of the first train image.
     """
 
     name = "image-folder"
@@ -622,6 +679,7 @@ class ImageFolderSource(_Source):
         test_fraction: float = _fraction_option("share of train/ held out as test when there is no test/", 0.1)
         mean: list[float] = option(list(CIFAR10_MEAN), "per-channel normalisation mean (default: CIFAR-10's)")
         std: list[float] = option(list(CIFAR10_STD), "per-channel normalisation std (default: CIFAR-10's)")
+        in_memory_mb: int = _in_memory_option()
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -692,6 +750,24 @@ class ImageFolderSource(_Source):
         with Image.open(self.tree()["train"][0][0]) as im:
             return max(im.size)
 
+    def views(self, tree: dict, image_size: int, augment: bool) -> tuple[Dataset, Dataset, Dataset | None]:
+        """(train, eval, test or None) views: decoded once into memory when the pixels fit ``in_memory_mb`` and
+        every image is square once resized, else decoded per sample with torchvision transforms."""
+        mean, std = self.options["mean"], self.options["std"]
+        samples, test = tree["train"], tree["test"] or []
+        if _fits_in_memory(len(samples) + len(test), 3, image_size, self.options["in_memory_mb"]):
+            pixels = _resized_uint8(_open_rgb(p for p, _ in samples), len(samples), image_size)
+            test_pixels = (_resized_uint8(_open_rgb(p for p, _ in test), len(test), image_size)
+                           if test and pixels is not None else None)
+            if pixels is not None and (not test or test_pixels is not None):
+                eval_view = InMemoryImages(pixels, torch.tensor([y for _, y in samples]), mean, std, samples=samples)
+                test_view = (InMemoryImages(test_pixels, torch.tensor([y for _, y in test]), mean, std, samples=test)
+                             if test else None)
+                return eval_view.view(_augment(image_size, augment)), eval_view, test_view
+        train_tf, eval_tf = cifar_transforms(image_size, mean, std, augment, native_size=None, center_crop=True)
+        test_view = ImageFiles(test, eval_tf) if test else None
+        return ImageFiles(samples, train_tf), ImageFiles(samples, eval_tf), test_view
+
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
         val_f = self.fraction("val_fraction")
@@ -707,11 +783,9 @@ class ImageFolderSource(_Source):
                                 f"got {val_f + test_f}")
         parts = hold_out(np.asarray(targets), val_f, cal_f, seed, test_fraction=test_f)
         _require_nonempty(self.name, parts, "add images or use larger fractions")
-        train_tf, eval_tf = cifar_transforms(image_size, self.options["mean"], self.options["std"], augment,
-                                             native_size=None, center_crop=True)
-        train_view = ImageFiles(samples, train_tf, targets)
-        eval_view = ImageFiles(samples, eval_tf, targets)
-        test = subset(eval_view, parts["test"]) if tree["test"] is None else ImageFiles(tree["test"], eval_tf)
+        train_view, eval_view, test = self.views(tree, image_size, augment)
+        if test is None:
+            test = subset(eval_view, parts["test"])
         return DataSplits(
             name=self.name, num_classes=len(tree["classes"]),
             train=subset(train_view, parts["train"]), val=subset(eval_view, parts["val"]),

@@ -412,7 +412,7 @@ def test_preprocessing_matches_the_digits_eval_split(tiny_run, tmp_path):
     preprocess = preprocessor(recipe)
     for path, i in zip(_digit_pngs(tmp_path, indices), indices):
         # 8-bit PNGs round the k/16 pixel values by at most 0.5/255 before normalisation
-        torch.testing.assert_close(load_image(path, preprocess), base.images[i], atol=0.6 / 255 / recipe.std[0],
+        torch.testing.assert_close(load_image(path, preprocess), base[i][0], atol=0.6 / 255 / recipe.std[0],
                                    rtol=0)
 
 
