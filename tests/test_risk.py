@@ -259,7 +259,9 @@ def test_cli_run_with_risk_control(tiny_config, tmp_path):
     chosen = block["chosen"]
     assert (block["epsilon"], block["delta"], block["controller"]) == (0.1, 0.2, "ucb-wsr")
     assert block["knob"]["name"] == "threshold" and block["risk"]["name"] == "prediction_gap"
-    assert chosen["certified"] and chosen["bound"] <= 0.1 and chosen["cal_risk"] <= chosen["bound"]
+    # WSR's betting bound is time-uniform (the capital may pass 1/δ before the last cal sample), so it can lie
+    # below the full-sample cal risk: only the certification and the bound's level are guaranteed
+    assert chosen["certified"] and 0 <= chosen["bound"] <= 0.1 and 0 <= chosen["cal_risk"] <= 1
     assert 0 <= chosen["test_risk"] <= 1 and chosen["macs_saved"] == pytest.approx(1 - chosen["test_macs_fraction"])
     assert len(block["sweep"]) == 5 * 2
     assert (out / "risk_control.png").exists() and "Risk-controlled policy" in (out / "summary.md").read_text()
