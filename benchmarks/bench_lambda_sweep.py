@@ -3,13 +3,15 @@
 With a frozen eval-mode backbone the per-exit features are computed once and cached, so every
 epoch of every λ trains tiny heads on stored vectors. This script times
 
-  (a) one backbone pass over the train split into a fresh feature cache, and
-  (b) a full λ sweep (warm-up once, then the alternation for each λ) from the warm cache,
+  (a) one backbone pass over the train split into a fresh feature cache,
+  (b) a full λ sweep (warm-up once, then all λ trained as one stacked model, ``sweep=stacked``, the
+      default with cached features) from the warm cache, and
+  (c) the same sweep as a loop over λ (``sweep=loop``, the path of uncached profiles),
 
-and prints both and their ratio. The backbone has random weights: the timing does not depend on
-them. Usage::
+and prints the times and the ratios (b)/(a) and (c)/(a). The backbone has random weights: the timing
+does not depend on them. Usage (docs/method.md, "λ sweeps", quotes its output)::
 
-    python benchmarks/bench_lambda_sweep.py --backbone t2t_vit_7 --dataset digits --epochs 15
+    python benchmarks/bench_lambda_sweep.py --backbone t2t_vit_7 --dataset digits --epochs 15 --threads 1
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the backbone pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
+    p.add_argument("--skip-loop", action="store_true", help="time only the stacked sweep")
     return p.parse_args(argv)
 
 
@@ -51,8 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    strategy = eedn.create("strategy", "jei", **{"lambda": args.lambdas, "epochs": args.epochs})
-    lambdas = strategy.options["lambda"]
+    lambdas = eedn.create("strategy", "jei", **{"lambda": args.lambdas}).lambdas
     source = eedn.create("dataset", args.dataset)
     image_size = args.image_size or source.default_image_size
     data = source.splits(image_size, args.seed)
@@ -72,29 +74,35 @@ def main(argv: list[str] | None = None) -> dict:
     backbone_s, backbone_cpu = time.perf_counter() - t0, time.process_time() - c0
     cold.features("val")  # the sweep also reads val (pos-weights, history); warm it outside the timings
 
-    # (b) the λ sweep from the warm cache (a new source, so features are read back from disk)
-    warm = FeatureSource(model, data, cache=FeatureCache(cache_dir), batch_size=args.batch_size)
-    ctx = FitContext(features=warm, exit_macs=exit_macs, full_macs=full_macs, seed=args.seed)
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = strategy.fit(model, ctx)
-    sweep_s, sweep_cpu = time.perf_counter() - t0, time.process_time() - c0
-
     n_train = cold.num_samples("train")
     print(f"backbone {args.backbone} @ {image_size}px, dataset {args.dataset} "
           f"(train {n_train}, val {cold.num_samples('val')}), exits {model.num_exits}, "
           f"torch threads {torch.get_num_threads()}")
     # CPU time is reported too: on a shared machine the wall clock also measures the neighbours
     print(f"(a) backbone pass over train: {backbone_s:8.2f} s wall {backbone_cpu:8.2f} s CPU")
-    print(f"(b) JEI sweep, {len(lambdas)} λ x {args.epochs} ep: {sweep_s:8.2f} s wall {sweep_cpu:8.2f} s CPU "
-          f"({len(result.settings)} settings)")
-    print(f"ratio sweep / backbone pass:  {sweep_s / backbone_s:8.2f}   wall {sweep_cpu / backbone_cpu:8.2f}   CPU")
-    last = {h["lambda"]: h for h in result.history if h.get("phase") == "main"}
-    for lam in lambdas:
-        h = last[lam]
-        print(f"  λ={lam:<5g} val gated acc {h['val_gated_accuracy']:.3f}  val MACs fraction "
-              f"{h['val_macs_fraction']:.3f}")
-    return {"backbone_s": backbone_s, "sweep_s": sweep_s, "ratio": sweep_s / backbone_s,
-            "backbone_cpu_s": backbone_cpu, "sweep_cpu_s": sweep_cpu, "ratio_cpu": sweep_cpu / backbone_cpu}
+    snapshot = model.heads_state_dict()
+    timings = {"backbone_s": backbone_s, "backbone_cpu_s": backbone_cpu}
+    for label, sweep in (("b", "stacked"), ("c", "loop"))[: 1 if args.skip_loop else 2]:
+        model.load_heads_state_dict(snapshot)
+        # a new source, so features are read back from disk
+        warm = FeatureSource(model, data, cache=FeatureCache(cache_dir), batch_size=args.batch_size)
+        ctx = FitContext(features=warm, exit_macs=exit_macs, full_macs=full_macs, seed=args.seed)
+        strategy = eedn.create("strategy", "jei", **{"lambda": args.lambdas, "epochs": args.epochs, "sweep": sweep})
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = strategy.fit(model, ctx)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(f"({label}) JEI sweep {sweep:>7}, {len(lambdas)} λ x {args.epochs} ep: {wall:8.2f} s wall "
+              f"{cpu:8.2f} s CPU ({len(result.settings)} settings)")
+        print(f"    ratio sweep / backbone pass:  {wall / backbone_s:8.2f}   wall {cpu / backbone_cpu:8.2f}   CPU")
+        timings |= {f"{sweep}_s": wall, f"{sweep}_cpu_s": cpu, f"ratio_{sweep}": wall / backbone_s,
+                    f"ratio_{sweep}_cpu": cpu / backbone_cpu}
+        if sweep == "stacked":
+            last = {h["lambda"]: h for h in result.history if h.get("phase") == "main"}
+            for lam in lambdas:
+                h = last[lam]
+                print(f"  λ={lam:<5g} val gated acc {h['val_gated_accuracy']:.3f}  val MACs fraction "
+                      f"{h['val_macs_fraction']:.3f}")
+    return timings
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from eedn.contracts import InferenceModule
@@ -21,6 +22,15 @@ class LinearIM(InferenceModule):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.fc(features)
+
+    @staticmethod
+    def forward_stacked(params: dict[str, Tensor], features: Tensor) -> Tensor:
+        """``[K, B, C]`` logits of K stacked copies (``fc.weight`` ``[K, C, D]``) in one matmul
+        (eedn.stacked: how a λ sweep trains as one model). With K = 1 it is ``fc(features)``."""
+        weight, bias = params["fc.weight"], params["fc.bias"]
+        k, c, d = weight.shape
+        out = torch.addmm(bias.reshape(k * c), features, weight.reshape(k * c, d).t())
+        return out.view(-1, k, c).transpose(0, 1)
 
 
 class MLPIM(InferenceModule):

@@ -16,7 +16,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from eedn.contracts import Gate
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
 from eedn.options import option
+from eedn.stacked import StackedHeads
 from eedn.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
                            warmup_weights)
 
@@ -170,6 +171,15 @@ class JeiGate(Gate):
         bias = torch.cat([lin.bias for lin in self.linears], 0)  # [G]
         stats = gate_statistics(im_logits).to(weight.dtype)  # [B, G, 4]
         return (stats * weight).sum(-1) + bias
+
+    def gate_logits_stacked(self, params: dict[str, Tensor], im_logits: Tensor) -> Tensor:
+        """:meth:`gate_logits` of K stacked copies (``linears.l.weight`` ``[K, 1, 4]``) on their own IM
+        logits ``[K, B, G, C]`` → ``[K, B, G]``, with the same arithmetic per copy."""
+        n = len(self.linears)
+        weight = torch.cat([params[f"linears.{l}.weight"] for l in range(n)], 1)  # [K, G, 4]
+        bias = torch.cat([params[f"linears.{l}.bias"] for l in range(n)], 1)  # [K, G]
+        stats = gate_statistics(im_logits).to(weight.dtype)  # [K, B, G, 4]
+        return (stats * weight.unsqueeze(1)).sum(-1) + bias.unsqueeze(1)
 
     def scores(self, exit_index: int, logits: Tensor, features: Tensor | None = None) -> Tensor:
         return torch.sigmoid(self.gate_logit(exit_index, logits))
@@ -322,6 +332,7 @@ PAIRINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "hazard": {"exit_rule": ("hazard",), "pos_weight_counts": ("survivors",)},
     "onehot": {"exit_rule": ("official",), "pos_weight_counts": ("exact",)},
 }
+SWEEP_MODES = ("auto", "stacked", "loop")
 _ALTERNATION = re.compile(r"^(auto|batches:(\d+)|fraction:([0-9.eE+-]+))$")
 
 
@@ -387,6 +398,18 @@ class _Validation:
             logits.append(torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1).float())
             scores.append(torch.sigmoid(model.gate.gate_logits(im)))
         return torch.cat(logits), torch.cat(scores)
+
+    @torch.no_grad()
+    def outputs_stacked(self, model: EarlyExitModel, stack: StackedHeads) -> tuple[Tensor, Tensor]:
+        """:meth:`outputs` of every stacked copy: ``[K, N, E, C]`` and ``[K, N, G]``."""
+        logits, scores = [], []
+        for start in range(0, len(self.labels), self.chunk):
+            feats = [f[start : start + self.chunk] for f in self.feats]
+            im = stack.im_logits(feats)
+            final = _final_logits(model, feats).unsqueeze(1)
+            logits.append(torch.cat([im, final.expand(stack.k, *final.shape)], 2).float())
+            scores.append(torch.sigmoid(stack.gate_logits(im)))
+        return torch.cat(logits, 1), torch.cat(scores, 1)
 
 
 def resolve_variant(targets: str | None, exit_rule: str | None, counts: str | None) -> dict[str, str]:
@@ -467,6 +490,9 @@ class JeiStrategy(TrainingStrategy):
         momentum: float = option(0.9, "SGD momentum", min=0)
         weight_decay: float = option(5e-4, "SGD weight decay", min=0)
         eta_min: float = option(2e-4, "final lr of the cosine schedule after the warm-up", min=0)
+        sweep: str = option("auto", "how the λ of a sweep train: stacked (all λ as one batched model), loop "
+                                    "(one λ after another) or auto (stacked when the features are cached)",
+                            choices=SWEEP_MODES)
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -525,19 +551,37 @@ class JeiStrategy(TrainingStrategy):
         macs = torch.tensor(context.exit_macs, dtype=torch.float64, device=context.device)
         history: list[dict] = []
 
-        warmup_epochs_run = self._warmup(model, context, val, history)
+        warmup_epochs_run, warm_momentum = self._warmup(model, context, val, history)
+        # paper-compat shares one SGD between warm-up and main phase: the IMs keep their warm-up momentum
+        momentum = warm_momentum if opts["optimizers"] == "shared" else {}
         snapshot = model.heads_state_dict()
 
-        settings = []
-        for lam in self.lambdas:
-            model.load_heads_state_dict(snapshot)
-            state = self._alternate(model, context, val, lam, costs, macs, warmup_epochs_run, history)
-            settings.append((f"lambda={lam:g}", state))
+        if self.stacks_sweep(context):
+            context.log(f"jei: {len(self.lambdas)} λ trained as one stacked model")
+            states = self._alternate_stacked(model, context, val, costs, macs, warmup_epochs_run, history,
+                                             snapshot, momentum)
+        else:
+            states = []
+            for lam in self.lambdas:
+                model.load_heads_state_dict(snapshot)
+                states.append(self._alternate(model, context, val, lam, costs, macs, warmup_epochs_run, history,
+                                              momentum))
+        settings = [(f"lambda={lam:g}", state) for lam, state in zip(self.lambdas, states)]
         model.load_heads_state_dict(settings[-1][1])
         return StrategyResult(settings=settings, history=history)
 
+    def stacks_sweep(self, context: FitContext) -> bool:
+        """Whether the λ train as one stacked model: ``sweep=auto`` stacks when every epoch reads cached
+        features (clean profile); a train-mode backbone or augmented heads run the per-λ loop."""
+        mode = self.options["sweep"]
+        if mode == "auto":
+            return context.features.cacheable and not self.head_augment
+        return mode == "stacked"
+
     # ---------------------------------------------------------------- warm-up
-    def _warmup(self, model: EarlyExitModel, context: FitContext, val: _Validation, history: list[dict]) -> int:
+    def _warmup(self, model: EarlyExitModel, context: FitContext, val: _Validation,
+                history: list[dict]) -> tuple[int, dict[str, Tensor]]:
+        """Returns the epochs run and the SGD momentum of every IM parameter (keyed like the heads' state)."""
         opts = self.options
         g = len(model.ims)
         # im_training=converge: every head on its own mean CE until its val CE stops falling (docs/usage.md)
@@ -611,41 +655,102 @@ class JeiStrategy(TrainingStrategy):
                 if not frozen[l]:
                     model.ims[l].load_state_dict(best_state[l])
             model.ims.requires_grad_(True)
+        momentum = {}
+        for name, p in model.ims.named_parameters():
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                momentum[f"ims.{name}"] = buf.detach().clone()
         # converged IMs stay fixed; the gates then train for the usual epochs - warmup_epochs epochs
-        return opts["warmup_epochs"] if converge else run
+        return (opts["warmup_epochs"] if converge else run), momentum
 
     # ---------------------------------------------------------------- alternation
-    def _alternate(self, model: EarlyExitModel, context: FitContext, val: _Validation, lam: float, costs: Tensor,
-                   macs: Tensor, first_epoch: int, history: list[dict]) -> dict:
-        opts = self.options
-        torch.manual_seed(context.seed)  # every λ starts from the same state, as if run alone
-        gate = model.gate
-        g = len(model.ims)
-        bs = opts["batch_size"]
-        total_epochs = opts["epochs"]
-        nb = context.features.num_batches("train", bs)
-        block = alternation_block(opts["alternation"], nb)
-        gates_only = opts["im_training"] == "converge"  # the IMs were trained to convergence before
+    # The per-λ arithmetic (targets, losses, the after-epoch refresh and selection) lives in the methods
+    # below; the per-λ loop (_alternate) and the stacked sweep (_alternate_stacked) both call them, so a
+    # variant added there trains the same way in either path.
 
-        def make_sgd(params) -> torch.optim.SGD:
-            return torch.optim.SGD(list(params), lr=opts["lr"], momentum=opts["momentum"],
+    def _gate_batch_loss(self, per_exit_ce: Tensor, gate_logits: Tensor, lam: float, costs: Tensor,
+                         pos_weight: Tensor) -> Tensor:
+        """Gate-phase loss of one λ on one batch: BCE towards the ``targets`` kind of ``per_exit_ce`` ``[B, E]``."""
+        return gate_phase_loss(gate_logits, per_exit_ce, lam, costs, pos_weight, self.options["targets"])
+
+    def _im_batch_loss(self, gate: JeiGate, ce: Tensor, gate_logits: Callable[[], Tensor]) -> Tensor:
+        """IM-phase loss of one λ on one batch from the IMs' CE ``[B, G]``; ``gate_logits()`` gives the
+        gate's pre-sigmoid scores when the loss needs exit probabilities."""
+        if self.options["im_loss"] == "uniform":
+            return uniform_im_loss(ce)
+        g = ce.shape[1]
+        with torch.no_grad():
+            probs = gate.exit_probabilities(torch.sigmoid(gate_logits()))[:, :g]
+        return exit_weighted_im_loss(probs, ce, renorm=self.options["im_loss_renorm"])
+
+    def _make_optimizers(self, ims: list[Tensor], gate: list[Tensor]) -> dict[str, torch.optim.SGD]:
+        """One SGD per phase, or one for both (``optimizers=shared``, the official choice)."""
+        opts = self.options
+
+        def make_sgd(params: list[Tensor]) -> torch.optim.SGD:
+            return torch.optim.SGD(params, lr=opts["lr"], momentum=opts["momentum"],
                                    weight_decay=opts["weight_decay"])
 
         if opts["optimizers"] == "shared":
-            shared = make_sgd(list(model.ims.parameters()) + list(gate.parameters()))
-            optimizers = {"ims": shared, "gate": shared}
-        else:
-            optimizers = {"ims": make_sgd(model.ims.parameters()), "gate": make_sgd(gate.parameters())}
-        unique = list({id(o): o for name, o in optimizers.items() if not (gates_only and name == "ims")}.values())
-        schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total_epochs, eta_min=opts["eta_min"])
-                      for o in unique]
-        # the official shared optimiser zeroes grads in place, so momentum and weight decay keep moving the
-        # inactive group; separate optimisers zero to None and leave it untouched
-        set_to_none = opts["optimizers"] != "shared"
+            shared = make_sgd(ims + gate)
+            return {"ims": shared, "gate": shared}
+        return {"ims": make_sgd(ims), "gate": make_sgd(gate)}
 
+    def _epoch_shape(self, context: FitContext) -> tuple[int, int, int, int, bool]:
+        """Batch size, total epochs, train batches per epoch, batches per alternation block, and whether only
+        gate batches run (im_training=converge: the IMs were trained to convergence before)."""
+        bs = self.options["batch_size"]
+        nb = context.features.num_batches("train", bs)
+        gates_only = self.options["im_training"] == "converge"
+        return bs, self.options["epochs"], nb, alternation_block(self.options["alternation"], nb), gates_only
+
+    def _schedulers(self, optimizers: dict[str, torch.optim.SGD]) -> list:
+        """Cosine schedules of the optimisers that step (with im_training=converge only the gates' does)."""
+        skip_ims = self.options["im_training"] == "converge"
+        unique = list({id(o): o for name, o in optimizers.items() if not (skip_ims and name == "ims")}.values())
+        return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=self.options["epochs"],
+                                                           eta_min=self.options["eta_min"]) for o in unique]
+
+    def _after_epoch(self, context: FitContext, gate: JeiGate, logits: Tensor, scores: Tensor, labels: Tensor,
+                     lam: float, costs: Tensor, macs: Tensor, epoch: int, lrs: dict[str, float],
+                     sums: dict[str, float], counts: dict[str, int]) -> tuple[Tensor, dict]:
+        """After a post-warm-up epoch, from the val outputs of one λ: its refreshed pos-weights and its
+        history record."""
+        g = scores.shape[1]
+        best_exit, _ = gate_targets(per_exit_cross_entropy(logits, labels), lam, costs)
+        pos_weight = pos_weights(best_exit, g, self.options["pos_weight_counts"]).to(context.device)
+        exit_index = gate.decide(scores)
+        acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == labels).float().mean())
+        entry = {
+            "phase": "main", "epoch": epoch, "lambda": lam,
+            "gate_loss": sums["gate"] / counts["gate"] if counts["gate"] else None,
+            "im_loss": sums["ims"] / counts["ims"] if counts["ims"] else None,
+            "gate_samples": counts["gate"], "im_samples": counts["ims"],
+            "lr_ims": lrs["ims"], "lr_gate": lrs["gate"],
+            "val_gated_accuracy": acc, "val_mean_cost": float(costs[exit_index].mean()),
+            "val_macs_fraction": float(macs[exit_index].mean() / context.full_macs),
+            "val_exit_fractions": (torch.bincount(exit_index, minlength=g + 1).float() / len(exit_index)).tolist(),
+            "pos_weights": pos_weight.tolist(),
+        }
+        context.progress.epoch(f"jei λ={lam:g}", epoch, self.options["epochs"], gate_loss=entry["gate_loss"],
+                               im_loss=entry["im_loss"], val_gated_accuracy=acc,
+                               val_macs_fraction=entry["val_macs_fraction"])
+        return pos_weight, entry
+
+    def _alternate(self, model: EarlyExitModel, context: FitContext, val: _Validation, lam: float, costs: Tensor,
+                   macs: Tensor, first_epoch: int, history: list[dict], momentum: dict[str, Tensor]) -> dict:
+        """One λ on the live model (the per-λ loop path)."""
+        opts = self.options
+        torch.manual_seed(context.seed)  # every λ starts from the same state, as if run alone
+        gate, g = model.gate, len(model.ims)
+        bs, total_epochs, nb, block, gates_only = self._epoch_shape(context)
+        optimizers = self._make_optimizers(list(model.ims.parameters()), list(gate.parameters()))
+        for name, p in model.ims.named_parameters():
+            if f"ims.{name}" in momentum:
+                optimizers["ims"].state[p]["momentum_buffer"] = momentum[f"ims.{name}"].clone()
+        schedulers = self._schedulers(optimizers)
+        selection = _Selection(opts["select"], lam, _best_warmup_gated_accuracy(history), model.heads_state_dict())
         pos_weight = torch.ones(g, device=context.device)
-        baseline = _best_warmup_gated_accuracy(history)
-        best_score, chosen_state, chosen_epoch = -math.inf, model.heads_state_dict(), None
 
         for epoch in range(first_epoch, total_epochs):
             model.ims.train()
@@ -657,69 +762,147 @@ class JeiStrategy(TrainingStrategy):
             tracked = context.progress.track(batches, f"jei λ={lam:g}", total=nb, epoch=epoch, epochs=total_epochs)
             for b, (feats, y) in enumerate(tracked):
                 phase = "gate" if gates_only or (b // block) % 2 == 0 else "ims"
-                opt = optimizers[phase]
                 if phase == "gate":
                     with torch.no_grad():
                         im = model.im_logits(feats)
                         all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
-                        ce_all = per_exit_cross_entropy(all_logits, y)
-                    loss = gate_phase_loss(gate.gate_logits(im), ce_all, lam, costs, pos_weight, opts["targets"])
+                    loss = self._gate_batch_loss(per_exit_cross_entropy(all_logits, y), gate.gate_logits(im), lam,
+                                                 costs, pos_weight)
                 else:
                     im = model.im_logits(feats)
-                    ce = per_exit_cross_entropy(im, y)
-                    if opts["im_loss"] == "uniform":
-                        loss = uniform_im_loss(ce)
-                    else:
-                        with torch.no_grad():
-                            probs = gate.exit_probabilities(torch.sigmoid(gate.gate_logits(im)))[:, :g]
-                        loss = exit_weighted_im_loss(probs, ce, renorm=opts["im_loss_renorm"])
+                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))
                 value = loss.item()
                 check_finite(value, f"jei λ={lam:g}", epoch)
-                opt.zero_grad(set_to_none=set_to_none)
+                # zero to None (as the official torch versions do): a shared optimiser then leaves the idle
+                # group alone, with no weight decay or momentum step
+                optimizers[phase].zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                optimizers[phase].step()
                 sums[phase] += value * len(y)
                 counts[phase] += len(y)
 
             # after every post-warm-up epoch: evaluate on val, refresh pos-weights, step the schedule
             logits, scores = val.outputs(model)
-            best_exit, _ = gate_targets(per_exit_cross_entropy(logits, val.labels), lam, costs)
-            pos_weight = pos_weights(best_exit, g, opts["pos_weight_counts"]).to(context.device)
-            exit_index = gate.decide(scores)
-            acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == val.labels).float().mean())
-            mean_cost = float(costs[exit_index].mean())
             lrs = {name: o.param_groups[0]["lr"] for name, o in optimizers.items()}
+            pos_weight, entry = self._after_epoch(context, gate, logits, scores, val.labels, lam, costs, macs,
+                                                  epoch, lrs, sums, counts)
             for s in schedulers:
                 s.step()
-            entry = {
-                "phase": "main", "epoch": epoch, "lambda": lam,
-                "gate_loss": sums["gate"] / counts["gate"] if counts["gate"] else None,
-                "im_loss": sums["ims"] / counts["ims"] if counts["ims"] else None,
-                "gate_samples": counts["gate"], "im_samples": counts["ims"],
-                "lr_ims": lrs["ims"], "lr_gate": lrs["gate"],
-                "val_gated_accuracy": acc, "val_mean_cost": mean_cost,
-                "val_macs_fraction": float(macs[exit_index].mean() / context.full_macs),
-                "val_exit_fractions": (torch.bincount(exit_index, minlength=g + 1).float() / len(exit_index)).tolist(),
-                "pos_weights": pos_weight.tolist(),
-            }
             history.append(entry)
-            context.progress.epoch(f"jei λ={lam:g}", epoch, total_epochs, gate_loss=entry["gate_loss"],
-                                   im_loss=entry["im_loss"], val_gated_accuracy=acc,
-                                   val_macs_fraction=entry["val_macs_fraction"])
+            selection.update(entry, epoch, model.heads_state_dict)
+        return selection.finish(history, model.heads_state_dict, total_epochs)
 
-            if opts["select"] == "val_tradeoff":
-                score = acc - lam * mean_cost
-                if score > best_score:
-                    best_score, chosen_state, chosen_epoch = score, model.heads_state_dict(), epoch
-            elif opts["select"] == "pt_compat":
-                # paper-time bug: compared against the warm-up best and never updated, so the last epoch
-                # beating the warm-up wins; with none, the warm-up model stands
-                if acc > baseline:
-                    chosen_state, chosen_epoch = model.heads_state_dict(), epoch
-        if opts["select"] == "last":
-            chosen_state, chosen_epoch = model.heads_state_dict(), total_epochs - 1
-        history.append({"phase": "select", "lambda": lam, "select": opts["select"], "epoch": chosen_epoch})
-        return chosen_state
+    def _alternate_stacked(self, model: EarlyExitModel, context: FitContext, val: _Validation, costs: Tensor,
+                           macs: Tensor, first_epoch: int, history: list[dict], snapshot: dict[str, Tensor],
+                           momentum: dict[str, Tensor]) -> list[dict]:
+        """Every λ at once: K copies of the heads stacked along a leading dimension (:mod:`eedn.stacked`),
+        the same batches for all, each copy's arithmetic that of its λ alone. Returns one state per λ."""
+        opts = self.options
+        torch.manual_seed(context.seed)
+        lambdas, k_count = self.lambdas, len(self.lambdas)
+        gate, g = model.gate, len(model.ims)
+        bs, total_epochs, nb, block, gates_only = self._epoch_shape(context)
+        stack = StackedHeads(model, [snapshot] * k_count)
+        optimizers = self._make_optimizers(stack.group("ims."), stack.group("gate."))
+        stack.stack_momentum(momentum, optimizers["ims"])
+        schedulers = self._schedulers(optimizers)
+        baseline = _best_warmup_gated_accuracy(history)
+        selections = [_Selection(opts["select"], lam, baseline, snapshot) for lam in lambdas]
+        pos_weight = [torch.ones(g, device=context.device) for _ in lambdas]
+        records: list[list[dict]] = [[] for _ in lambdas]
+        name = f"jei {k_count} λ stacked"
+
+        for epoch in range(first_epoch, total_epochs):
+            model.heads().train()
+            sums = [{"gate": 0.0, "ims": 0.0} for _ in lambdas]
+            counts = {"gate": 0, "ims": 0}
+            batches = context.features.batches("train", bs, shuffle=True, seed=context.seed, epoch=epoch,
+                                               augmented=self.head_augment)
+            for b, (feats, y) in enumerate(context.progress.track(batches, name, total=nb, epoch=epoch,
+                                                                  epochs=total_epochs)):
+                phase = "gate" if gates_only or (b // block) % 2 == 0 else "ims"
+                if phase == "gate":
+                    with torch.no_grad():
+                        im = stack.im_logits(feats)  # [K, B, G, C]
+                        final = _final_logits(model, feats).unsqueeze(1)
+                        ce = _stacked_cross_entropy(torch.cat([im, final.expand(k_count, *final.shape)], 2), y)
+                    logits = stack.gate_logits(im)
+                    losses = [self._gate_batch_loss(ce[k], logits[k], lam, costs, pos_weight[k])
+                              for k, lam in enumerate(lambdas)]
+                else:
+                    im = stack.im_logits(feats)
+                    ce = _stacked_cross_entropy(im, y)
+                    gate_logits = _Lazy(lambda: stack.gate_logits(im))  # only exit_weighted reads it
+                    losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k]) for k in range(k_count)]
+                loss = torch.stack(losses)
+                values = loss.tolist()
+                for k, value in enumerate(values):
+                    check_finite(value, f"jei λ={lambdas[k]:g}", epoch)
+                    sums[k][phase] += value * len(y)
+                counts[phase] += len(y)
+                optimizers[phase].zero_grad(set_to_none=True)
+                loss.sum().backward()  # copies share no parameter: each gets its own λ's gradient exactly
+                optimizers[phase].step()
+
+            logits, scores = val.outputs_stacked(model, stack)
+            lrs = {key: o.param_groups[0]["lr"] for key, o in optimizers.items()}
+            for k, lam in enumerate(lambdas):
+                pos_weight[k], entry = self._after_epoch(context, gate, logits[k], scores[k], val.labels, lam,
+                                                         costs, macs, epoch, lrs, sums[k], counts)
+                records[k].append(entry)
+                selections[k].update(entry, epoch, lambda k=k: stack.state(k))
+            for s in schedulers:
+                s.step()
+        states = []
+        for k, selection in enumerate(selections):
+            history.extend(records[k])
+            states.append(selection.finish(history, lambda k=k: stack.state(k), total_epochs))
+        return states
+
+
+class _Selection:
+    """Which epoch's heads a λ keeps (``select``): the last, the best val accuracy − λ·cost, or the
+    paper-time rule."""
+
+    def __init__(self, select: str, lam: float, warmup_best: float, initial: dict[str, Tensor]):
+        self.select, self.lam, self.warmup_best = select, lam, warmup_best
+        self.best_score, self.state, self.epoch = -math.inf, initial, None
+
+    def update(self, entry: dict, epoch: int, state: Callable[[], dict[str, Tensor]]) -> None:
+        acc = entry["val_gated_accuracy"]
+        if self.select == "val_tradeoff":
+            score = acc - self.lam * entry["val_mean_cost"]
+            if score > self.best_score:
+                self.best_score, self.state, self.epoch = score, state(), epoch
+        elif self.select == "pt_compat":
+            # paper-time bug: compared against the warm-up best and never updated, so the last epoch
+            # beating the warm-up wins; with none, the warm-up model stands
+            if acc > self.warmup_best:
+                self.state, self.epoch = state(), epoch
+
+    def finish(self, history: list[dict], state: Callable[[], dict[str, Tensor]], epochs: int) -> dict:
+        if self.select == "last":
+            self.state, self.epoch = state(), epochs - 1
+        history.append({"phase": "select", "lambda": self.lam, "select": self.select, "epoch": self.epoch})
+        return self.state
+
+
+class _Lazy:
+    """A value computed on first use, then reused."""
+
+    def __init__(self, make: Callable[[], Tensor]):
+        self.make, self.value = make, None
+
+    def __call__(self) -> Tensor:
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+
+def _stacked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """``[K, B, E]`` per-exit CE of K copies' logits ``[K, B, E, C]`` (row by row, as for one copy)."""
+    k, b, e, c = logits.shape
+    return per_exit_cross_entropy(logits.reshape(k * b, e, c), labels.repeat(k)).view(k, b, e)
 
 
 def _gated_accuracy(model: EarlyExitModel, logits: Tensor, scores: Tensor, labels: Tensor) -> float:

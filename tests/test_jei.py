@@ -18,6 +18,7 @@ from eedn.model import EarlyExitModel
 from eedn.strategy import FitContext
 from eedn_plugins.heads import LinearIM
 from eedn_plugins.jei import (
+    _Validation,
     JeiGate,
     JeiStrategy,
     alternation_block,
@@ -555,10 +556,38 @@ def test_lambda_sweep_moves_exits_earlier_as_lambda_rises(tmp_path):
     assert all(h["gate_loss"] is not None and h["im_loss"] is not None for h in main)  # both phases every epoch
     assert len([h for h in result.history if h["phase"] == "warmup"]) == 2  # warm-up ran once for the sweep
 
-    # each λ of a sweep equals a run of that λ alone: same warm-up, same seed
-    _, _, alone, _ = fit(tmp_path, batch_size=16, **{"lambda": 0.5})
-    for k, v in alone.settings[0][1].items():
-        assert torch.allclose(v, result.settings[1][1][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("variant", [{}, {"im_loss": "exit_weighted", "optimizers": "shared", "select": "val_tradeoff",
+                                      "alternation": "batches:3"}])
+def test_stacked_sweep_equals_each_lambda_alone_and_the_loop(tmp_path, variant):
+    """The stacked sweep (all λ as one batched model) trains each λ as a run of that λ alone (same warm-up,
+    seed and batches), and as the per-λ loop does."""
+    lambdas = [0.01, 0.5, 5.0]
+    _, _, stacked, _ = fit(tmp_path, batch_size=16, **variant, **{"lambda": lambdas})
+    assert stacked.history[-1]["phase"] == "select"
+    _, _, loop, _ = fit(tmp_path, batch_size=16, sweep="loop", **variant, **{"lambda": lambdas})
+    for i, lam in enumerate(lambdas):
+        _, _, alone, _ = fit(tmp_path, batch_size=16, **variant, **{"lambda": lam})
+        for other in (alone.settings[0][1], loop.settings[i][1]):
+            for k, v in stacked.settings[i][1].items():
+                assert torch.allclose(v, other[k], rtol=0, atol=1e-6), (lam, k)
+        records = [[h for h in r.history if h.get("lambda") == lam] for r in (stacked, alone)]
+        assert [h["epoch"] for h in records[0]] == [h["epoch"] for h in records[1]]
+        assert [h.get("val_gated_accuracy") for h in records[0]] == [h.get("val_gated_accuracy") for h in records[1]]
+    assert [h.get("lambda") for h in stacked.history] == [h.get("lambda") for h in loop.history]
+
+
+def test_sweep_mode_follows_the_feature_cache(tmp_path):
+    model = toy_model()
+    cached = FeatureSource(model, toy_data(), cache=FeatureCache(tmp_path / "c"))
+    live = FeatureSource(model, toy_data(), cacheable=False, backbone_mode="train")
+    ctx = {name: FitContext(features=src, exit_macs=[1, 2, 3, 4], full_macs=4) for name, src in
+           (("cached", cached), ("live", live))}
+    assert JeiStrategy().stacks_sweep(ctx["cached"]) and not JeiStrategy().stacks_sweep(ctx["live"])
+    assert not JeiStrategy(head_augment=True).stacks_sweep(ctx["cached"])
+    assert JeiStrategy(sweep="stacked").stacks_sweep(ctx["live"]) and not JeiStrategy(sweep="loop").stacks_sweep(
+        ctx["cached"])
 
 
 def test_cached_and_uncached_training_agree(tmp_path):
@@ -613,3 +642,58 @@ def test_strategy_refuses_a_foreign_gate(tmp_path):
     ctx = FitContext(features=source, exit_macs=[1, 2, 3, 4], full_macs=4)
     with pytest.raises(EednError, match="jei"):
         JeiStrategy(**{"lambda": 1.0}).fit(model, ctx)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")  # the IM optimiser never steps
+@pytest.mark.parametrize("sweep", ["stacked", "loop"])
+def test_shared_optimiser_leaves_the_idle_group_alone(tmp_path, sweep):
+    """The official shared SGD zeroes gradients to None, so gate batches move no IM parameter (no weight decay,
+    no momentum step): with only gate batches after the warm-up, shared and separate optimisers agree exactly
+    and the IMs stay at their warm-up values."""
+    gate_only = {"epochs": 3, "warmup_epochs": 2, "alternation": "batches:1000", "lambda": 0.5, "sweep": sweep}
+    _, _, shared, _ = fit(tmp_path, optimizers="shared", **gate_only)
+    _, _, separate, _ = fit(tmp_path, optimizers="separate", **gate_only)
+    model = toy_model()
+    source = FeatureSource(model, toy_data(), cache=FeatureCache(tmp_path / "cache"))
+    ctx = FitContext(features=source, exit_macs=[1, 2, 3, 4], full_macs=4)
+    JeiStrategy(epochs=3, warmup_epochs=2)._warmup(model, ctx, _Validation(ctx), [])
+    warm = model.heads_state_dict()
+    main = [h for h in shared.history if h["phase"] == "main"]
+    assert main[0]["im_samples"] == 0 and main[0]["gate_samples"] > 0
+    for k, v in shared.settings[0][1].items():
+        assert torch.equal(v, separate.settings[0][1][k]), k
+        if k.startswith("ims."):
+            assert torch.equal(v, warm[k]), k
+
+
+@pytest.mark.parametrize("im_class", ["linear", "mlp"])
+def test_stacked_heads_match_each_copy(im_class):
+    """StackedHeads: copy k's IM logits, gate logits and gradients are those of the model holding state k
+    (LinearIM and JeiGate through their stacked forwards, MLPIM through the vmap fallback)."""
+    from eedn.stacked import StackedHeads
+    from eedn_plugins.heads import MLPIM
+
+    torch.manual_seed(0)
+    bb = ToyBackbone()
+    make = (lambda d: LinearIM(d, 2)) if im_class == "linear" else (lambda d: MLPIM(d, 2, hidden=5))
+    model = EarlyExitModel(bb, [make(d) for d in bb.feature_dims[:-1]], JeiGate(3, 2))
+    states = []
+    for _ in range(3):
+        for p in model.heads().parameters():
+            nn.init.normal_(p)
+        states.append(model.heads_state_dict())
+    stack = StackedHeads(model, states)
+    feats = [torch.randn(7, d) for d in bb.feature_dims[:-1]]
+    im = stack.im_logits(feats)
+    gl = stack.gate_logits(im)
+    (im.square().sum() + gl.sum()).backward()
+    for k, state in enumerate(states):
+        model.load_heads_state_dict(state)
+        model.zero_grad()
+        one = model.im_logits(feats)
+        one_gate = model.gate.gate_logits(one)
+        (one.square().sum() + one_gate.sum()).backward()
+        assert torch.allclose(im[k], one, atol=1e-6) and torch.allclose(gl[k], one_gate, atol=1e-6)
+        for name, p in model.heads().named_parameters():
+            assert torch.allclose(stack.params[name].grad[k], p.grad, atol=1e-5), name
+        assert all(torch.equal(v, state[key]) for key, v in stack.state(k).items())
