@@ -559,7 +559,9 @@ def test_lambda_sweep_moves_exits_earlier_as_lambda_rises(tmp_path):
 
 
 @pytest.mark.parametrize("variant", [{}, {"im_loss": "exit_weighted", "optimizers": "shared", "select": "val_tradeoff",
-                                      "alternation": "batches:3"}])
+                                      "alternation": "batches:3"},
+                                     {"targets": "hazard", "im_loss": "exit_weighted"},
+                                     {"exit_rule": "cdf", "im_training": "converge", "max_im_epochs": 3}])
 def test_stacked_sweep_equals_each_lambda_alone_and_the_loop(tmp_path, variant):
     """The stacked sweep (all λ as one batched model) trains each λ as a run of that λ alone (same warm-up,
     seed and batches), and as the per-λ loop does."""
