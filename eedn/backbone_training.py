@@ -1,14 +1,19 @@
 """Stage 0: train the backbone on its own head (or load it), cached by a hash of what defines it.
 
 A second run with another strategy finds the trained backbone in the cache and skips this stage.
-Every epoch writes a resumable checkpoint atomically; ``resume=True`` continues from it. The
-checkpoint kept is the epoch with the best validation accuracy (clean protocol: never test).
+Every epoch writes a resumable checkpoint atomically; ``resume=True`` continues from it. The checkpoint
+holds every random state (torch CPU and CUDA, numpy, Python, the batch-order generator), so a resumed run
+is the same run as an uninterrupted one, bit for bit on CPU. The checkpoint kept is the epoch with the
+best validation accuracy (clean protocol: never test). A non-finite loss stops training with one line and
+caches nothing.
 """
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -16,8 +21,9 @@ from torch.utils.data import DataLoader
 from eedn.cache import cache_key
 from eedn.contracts import Backbone
 from eedn.data import DataSplits
+from eedn.errors import EednError
 from eedn.image_batches import ImageBatches, LoaderOptions
-from eedn.io import atomic_torch_save, load_checkpoint
+from eedn.io import atomic_torch_save, fault_point, load_checkpoint
 from eedn.precision import autocast, grad_scaler, to_memory_format
 from eedn.progress import Progress
 
@@ -41,6 +47,35 @@ def backbone_key(backbone_name: str, backbone_options: dict, dataset: dict, imag
                      seed=seed, recipe=rec)
 
 
+def rng_states(loader_generator: torch.Generator) -> dict:
+    """Every random state training draws from, as tensors and numbers (a weights-only checkpoint holds them)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "loader": loader_generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+
+
+def restore_rng_states(states: dict, loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    loader_generator.set_state(states["loader"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+
+
+def check_finite_loss(loss: float, epoch: int, epochs: int, rec: dict) -> None:
+    if not math.isfinite(loss):
+        raise EednError(f"backbone training (stage 0) diverged: the loss became {loss} in epoch {epoch + 1}/{epochs}; "
+                        f"lower backbone_training.lr (now {rec['lr']:g}) and run again. Nothing was cached")
+
+
 @torch.no_grad()
 def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, device: str, precision: str = "fp32",
                       channels_last: bool = False) -> float:
@@ -54,16 +89,19 @@ def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, dev
     return correct / max(total, 1)
 
 
-def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str, checkpoint_path: Path,
+def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str, checkpoint_path: Path | None,
                    resume: bool = False, progress: Progress | None = None, num_workers: int = 0,
                    precision: str = "fp32", channels_last: bool = False, loader: LoaderOptions | None = None) -> dict:
     """Train ``backbone`` in place with ``rec``; return a summary (best val accuracy, epochs run).
 
     ``precision`` runs forward and loss under :func:`eedn.precision.autocast` (fp16 with a GradScaler);
-    ``channels_last`` feeds NHWC images to a backbone whose weights were put in that format.
+    ``channels_last`` feeds NHWC images to a backbone whose weights were put in that format. Without
+    ``checkpoint_path`` (a read-only cache) nothing is saved.
     """
+    if int(rec["epochs"]) < 1:
+        raise EednError("backbone training needs epochs >= 1; an untrained backbone is never cached as trained")
     progress = progress or Progress(False)
-    partial = checkpoint_path.with_suffix(".partial.pt")
+    partial = checkpoint_path.with_suffix(".partial.pt") if checkpoint_path is not None else None
     epochs = int(rec["epochs"])
     g = torch.Generator().manual_seed(seed)
     loader = loader or LoaderOptions(num_workers=num_workers)
@@ -87,12 +125,12 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     start, best_acc, best_state, history = 0, -1.0, None, []
-    if resume and partial.exists():
+    if resume and partial is not None and partial.exists():
         ck = load_checkpoint(partial)
         backbone.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        g.set_state(ck["generator"])
+        restore_rng_states(ck["rng"], g)
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         start, best_acc, best_state, history = ck["epoch"] + 1, ck["best_acc"], ck["best_state"], ck["history"]
@@ -109,23 +147,31 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
             scaler.step(opt)
             scaler.update()
             sched.step()
-            total_loss += float(loss.detach()) * len(y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                if partial is not None and partial.exists():
+                    partial.unlink()
+                check_finite_loss(value, epoch, epochs, rec)
+            total_loss += value * len(y)
             n += len(y)
+            fault_point("backbone-batch")
         acc = evaluate_accuracy(backbone, val_loader, device, precision, channels_last)
         history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "val_accuracy": acc})
         progress.epoch("backbone", epoch, epochs, loss=total_loss / max(n, 1), val_accuracy=acc)
         if acc > best_acc:
             best_acc = acc
             best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-        atomic_torch_save({"model": backbone.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "generator": g.get_state(), "epoch": epoch,
-                           "scaler": scaler.state_dict(),
-                           "best_acc": best_acc, "best_state": best_state, "history": history}, partial)
+        if partial is not None:
+            atomic_torch_save({"model": backbone.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "rng": rng_states(g), "epoch": epoch,
+                               "scaler": scaler.state_dict(),
+                               "best_acc": best_acc, "best_state": best_state, "history": history}, partial)
+        fault_point("backbone-epoch")
     if best_state is not None:
         backbone.load_state_dict(best_state)
     summary = {"val_accuracy": best_acc, "epochs": epochs, "history": history}
-    atomic_torch_save({"model": backbone.state_dict(), "summary": {"val_accuracy": best_acc, "epochs": epochs}},
-                      checkpoint_path)
-    if partial.exists():
-        partial.unlink()
+    if checkpoint_path is not None:
+        atomic_torch_save({"model": backbone.state_dict(), "summary": {"val_accuracy": best_acc, "epochs": epochs}},
+                          checkpoint_path)
+        partial.unlink(missing_ok=True)
     return summary

@@ -71,10 +71,11 @@ def cli() -> None:
 @cli.command()
 @click.option("--strategy", help="training strategy (default: the one `eedn plugins` marks as default)")
 @click.option("--gate", help="gate (default: the strategy's own, else the default gate; `eedn plugins` lists them)")
-@click.option("--out", type=click.Path(), help="run directory (default runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>)")
+@click.option("--out", type=click.Path(), help="run directory (default runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>-<random>)")
+@click.option("--overwrite", is_flag=True, default=None, help="replace a non-empty --out (refused otherwise)")
 @common_run_options
 @friendly_errors
-def run(strategy, gate, out, quiet, debug, **kw) -> None:
+def run(strategy, gate, out, overwrite, quiet, debug, **kw) -> None:
     """Train and evaluate one early-exit model; write results.json, summary.md and a plot.
 
     Progress: one live line per stage on a terminal, one line per finished epoch in a log,
@@ -87,6 +88,8 @@ def run(strategy, gate, out, quiet, debug, **kw) -> None:
     from eedn.terminal import print_run
 
     cfg = build_config(strategy=strategy, gate=gate, out=out, **kw)
+    if overwrite:
+        cfg["overwrite"] = True
     progress = Progress(enabled=not quiet and cfg["progress"])
     with progress.session():
         prep = prepare(cfg, progress)

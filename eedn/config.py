@@ -54,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "evaluators": None,  # None: every evaluator registered as on by default
     "evaluator_options": {},
     "eval_batch_size": 256,
-    "out": None,  # run directory; None: runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>
+    "out": None,  # run directory; None: runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>-<random>
+    "overwrite": False,  # replace a non-empty `out` (else refused before anything is trained)
     "cache_dir": None,  # None: $EEDN_CACHE or ~/.cache/eedn
     "cache_fp16": False,
     "num_workers": 0,  # DataLoader workers for datasets not held in memory (docs/scale.md)

@@ -11,3 +11,10 @@ class UnknownNameError(EednError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr: something the user should know that does not stop the run."""
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -36,7 +36,7 @@ class FeatureSource:
                  cache: FeatureCache | None = None, cacheable: bool = True, backbone_mode: str = "eval",
                  batch_size: int = 256, dataset_key: dict | None = None, progress: Progress | None = None,
                  num_workers: int = 0, precision: str = "fp32", channels_last: bool = False,
-                 loader: LoaderOptions | None = None):
+                 loader: LoaderOptions | None = None, backbone_key: dict | None = None):
         self.model = model
         self.data = data
         self.device = device
@@ -50,6 +50,8 @@ class FeatureSource:
         self.precision = precision
         self.channels_last = channels_last
         self.loader = loader or LoaderOptions(num_workers=num_workers)
+        #: what defines the backbone beyond its weights (name, resolved options): part of the key
+        self.backbone_key = backbone_key or {"name": type(model.backbone).__name__}
         self._memory: dict[str, FeatureSet] = {}
         self._backbone_hash: str | None = None
 
@@ -74,9 +76,12 @@ class FeatureSource:
         if self.cache is not None and self.cacheable:
             if self._backbone_hash is None:
                 self._backbone_hash = state_dict_hash(self.model.backbone)
-            key = cache_key(backbone=self._backbone_hash, dataset=self.dataset_key, split=split,
-                            transform="eval", fp16=self.cache.fp16, **numerics_key(self.precision, False))
-            fs = self.cache.load(key)
+            parts = {"backbone": self.backbone_key, "weights": self._backbone_hash,
+                     "feature_dims": list(self.model.backbone.feature_dims), "dataset": self.dataset_key,
+                     "split": split, "transform": "eval", "fp16": self.cache.fp16,
+                     **numerics_key(self.precision, False)}
+            key = cache_key(**parts)
+            fs = self.cache.load(key, rows=self.num_samples(split), dims=parts["feature_dims"])
             if fs is not None:
                 self._memory[split] = fs
                 return fs
@@ -89,8 +94,8 @@ class FeatureSource:
             labels.append(y)
         fs = FeatureSet([torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))], torch.cat(labels))
         if key is not None:
-            self.cache.save(key, fs)
-            fs = self.cache.load(key) or fs  # read back what later runs will see (fp16 if asked)
+            if self.cache.save(key, fs, meta=parts):
+                fs = self.cache.load(key) or fs  # read back what later runs will see (fp16 if asked)
         self._memory[split] = fs
         return fs
 

@@ -3,22 +3,99 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+#: temporary files and folders carry the writer's host and pid, so a later run can tell a killed writer's
+#: leftovers (removed by :func:`clean_stale_temps`) from a live concurrent writer's
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+_TEMP_NAME = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[^.]+\.(tmp|tmpdir)$")
+#: a leftover older than this is stale whoever wrote it (another host's pid cannot be checked)
+STALE_AFTER_S = 24 * 3600
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of a temporary sibling of ``name`` written by this process."""
+    return f".{name}.{_HOST}-{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove temporary files / folders left in ``directory`` by writers that were killed (their pid is gone
+    on this host, or they are older than a day); a live writer's temporaries are kept. Returns what went."""
+    removed = []
+    directory = Path(directory)
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match:
+            continue
+        try:
+            old = time.time() - entry.lstat().st_mtime > STALE_AFTER_S
+        except OSError:
+            continue
+        if old or (match["host"] == _HOST and not _pid_alive(int(match["pid"]))):
+            try:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def writable_dir(path: str | os.PathLike) -> bool:
+    """Whether files can be created in ``path`` (or, while it does not exist, in its nearest existing
+    ancestor), found by trying: permission bits say nothing for root or read-only mounts."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-probe"), suffix=".tmp", dir=path)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 def _atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a finished file gets the usual mode
+        fault_point("before-replace:" + re.sub(r"[0-9a-f]{16,}", "KEY", path.name))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -105,7 +182,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         with _checkpoint_globals():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise EednError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        raise EednError(f"checkpoint {path} is corrupt or not a weights-only file ({load_failure_reason(exc)}); "
+                        "re-create it or pass a different path") from exc
 
 
 def _checkpoint_globals():
@@ -120,3 +198,38 @@ def _checkpoint_globals():
         torch.serialization.add_safe_globals([argparse.Namespace])
         return contextlib.nullcontext()
     return safe_globals([argparse.Namespace])
+
+
+def load_failure_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words: torch's own message leads with advice to
+    load unsafely, which eedn never does, and puts the reason last."""
+    text = " ".join(str(exc).split())
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+        return f"refused by the weights-only loader: {reason or 'unsupported content'}"
+    if "failed finding central directory" in text or "zip archive" in text:
+        return "truncated or not a zip-format torch file"
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+#: environment variable naming a test-only fault point: the process SIGKILLs itself when it reaches it
+FAULT_ENV = "EEDN_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    """Test-only kill switch (tests/test_faults.py): ``EEDN_FAULT_POINT=name[@N]`` SIGKILLs this process the
+    N-th time (default first) it reaches the named point, so the suite can check what a real kill leaves."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, count = wanted.partition("@")
+    if point != name:
+        return
+    hits = _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if hits >= int(count or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_HITS: dict[str, int] = {}

@@ -10,7 +10,6 @@ import copy
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ from eedn.config import cache_dir, resolve_config
 from eedn.contracts import Backbone, Evaluator
 from eedn.cost import measure_exit_macs
 from eedn.data import DataSplits
-from eedn.errors import EednError
+from eedn.errors import EednError, warn
 from eedn.features import FeatureSource, compute_split_outputs
 from eedn.image_batches import LoaderOptions
-from eedn.io import atomic_torch_save, atomic_write_json, load_checkpoint
+from eedn.io import atomic_torch_save, atomic_write_json
 from eedn.model import EarlyExitModel
 from eedn.outputs import ExitOutputs
 from eedn.matched import OWN_IMS_KEY
@@ -38,9 +37,10 @@ from eedn.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_
 from eedn.precision import apply_memory_format, check_precision, numerics_key, use_channels_last
 from eedn.progress import Progress
 from eedn.render import format_macs, render_run
+from eedn.preflight import check_before_stage_0, load_cached_backbone
+from eedn.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, check_out_dir,
+                         created_now, environment, staged_run_dir, unique_run_name)
 from eedn.risk_run import check_risk_config, risk_control_block
-from eedn.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, created_now,
-                         environment)
 from eedn.strategy import FitContext, TrainingStrategy
 from eedn.transfer import transfer_summary
 
@@ -153,6 +153,7 @@ class Prepared:
 def prepare(cfg: dict, progress: Progress) -> Prepared:
     """Data and backbone for a resolved config (the backbone from the cache when already trained)."""
     checked = check_plugins(cfg)
+    cache_writable = check_before_stage_0(cfg, cache_dir(cfg))
     check_precision(cfg["precision"], cfg["device"])
     t0 = time.perf_counter()
     if cfg["threads"]:
@@ -185,20 +186,24 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
     t1 = time.perf_counter()
     if ckpt and not rec["epochs"]:
         info["source"] = f"checkpoint {ckpt}"
+    elif not rec["epochs"]:  # said plainly, and never cached as a trained backbone
+        info["source"] = "untrained"
+        warn("backbone_training.epochs is 0 and no checkpoint is given: the backbone keeps its random "
+             "initialisation (give --backbone-checkpoint or epochs >= 1 for a trained one)")
     else:
         key = backbone_key(cfg["backbone"], bb_opts, dataset_desc, image_size, cfg["seed"],
                            rec | {"init_checkpoint": str(ckpt) if ckpt else None}
                            | numerics_key(cfg["precision"], channels_last))
         path = cache_dir(cfg) / "backbones" / f"{cfg['backbone']}-{key}.pt"
         info["cache_path"] = str(path)
-        if path.exists():
-            blob = load_checkpoint(path)
-            backbone.load_state_dict(blob["model"])
-            info |= {"source": "cache", **blob.get("summary", {})}
+        summary = load_cached_backbone(path, backbone)
+        if summary is not None:
+            info |= {"source": "cache", **summary}
             progress.log(f"backbone loaded from cache: {path}")
         else:
             summary = train_backbone(backbone, data, rec, seed=cfg["seed"], device=cfg["device"],
-                                     checkpoint_path=path, resume=cfg["resume"], progress=progress,
+                                     checkpoint_path=path if cache_writable else None,
+                                     resume=cfg["resume"], progress=progress,
                                      precision=cfg["precision"], channels_last=channels_last,
                                      loader=LoaderOptions.from_config(cfg))
             info |= {"source": "trained", "val_accuracy": summary["val_accuracy"], "epochs": summary["epochs"]}
@@ -213,7 +218,8 @@ def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = T
                          backbone_mode=mode, batch_size=cfg["eval_batch_size"], dataset_key=prep.dataset_desc,
                          progress=prep.progress, num_workers=cfg["num_workers"], precision=cfg["precision"],
                          channels_last=use_channels_last(cfg["channels_last"], model.backbone),
-                         loader=LoaderOptions.from_config(cfg))
+                         loader=LoaderOptions.from_config(cfg),
+                         backbone_key={"name": cfg["backbone"], "options": prep.backbone_info["options"]})
 
 
 def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_options: dict | None = None,
@@ -228,6 +234,8 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     if out is not None:
         cfg["out"] = str(out)
     checked = check_plugins(cfg)
+    if cfg["out"]:
+        check_out_dir(cfg["out"], bool(cfg.get("overwrite")))
     progress = prep.progress
     seed_everything(cfg["seed"])
     strategy, gate_name, evaluators = checked.strategy, checked.gate, checked.evaluators
@@ -269,6 +277,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
         model.load_heads_state_dict(state)
         outs = {s: compute_split_outputs(model, eval_source, s, exit_macs, full_macs, cfg["eval_batch_size"])
                 for s in SPLITS}
+        check_finite_outputs(cfg["strategy"], label, outs)
         outputs[label] = outs
         for ev in evaluators.values():
             ev.fit(outs["cal"])
@@ -381,24 +390,33 @@ def build_manifest(cfg: dict, prep: Prepared, checked: CheckedPlugins, model: Ea
     }
 
 
+def check_finite_outputs(strategy: str, setting: str, outputs: dict[str, ExitOutputs]) -> None:
+    """A diverged model (NaN / inf logits or gate scores) stops the run: it is never reported as a result."""
+    for split, out in outputs.items():
+        if not (torch.isfinite(out.logits).all() and torch.isfinite(out.gate_scores).all()):
+            raise EednError(f"strategy '{strategy}' setting {setting}: the trained model gives non-finite outputs "
+                            f"on {split}; training diverged, nothing was written. Lower the learning rate "
+                            "(strategy_options.lr or backbone_training.lr) and run again")
+
+
 def run_directory(cfg: dict) -> Path:
     if cfg["out"]:
         return Path(cfg["out"])
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg['dataset']}-{cfg['backbone']}-{cfg['strategy']}-s{cfg['seed']}-{stamp}"
+    return Path("runs") / unique_run_name(f"{cfg['dataset']}-{cfg['backbone']}-{cfg['strategy']}-s{cfg['seed']}")
 
 
 def write_run(run_dir: Path, cfg: dict, results: dict, manifest: dict, model: EarlyExitModel,
               outputs: dict[str, dict[str, ExitOutputs]], heads: dict[str, dict]) -> None:
-    """Everything a later `eedn report` / `predict` / `bench` / `compare` needs; results.json is written last."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / CONFIG, cfg)
-    atomic_torch_save({"backbone": model.backbone.state_dict(), "heads": heads}, run_dir / WEIGHTS)
-    atomic_torch_save({label: {s: o.to_dict() for s, o in outs.items()} for label, outs in outputs.items()},
-                      run_dir / OUTPUTS)
-    atomic_write_json(run_dir / MANIFEST, manifest)
-    atomic_write_json(run_dir / RESULTS, results)
-    render_run(run_dir, results, manifest)
+    """Everything a later `eedn report` / `predict` / `bench` / `compare` needs, written into a temporary
+    sibling renamed into place at the end: a killed run leaves no half-written run directory."""
+    with staged_run_dir(run_dir, bool(cfg.get("overwrite"))) as staging:
+        atomic_write_json(staging / CONFIG, cfg)
+        atomic_torch_save({"backbone": model.backbone.state_dict(), "heads": heads}, staging / WEIGHTS)
+        atomic_torch_save({label: {s: o.to_dict() for s, o in outs.items()} for label, outs in outputs.items()},
+                          staging / OUTPUTS)
+        atomic_write_json(staging / MANIFEST, manifest)
+        atomic_write_json(staging / RESULTS, results)
+        render_run(staging, results, manifest)
 
 
 def run_pipeline(config: dict | None = None, sets: list[str] | None = None, progress: Progress | None = None,

@@ -10,12 +10,17 @@ re-made.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from eedn.errors import EednError
 
@@ -112,3 +117,76 @@ def load_model(run_dir: str | Path, setting: str = POLICY_HEADS, device: str = "
 
 def created_now() -> str:
     return datetime.now().isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------- writing a run directory safely
+
+
+def unique_run_name(stem: str) -> str:
+    """``<stem>-<time>-<random>``: two runs started in the same second never share a directory."""
+    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_out_dir(path: str | Path, overwrite: bool, what: str = "--out") -> None:
+    """Before anything is trained: a non-empty run directory is refused unless ``overwrite``, and the place
+    it will be written must be writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EednError(f"{what} {path} is a file, not a directory; give a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise EednError(f"{what} {path} already holds files; pass --overwrite (config overwrite: true) to replace "
+                        "them or give another directory")
+    from eedn.io import writable_dir
+
+    if not writable_dir(path.parent):
+        raise EednError(f"{what} {path} cannot be written ({nearest_existing(path.parent)} is not writable); give "
+                        "a writable directory")
+
+
+@contextmanager
+def staged_run_dir(final: str | Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of ``final`` to write the run into, renamed into place when the block ends: a
+    killed run leaves no half-written run directory (its temporary is removed by the next run writing
+    beside it), and an old run is replaced whole or not at all."""
+    from eedn.io import clean_stale_temps, current_umask, temp_prefix
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(final.parent)
+    staging = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), suffix=".tmpdir", dir=final.parent))
+    os.chmod(staging, 0o777 & ~current_umask())
+    try:
+        yield staging
+        publish(staging, final, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def publish(staging: Path, final: Path, overwrite: bool) -> None:
+    """Rename a finished staging directory to ``final``. An existing non-empty ``final`` is moved aside
+    first with ``overwrite``; without it (another run wrote there meanwhile), this run stops with an error."""
+    from eedn.io import fault_point, temp_prefix
+
+    fault_point("publish-run-dir")
+    old = None
+    if final.exists() and overwrite:
+        old = final.parent / f"{temp_prefix(final.name)}{secrets.token_hex(3)}.tmpdir"
+        os.rename(final, old)
+    try:
+        os.rename(staging, final)  # atomic; fails if another run filled ``final`` meanwhile
+    except OSError:
+        if old is not None:
+            os.rename(old, final)
+        raise EednError(f"run directory {final} was written by another run meanwhile; nothing was replaced. "
+                        "Give another --out, or --overwrite to replace it") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from eedn.errors import EednError
 from eedn.features import FeatureSource, compute_split_outputs
+from eedn.io import fault_point
 from eedn.model import EarlyExitModel
 from eedn.options import declared_options, option
 from eedn.precision import autocast
@@ -243,6 +244,7 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
                   "val_accuracy": val_acc.tolist()}
         history.append(record)
         context.progress.epoch(name, epoch, epochs, loss=record["loss"], val_accuracy=float(val_acc[-1]))
+        fault_point("head-epoch")
     if best_state is not None:
         model.load_heads_state_dict(best_state)
     return history

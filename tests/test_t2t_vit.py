@@ -442,7 +442,7 @@ def test_checkpoint_for_another_channel_count_is_a_clear_error(tmp_path):
 def test_corrupt_or_absent_checkpoint_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(EednError, match="cannot read checkpoint"):
+    with pytest.raises(EednError, match="is corrupt or not a weights-only file"):
         make(checkpoint=str(bad))
     with pytest.raises(EednError, match="not found"):
         make(checkpoint=str(tmp_path / "absent.pth"))
