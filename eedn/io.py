@@ -204,9 +204,11 @@ def load_failure_reason(exc: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in a few words: torch's own message leads with advice to
     load unsafely, which eedn never does, and puts the reason last."""
     text = " ".join(str(exc).split())
-    if "WeightsUnpickler error:" in text:
-        reason = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
-        return f"refused by the weights-only loader: {reason or 'unsupported content'}"
+    if text.startswith("Weights only load failed"):
+        reason = text.split(" Check the documentation")[0]
+        for boilerplate in ("trusted source.", "your use case:", "WeightsUnpickler error:"):
+            reason = reason.split(boilerplate)[-1]
+        return f"refused by the weights-only loader: {reason.strip() or 'unsupported content'}"
     if "failed finding central directory" in text or "zip archive" in text:
         return "truncated or not a zip-format torch file"
     return f"{type(exc).__name__}: {text[:160]}"
