@@ -31,13 +31,24 @@ def friendly_errors(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the CLI boundary
             if debug:
                 raise
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             prefix = "error" if isinstance(exc, EednError) else f"error ({type(exc).__name__})"
             click.echo(f"{prefix}: {msg}" + ("" if isinstance(exc, EednError) else " — rerun with --debug for details"),
                        err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def first_line(exc: BaseException) -> str:
+    """The one line printed for an error; a line that ends with ':' (torch's "Error(s) in loading
+    state_dict for X:") keeps what follows, so the point is never cut off."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return " ".join(lines)[:400]
+    return lines[0]
 
 
 def parse_number_list(text: str, option: str, convert: Callable[[str], Any], minimum: float, example: str) -> list:

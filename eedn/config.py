@@ -115,8 +115,16 @@ def load_config_file(path: str | os.PathLike) -> dict:
         raise EednError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) if p.suffix in (".yaml", ".yml") else json.loads(p.read_text())
-    except Exception as exc:
-        raise EednError(f"cannot parse config file {p}: {str(exc).splitlines()[0]}") from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise EednError(f"cannot parse config file {p}{where}: {exc.problem or exc.context}; fix the YAML "
+                        "there") from exc
+    except json.JSONDecodeError as exc:
+        raise EednError(f"cannot parse config file {p} at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                        "fix the JSON there") from exc
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise EednError(f"cannot read config file {p}: {str(exc).splitlines()[0]}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -249,3 +249,25 @@ def test_state_dict_mismatch_names_the_keys(tmp_path):
     torch.save(state, ckpt)
     with pytest.raises(EednError, match=r"w\.pt.* does not fit .*missing: fc\.weight; unexpected: extra\.weight"):
         model.backbone.load_pretrained(ckpt)
+
+
+def test_yaml_and_json_errors_give_line_and_column(tmp_path):
+    from eedn.config import load_config_file
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 1\nbackbone_training:\n  epochs: [2\n  lr: 1e-3\n")
+    with pytest.raises(EednError, match=r"cannot parse config file .*bad\.yaml at line 4, column 5: .*; fix the "
+                                        r"YAML there"):
+        load_config_file(bad)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"seed": 1,\n "out": }')
+    with pytest.raises(EednError, match=r"bad\.json at line 2, column 9: Expecting value; fix the JSON there"):
+        load_config_file(bad_json)
+
+
+def test_a_cut_off_first_line_keeps_its_point():
+    from eedn.cli_options import first_line
+
+    exc = RuntimeError("Error(s) in loading state_dict for T2TViT:\n\tMissing key(s) in state_dict: \"head.w\".")
+    assert first_line(exc) == "Error(s) in loading state_dict for T2TViT: Missing key(s) in state_dict: \"head.w\"."
+    assert first_line(ValueError("first\nsecond")) == "first"
