@@ -48,7 +48,10 @@ VARIANTS = {
     "cdf": {"exit_rule": "cdf"},
     "hazard": {"targets": "hazard"},
     "onehot": {"targets": "onehot"},
+    # the official gates' training (exact-count pos-weights) read through the CDF rule: isolates the rule
+    "cdf-exact": {"exit_rule": "cdf", "pos_weight_counts": "exact"},
 }
+DEFAULT_VARIANTS = "official,cdf,hazard,onehot"
 BASELINE = "im-only"
 
 
@@ -59,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default=None, help="default: the config's, else t2t_vit (tiny on digits)")
     p.add_argument("--lambdas", default="0.01,0.1,0.5,1,2,5", help="λ list of every JEI variant")
     p.add_argument("--epochs", type=int, default=15, help="epochs of every strategy (JEI: warm-up included)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--jei-set", action="append", default=[], help="NAME=VALUE jei option for every variant, "
                                                                   "e.g. im_training=converge (repeatable)")
     p.add_argument("--at", default="0.5,0.75", help="fractions of full MACs the table compares at")
