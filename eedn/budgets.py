@@ -22,7 +22,9 @@ follows the MSDNet budgeted-batch recipe (Huang et al., ICLR 2018) as the offici
 
 The greedy fit: for ``k = 0..G-1``, ``m = floor(n * f_k)``; ``T_k = +inf`` if ``m == 0``,
 else the ``m``-th largest score among samples that have not exited yet; every such sample whose score
-is ``>= T_k`` exits at ``k``. With distinct scores exactly ``m`` samples exit at ``k``.
+is ``>= T_k`` exits at ``k``. With distinct scores exactly ``m`` samples exit at ``k``. After tied scores
+fewer than ``m`` samples may still run: then ``short_share="rest"`` (eedn) lets them all exit at ``k`` (the
+closest to the share), ``"none"`` (the official code) sets ``T_k = +inf`` and nobody exits there.
 
 The helpers (:func:`geometric_shares`, :func:`fit_thresholds`, :func:`pick_setting`, ...) serve any other
 calibratable gate too (the patience gate picks its ``k`` with :func:`pick_setting`).
@@ -46,6 +48,7 @@ SWEEP_P = tuple(range(1, 40))  # p = 1..39, the official sweep
 SEARCH_Q = torch.logspace(-3, 3, 241, dtype=torch.float64)  # the macs_fraction / accuracy_drop family
 FLOOR_EPS = 1e-9  # floor(n*f) guard against float noise (100 * 0.29 = 28.999999999999996)
 TARGET_KEYS = ("p", "exit_shares", "macs_fraction", "accuracy_drop")
+SHORT_SHARES = ("rest", "none")  # fewer samples running than an exit's share: they all exit / nobody exits
 
 
 # ------------------------------------------------------------------------------------- budget helpers
@@ -68,19 +71,22 @@ def geometric_shares_many(ps: Tensor, num_exits: int, divisor: float, include_fi
     return shares
 
 
-def fit_thresholds(scores: Tensor, shares: Tensor) -> Tensor:
+def fit_thresholds(scores: Tensor, shares: Tensor, short_share: str = "rest") -> Tensor:
     """Greedy MSDNet threshold fit on a ``[N, G]`` score matrix; ``shares`` has G+1 (or G)
     entries, of which the first G are used. Returns float64 thresholds ``[G]``."""
-    return fit_thresholds_batch(scores, shares.reshape(1, -1))[0]
+    return fit_thresholds_batch(scores, shares.reshape(1, -1), short_share)[0]
 
 
-def fit_thresholds_batch(scores: Tensor, shares: Tensor) -> Tensor:
+def fit_thresholds_batch(scores: Tensor, shares: Tensor, short_share: str = "rest") -> Tensor:
     """:func:`fit_thresholds` for ``P`` share vectors at once (``shares [P, >=G]``) -> ``[P, G]``.
 
     For each exit k: ``m = floor(n·f_k)``; ``T_k`` is the m-th largest score among the samples still
-    running (+inf if ``m == 0`` or none runs; the smallest running score if fewer than m run, which
-    can only happen after ties); running samples with score ``>= T_k`` exit.
+    running (+inf if ``m == 0`` or none runs); running samples with score ``>= T_k`` exit. If fewer than
+    m run (only after ties): ``short_share="rest"`` takes the smallest running score (all of them exit),
+    ``"none"`` leaves ``T_k = +inf`` as the official code does (nobody exits at k).
     """
+    if short_share not in SHORT_SHARES:
+        raise EednError(f"short_share must be one of {', '.join(SHORT_SHARES)}, got {short_share!r}")
     n, g = scores.shape
     p = shares.shape[0]
     scores = scores.double().cpu()
@@ -93,7 +99,8 @@ def fit_thresholds_batch(scores: Tensor, shares: Tensor) -> Tensor:
         alive_ranked = running[:, order].cumsum(1)  # [P, N]: running samples seen so far, best first
         take = torch.minimum(m, alive_ranked[:, -1])
         position = (alive_ranked >= take.clamp(min=1)[:, None]).int().argmax(1)  # the take-th running one
-        thresholds[:, k] = torch.where(take > 0, col[order][position], thresholds[:, k])
+        fits = take > 0 if short_share == "rest" else (take > 0) & (take == m)
+        thresholds[:, k] = torch.where(fits, col[order][position], thresholds[:, k])
         running &= ~(col[None, :] >= thresholds[:, k : k + 1])
     return thresholds
 
@@ -183,11 +190,15 @@ class ThresholdGate(Gate):
         include_final: bool = option(True, "the final exit gets a share of the geometric budget (MSDNet); "
                                            "false: the official JEI variant")
         thresholds: list[float] | None = option(None, "one threshold per IM, set directly (else calibrated)")
+        short_share: str = option("rest", "an exit whose share exceeds the samples still running (only after "
+                                          "tied scores): rest = they all exit there; none = nobody does "
+                                          "(official)", choices=SHORT_SHARES)
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
         self.divisor = self.options["divisor"]
         self.include_final = self.options["include_final"]
+        self.short_share = self.options["short_share"]
         thresholds = self.options["thresholds"]
         init = torch.full((num_exits,), math.inf, dtype=torch.float64)
         if thresholds is not None:
@@ -231,7 +242,7 @@ class ThresholdGate(Gate):
         everyone_first = torch.full((1, g), math.inf, dtype=torch.float64)
         everyone_first[:, :1] = -math.inf
         thresholds = torch.cat([everyone_first, torch.full((1, g), math.inf, dtype=torch.float64),
-                                fit_thresholds_batch(scores, shares)])
+                                fit_thresholds_batch(scores, shares, self.short_share)])
         labels = [{"family": "all_exit_0"}, {"family": "no_early_exit"}] + [{"family": "geometric", "p": p} for p in ps]
         summaries = summarize_many(val, first_exits_many(scores, thresholds))
         return [lab | {"thresholds": th, "summary": sm} for lab, th, sm in zip(labels, thresholds, summaries)]
@@ -240,7 +251,7 @@ class ThresholdGate(Gate):
         check_val(self, val)
         kind = check_target(target, TARGET_KEYS)
         if kind in ("p", "exit_shares"):
-            th = fit_thresholds(val.gate_scores, self._shares_for(target))
+            th = fit_thresholds(val.gate_scores, self._shares_for(target), self.short_share)
             chosen: dict = {"family": kind}
             if kind == "p":
                 chosen["p"] = float(target["p"])
@@ -258,4 +269,5 @@ class ThresholdGate(Gate):
 
     def describe(self) -> dict:
         return {"score": self.score_name, "thresholds": [_format_threshold(float(t)) for t in self.thresholds],
-                "divisor": self.divisor, "include_final": self.include_final} | self.setting
+                "divisor": self.divisor, "include_final": self.include_final,
+                "short_share": self.short_share} | self.setting

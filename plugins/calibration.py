@@ -8,9 +8,11 @@ no TS) is reported as ``ece_compat``. Every ECE here is a fraction in [0, 1] (th
 Binning convention (both kinds): bin b covers ``(edge_b, edge_{b+1}]`` and the first bin also takes its lower edge,
 so a confidence of exactly 1.0 falls in the last bin and one of exactly 0 in the first. This is
 ``numpy.searchsorted(interior_edges, conf, side="left")``, the rule of ``sklearn.calibration.calibration_curve``.
-Equal-width edges are ``linspace(0, 1, n_bins + 1)``; equal-mass edges are the linear-interpolation quantiles of
-the confidences at ``linspace(0, 1, n_bins + 1)`` (``numpy.percentile``'s default, as sklearn's ``"quantile"``
-strategy). Empty bins contribute nothing.
+Equal-width edges are ``linspace(0, 1, n_bins + 1)``; equal-mass edges are exactly sklearn's ``"quantile"``
+strategy (the official code's): ``numpy.percentile(conf, linspace(0, 1, n_bins + 1) * 100)``. ``torch.quantile``
+is not used: its interpolation index and rounding differ from numpy's, so an edge that should sit on a sample
+can land just below or above it and move that sample across bins (for 15 bins whenever n - 1 is a multiple of 3,
+e.g. the official test batches of 64 and 100; docs/method.md §5.2). Empty bins contribute nothing.
 
 The tensor functions below are importable on their own (no evaluator needed).
 """
@@ -20,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -54,7 +57,8 @@ def bin_edges(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "w
     grid = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
     if binning == "width" or confidences.numel() == 0:
         return grid
-    return torch.quantile(confidences.double().cpu(), grid)  # linear interpolation, as numpy.percentile
+    percent = np.linspace(0, 1, n_bins + 1) * 100  # the very expression sklearn's calibration_curve uses
+    return torch.from_numpy(np.percentile(confidences.double().cpu().numpy(), percent))
 
 
 def bin_indices(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
@@ -99,23 +103,38 @@ def maximum_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int 
     return float(gap[bins["count"] > 0].max())
 
 
+def compat_batches(n: int, batch_size: int = 64, chunks: int = 10, seed: int = 0) -> list[Tensor]:
+    """Index batches of the official JEI test ECE: ``0..n-1`` cut into ``chunks`` consecutive chunks
+    (``numpy.array_split``), each read in a seeded random order (a ``SubsetRandomSampler``) in batches of
+    ``batch_size``; the last batch of a chunk may be short. ``chunks=0``: consecutive batches, no shuffling."""
+    if batch_size < 1:
+        raise EednError(f"compat_batch_size must be a positive integer, got {batch_size}")
+    if chunks < 0:
+        raise EednError(f"compat_chunks must be >= 0, got {chunks}")
+    if chunks == 0:
+        parts = [torch.arange(n)]
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        parts = [torch.from_numpy(c)[torch.randperm(len(c), generator=generator)]
+                 for c in np.array_split(np.arange(n), chunks)]
+    return [p[start:start + batch_size] for p in parts for start in range(0, len(p), batch_size)]
+
+
 def per_batch_quantile_ece(confidences: Tensor, correct: Tensor, batch_size: int = 64,
-                           n_bins: int = DEFAULT_BINS) -> float:
-    """Paper-compat ECE, as the official code computes it: consecutive batches, quantile bins per batch, mean
-    weighted by batch size.
+                           n_bins: int = DEFAULT_BINS, chunks: int = 0, seed: int = 0) -> float:
+    """Paper-compat ECE, as the official code computes it: quantile bins per test batch, mean weighted by
+    batch size; batches from :func:`compat_batches` (``chunks=10`` is the official test loader).
 
     With ~4 samples per bin it is biased upward; it exists to compare with the official numbers (which are this
     value x 100).
     """
-    if batch_size < 1:
-        raise EednError(f"compat_batch_size must be a positive integer, got {batch_size}")
+    batches = compat_batches(confidences.numel(), batch_size, chunks, seed)
     n = confidences.numel()
     if n == 0:
         return float("nan")
     total = 0.0
-    for start in range(0, n, batch_size):
-        conf = confidences[start:start + batch_size]
-        total += conf.numel() * expected_calibration_error(conf, correct[start:start + batch_size], n_bins, "mass")
+    for idx in batches:
+        total += len(idx) * expected_calibration_error(confidences[idx], correct[idx], n_bins, "mass")
     return total / n
 
 
@@ -219,6 +238,10 @@ class CalibrationEvaluator(Evaluator):
         n_bins: int = option(DEFAULT_BINS, "bins of every ECE / MCE", min=1)
         compat_batch_size: int = option(64, "test batch of the paper-compat ECE (official: 64; 100 for "
                                             "CIFAR-100 and SVHN)", min=1)
+        compat_chunks: int = option(10, "paper-compat ECE: the test set cut into this many consecutive chunks, "
+                                        "each read in a seeded random order (official: 10); 0: consecutive "
+                                        "batches", min=0)
+        compat_seed: int = option(0, "seed of the paper-compat ECE's in-chunk order")
         ts_init: float = option(TS_INIT, "initial temperature", min=0)
         ts_lr: float = option(TS_LR, "LBFGS learning rate", min=0)
         ts_max_iter: int = option(TS_MAX_ITER, "LBFGS iterations", min=1)
@@ -268,8 +291,10 @@ class CalibrationEvaluator(Evaluator):
         result["settings"] = {
             "n_bins": self.n_bins,
             "bins": "(lo, hi], first bin includes 0; ece: equal width, ece_equal_mass: quantile edges",
-            "ece_compat": f"paper-compat: per batch of {self.options['compat_batch_size']}, {self.n_bins} quantile "
-                          "bins, batch-size weighted mean, no TS (official value = this x 100)",
+            "ece_compat": f"paper-compat: per batch of {self.options['compat_batch_size']} "
+                          f"({self.options['compat_chunks']} shuffled chunks, seed {self.options['compat_seed']}), "
+                          f"{self.n_bins} numpy-percentile quantile bins, batch-size weighted mean, no TS (official "
+                          "value = this x 100)",
             "temperature_scaling": dict(self.ts_options) | {"fitted_on": "cal split logits, one T per exit"},
         }
         return result
@@ -290,4 +315,6 @@ class CalibrationEvaluator(Evaluator):
 
     def _compat(self, logits: Tensor, labels: Tensor) -> float:
         confidence, correct = confidence_and_correct(logits, labels)
-        return per_batch_quantile_ece(confidence, correct, self.options["compat_batch_size"], self.n_bins)
+        o = self.options
+        return per_batch_quantile_ece(confidence, correct, o["compat_batch_size"], self.n_bins, o["compat_chunks"],
+                                      o["compat_seed"])

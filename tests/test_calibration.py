@@ -18,6 +18,7 @@ from eedn_plugins.calibration import (
     brier_score,
     calibration_bins,
     calibration_metrics,
+    compat_batches,
     confidence_and_correct,
     expected_calibration_error,
     fit_temperature,
@@ -114,6 +115,41 @@ def test_compat_ece_is_the_batch_weighted_mean_of_per_batch_quantile_ece():
         per_batch_quantile_ece(conf, correct, batch_size=0)
     with pytest.raises(EednError, match="binning"):
         expected_calibration_error(conf, correct, 15, "quantile")
+
+
+def test_quantile_edges_are_numpy_percentile_edges_on_an_official_batch_size():
+    """A batch of 64 (64 - 1 divisible by 3): the 5th, 7th, 10th, 11th and 14th edges fall on samples, where
+    torch.quantile and numpy.percentile round differently and move a sample across bins. eedn follows numpy, the
+    official code's (sklearn's) computation."""
+    conf = torch.tensor([((i + 1) / 64) ** 2 for i in range(64)], dtype=torch.float64)
+    correct = torch.tensor([(i * 7 + 1) % 3 == 0 for i in range(64)])
+    percent = np.linspace(0, 1, 16) * 100
+    assert np.array_equal(bin_edges(conf, 15, "mass").numpy(), np.percentile(conf.numpy(), percent))
+    expected = numpy_quantile_ece(conf.numpy(), correct.numpy().astype(float))
+    assert expected == pytest.approx(0.265831, abs=1e-6)  # torch.quantile edges gave 0.253426
+    assert expected_calibration_error(conf, correct, 15, "mass") == pytest.approx(expected, abs=1e-12)
+    assert per_batch_quantile_ece(conf, correct, batch_size=64) == pytest.approx(expected, abs=1e-12)
+
+
+def test_compat_ece_reads_the_official_test_loader_batches():
+    """The official test loader: 10 consecutive chunks (numpy.array_split), each in a random order, batches of 64
+    within a chunk; the ECE is the batch-size weighted mean of the per-batch quantile ECEs."""
+    batches = compat_batches(1000, 64, chunks=10, seed=3)
+    assert [len(b) for b in batches] == [64, 36] * 10  # chunks of 100
+    for c in range(10):
+        chunk = torch.cat(batches[2 * c:2 * c + 2])
+        assert sorted(chunk.tolist()) == list(range(100 * c, 100 * c + 100))
+        assert chunk.tolist() != list(range(100 * c, 100 * c + 100))  # shuffled within the chunk
+    assert [b.tolist() for b in compat_batches(130, 64, chunks=0)] == [list(range(64)), list(range(64, 128)),
+                                                                        [128, 129]]
+    assert [len(b) for b in compat_batches(23, 64, chunks=10)] == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    logits, labels = synthetic(1000, 10, seed=5)
+    conf, correct = confidence_and_correct(logits * 2.0, labels)
+    c, k = conf.numpy(), correct.numpy().astype(float)
+    expected = sum(len(b) * numpy_quantile_ece(c[b.numpy()], k[b.numpy()]) for b in batches) / 1000
+    assert per_batch_quantile_ece(conf, correct, 64, chunks=10, seed=3) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(EednError, match="compat_chunks"):
+        compat_batches(10, 64, chunks=-1)
 
 
 def test_nll_and_brier_against_hand_and_sklearn():

@@ -151,6 +151,39 @@ def _greedy_fit_reference(scores: torch.Tensor, shares: list[float]) -> list[flo
     return thresholds
 
 
+def _official_fit_reference(scores: torch.Tensor, shares: list[float]) -> list[float]:
+    """The official code's fit: T_k starts "infinite" and is set only when the m-th running sample is reached."""
+    n, g = scores.shape
+    thresholds, filtered = [math.inf] * g, [0] * n
+    for k in range(g):
+        out_n, count = math.floor(n * shares[k] + 1e-9), 0
+        for i in sorted(range(n), key=lambda i: -float(scores[i, k])):
+            if filtered[i] == 0:
+                count += 1
+                if count == out_n:
+                    thresholds[k] = float(scores[i, k])
+                    break
+        filtered = [f + (float(scores[i, k]) >= thresholds[k]) for i, f in enumerate(filtered)]
+    return thresholds
+
+
+def test_short_share_after_ties_official_none_and_eedn_rest():
+    """Three tied top scores at exit 0 (share 1/4) all exit, leaving one sample for exit 1's share of 2: the
+    official fit leaves T_1 = +inf (it reaches the final head), eedn's default lets it exit at 1."""
+    scores = torch.tensor([[0.9, 0.3], [0.9, 0.2], [0.9, 0.6], [0.1, 0.5]], dtype=torch.float64)
+    shares = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    assert fit_thresholds(scores, shares, "none").tolist() == [0.9, math.inf] == _official_fit_reference(
+        scores, shares.tolist())
+    assert fit_thresholds(scores, shares).tolist() == [0.9, 0.5]
+    for short_share, exits in (("none", [0, 0, 0, 2]), ("rest", [0, 0, 0, 1])):
+        gate = MaxProbGate(2, 3, short_share=short_share)
+        gate.thresholds.copy_(fit_thresholds(scores, shares, short_share))
+        assert gate.decide(scores).tolist() == exits
+        assert gate.describe()["short_share"] == short_share
+    with pytest.raises(EednError, match="short_share"):
+        fit_thresholds(scores, shares, "all")
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_batched_fit_equals_plain_greedy_fit_with_ties(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -159,8 +192,10 @@ def test_batched_fit_equals_plain_greedy_fit_with_ties(seed):
     shares = torch.rand(4, g + 1, generator=gen, dtype=torch.float64)
     shares /= shares.sum(1, keepdim=True)
     fitted = fit_thresholds_batch(scores, shares)
+    official = fit_thresholds_batch(scores, shares, "none")
     for i in range(4):
         assert fitted[i].tolist() == _greedy_fit_reference(scores, shares[i].tolist())
+        assert official[i].tolist() == _official_fit_reference(scores, shares[i].tolist())
 
 
 def test_budget_sweep_and_options():
