@@ -21,14 +21,20 @@ Variants (which calibration scores make q̂, and which q̂ a test sample uses �
 
 * ``general``      — one q̂ from the gated scores (each cal sample at its own exit).
 * ``gated``        — per exit l: the cal samples that exited at l when there are at least ``min_per_exit`` (20) of
-  them, otherwise every cal sample's IM_l score. The official code requires *more than* 20, i.e.
-  ``min_per_exit=21``. The final exit is index E-1.
+  them. Otherwise (``fallback``, with a warning): ``merge`` (clean profile) joins the exit with its neighbours
+  until the group holds ``min_per_exit`` exited cal samples (a short last group joins the one before) and
+  calibrates the group on its samples' gated scores — Mondrian conformal over groups of exits, so coverage
+  holds per group and overall; ``general`` uses the general q̂; ``im_scores`` — the official code,
+  ``profile=paper-compat`` — uses every cal sample's IM_l score, which under-covers: the samples that reach a
+  late exit are the hard ones, while most cal samples are easy there (docs/method.md §5.3). The official code
+  requires *more than* 20 (``min_per_exit=21``, the paper-compat default). The final exit is index E-1.
 * ``gated_all``    — per exit l: every cal sample's IM_l score (extra).
 * ``gated_strict`` — per exit l: only the cal samples that exited at l; q̂ = 1 - α when there are none (extra).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +48,10 @@ from eedn.outputs import ExitOutputs
 
 METHODS = ("lac", "aps", "raps")
 VARIANTS = ("general", "gated", "gated_all", "gated_strict")
+#: per profile: the ``gated`` fallback and ``min_per_exit`` when unset (paper-compat = the official code's rule)
+PROFILES = {"clean": {"fallback": "merge", "min_per_exit": 20},
+            "paper-compat": {"fallback": "im_scores", "min_per_exit": 21}}
+FALLBACKS = ("merge", "general", "im_scores")
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1)
 #: k = ceil((n+1)(1-α) - _CEIL_SLACK): (n+1)(1-α) computed in floating point can land a hair above an integer
 #: (e.g. 0.7 * 10 = 7.000000000000001), which would silently demand one more sample than the formula says.
@@ -112,23 +122,58 @@ def set_metrics(sets: Tensor, labels: Tensor) -> dict[str, float | None]:
 
 
 def exit_thresholds(cal_scores: Tensor, exit_cal: Tensor, alpha: float, variant: str,
-                    min_per_exit: int = 20) -> list[tuple[float, str, int]]:
+                    min_per_exit: int = 20, fallback: str = "im_scores") -> list[tuple[float, str, int]]:
     """Per-exit ``(q̂_l, source, n_l)`` for the gated variants, from cal true-class scores ``[M, E]``.
 
-    ``source`` is "exited" (the n_l samples that left at l), "all" (every cal sample's IM_l score) or "none"
-    (gated_strict with no sample: q̂ = 1 - α).
+    ``source`` is "exited" (the n_l samples that left at l), "all" (every cal sample's IM_l score), "general"
+    (``gated`` below ``min_per_exit`` with ``fallback="general"``: the q̂ of every cal sample's gated score) or
+    "none" (gated_strict with no sample: q̂ = 1 - α).
     """
+    if fallback not in FALLBACKS:
+        raise EednError(f"unknown conformal fallback '{fallback}'; use one of: {', '.join(FALLBACKS)}")
+    m, n_exits = cal_scores.shape
+    gated_scores = cal_scores[torch.arange(m), exit_cal]
+    counts = torch.bincount(exit_cal, minlength=n_exits).tolist()
+    group_of = {l: group for group in merged_exit_groups(counts, min_per_exit) for l in group}
     thresholds = []
-    for l in range(cal_scores.shape[1]):
+    for l in range(n_exits):
         exited = exit_cal == l
         count = int(exited.sum())
-        if variant == "gated_all" or (variant == "gated" and count < min_per_exit):
-            thresholds.append((conformal_threshold(cal_scores[:, l], alpha), "all", cal_scores.shape[0]))
+        short = variant == "gated" and count < min_per_exit
+        if variant == "gated" and fallback == "merge":  # every exit of a group shares its q̂ (Mondrian)
+            group = group_of[l]
+            members = torch.isin(exit_cal, torch.tensor(group))
+            source = f"merged:{group[0]}-{group[-1]}" if len(group) > 1 else "exited"
+            thresholds.append((conformal_threshold(gated_scores[members], alpha), source, int(members.sum())))
+        elif short and fallback == "general":
+            thresholds.append((conformal_threshold(gated_scores, alpha), "general", m))
+        elif variant == "gated_all" or short:
+            thresholds.append((conformal_threshold(cal_scores[:, l], alpha), "all", m))
         elif variant == "gated_strict" and count == 0:
             thresholds.append((1.0 - alpha, "none", 0))
         else:
             thresholds.append((conformal_threshold(cal_scores[exited, l], alpha), "exited", count))
     return thresholds
+
+
+def merged_exit_groups(counts: list[int], min_count: int) -> list[list[int]]:
+    """Consecutive exits joined until each group holds at least ``min_count`` samples (``counts`` per exit); a
+    short last group joins the one before (one group of every exit when even all together are short)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for l, count in enumerate(counts):
+        current.append(l)
+        total += count
+        if total >= min_count:
+            groups.append(current)
+            current, total = [], 0
+    if current:
+        if groups:
+            groups[-1] += current
+        else:
+            groups.append(current)
+    return groups
 
 
 def _check_alpha(alpha: float) -> None:
@@ -153,8 +198,14 @@ class ConformalEvaluator(Evaluator):
         alphas: list[float] = option(list(DEFAULT_ALPHAS), "miscoverage levels α, each in (0, 1)", min=0, max=1)
         methods: list[str] = option(list(METHODS), "non-conformity scores", choices=METHODS)
         variants: list[str] = option(["general", "gated"], "which calibration scores make q̂", choices=VARIANTS)
-        min_per_exit: int = option(20, "gated: fewest cal samples exiting at an exit for its own q̂ (official: 21)",
-                                   min=0)
+        profile: str = option("clean", "clean or paper-compat (the official gated fallback: every cal sample's "
+                                        "IM score, min_per_exit 21)", choices=tuple(PROFILES))
+        min_per_exit: int | None = option(None, "gated: fewest cal samples exiting at an exit for its own q̂ "
+                                                "(default: per profile, 20 clean, 21 official)", min=0)
+        fallback: str | None = option(None, "gated, an exit below min_per_exit: merge with its neighbours into a "
+                                            "group of min_per_exit (merge), the general q̂ (general) or every cal "
+                                            "sample's IM score there (im_scores, official) (default: per profile)",
+                                      choices=FALLBACKS)
         lam_reg: float = option(0.01, "RAPS penalty per rank beyond k_reg", min=0)
         k_reg: int = option(5, "RAPS: ranks not penalised", min=0)
         randomized: bool = option(False, "randomise APS / RAPS with a uniform draw per sample")
@@ -166,11 +217,13 @@ class ConformalEvaluator(Evaluator):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
+        profile = PROFILES[self.options["profile"]]
+        self.options = {k: profile[k] if v is None and k in profile else v for k, v in self.options.items()}
         o = self.options
         for alpha in [*o["alphas"], o["headline_alpha"]]:
             _check_alpha(alpha)
         self.alphas, self.methods, self.variants = o["alphas"], o["methods"], o["variants"]
-        self.min_per_exit = o["min_per_exit"]
+        self.min_per_exit, self.fallback = o["min_per_exit"], o["fallback"]
         self.score_options = {"lam_reg": o["lam_reg"], "k_reg": o["k_reg"]}
         self.randomized, self.seed = o["randomized"], o["seed"]
 
@@ -206,7 +259,8 @@ class ConformalEvaluator(Evaluator):
                 qhat = conformal_threshold(cal_scores[torch.arange(n_cal), exit_cal], alpha)
                 per_exit_q = [(qhat, "gated", n_cal)] * n_exits
             else:
-                per_exit_q = exit_thresholds(cal_scores, exit_cal, alpha, variant, self.min_per_exit)
+                per_exit_q = exit_thresholds(cal_scores, exit_cal, alpha, variant, self.min_per_exit,
+                                             self.fallback)
             q_values = torch.tensor([q for q, _, _ in per_exit_q], dtype=torch.float64)
             sets = prediction_sets(test_scores, q_values[exit_test])
             row: dict[str, Any] = {"alpha": alpha, "method": method, "variant": variant}
@@ -234,12 +288,22 @@ class ConformalEvaluator(Evaluator):
         head = next((r for r in rows if (r["alpha"], r["method"], r["variant"]) == key), None)
         if head is None:
             head = make_row(key[1], key[0], key[2], *scores(key[1]))
+        short = sorted({e["index"] for r in rows if r["variant"] == "gated" for e in r["per_exit"]
+                        if e["calibrated_on"] != "exited"})
+        if short:
+            rule = {"merge": "a q̂ shared with their neighbouring exits", "general": "the general q̂",
+                    "im_scores": "every cal sample's IM score (the official rule, which under-covers there)"}[
+                self.fallback]
+            warnings.warn(f"conformal gated: fewer than {self.min_per_exit} cal samples exit at some exits, so "
+                          f"exit(s) {', '.join(map(str, short))} use {rule}; a larger cal split gives each exit its "
+                          "own q̂", stacklevel=2)
         return {
             "results": rows,
             "headline": {k: head[k] for k in ("alpha", "method", "variant", "coverage", "mean_set_size")},
             "settings": {
                 "alphas": self.alphas, "methods": self.methods, "variants": self.variants,
-                "min_per_exit": self.min_per_exit, "randomized": self.randomized, "seed": self.seed,
+                "profile": o["profile"], "min_per_exit": self.min_per_exit, "fallback": self.fallback,
+                "gated_fallback_exits": short, "randomized": self.randomized, "seed": self.seed,
                 "n_cal": n_cal, **self.score_options,
                 "threshold": "k-th smallest cal score, k = ceil((n+1)(1-alpha)); all classes when k > n",
             },

@@ -29,6 +29,7 @@ from eedn_plugins.conformal import (
     conformal_rank,
     conformal_threshold,
     label_scores,
+    merged_exit_groups,
     prediction_sets,
 )
 
@@ -212,29 +213,82 @@ def crafted(probs: list[list[float]], labels: list[int]) -> ExitOutputs:
                        torch.tensor([1.0, 2.0]), 2.0)
 
 
-def test_gated_falls_back_to_all_samples_when_few_exited():
+def test_gated_fallback_merges_short_exits_and_keeps_the_official_rule_under_paper_compat():
     cal, test = exchangeable_outputs(300, seed=4), exchangeable_outputs(200, seed=5)
     exit_cal = torch.zeros(300, dtype=torch.long)
     exit_cal[:20] = 1  # exactly 20 at exit 1, none at exit 2
     exit_test = torch.arange(200) % 3
     scores = label_scores(cal.logits.double().softmax(-1), cal.labels[:, None].expand(300, 3), "lac")  # [M, E]
+    gated_scores = scores[torch.arange(300), exit_cal]
 
-    gated = row(eedn.create("evaluator", "conformal", methods=["lac"]).evaluate(test, cal, exit_test, exit_cal),
-                0.1, "lac", "gated")
-    sources = [(e["calibrated_on"], e["cal_count"]) for e in gated["per_exit"]]
-    assert sources == [("exited", 280), ("exited", 20), ("all", 300)]
+    # clean: exit 2 (no cal sample) joins exit 1, and both use the q̂ of their 20 gated scores
+    with pytest.warns(UserWarning, match=r"fewer than 20 .* exit\(s\) 1, 2 use"):
+        clean = eedn.create("evaluator", "conformal", methods=["lac"]).evaluate(test, cal, exit_test, exit_cal)
+    gated = row(clean, 0.1, "lac", "gated")
+    assert [(e["calibrated_on"], e["cal_count"]) for e in gated["per_exit"]] == [
+        ("exited", 280), ("merged:1-2", 20), ("merged:1-2", 20)]
     assert gated["per_exit"][0]["qhat"] == conformal_threshold(scores[20:, 0], 0.1)
-    assert gated["per_exit"][1]["qhat"] == conformal_threshold(scores[:20, 1], 0.1)
-    assert gated["per_exit"][2]["qhat"] == conformal_threshold(scores[:, 2], 0.1)
+    assert gated["per_exit"][1]["qhat"] == gated["per_exit"][2]["qhat"] == conformal_threshold(scores[:20, 1], 0.1)
+    assert clean["settings"]["gated_fallback_exits"] == [1, 2]
+    with pytest.warns(UserWarning):
+        general = eedn.create("evaluator", "conformal", methods=["lac"], fallback="general").evaluate(
+            test, cal, exit_test, exit_cal)
+    assert row(general, 0.1, "lac", "gated")["per_exit"][2]["qhat"] == conformal_threshold(gated_scores, 0.1)
 
-    # the official rule is "more than 20": 20 exited samples then fall back too
-    compat = eedn.create("evaluator", "conformal", methods=["lac"], min_per_exit=21).evaluate(
-        test, cal, exit_test, exit_cal)
-    assert [e["calibrated_on"] for e in row(compat, 0.1, "lac", "gated")["per_exit"]] == ["exited", "all", "all"]
+    # paper-compat: the official rule, "more than 20" exited samples, else every cal sample's IM_l score
+    with pytest.warns(UserWarning, match="official rule"):
+        compat = eedn.create("evaluator", "conformal", methods=["lac"], profile="paper-compat").evaluate(
+            test, cal, exit_test, exit_cal)
+    per_exit = row(compat, 0.1, "lac", "gated")["per_exit"]
+    assert [(e["calibrated_on"], e["cal_count"]) for e in per_exit] == [("exited", 280), ("all", 300), ("all", 300)]
+    assert per_exit[2]["qhat"] == conformal_threshold(scores[:, 2], 0.1)
+    assert compat["settings"]["min_per_exit"] == 21 and compat["settings"]["fallback"] == "im_scores"
     strict = eedn.create("evaluator", "conformal", methods=["lac"], variants=["gated_strict", "gated_all"]).evaluate(
         test, cal, exit_test, exit_cal)
     assert row(strict, 0.1, "lac", "gated_strict")["per_exit"][2]["qhat"] == pytest.approx(0.9)
     assert [e["cal_count"] for e in row(strict, 0.1, "lac", "gated_all")["per_exit"]] == [300] * 3
+
+
+def test_merged_exit_groups():
+    assert merged_exit_groups([30, 5, 10, 25, 3], 20) == [[0], [1, 2, 3, 4]]
+    assert merged_exit_groups([30, 5, 15, 25, 30], 20) == [[0], [1, 2], [3], [4]]
+    assert merged_exit_groups([3, 4, 5], 20) == [[0, 1, 2]]
+    assert merged_exit_groups([0, 0, 0], 0) == [[0], [1], [2]]
+
+
+def two_populations(n: int, seed: int, hard: float = 0.1, num_classes: int = 5) -> ExitOutputs:
+    """Easy samples (strong true-class logit at every exit) and a ``hard`` share with almost none."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    strength = torch.where(torch.rand(n, generator=g) < hard, 0.3, 5.0).double()
+    onehot = torch.nn.functional.one_hot(y, num_classes).double()
+    logits = torch.stack([strength[:, None] * onehot * (1 + 0.2 * l)
+                          + torch.randn(n, num_classes, generator=g, dtype=torch.float64) for l in range(3)], 1)
+    return ExitOutputs(logits.float(), y, torch.zeros(n, 2), torch.arange(1.0, 4.0), 3.0)
+
+
+@pytest.mark.filterwarnings("ignore:conformal gated")
+def test_gated_marginal_coverage_over_random_splits():
+    """A confident-exit policy sends the hard 15 % to exits 1-2, each short of 20 of the 150 cal samples. Over 60
+    random cal/test splits the clean fallback (merge) keeps the marginal coverage at 1 - α; the official fallback
+    (every cal sample's IM score there) under-covers, as reported for the README's default run (0.833 at α = 0.1)."""
+    pool = two_populations(4000, seed=3)
+    exits = confidence_policy(pool, threshold=0.8)
+    shares = torch.bincount(exits, minlength=3) / 4000
+    assert shares[0] > 0.8 and shares[1:].sum() > 0.12
+    evaluators = {profile: eedn.create("evaluator", "conformal", alphas=[0.1], methods=["lac"], variants=["gated"],
+                                       profile=profile) for profile in ("clean", "paper-compat")}
+    coverage: dict[str, list[float]] = {profile: [] for profile in evaluators}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        perm = torch.randperm(4000, generator=generator)
+        cal_i, test_i = perm[:150], perm[150:1150]
+        for profile, evaluator in evaluators.items():
+            metrics = evaluator.evaluate(pool.subset(test_i), pool.subset(cal_i), exits[test_i], exits[cal_i])
+            coverage[profile].append(metrics["results"][0]["coverage"])
+    mean = {profile: sum(v) / len(v) for profile, v in coverage.items()}
+    assert mean["clean"] >= 0.9 - 0.01  # split-conformal guarantee (its mean), up to the sampling error
+    assert mean["paper-compat"] < 0.86
 
 
 def test_general_and_gated_differ_as_computed_by_hand():
