@@ -101,13 +101,16 @@ class Knob:
         return "no early exit" if value is None else f"{self.name}={value:.6g}"
 
 
+def _quantiles(values: Tensor, count: int) -> list[float]:
+    """``count`` evenly spaced quantiles (max to min) of every value (numpy: no size limit, unlike torch)."""
+    return np.quantile(values.double().cpu().numpy().ravel(), np.linspace(1.0, 0.0, count)).tolist()
+
+
 def _threshold_knob(gate: Gate, val: ExitOutputs, grid_size: int) -> Knob:
     """One threshold shared by every intermediate exit, on quantiles of the val scores (high to low)."""
     from eedn.budgets import first_exits_many
 
-    scores = val.gate_scores.double().flatten()
-    levels = torch.linspace(1.0, 0.0, grid_size, dtype=torch.float64)
-    taus = sorted({float(t) for t in torch.quantile(scores, levels)}, reverse=True)
+    taus = sorted(set(_quantiles(val.gate_scores, grid_size)), reverse=True)
 
     def decide(outputs: ExitOutputs) -> Tensor:
         th = torch.tensor(taus, dtype=torch.float64)[:, None].expand(len(taus), gate.num_exits)
@@ -145,8 +148,7 @@ def _offset_knob(gate: Gate, val: ExitOutputs, grid_size: int) -> Knob:
     """A scalar ``b`` added to the logit of every gate score ``g`` of a probabilistic gate (JEI):
     ``g' = σ(logit(g) + b)``; larger b exits more. The grid is minus the quantiles of the val gate logits (from
     the highest down), so ``logit(g) + b`` crosses 0 for a steady share of val samples from one value to the next."""
-    levels = torch.linspace(1.0, 0.0, grid_size, dtype=torch.float64)
-    offsets = sorted({-float(q) for q in torch.quantile(_gate_logits(val.gate_scores).flatten(), levels)})
+    offsets = sorted({-q for q in _quantiles(_gate_logits(val.gate_scores), grid_size)})
 
     def decide(outputs: ExitOutputs) -> Tensor:
         logit = _gate_logits(outputs.gate_scores)

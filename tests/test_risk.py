@@ -266,6 +266,20 @@ def test_cli_run_with_risk_control(tiny_config, tmp_path):
     assert len(block["sweep"]) == 5 * 2
     assert (out / "risk_control.png").exists() and "Risk-controlled policy" in (out / "summary.md").read_text()
     assert "risk control: prediction_gap <= ε = 0.1 with ucb-wsr" in res.stdout
+    # the re-split benchmark reads the same run directory
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_risk_validity.py"
+    spec = importlib.util.spec_from_file_location("bench_risk_validity", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main([str(out), "--resplits", "4", "--epsilons", "0.05,0.1", "--controllers", "naive,ltt",
+                         "--out", str(tmp_path / "bench")])
+    assert [(r["controller"], r["epsilon"]) for r in report["rows"]] == [("naive", 0.05), ("naive", 0.1),
+                                                                         ("ltt", 0.05), ("ltt", 0.1)]
+    assert all(0 <= r["violation"] <= 1 and 0 <= r["mean_risk"] <= 1 for r in report["rows"])
+    assert report["n_cal"] == block["n_cal"] and (tmp_path / "bench" / "risk_validity.png").exists()
 
 
 def test_cli_risk_errors_are_one_line_before_training(tiny_config, tmp_path):
