@@ -36,24 +36,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Remove temporary files / folders left in ``directory`` by writers that were killed (their pid is gone
-    on this host, or they are older than a day); a live writer's temporaries are kept. Returns what went."""
-    removed = []
-    directory = Path(directory)
+def is_stale_temp(entry: Path) -> bool:
+    """Whether ``entry`` is a temporary file / folder of a writer that was killed (its pid is gone on this
+    host, or it is older than a day); a live writer's temporaries are not stale."""
+    match = _TEMP_NAME.match(entry.name)
+    if not match:
+        return False
     try:
-        entries = list(directory.iterdir())
+        old = time.time() - entry.lstat().st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+    return old or (match["host"] == _HOST and not _pid_alive(int(match["pid"])))
+
+
+def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove the stale temporaries (:func:`is_stale_temp`) in ``directory``; returns what went."""
+    removed = []
+    try:
+        entries = list(Path(directory).iterdir())
     except OSError:
         return removed
     for entry in entries:
-        match = _TEMP_NAME.match(entry.name)
-        if not match:
-            continue
-        try:
-            old = time.time() - entry.lstat().st_mtime > STALE_AFTER_S
-        except OSError:
-            continue
-        if old or (match["host"] == _HOST and not _pid_alive(int(match["pid"]))):
+        if is_stale_temp(entry):
             try:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                 removed.append(entry)
