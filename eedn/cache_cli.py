@@ -2,7 +2,7 @@
 
 The cache holds trained backbones (``backbones/<name>-<key>.pt``, and ``.partial.pt`` resumable checkpoints of
 an interrupted training), per-exit features (``features/features-<key>.pt``, each with the ``meta`` that
-defines it) and extracted image-folder archives (``image-folder/<fingerprint>/``). Temporaries that killed
+defines it) and extracted dataset archives (``datasets/<fingerprint>/``). Temporaries that killed
 writers left behind are listed as ``temp`` and removed by every prune (a live writer's are left alone).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _describe(path: Path, kind: str) -> str:
     import torch
 
     if kind in ("temp", "dataset"):
-        return "left by a killed writer" if kind == "temp" else "extracted image-folder archive"
+        return "left by a killed writer" if kind == "temp" else "extracted dataset archive"
     name = path.name.split("-")[0]
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -67,7 +67,7 @@ def cache_entries(root: Path) -> list[Entry]:
     for sub, pattern, kind in (("backbones", "*.pt", "backbone"), ("features", "features-*.pt", "features")):
         for path in sorted((root / sub).glob(pattern)):
             found.append(("partial" if path.name.endswith(".partial.pt") else kind, path))
-    image_root = root / "image-folder"
+    image_root = root / "datasets"
     if image_root.is_dir():
         found += [("dataset", p) for p in sorted(image_root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     for folder in (root / "backbones", root / "features", image_root):

@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from eedn.config_schema import check_config
 from eedn.errors import EednError
 from eedn.risk_run import RISK_DEFAULTS
 
@@ -151,9 +153,7 @@ def resolve_config(config: dict | None = None, sets: list[str] | None = None, **
             cfg[head] = {}  # the first --set budget.X=... replaces the default target
             replaced.add(head)
         apply_set(cfg, s)
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise EednError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    check_config(cfg, DEFAULTS)  # every key, nested ones too, typed and within its limits (eedn/config_schema.py)
     validate(cfg)
     fill_plugin_defaults(cfg)
     return cfg
@@ -171,33 +171,13 @@ def fill_plugin_defaults(cfg: dict) -> None:
 
 
 def validate(cfg: dict) -> None:
-    if not isinstance(cfg["seed"], int) or cfg["seed"] < 0:
-        raise EednError(f"seed must be a non-negative integer, got {cfg['seed']!r}")
-    if cfg["image_size"] is not None and (not isinstance(cfg["image_size"], int) or cfg["image_size"] < 1):
-        raise EednError(f"image_size must be a positive integer, got {cfg['image_size']!r}")
-    if cfg["device"] not in ("cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
+    """What the schema's per-key types and limits cannot say."""
+    if cfg["device"] not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(cfg["device"])):
         raise EednError(f"device must be cpu or cuda[:N], got {cfg['device']!r}")
-    if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):
-        raise EednError(f"threads must be a positive integer, got {cfg['threads']!r}")
     if cfg["precision"] not in ("fp32", "bf16", "fp16"):
         raise EednError(f"precision must be fp32, bf16 or fp16, got {cfg['precision']!r}")
     if cfg["channels_last"] not in ("auto", True, False):
         raise EednError(f"channels_last must be auto, true or false, got {cfg['channels_last']!r}")
-    bt = cfg["backbone_training"]
-    if bt["optimizer"] not in ("adamw", "sgd"):
-        raise EednError(f"backbone_training.optimizer must be adamw or sgd, got {bt['optimizer']!r}")
-    if bt["epochs"] is not None and (not isinstance(bt["epochs"], int) or bt["epochs"] < 0):
-        raise EednError(f"backbone_training.epochs must be a non-negative integer, got {bt['epochs']!r}")
-    if not isinstance(cfg["budget"], dict) or len(cfg["budget"]) != 1:
-        raise EednError("budget must be one of {macs_fraction: F}, {accuracy_drop: D}, {p: P}, {exit_shares: [...]}")
-    for name in ("backbone_options", "strategy_options", "gate_options", "dataset_options", "evaluator_options",
-                 "inference_module_options"):
-        if not isinstance(cfg[name], dict):
-            raise EednError(f"{name} must be a mapping")
-    if not isinstance(cfg["risk_control"], dict):
-        raise EednError("risk_control must be a mapping, e.g. {risk: prediction_gap, epsilon: 0.05}")
-    if isinstance(cfg["evaluators"], str):
-        cfg["evaluators"] = [e for e in cfg["evaluators"].split(",") if e]
 
 
 def cache_dir(cfg: dict) -> Path:

@@ -268,5 +268,7 @@ def _limits(spec: OptionSpec) -> str:
     """The bounds as the error messages say them: " in [0, 1]", " >= 1", " > 0"."""
     if spec.min is not None and spec.max is not None:
         return f" in [{spec.min:g}, {spec.max:g}]"
+    if spec.above is not None and spec.max is not None:
+        return f" in ({spec.above:g}, {spec.max:g}]"
     bounds = [f" {sign} {b:g}" for sign, b in ((">", spec.above), (">=", spec.min), ("<=", spec.max)) if b is not None]
     return "".join(bounds)

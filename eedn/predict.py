@@ -20,6 +20,7 @@ from torch import Tensor
 
 from eedn.cli_options import friendly_errors
 from eedn.errors import EednError
+from eedn.image_io import to_eight_bit
 from eedn.inference import EarlyExitEngine
 from eedn.render import format_macs
 from eedn.rundir import MANIFEST, load_model, read_manifest
@@ -68,7 +69,7 @@ def preprocessor(recipe: InputRecipe) -> Callable[["Image"], Tensor]:
     std = None if recipe.std is None else torch.tensor(recipe.std).view(-1, 1, 1)
 
     def preprocess(image: "Image") -> Tensor:
-        image = image.convert(mode)
+        image = to_eight_bit(image).convert(mode)  # 16-bit PNGs scaled, never clipped
         w, h = image.size
         side = min(w, h)
         if w != h:
@@ -112,6 +113,8 @@ def load_image(path: Path, preprocess: Callable[["Image"], Tensor]) -> Tensor:
     try:
         with Image.open(path) as image:
             return preprocess(image)
+    except Image.DecompressionBombError as exc:
+        raise EednError(f"image {path} is too large to decode safely ({exc}); resize it or remove it") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise EednError(f"cannot read image {path}: {exc}") from None
 

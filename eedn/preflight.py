@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from eedn.config import cache_dir
 from eedn.errors import EednError, warn
 from eedn.io import clean_stale_temps, load_checkpoint, load_state_dict_strict, writable_dir
 from eedn.rundir import check_out_dir
@@ -56,3 +57,18 @@ def load_cached_backbone(path: Path, backbone: torch.nn.Module) -> dict | None:
         warn(f"ignoring the cached backbone: {exc}")
         return None
     return dict(blob.get("summary", {}))
+
+
+def dataset_options(cfg: dict, resolved: dict) -> dict:
+    """The dataset's options as given, with a ``cache_dir`` option left unset pointed at the run's cache
+    (``<cache>/datasets``), so extracted archives follow ``--cache-dir`` / ``EEDN_CACHE``."""
+    options = dict(cfg["dataset_options"])
+    if "cache_dir" in resolved and resolved["cache_dir"] is None:
+        options["cache_dir"] = str(cache_dir(cfg) / "datasets")
+    return options
+
+
+def check_classes(dataset: str, num_classes: int) -> None:
+    """A one-class dataset would report 100 % accuracy for any model: refused."""
+    if num_classes < 2:
+        raise EednError(f"dataset '{dataset}' has {num_classes} class(es); a classifier needs at least two")

@@ -37,7 +37,7 @@ from eedn.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_
 from eedn.precision import apply_memory_format, check_precision, numerics_key, use_channels_last
 from eedn.progress import Progress
 from eedn.render import format_macs, render_run
-from eedn.preflight import check_before_stage_0, load_cached_backbone
+from eedn.preflight import check_before_stage_0, check_classes, dataset_options, load_cached_backbone
 from eedn.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, check_out_dir,
                          created_now, environment, staged_run_dir, unique_run_name)
 from eedn.risk_run import check_risk_config, risk_control_block
@@ -159,7 +159,8 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"])
-    source = create("dataset", cfg["dataset"], **cfg["dataset_options"])
+    source = create("dataset", cfg["dataset"], **dataset_options(cfg, checked.options["dataset"]))
+    check_classes(cfg["dataset"], source.num_classes)
     image_size = cfg["image_size"] or source.default_image_size
     data = source.splits(image_size, seed=cfg["seed"], augment=cfg["backbone_training"]["augment"])
     dataset_desc = {"name": cfg["dataset"], **source.describe(), "image_size": image_size, "seed": cfg["seed"]}

@@ -38,6 +38,8 @@ from eedn.contracts import DatasetSource
 from eedn.data import DataSplits, hold_out, subset
 from eedn.image_batches import InMemoryImages, RandomCropFlip
 from eedn.errors import EednError
+from eedn.image_io import open_image
+from eedn.io import clean_stale_temps, temp_prefix
 from eedn.options import option
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -133,11 +135,8 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = open_image(path, "RGB")
         if self.transform is not None:
             image = self.transform(image)
         return image, label
@@ -179,11 +178,8 @@ def _resized_uint8(images: Iterable, count: int, image_size: int) -> Tensor | No
 
 
 def _open_rgb(paths: Iterable[str]) -> Iterator:
-    from PIL import Image
-
     for path in paths:
-        with Image.open(path) as im:
-            yield im.convert("RGB")
+        yield open_image(path, "RGB")
 
 
 def _hwc_uint8(array: np.ndarray, image_size: int) -> Tensor:
@@ -587,12 +583,13 @@ def extract_once(archive: Path, cache_dir: str | os.PathLike | None = None) -> P
     Extraction goes to a temporary sibling that is renamed into place, so an interrupted or
     concurrent extraction never leaves a half-filled directory that a later run would trust.
     """
-    base = Path(cache_dir or "~/.cache/eedn/image-folder").expanduser()
+    base = Path(cache_dir or Path(os.environ.get("EEDN_CACHE") or "~/.cache/eedn") / "datasets").expanduser()
     target = base / _fingerprint(archive)
     if target.is_dir():
         return target
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
+    clean_stale_temps(base)  # what killed extractions left
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmpdir", dir=base))
     try:
         _extract_regular_files(archive, tmp)
     except EednError:
@@ -656,8 +653,8 @@ class ImageFolderSource(_Source):
     """Images under ``data_dir`` (a directory or a ``.tar.gz``) laid out as ``train/<class>/*`` and
     optionally ``test/<class>/*``; class names are the sorted ``train/`` folder names.
 
-    A ``.tar.gz`` is extracted once into ``cache_dir/<hash of path, size, mtime>`` (default cache
-    ``~/.cache/eedn/image-folder``) and reused. Without ``test/``, a seeded stratified
+    A ``.tar.gz`` is extracted once into ``cache_dir/<hash of path, size, mtime>`` (default
+    ``<the run's cache directory>/datasets``) and reused. Without ``test/``, a seeded stratified
     ``test_fraction`` of ``train/`` becomes the test split. The val pool is ``val_fraction`` of the
     ``train/`` images, split into val and cal by ``cal_fraction``. Images are decoded lazily, one per
     sample, or all at once into memory when they fit ``in_memory_mb`` (:mod:`eedn.image_batches`);
@@ -673,7 +670,7 @@ class ImageFolderSource(_Source):
     class Options:
         data_dir: str = option(MISSING, "a directory or .tar.gz holding train/<class>/<image files>; "
                                          "--data-dir sets it")
-        cache_dir: str | None = option(None, "where a .tar.gz is extracted (default: ~/.cache/eedn/image-folder)")
+        cache_dir: str | None = option(None, "where a .tar.gz is extracted (default: <the run's cache>/datasets)")
         val_fraction: float = _fraction_option("share of train/ held out as the validation pool", 0.1)
         cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
         test_fraction: float = _fraction_option("share of train/ held out as test when there is no test/", 0.1)
@@ -716,6 +713,9 @@ class ImageFolderSource(_Source):
         if not classes:
             raise EednError(f"image folder {root / 'train'} has no class folders; lay it out as "
                             "train/<class>/<image files>")
+        if len(classes) < 2:
+            raise EednError(f"image folder {root / 'train'} has one class folder ({classes[0]}); a classifier "
+                            "needs at least two classes")
         index = {c: i for i, c in enumerate(classes)}
         train = [(f, index[c]) for c in classes for f in _image_files(root / "train" / c)]
         if not train:
@@ -747,8 +747,12 @@ class ImageFolderSource(_Source):
         """The larger side of the first train image (read from its header, not decoded)."""
         from PIL import Image
 
-        with Image.open(self.tree()["train"][0][0]) as im:
-            return max(im.size)
+        path = self.tree()["train"][0][0]
+        try:
+            with Image.open(path) as im:
+                return max(im.size)
+        except (Image.DecompressionBombError, OSError, ValueError):
+            return max(open_image(path, "RGB").size)  # raises the one-line error naming the file
 
     def views(self, tree: dict, image_size: int, augment: bool) -> tuple[Dataset, Dataset, Dataset | None]:
         """(train, eval, test or None) views: decoded once into memory when the pixels fit ``in_memory_mb`` and

@@ -271,3 +271,161 @@ def test_a_cut_off_first_line_keeps_its_point():
     exc = RuntimeError("Error(s) in loading state_dict for T2TViT:\n\tMissing key(s) in state_dict: \"head.w\".")
     assert first_line(exc) == "Error(s) in loading state_dict for T2TViT: Missing key(s) in state_dict: \"head.w\"."
     assert first_line(ValueError("first\nsecond")) == "first"
+
+
+# ------------------------------------------------------------------------------------------ config schema
+
+
+def test_config_keys_are_typed_and_nested_keys_checked_through_every_door(tmp_path):
+    from eedn.config import load_config_file, resolve_config
+
+    file = tmp_path / "c.yaml"
+    file.write_text("backbone_training:\n  lr: 1e-3\n  weight_decay: 5.0e-4\neval_batch_size: '128'\n")
+    cfg = resolve_config(load_config_file(file))
+    assert cfg["backbone_training"]["lr"] == 0.001 and cfg["backbone_training"]["weight_decay"] == 0.0005
+    assert cfg["eval_batch_size"] == 128
+    assert resolve_config({}, ["backbone_training.lr=1e-3"])["backbone_training"]["lr"] == 0.001
+    bad = {
+        "backbone_training.epochz=2": r"unknown config key\(s\) backbone_training\.epochz \(did you mean "
+                                      r"'backbone_training\.epochs'\?\)",
+        "budget.macs_fraction=1.5": r"config: invalid budget\.macs_fraction=1\.5; expected a number in \(0, 1\]",
+        "eval_batch_size=0": r"config: invalid eval_batch_size=0; expected an integer >= 1",
+        "backbone_training.lr=fast": r"config: invalid backbone_training\.lr='fast'",
+        "risk_control.grid_size=1": r"risk_control\.grid_size=1; expected an integer >= 2",
+        "budget.q=3": r"budget must be one of",
+        "seed=-1": r"invalid seed=-1",
+    }
+    for assignment, message in bad.items():
+        with pytest.raises(EednError, match=message):
+            resolve_config({}, [assignment])
+    with pytest.raises(EednError, match=r"backbone_training\.epochz"):
+        resolve_config({"backbone_training": {"epochz": 2}})
+    with pytest.raises(EednError, match=r"budget\.macs_fraction=1\.5"):
+        resolve_config({"budget": {"macs_fraction": 1.5}})
+    res = CliRunner().invoke(cli, ["run", "--quiet", "--set", "budget.macs_fraction=1.5"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "budget.macs_fraction=1.5" in res.output
+
+
+def test_bad_names_and_values_fail_before_stage_0(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "train_backbone", no_stage_0)
+    cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "fresh")}
+    for change, message in (({"eval_batch_size": 0}, "eval_batch_size=0"),
+                            ({"strategy": "nope"}, "unknown strategy 'nope'"),
+                            ({"evaluators": ["nope"]}, "unknown evaluator 'nope'"),
+                            ({"gate": "nope"}, "unknown gate 'nope'")):
+        with pytest.raises(EednError, match=message):
+            eedn.run_pipeline(cfg | change)
+
+
+# ------------------------------------------------------------------------------------------ data and images
+
+
+def test_one_class_dataset_is_refused(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "one" / "train" / "only"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+    with pytest.raises(EednError, match="has one class folder \\(only\\); a classifier needs at least two"):
+        eedn.create("dataset", "image-folder", data_dir=str(tmp_path / "one")).num_classes
+    from eedn.preflight import check_classes
+
+    with pytest.raises(EednError, match="dataset 'x' has 1 class\\(es\\)"):
+        check_classes("x", 1)
+
+
+def test_archives_extract_under_the_run_cache_and_killed_extractions_are_cleaned(tiny_config, tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for c, name in enumerate(("ant", "bee")):
+            for i in range(20):
+                buf = io.BytesIO()
+                Image.new("RGB", (8, 8), (120 * c, 10 * i, 50)).save(buf, format="PNG")
+                info = tarfile.TarInfo(f"train/{name}/{i}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+        link = tarfile.TarInfo("train/ant/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        device = tarfile.TarInfo("train/bee/dev.png")
+        device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
+        tar.addfile(device)
+    datasets = tmp_path / "cache" / "datasets"
+    datasets.mkdir(parents=True)
+    dead = temp_prefix("x").replace(f"-{os.getpid()}.", "-999999999.")
+    (datasets / f"{dead}abc.tmpdir").mkdir()  # left by a killed extraction
+    results = eedn.run_pipeline(tiny_config | FAST | {"dataset": "image-folder", "image_size": 8,
+                                                      "dataset_options": {"data_dir": str(archive)},
+                                                      "cache_dir": str(tmp_path / "cache")})
+    assert results["dataset"]["num_classes"] == 2
+    extracted = list(datasets.iterdir())
+    assert len(extracted) == 1 and not extracted[0].name.startswith(".")
+    names = sorted(p.name for p in (extracted[0] / "train").rglob("*"))
+    assert "link.png" not in names and "dev.png" not in names and len(names) == 42  # 2 folders + 40 images
+
+
+def test_decompression_bombs_and_corrupt_images_name_the_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from eedn.image_io import open_image
+    from eedn.predict import load_image
+
+    big = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(EednError, match=r"image .*bomb\.png is too large to decode safely"):
+        open_image(big, "RGB")
+    with pytest.raises(EednError, match=r"image .*bomb\.png is too large to decode safely"):
+        load_image(big, lambda image: image)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(EednError, match=r"cannot read image .*broken\.png"):
+        open_image(broken, "RGB")
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from eedn.predict import InputRecipe, preprocessor
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63 000: mostly above 255
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    Image.fromarray(np.rint(ramp / 65535 * 255).astype(np.uint8)).save(tmp_path / "narrow.png")
+    preprocess = preprocessor(InputRecipe(1, 8, None, None, []))
+    with Image.open(tmp_path / "wide.png") as wide, Image.open(tmp_path / "narrow.png") as narrow:
+        assert wide.mode.startswith("I")
+        x, y = preprocess(wide), preprocess(narrow)
+    assert torch.equal(x, y) and float(x.max()) == pytest.approx(63000 / 65535, abs=1 / 255)
+
+
+# ------------------------------------------------------------------------------------------ eedn cache
+
+
+def test_cache_list_and_prune(tiny_config, tmp_path):
+    cache = tmp_path / "cache"
+    eedn.run_pipeline(tiny_config | FAST | {"cache_dir": str(cache), "backbone_training": {"epochs": 1}})
+    dead = temp_prefix("features-x.pt").replace(f"-{os.getpid()}.", "-999999999.")
+    (cache / "features" / f"{dead}abc.tmp").write_bytes(b"half")
+    listed = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(cache)])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert lines[0].startswith(f"{cache}: 6 entries")
+    kinds = sorted(line.split()[0] for line in lines[1:])
+    assert kinds == ["backbone", "features", "features", "features", "features", "temp"]
+    assert any("resnet_tiny digits val: 269 rows x 3 exits" in line for line in lines)
+    dry = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(cache), "--kind", "features", "--dry-run"])
+    assert dry.output.splitlines()[-1].startswith("5 entries") and len(list((cache / "features").iterdir())) == 5
+    pruned = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(cache), "--kind", "features"])
+    assert pruned.exit_code == 0 and list((cache / "features").iterdir()) == []
+    assert len(list((cache / "backbones").iterdir())) == 1
+    nothing = CliRunner().invoke(cli, ["cache", "prune", "--cache-dir", str(cache), "--older-than", "1"])
+    assert nothing.output.strip() == "0 entries, 0 B freed" and len(list((cache / "backbones").iterdir())) == 1
+    gone = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(tmp_path / "none")])
+    assert gone.exit_code == 1 and "no cache at" in gone.output
