@@ -31,7 +31,7 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
                           "Re-render the report and figures of a run or comparison directory."),
     "predict": LazyCommand("eedn.predict:predict", "Classify images with a trained run (real early exits)."),
     "bench": LazyCommand("eedn.bench:bench", "Time early-exit inference against the full network."),
-    "cache": LazyCommand("eedn.cache_cli:cache_command", "Show (list) and remove (prune) cached backbones and features."),
+    "cache": LazyCommand("eedn.cache_cli:cache_command", "Show and remove cached backbones, features and extracted datasets."),
     "export": LazyCommand("eedn.export:export_command",
                           "Export a trained run as per-exit segments with a small runner (no eedn needed)."),
 }

@@ -58,7 +58,7 @@ _DECLARED = [
     key("pin_memory", bool | None, "pinned host memory (None: on CUDA)"),
     key("persistent_workers", bool, "keep DataLoader workers between epochs"),
     key("precision", str, "autocast precision: fp32, bf16 or fp16"),
-    key("channels_last", bool | str, "NHWC images and weights: auto, true or false"),
+    key("channels_last", Any, "NHWC images and weights: auto, true or false (checked by eedn.config.validate)"),
     key("progress", bool, "live progress lines"),
     key("resume", bool, "continue an interrupted backbone training"),
     key("risk_control.risk", str | None, "a registered risk (None: risk control off)"),

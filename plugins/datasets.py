@@ -713,9 +713,6 @@ class ImageFolderSource(_Source):
         if not classes:
             raise EednError(f"image folder {root / 'train'} has no class folders; lay it out as "
                             "train/<class>/<image files>")
-        if len(classes) < 2:
-            raise EednError(f"image folder {root / 'train'} has one class folder ({classes[0]}); a classifier "
-                            "needs at least two classes")
         index = {c: i for i, c in enumerate(classes)}
         train = [(f, index[c]) for c in classes for f in _image_files(root / "train" / c)]
         if not train:
@@ -725,6 +722,9 @@ class ImageFolderSource(_Source):
         if empty:
             raise EednError(f"image folder {root / 'train'}: class folder(s) {', '.join(empty)} hold no image "
                             "files; add images or remove the folders")
+        if len(classes) < 2:
+            raise EednError(f"image folder {root / 'train'} has one class folder ({classes[0]}); a classifier "
+                            "needs at least two classes")
         test = None
         if (root / "test").is_dir():
             test_classes = _class_dirs(root / "test")
