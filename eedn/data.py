@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -112,3 +113,20 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     if hasattr(dataset, "samples"):
         return torch.tensor([s[1] for s in dataset.samples], dtype=torch.long)
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def channel_statistics(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std over ``[C, H, W]`` images (every pixel weighs the same; images may differ in
+    size): the normalisation a source computes on its train split instead of borrowing CIFAR-10's."""
+    total = total_sq = None
+    count = 0
+    for x in images:
+        x = x.double().flatten(1)
+        s, sq = x.sum(1), (x * x).sum(1)
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        count += x.shape[1]
+    if total is None or count == 0:
+        raise ValueError("channel_statistics needs at least one image")
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return [round(float(m), 6) for m in mean], [round(float(v), 6) for v in std]

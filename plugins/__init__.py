@@ -99,6 +99,9 @@ def register_datasets(register):
              description="long-tailed CIFAR-100 (imbalance 100, imbalanced class-ordered test, shot groups)")
     register("cifar10-lt", f"{ds}:LongTailCifar10Source", description="long-tailed CIFAR-10 (imbalance 100)")
     register("svhn", f"{ds}:SvhnSource", description="SVHN train/test .mat files from data_dir")
+    register("torchvision", "eedn_plugins.torchvision_data:TorchvisionSource", namespace=True,
+             description="any torchvision classification dataset from local files, torchvision:<ClassName> "
+                         "(download=False); channels, classes, size and mean/std from the data")
     register("image-folder", f"{ds}:ImageFolderSource",
              description="train/<class>/* (and optional test/) in a directory or .tar.gz at data_dir")
 
