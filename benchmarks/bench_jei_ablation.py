@@ -7,7 +7,8 @@ Runs, on one prepared backbone (trained or loaded once, per-exit features cached
 * ``targets=hazard`` (survivor-only targets ``1{l* = l}``, first ``g_l >= 0.5``, survivor pos-weights),
 * ``targets=onehot`` (``1{l = l*}``, official capped rule, exact pos-weights),
 
-each over the same λ list, plus ``im-only`` with max-prob thresholds (the threshold baseline). Every JEI run also
+each over the same λ list, plus threshold baselines (``--baselines``: IM-only, L2W-DEN, BoostNet with max-prob
+thresholds). Every JEI run also
 carries max-prob thresholds on its own IMs (results.json ``threshold_on_own_ims``), so the table separates the
 gate from the IMs. Writes into ``--out``: one run directory per strategy, ``comparison.md`` / ``comparison.json``
 with every matched-cost number and figure (`eedn report` re-renders it), and ``ablation.md`` / ``ablation.json`` /
@@ -52,7 +53,8 @@ VARIANTS = {
     "cdf-exact": {"exit_rule": "cdf", "pos_weight_counts": "exact"},
 }
 DEFAULT_VARIANTS = "official,cdf,hazard,onehot"
-BASELINE = "im-only"
+#: threshold baselines the benchmark may run (each with its default max-prob gate and budget sweep)
+BASELINES = ("im-only", "l2w", "boostnet")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--jei-set", action="append", default=[], help="NAME=VALUE jei option for every variant, "
                                                                   "e.g. im_training=converge (repeatable)")
+    p.add_argument("--baselines", default="im-only", help=f"comma list of {', '.join(BASELINES)} (max-prob "
+                                                          "thresholds on each one's IMs)")
     p.add_argument("--at", default="0.5,0.75", help="fractions of full MACs the table compares at")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="output directory")
@@ -106,30 +110,33 @@ def collapse(run_dir: Path, results: dict) -> dict:
             "rule_share_deep": float(sum(point["exit_fractions"][2:])), "macs_fraction": point["macs_fraction"]}
 
 
-def summarise(runs: dict[str, tuple[Path, dict]], fractions: list[float]) -> dict:
+def best_threshold(curves: dict[str, list[dict]], fraction: float) -> tuple[str | None, float | None]:
+    """The best of several threshold curves at one cost: ``(name, accuracy)``; ``(None, None)`` outside all."""
+    present = {k: v for k, v in ((k, interp(c, fraction)) for k, c in curves.items()) if v is not None}
+    return max(present.items(), key=lambda kv: kv[1]) if present else (None, None)
+
+
+def summarise(runs: dict[str, tuple[Path, dict]], baselines: list[str], fractions: list[float]) -> dict:
     """Per variant: cost range, accuracy at each fraction against the best threshold policy there, collapse."""
-    baseline = curve_points(runs[BASELINE][1])
+    baseline_curves = {f"{b}+max_prob": curve_points(runs[b][1]) for b in baselines}
     rows = {}
     for label, (run_dir, res) in runs.items():
-        if label == BASELINE:
+        if label in baselines:
             continue
         points = curve_points(res)
         own = res["threshold_on_own_ims"]
-        own_curve = own["curves"][own["policy_setting"]]
+        curves = baseline_curves | {"own IMs+max_prob": own["curves"][own["policy_setting"]]}
         at = {}
         for f in fractions:
-            thresholds = {"im-only+max_prob": interp(baseline, f), "own IMs+max_prob": interp(own_curve, f)}
-            present = {k: v for k, v in thresholds.items() if v is not None}
-            best = max(present.items(), key=lambda kv: kv[1]) if present else (None, None)
+            name, best = best_threshold(curves, f)
             gate = interp(points, f)
-            at[f"{f:g}"] = {"gate": gate, "own_ims_thresholds": thresholds["own IMs+max_prob"],
-                            "best_threshold": best[1], "best_threshold_policy": best[0],
-                            "gate_minus_best": None if gate is None or best[1] is None else gate - best[1]}
+            at[f"{f:g}"] = {"gate": gate, "own_ims_thresholds": interp(curves["own IMs+max_prob"], f),
+                            "best_threshold": best, "best_threshold_policy": name,
+                            "gate_minus_best": None if gate is None or best is None else gate - best}
         own_points = []  # at each of the variant's own λ points: the best threshold policy at that cost
         for p in points:
-            thr = [v for v in (interp(baseline, p["macs_fraction"]), interp(own_curve, p["macs_fraction"]))
-                   if v is not None]
-            own_points.append(None if not thr else p["accuracy"] - max(thr))
+            _, best = best_threshold(curves, p["macs_fraction"])
+            own_points.append(None if best is None else p["accuracy"] - best)
         fr = [p["macs_fraction"] for p in points]
         rows[label] = {"macs_range": [min(fr), max(fr)], "gate_minus_best_at_own_points": own_points, "points": [
             {k: p[k] for k in ("setting", "macs_fraction", "accuracy", "exit_fractions")} for p in points],
@@ -146,7 +153,8 @@ def markdown(summary: dict, meta: dict) -> str:
     lines = [f"# JEI gate ablation: {meta['backbone']} on {meta['dataset']}", "",
              f"λ = {meta['lambdas']}, {meta['epochs']} epochs; test split; wall time {meta['wall_s']:.0f} s. "
              "Accuracy (%) interpolated linearly in MACs on each curve (— : outside its range). Best threshold: the "
-             "better of im-only + max-prob thresholds and max-prob thresholds on that variant's own IMs.", "",
+             f"best of {', '.join(b + ' + max-prob' for b in meta['baselines'])} and max-prob thresholds on that "
+             "variant's own IMs.", "",
              "| variant | MACs range | " + " | ".join(f"acc @ {f} | best thr @ {f} | Δ @ {f}" for f in fr) +
              " | Δ at its own λ points (mean; min, max) | smallest λ: targets at exits ≥ 2 | rule at exits ≥ 2 |",
              "|---|---|" + "---|---|---|" * len(fr) + "---|---|---|"]
@@ -155,7 +163,8 @@ def markdown(summary: dict, meta: dict) -> str:
         cells = []
         for f in fr:
             a = row["at"][f]
-            cells += [pct(a["gate"]), pct(a["best_threshold"]), pct(a["gate_minus_best"], sign=True)]
+            best = pct(a["best_threshold"]) + (f" ({a['best_threshold_policy']})" if a["best_threshold_policy"] else "")
+            cells += [pct(a["gate"]), best, pct(a["gate_minus_best"], sign=True)]
         c = row["collapse"]
         deltas = [d for d in row["gate_minus_best_at_own_points"] if d is not None]
         own = "—" if not deltas else \
@@ -172,7 +181,7 @@ def markdown(summary: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def figure(runs: dict[str, tuple[Path, dict]], path: Path, title: str) -> None:
+def figure(runs: dict[str, tuple[Path, dict]], baselines: list[str], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -181,10 +190,10 @@ def figure(runs: dict[str, tuple[Path, dict]], path: Path, title: str) -> None:
     ax = fig.subplots()
     for label, (_, res) in runs.items():
         pts = sorted(curve_points(res), key=lambda p: p["macs_fraction"])
-        style = "k--" if label == BASELINE else "-o"
+        style = "--" if label in baselines else "-o"
         ax.plot([p["macs_fraction"] for p in pts], [100 * p["accuracy"] for p in pts], style, ms=3,
-                label=f"{label} + max_prob" if label == BASELINE else f"jei {label}")
-    first = next(res for label, (_, res) in runs.items() if label != BASELINE)
+                label=f"{label} + max_prob" if label in baselines else f"jei {label}")
+    first = next(res for label, (_, res) in runs.items() if label not in baselines)
     own = first["threshold_on_own_ims"]
     pts = sorted(own["curves"][own["policy_setting"]], key=lambda p: p["macs_fraction"])
     ax.plot([p["macs_fraction"] for p in pts], [100 * p["accuracy"] for p in pts], ":", color="grey",
@@ -216,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    specs = [(v, "jei", jei_options(args, v)) for v in variants] + [(BASELINE, BASELINE, {"epochs": args.epochs})]
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if not set(baselines) <= set(BASELINES) or not baselines:
+        raise SystemExit(f"--baselines must list some of {', '.join(BASELINES)}")
+    specs = [(v, "jei", jei_options(args, v)) for v in variants] + [(b, b, {"epochs": args.epochs}) for b in baselines]
     runs: dict[str, tuple[Path, dict]] = {}
     timings = {}
     with progress.session():
@@ -227,21 +239,21 @@ def main(argv: list[str] | None = None) -> dict:
             runs[label] = (run_dir, run_strategy(prep, name, copy.deepcopy(opts), None, out=run_dir))
             timings[label] = time.perf_counter() - t
     fractions = [float(f) for f in args.at.split(",")]
-    meta = {"eedn_version": runs[BASELINE][1]["eedn_version"], "kind": "comparison", "created": created_now(),
+    meta = {"eedn_version": runs[baselines[0]][1]["eedn_version"], "kind": "comparison", "created": created_now(),
             "config": {k: v for k, v in cfg.items() if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
             "backbone": cfg["backbone"], "seeds": [cfg["seed"]],
-            "strategies": [{"label": label if name == BASELINE else f"jei-{label}", "strategy": name,
+            "strategies": [{"label": label if name in baselines else f"jei-{label}", "strategy": name,
                             "gate_requested": None, "options": opts, "runs": {str(cfg["seed"]): f"{label}-s{cfg['seed']}"}}
                            for label, name, opts in specs]}
     render_comparison(out, meta)
     first = runs[variants[0]][1]
-    summary = {"variants": summarise(runs, fractions),
+    summary = {"variants": summarise(runs, baselines, fractions),
                "backbone_test_accuracy": first["backbone"]["test_accuracy"], "exits": first["exits"]}
     wall = time.perf_counter() - t0
     info = {"backbone": first["backbone"]["display_name"], "dataset": first["dataset"]["name"],
             "lambdas": args.lambdas, "epochs": args.epochs, "at": [f"{f:g}" for f in fractions], "wall_s": wall,
-            "jei_set": args.jei_set, "timings_s": timings, "threads": args.threads}
-    figure(runs, out / "ablation.png", f"JEI gate variants: {info['backbone']} on {info['dataset']}")
+            "jei_set": args.jei_set, "timings_s": timings, "threads": args.threads, "baselines": baselines}
+    figure(runs, baselines, out / "ablation.png", f"JEI gate variants: {info['backbone']} on {info['dataset']}")
     atomic_write_text(out / "ablation.md", markdown(summary, info))
     atomic_write_json(out / "ablation.json", {**info, **summary})
     print((out / "ablation.md").read_text())
