@@ -197,6 +197,10 @@ class JeiGate(Gate):
             return hazard_exit_probabilities(scores)
         return capped_exit_probabilities(scores)
 
+    def official_muladds(self) -> int:
+        """One gate's cost in the official op counter: 9C + 6 (docs/method.md §2.3)."""
+        return 9 * self.num_classes + 6
+
     def decide(self, scores: Tensor) -> Tensor:
         if self.exit_rule != "official":
             return first_above_decision(scores, self.options["tau"])
@@ -320,7 +324,7 @@ def official_im_loss(exit_probs: Tensor, ce: Tensor) -> Tensor:
 PROFILES: dict[str, dict[str, Any]] = {
     "clean": {"warmup": "fixed", "alternation": "auto", "gate_cost": "uniform_index", "im_loss": "uniform",
               "optimizers": "separate", "select": "last", "backbone_mode": "eval",
-              "head_augment": False},
+              "head_augment": False, "warmup_epochs": 3},
     "paper-compat": {"warmup": "fixed", "alternation": "batches:200", "gate_cost": "uniform_index",
                      "im_loss": "uniform", "optimizers": "shared",
                      "select": "pt_compat", "backbone_mode": "train", "head_augment": True},
@@ -333,6 +337,12 @@ PAIRINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "onehot": {"exit_rule": ("official",), "pos_weight_counts": ("exact",)},
 }
 SWEEP_MODES = ("auto", "stacked", "loop")
+#: the paper-time code's fixed warm-up epochs per (dataset, backbone) (docs/method.md §3.2); paper-compat reads
+#: them, any other setting warms up for DEFAULT_WARMUP_EPOCHS (the CIFAR10 T2T-ViT-7 value)
+OFFICIAL_WARMUP_EPOCHS = {("cifar10", "t2t_vit_7"): 3, ("cifar10", "t2t_vit_14"): 1, ("cifar100", "t2t_vit_7"): 4,
+                          ("cifar100", "t2t_vit_14"): 1, ("cifar100-lt", "t2t_vit_7"): 4,
+                          ("cifar100-lt", "t2t_vit_14"): 1, ("svhn", "t2t_vit_7"): 6}
+DEFAULT_WARMUP_EPOCHS = 3
 _ALTERNATION = re.compile(r"^(auto|batches:(\d+)|fraction:([0-9.eE+-]+))$")
 
 
@@ -453,14 +463,16 @@ class JeiStrategy(TrainingStrategy):
         batch_size: int = option(64, "training batch size", min=1)
         warmup: str | None = _per_profile("fixed (warmup_epochs) or early_stop (per-IM patience)",
                                           ("fixed", "early_stop"))
-        warmup_epochs: int = option(3, "fixed warm-up length (constant lr)", min=0)
+        warmup_epochs: int | None = option(None, "fixed warm-up length (constant lr) (default: 3; paper-compat: "
+                                                 "the official value of the dataset and backbone, 1 to 6)", min=0)
         max_warmup_epochs: int = option(6, "most warm-up epochs with warmup=early_stop", min=0)
         warmup_patience: int = option(2, "epochs without val gain before an IM stops (early_stop)", min=1)
         alternation: str | None = _per_profile("gate/IM phase blocks: auto (min(200, half an epoch) batches), "
                                                "batches:N or fraction:F")
-        gate_cost: str | None = _per_profile("cost c_l in the gate targets: (l+1)/(G+1) (uniform_index) or "
-                                             "MACs / final MACs (measured, true_macs)",
-                                             ("uniform_index", "measured", "true_macs"))
+        gate_cost: str | None = _per_profile("cost c_l in the gate targets: (l+1)/(G+1) (uniform_index), "
+                                             "MACs / final MACs (measured, true_macs) or the official op "
+                                             "counter's Mul-Adds / final (official_counter, the cleanup code's)",
+                                             ("uniform_index", "measured", "true_macs", "official_counter"))
         im_loss: str | None = _per_profile("IM loss: plain mean CE (uniform, the official effective loss) or "
                                            "Σ sg(P)·CE (exit_weighted)", ("uniform", "exit_weighted"))
         im_loss_renorm: bool = option(False, "with im_loss=exit_weighted: rescale to the uniform loss's magnitude")
@@ -517,7 +529,7 @@ class JeiStrategy(TrainingStrategy):
         if o["im_loss_renorm"] and o["im_loss"] != "exit_weighted":
             raise EednError("strategy 'jei': im_loss_renorm=true only applies to im_loss=exit_weighted; "
                             "set im_loss=exit_weighted or drop im_loss_renorm")
-        if o["warmup"] == "fixed" and o["epochs"] <= o["warmup_epochs"]:
+        if o["warmup"] == "fixed" and o["warmup_epochs"] is not None and o["epochs"] <= o["warmup_epochs"]:
             raise EednError(f"strategy 'jei': epochs={o['epochs']} counts warm-up plus main epochs and must "
                             f"exceed warmup_epochs={o['warmup_epochs']}")
         if o["im_training"] == "converge" and o["optimizers"] == "shared":
@@ -545,8 +557,16 @@ class JeiStrategy(TrainingStrategy):
             context.log("jei: features are not cacheable (backbone_mode="
                         f"{self.backbone_mode}, head_augment={self.head_augment}); every epoch re-runs the backbone")
         context.log(f"jei: gate cost {opts['gate_cost']}, im_loss {opts['im_loss']}, profile {opts['profile']}")
+        if opts["warmup_epochs"] is None:  # paper-compat: the official length for this dataset and backbone
+            opts["warmup_epochs"] = official_warmup_epochs(context.features.data.name,
+                                                           getattr(model.backbone, "variant", ""))
+            context.log(f"jei: {opts['warmup_epochs']} warm-up epoch(s), the official value for this setting")
+            self._check_relations()
         val = _Validation(context)
-        costs = context.normalised_costs("measured" if opts["gate_cost"] == "true_macs" else opts["gate_cost"])
+        if opts["gate_cost"] == "official_counter":
+            costs = official_counter_costs(model)
+        else:
+            costs = context.normalised_costs("measured" if opts["gate_cost"] == "true_macs" else opts["gate_cost"])
         costs = costs.to(context.device)
         macs = torch.tensor(context.exit_macs, dtype=torch.float64, device=context.device)
         history: list[dict] = []
@@ -903,6 +923,23 @@ def _stacked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """``[K, B, E]`` per-exit CE of K copies' logits ``[K, B, E, C]`` (row by row, as for one copy)."""
     k, b, e, c = logits.shape
     return per_exit_cross_entropy(logits.reshape(k * b, e, c), labels.repeat(k)).view(k, b, e)
+
+
+def official_warmup_epochs(dataset: str, backbone: str) -> int:
+    """The paper-time code's warm-up epochs for a dataset / T2T-ViT size (docs/method.md §3.2), else 3."""
+    return OFFICIAL_WARMUP_EPOCHS.get((dataset.lower(), backbone), DEFAULT_WARMUP_EPOCHS)
+
+
+def official_counter_costs(model: EarlyExitModel) -> Tensor:
+    """``gate_cost=official_counter``: the cleanup code's cost vector, the official op counter's Mul-Adds of
+    every exit over the final exit's (docs/method.md §3.4; [0.409, 0.506, ..., 0.894, 1] for T2T-ViT-7 at
+    224 px). Backbones that carry the counter (T2T-ViT) provide ``official_exit_muladds``."""
+    counter = getattr(model.backbone, "official_exit_muladds", None)
+    if counter is None:
+        raise EednError(f"strategy 'jei': gate_cost=official_counter needs a backbone with the official op counter "
+                        f"(t2t_vit), not {type(model.backbone).__name__}; use gate_cost=uniform_index or measured")
+    muladds = torch.tensor(counter(list(model.ims), model.gate.official_muladds()), dtype=torch.float64)
+    return (muladds / muladds[-1]).float()
 
 
 def _gated_accuracy(model: EarlyExitModel, logits: Tensor, scores: Tensor, labels: Tensor) -> float:

@@ -28,6 +28,11 @@ from eedn.options import option
 
 #: side of the patch grid cell: the three soft splits have strides 4, 2 and 2.
 TOTAL_STRIDE = 16
+#: attention scales: head_dim^-0.5 (the official JEI-DNN code builds T2T-ViT with ``pretrained=False``, so
+#: qk_scale stays None) or embed_dim^-0.5 (the T2T-ViT release sets it for its pretrained 7/14/24 weights)
+QK_SCALES = ("head_dim", "embed_dim")
+#: official JEI-DNN op counter (docs/method.md §5.1): Mul-Adds charged per element of a LayerNorm / GELU input
+OFFICIAL_LAYERNORM, OFFICIAL_GELU = 2.5, 4.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class T2TOptions:
 
     drop_path_rate: float = option(0.1, "stochastic depth of the last block (linear from 0 at the first)",
                                    min=0.0, max=1.0)
+    qk_scale: str = option("head_dim", "attention scale: head_dim^-0.5 (the JEI-DNN model) or embed_dim^-0.5 "
+                                       "(embed_dim: what the released T2T-ViT ImageNet weights were trained with)",
+                           choices=QK_SCALES)
 
 
 @dataclass
@@ -134,6 +142,20 @@ class TokenPerformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class QueryScale(nn.Module):
+    """Multiplies the queries by a constant (no parameters: checkpoints are unchanged)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, q: Tensor) -> Tensor:
+        return q * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:g}"
+
+
 class SoftSplit(nn.Unfold):
     """``nn.Unfold`` (same output, same channel-major ``C*k*k`` order) built from strided views:
     the CPU ``im2col`` kernel behind ``nn.Unfold`` is several times slower here, forward and backward."""
@@ -199,7 +221,7 @@ class T2TViT(Backbone):
     """T2T-ViT as a stage-wise backbone: one stage per transformer block, exits on the cls token."""
 
     def __init__(self, config: T2TConfig, num_classes: int, image_size: int, in_channels: int = 3,
-                 drop_path_rate: float = T2TOptions.drop_path_rate):
+                 drop_path_rate: float = T2TOptions.drop_path_rate, qk_scale: str = "head_dim"):
         super().__init__()
         check_image_size(image_size)
         if not isinstance(in_channels, int) or in_channels < 1:
@@ -228,6 +250,15 @@ class T2TViT(Backbone):
                   drop_path=rate, norm_layer=nn.LayerNorm)
             for rate in rates
         ])
+        if qk_scale not in QK_SCALES:
+            raise EednError(f"qk_scale must be one of {', '.join(QK_SCALES)}, got {qk_scale!r}")
+        self.qk_scale = qk_scale
+        if qk_scale == "embed_dim":
+            # timm scales q·k by head_dim^-0.5 inside its fused attention; pre-scaling q by the ratio gives
+            # embed_dim^-0.5 overall and keeps the fused kernel (q_norm runs on q before the product)
+            ratio = (config.embed_dim / (config.embed_dim // config.num_heads)) ** -0.5
+            for block in self.blocks:
+                block.attn.q_norm = QueryScale(ratio)
         self.norm = nn.LayerNorm(config.embed_dim)
         # Registered under the official key "head"; the contract's head() method shadows attribute
         # access, so the layer itself is reached through ``classifier``.
@@ -263,6 +294,56 @@ class T2TViT(Backbone):
 
     def head(self, features: Tensor) -> Tensor:
         return self.classifier(features)
+
+    @torch.no_grad()
+    def official_exit_muladds(self, ims: list[nn.Module], gate_muladds: float) -> list[float]:
+        """Per-exit cost in the official JEI-DNN op counter's units (docs/method.md §5.1), for the gate cost
+        vector of the cleanup code (``gate_cost=official_counter``).
+
+        A sequential pass of one image, charging every Linear its weight and bias counts once (per sample,
+        not per token), LayerNorm 2.5 and GELU 4 per input element, nothing else (attention products, softmax,
+        performer kernels and unfolds are free). Exit l < G costs everything up to block l plus, for every
+        exit j <= l, the final LayerNorm over the whole sequence, IM j and its gate (``gate_muladds``); the
+        final exit adds the last block, the final LayerNorm twice and the head, which reproduces the official
+        columns (e.g. T2T-ViT-7 at 224 px, 10 classes: 5.534 ... 12.082, 13.518 M; tests/test_t2t_vit.py).
+        """
+        total = 0.0
+
+        def charge(module: nn.Module, inputs: tuple, output: Any) -> None:
+            nonlocal total
+            if isinstance(module, nn.Linear):
+                total += module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+            elif isinstance(module, nn.LayerNorm):
+                total += OFFICIAL_LAYERNORM * inputs[0].numel()
+            elif isinstance(module, nn.GELU):
+                total += OFFICIAL_GELU * inputs[0].numel()
+
+        layers = [m for m in [*self.modules(), *(m for im in ims for m in im.modules())]
+                  if isinstance(m, (nn.Linear, nn.LayerNorm, nn.GELU))]
+        handles = [m.register_forward_hook(charge) for m in layers]
+        was_training = self.training
+        self.eval()
+        try:
+            spec = self.input_spec
+            state = self.stem(torch.zeros(1, spec.channels, spec.image_size, spec.image_size))
+            costs = []
+            for index in range(self.num_stages):
+                state = self.stage(index, state)
+                if index < len(ims):
+                    self.norm(state)  # the official exit normalises every token
+                    ims[index](self.exit_features(index, state))
+                    total -= OFFICIAL_LAYERNORM * state.shape[-1]  # exit_features' cls-only LayerNorm: not charged
+                    total += gate_muladds
+                    costs.append(total)
+            self.norm(state)
+            self.head(self.exit_features(self.num_stages - 1, state))
+            total += OFFICIAL_LAYERNORM * (state.numel() - state.shape[-1])  # the final LayerNorm, all tokens
+            costs.append(total)
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.train(was_training)
+        return costs
 
     def load_pretrained(self, path: str | os.PathLike, adapt_input_channels: bool = False) -> dict[str, list[str]]:
         """Load official or eedn-saved T2T-ViT weights, non-strictly (``--backbone-checkpoint``).
@@ -383,7 +464,8 @@ def resize_pos_embed(table: Tensor, num_tokens: int) -> Tensor:
 
 
 def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: int = 3,
-                  drop_path_rate: float = T2TOptions.drop_path_rate, **shape: int | float | None) -> T2TViT:
+                  drop_path_rate: float = T2TOptions.drop_path_rate, qk_scale: str = "head_dim",
+                  **shape: int | float | None) -> T2TViT:
     """``variant`` is a key of :data:`VARIANTS`; ``shape`` holds the tiny size's :class:`TinyOptions`
     (None: keep the size's own value)."""
     config = VARIANTS[variant]
@@ -394,7 +476,7 @@ def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: 
                             "drop them or use size=tiny")
         config = replace(config, **given)
     return T2TViT(config, num_classes=num_classes, image_size=image_size, in_channels=in_channels,
-                  drop_path_rate=drop_path_rate)
+                  drop_path_rate=drop_path_rate, qk_scale=qk_scale)
 
 
 def _factory_for(variant: str) -> Callable[..., T2TViT]:

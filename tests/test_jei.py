@@ -392,7 +392,9 @@ def test_paper_compat_profile_resolves_to_the_listed_settings():
     clean = JeiStrategy().describe()
     assert clean["profile"] == "clean" and clean["backbone_mode"] == "eval" and clean["head_augment"] is False
     assert clean["alternation"] == "auto" and clean["optimizers"] == "separate" and clean["epochs"] == 15
-    assert None not in d.values() and None not in clean.values()  # every per-profile default is filled in
+    # every per-profile default is filled in; paper-compat's warm-up length depends on the dataset and backbone,
+    # so fit() fills it in (test_paper_compat_warmup_length_follows_the_official_table)
+    assert [k for k, v in d.items() if v is None] == ["warmup_epochs"] and None not in clean.values()
 
 
 def test_recorded_options_rebuild_the_same_strategy():
@@ -699,3 +701,24 @@ def test_stacked_heads_match_each_copy(im_class):
         for name, p in model.heads().named_parameters():
             assert torch.allclose(stack.params[name].grad[k], p.grad, atol=1e-5), name
         assert all(torch.equal(v, state[key]) for key, v in stack.state(k).items())
+
+
+def test_paper_compat_warmup_length_follows_the_official_table(tmp_path):
+    from eedn_plugins.jei import official_warmup_epochs
+
+    assert [official_warmup_epochs(d, b) for d, b in (("cifar10", "t2t_vit_7"), ("cifar10", "t2t_vit_14"),
+                                                       ("CIFAR100", "t2t_vit_7"), ("cifar100-lt", "t2t_vit_7"),
+                                                       ("svhn", "t2t_vit_7"), ("digits", "t2t_vit_tiny"))] == [
+        3, 1, 4, 4, 6, 3]
+    assert JeiStrategy().options["warmup_epochs"] == 3
+    assert JeiStrategy(profile="paper-compat").options["warmup_epochs"] is None  # resolved by fit()
+    strategy = JeiStrategy(profile="paper-compat", epochs=4, backbone_mode="eval", head_augment=False,
+                           alternation="batches:3", **{"lambda": 0.5})
+    model = toy_model()
+    source = FeatureSource(model, toy_data(), cache=FeatureCache(tmp_path / "cache"))
+    ctx = FitContext(features=source, exit_macs=[1, 2, 3, 4], full_macs=4)
+    result = strategy.fit(model, ctx)
+    assert strategy.options["warmup_epochs"] == 3  # "toy" is no official setting: the default length
+    assert len([h for h in result.history if h["phase"] == "warmup"]) == 3
+    with pytest.raises(EednError, match="warmup_epochs=3"):
+        JeiStrategy(profile="paper-compat", epochs=3).fit(toy_model(), ctx)

@@ -513,3 +513,65 @@ def test_per_exit_macs_of_t2t_vit_7_match_the_spec_at_32_px(t2t7_32):
     assert exit_macs[-1] == pytest.approx(24.2e6, rel=0.01)
     assert full == pytest.approx(24.2e6, rel=0.01)
     assert all(b > a for a, b in zip(exit_macs, exit_macs[1:]))
+
+
+# ------------------------------------------------------------------------- official op counter, qk_scale
+
+
+@pytest.mark.parametrize("fixture, num_classes, expected", [
+    ("t2t7_224", 10, [5.534, 6.843, 8.153, 9.463, 10.772, 12.082, 13.518]),
+    ("t2t7_32", 10, [0.94, 1.487, 2.035, 2.583, 3.131, 3.679, 4.23]),
+    ("t2t14_224", 10, [7.253, 10.209, 13.165, 16.12, 19.076, 22.031, 24.987, 27.942, 30.898, 33.854, 36.809,
+                       39.765, 42.72, 45.865]),
+])
+def test_official_op_counter_reproduces_the_official_columns(request, fixture, num_classes, expected):
+    """The official Mul-Add per exit (x 1e6, docs/method.md §5.1): Linear weights once per sample, LayerNorm 2.5
+    and GELU 4 per element, with each exit's full-sequence LayerNorm, linear IM and gate (9C + 6)."""
+    backbone = request.getfixturevalue(fixture)
+    ims = [nn.Linear(backbone.feature_dims[i], num_classes) for i in range(backbone.num_stages - 1)]
+    costs = backbone.official_exit_muladds(ims, 9 * num_classes + 6)
+    assert [round(c / 1e6, 3) for c in costs] == expected
+
+
+def test_official_op_counter_for_100_classes():
+    backbone = make("t2t_vit_7", num_classes=100, image_size=224)
+    ims = [nn.Linear(256, 100) for _ in range(6)]
+    costs = backbone.official_exit_muladds(ims, 9 * 100 + 6)
+    assert [round(c / 1e6, 3) for c in costs] == [5.558, 6.891, 8.225, 9.558, 10.892, 12.226, 13.685]
+
+
+def test_jei_gate_cost_official_counter_is_the_cleanup_codes_vector(t2t7_224):
+    """gate_cost=official_counter: the official Mul-Adds over the final exit's, [0.409 ... 0.894, 1] for
+    T2T-ViT-7 at 224 px and 10 classes (docs/method.md §3.4); other backbones are refused in one line."""
+    from eedn_plugins.heads import LinearIM
+    from eedn_plugins.jei import JeiGate, official_counter_costs
+
+    model = EarlyExitModel(t2t7_224, [LinearIM(256, 10) for _ in range(6)], JeiGate(6, 10))
+    costs = official_counter_costs(model)
+    assert [round(float(c), 3) for c in costs] == [0.409, 0.506, 0.603, 0.7, 0.797, 0.894, 1.0]
+    other = EarlyExitModel(eedn.create("backbone", "resnet_tiny", 10, 16, 3), [LinearIM(d, 10) for d in (8, 16)],
+                           JeiGate(2, 10))
+    with pytest.raises(EednError, match="official_counter"):
+        official_counter_costs(other)
+
+
+def test_qk_scale_embed_dim_is_the_released_t2t_vit_attention():
+    """qk_scale=embed_dim: softmax(q k^T / sqrt(embed_dim)) v, what the released T2T-ViT weights expect (their
+    models set qk_scale = embed_dim^-0.5); the default keeps head_dim^-0.5 (the JEI-DNN model). Same weights."""
+    plain = make("t2t_vit_7", image_size=32)
+    released = make("t2t_vit_7", image_size=32, qk_scale="embed_dim")
+    assert plain.state_dict().keys() == released.state_dict().keys()
+    released.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 256)
+
+    def attention(attn, scale: float) -> Tensor:
+        q, k, v = attn.qkv(x).reshape(2, 5, 3, 4, 64).permute(2, 0, 3, 1, 4)
+        out = ((q @ k.transpose(-2, -1)) * scale).softmax(-1) @ v
+        return attn.proj(out.transpose(1, 2).reshape(2, 5, 256))
+
+    with torch.no_grad():
+        assert torch.allclose(plain.blocks[0].attn(x), attention(plain.blocks[0].attn, 64 ** -0.5), atol=1e-5)
+        assert torch.allclose(released.blocks[0].attn(x), attention(released.blocks[0].attn, 256 ** -0.5), atol=1e-5)
+        assert not torch.allclose(plain.blocks[0].attn(x), released.blocks[0].attn(x), atol=1e-3)
+    with pytest.raises(EednError, match="qk_scale"):
+        make("t2t_vit_7", image_size=32, qk_scale="none")
