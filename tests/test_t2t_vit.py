@@ -124,7 +124,7 @@ def test_tiny_overrides_and_bad_options():
         make("t2t_vit_tiny", depth=0)
     with pytest.raises(EednError, match="drop_path_rate"):
         make("t2t_vit_tiny", drop_path_rate="a lot")
-    with pytest.raises(EednError, match="did you mean 'drop_path_rate'.*valid: drop_path_rate$"):
+    with pytest.raises(EednError, match="did you mean 'drop_path_rate'.*valid: drop_path_rate, qk_scale$"):
         make("t2t_vit_7", drop_path=0.2)
     with pytest.raises(EednError, match="unknown option\\(s\\) checkpoint"):  # --backbone-checkpoint loads weights
         make("t2t_vit_7", checkpoint_path="weights.pth")
