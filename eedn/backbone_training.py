@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from eedn.cache import cache_key
 from eedn.contracts import Backbone
 from eedn.data import DataSplits
-from eedn.errors import EednError
+from eedn.errors import EednError, warn
 from eedn.image_batches import ImageBatches, LoaderOptions
 from eedn.io import atomic_torch_save, fault_point, load_checkpoint
 from eedn.precision import autocast, grad_scaler, to_memory_format
@@ -130,7 +130,12 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
         backbone.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        restore_rng_states(ck["rng"], g)
+        if "rng" in ck:
+            restore_rng_states(ck["rng"], g)
+        else:  # written by an eedn that saved only the batch order
+            g.set_state(ck["generator"])
+            warn(f"{partial} holds no random states (older eedn): the resumed training continues, but not "
+                 "bit-identically to an uninterrupted one")
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         start, best_acc, best_state, history = ck["epoch"] + 1, ck["best_acc"], ck["best_state"], ck["history"]

@@ -93,8 +93,8 @@ def test_kill_anywhere_then_resume_gives_the_uninterrupted_results(reference, tm
 
 
 def test_concurrent_runs_never_share_a_run_directory(reference, tmp_path):
-    """Two identical runs into one --out: exactly one wins, the other says so. Two runs with default names
-    started together get two directories. All four share one (warm) cache."""
+    """Two identical runs into one --out: exactly one wins, the other says so. Two different runs with default
+    names started together get two directories. All four share one (warm) cache."""
     cache = reference["root"] / "cache"
     env = clean_env()
 
@@ -102,7 +102,8 @@ def test_concurrent_runs_never_share_a_run_directory(reference, tmp_path):
         return subprocess.Popen([sys.executable, "-m", "eedn", *RUN, "--cache-dir", str(cache), *extra],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    procs = [start("--out", str(tmp_path / "shared")), start("--out", str(tmp_path / "shared")), start(), start()]
+    procs = [start("--out", str(tmp_path / "shared")), start("--out", str(tmp_path / "shared")), start(),
+             start("--epochs", "1")]
     finished = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close()
@@ -113,9 +114,11 @@ def test_concurrent_runs_never_share_a_run_directory(reference, tmp_path):
     assert re.fullmatch(r"error: (--out \S+shared already holds files; pass --overwrite.*|run directory \S+shared "
                         r"was written by another run meanwhile.*)\n", loser), loser
     assert [code for code, _ in finished[2:]] == [0, 0]
-    defaults = sorted((tmp_path / "runs").iterdir())
-    assert len(defaults) == 2 and all((d / "results.json").exists() for d in defaults)
+    defaults = {json.loads((d / "results.json").read_text())["config"]["strategy_options"]["epochs"]: d
+                for d in (tmp_path / "runs").iterdir()}
+    assert sorted(defaults) == [1, 2]  # two directories, each holding its own run
     expected = comparable(reference["results"])
-    for run_dir in [tmp_path / "shared", *defaults]:
+    for run_dir in (tmp_path / "shared", defaults[2]):
         assert comparable(json.loads((run_dir / "results.json").read_text())) == expected
+    assert json.loads((defaults[1] / "run.json").read_text())["model"]["strategy"]["options"]["epochs"] == 1
     assert leftovers(cache, tmp_path) == []
