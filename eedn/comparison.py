@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -146,9 +145,23 @@ def check_strategies(cfg: dict, specs: Sequence[StrategySpec], options: dict[str
         check_plugins(run_config(cfg, spec, options.get(spec.label, {}), cfg["seed"]))
 
 
+def check_run_dirs(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int], options: dict[str, dict],
+                   out_dir: Path, reuse_finished: bool) -> None:
+    """Before anything is trained: every run directory the comparison will write is new, empty or (with
+    config ``overwrite``) replaceable, and writable; finished runs kept by ``reuse_finished`` are skipped."""
+    from eedn.rundir import check_out_dir
+
+    for seed in seeds:
+        for spec in specs:
+            run_dir = out_dir / f"{spec.label}-s{seed}"
+            if not (reuse_finished and finished_run(run_dir, run_config(cfg, spec, options.get(spec.label, {}), seed))):
+                check_out_dir(run_dir, bool(cfg.get("overwrite")), what="run directory")
+
+
 def default_out_dir(cfg: dict) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"compare-{cfg['dataset']}-{cfg['backbone']}-{stamp}"
+    from eedn.rundir import unique_run_name
+
+    return Path("runs") / unique_run_name(f"compare-{cfg['dataset']}-{cfg['backbone']}")
 
 
 def read_run(run_dir: Path) -> tuple[dict, dict]:
@@ -183,6 +196,7 @@ def run_compare(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int], 
     out_dir = Path(out_dir)
     progress = progress or Progress(enabled=False)
     check_strategies(cfg, specs, options)
+    check_run_dirs(cfg, specs, seeds, options, out_dir, reuse_finished)
     with progress.session():
         for seed in seeds:
             prep = None

@@ -429,3 +429,16 @@ def test_cache_list_and_prune(tiny_config, tmp_path):
     assert nothing.output.strip() == "0 entries, 0 B freed" and len(list((cache / "backbones").iterdir())) == 1
     gone = CliRunner().invoke(cli, ["cache", "list", "--cache-dir", str(tmp_path / "none")])
     assert gone.exit_code == 1 and "no cache at" in gone.output
+
+
+def test_compare_checks_every_run_directory_before_stage_0(tmp_path, monkeypatch):
+    from eedn.comparison import parse_strategies, run_compare
+    from eedn.config import resolve_config
+
+    monkeypatch.setattr(pipeline, "prepare", no_stage_0)
+    cfg = resolve_config({"backbone": "resnet_tiny", "image_size": 8, "progress": False})
+    specs = parse_strategies("im-only")
+    (tmp_path / "cmp" / "im-only-s1").mkdir(parents=True)
+    (tmp_path / "cmp" / "im-only-s1" / "results.json").write_text("{}")
+    with pytest.raises(EednError, match=r"run directory .*im-only-s1 already holds files; pass --overwrite"):
+        run_compare(cfg, specs, [0, 1], {}, tmp_path / "cmp")
