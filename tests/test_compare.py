@@ -302,10 +302,15 @@ def test_report_rebuilds_a_comparison_without_training(compared, tmp_path, monke
         "--strategies", "jei,im-only:patience", "--seeds", "2", "--config", str(config), "--out", str(copy),
         "--cache-dir", str(tmp_path / "empty-cache"), "--resume", "--quiet"], terminal_width=200)
     assert res.exit_code == 0, res.output
-    # ... but not runs of another config
+    # ... but not runs of another config: those directories are refused before anything is trained (never
+    # silently overwritten); with overwrite they are trained again
     res = CliRunner().invoke(compare_command, [
         "--strategies", "jei,im-only:patience", "--seeds", "2", "--config", str(config), "--out", str(copy),
         "--epochs", "3", "--resume", "--quiet"], terminal_width=200)
+    assert res.exit_code == 1 and "jei-s0 already holds files; pass --overwrite" in res.output
+    res = CliRunner().invoke(compare_command, [
+        "--strategies", "jei,im-only:patience", "--seeds", "2", "--config", str(config), "--out", str(copy),
+        "--epochs", "3", "--resume", "--set", "overwrite=true", "--quiet"], terminal_width=200)
     assert res.exit_code == 1 and "must not prepare" in res.output
 
 
