@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from eedn.contracts import select_rows
+from eedn.contracts import State, select_rows
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
 from eedn.precision import autocast, to_memory_format
@@ -100,13 +100,20 @@ class EarlyExitEngine:
     is measured once with :func:`eedn.cost.measure_exit_macs` on first use and kept. The model runs
     in eval mode on its own device; inputs are moved there. ``precision`` runs it under
     :func:`eedn.precision.autocast` (logits come back as fp32); ``channels_last`` feeds NHWC images.
+
+    ``compile=True`` runs each exit's segment (the stem for exit 0, the stage, exit features and IM logits)
+    through ``torch.compile`` with dynamic batch sizes; gate decisions and row bookkeeping stay eager. The
+    first calls compile (seconds per exit and batch shape), so it is for long-running inference; on a CPU it
+    helped convolutional networks at batch 1 and slowed larger batches (docs/inference.md).
     """
 
     def __init__(self, model: EarlyExitModel, exit_macs: Sequence[float] | Tensor | None = None,
-                 precision: str = "fp32", channels_last: bool = False):
+                 precision: str = "fp32", channels_last: bool = False, compile: bool = False):
         self.model = model
         self.precision = precision
         self.channels_last = channels_last
+        self.compile = compile
+        self._segments: list | None = None
         self._exit_macs = None if exit_macs is None else _as_macs_tensor(exit_macs, model.num_exits)
         self._macs_on: dict[torch.device, Tensor] = {}
         self._checked_combiner: nn.Module | None = None
@@ -151,6 +158,29 @@ class EarlyExitEngine:
             if was_training:
                 model.train()
 
+    def compiled_segments(self) -> list:
+        """One ``torch.compile``-d function per exit: input (images for exit 0, else the state) ->
+        ``(state, features, logits)``. Built on first use."""
+        if self._segments is None:
+            import torch._dynamo
+
+            model, bb = self.model, self.model.backbone
+            # every exit's function shares one code object, so dynamo keys its cache on the exit index too
+            limit = 8 * bb.num_stages
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+            def make(index: int):
+                def segment(state: State):
+                    if index == 0:
+                        state = bb.stem(state)
+                    state = bb.stage(index, state)
+                    feats = bb.exit_features(index, state)
+                    return state, feats, model.exit_logits(index, feats)
+                return torch.compile(segment, dynamic=True)
+
+            self._segments = [make(l) for l in range(bb.num_stages)]
+        return self._segments
+
     def _run(self, x: Tensor, macs_table: Tensor) -> InferenceResult:
         model, bb, gate = self.model, self.model.backbone, self.model.gate
         combiner = model.exit_combiner
@@ -164,13 +194,17 @@ class EarlyExitEngine:
             return InferenceResult(exit_index.clone(), exit_index, empty[:, 0], empty, macs_table[exit_index])
 
         rows = torch.arange(n, device=device)  # original positions of the rows still running
-        state = bb.stem(x)
+        segments = self.compiled_segments() if self.compile else None
+        state = bb.stem(x) if segments is None else x
         prefix: Tensor | None = None  # gate scores [b, l+1] of the running rows
         raw: Tensor | None = None  # un-combined per-exit logits [b, l+1, C] (only with a combiner)
         for l in range(bb.num_stages):
-            state = bb.stage(l, state)
-            feats = bb.exit_features(l, state)
-            logits = model.exit_logits(l, feats)
+            if segments is None:
+                state = bb.stage(l, state)
+                feats = bb.exit_features(l, state)
+                logits = model.exit_logits(l, feats)
+            else:
+                state, feats, logits = segments[l](state)
             if combiner is not None:
                 raw = logits.unsqueeze(1) if raw is None else torch.cat([raw, logits.unsqueeze(1)], dim=1)
                 logits = combiner(raw)[:, -1]

@@ -131,7 +131,7 @@ def read_images(run_dir: str | Path, inputs: Sequence[str | os.PathLike],
 
 # ---------------------------------------------------------------------------------------- predict
 def predict_files(run_dir: str | Path, inputs: Sequence[str | os.PathLike], batch_size: int = 64,
-                  device: str = "cpu") -> list[dict]:
+                  device: str = "cpu", compile: bool = False) -> list[dict]:
     """One dict per image file under ``inputs``: ``file``, ``class_index``, ``class`` (the run's class
     name), ``confidence``, ``exit`` and ``macs``, from the run's reported policy with real early exits."""
     if batch_size < 1:
@@ -140,7 +140,7 @@ def predict_files(run_dir: str | Path, inputs: Sequence[str | os.PathLike], batc
     files = find_images(inputs)
     model, manifest = load_model(run_dir, device=device)
     preprocess = preprocessor(recipe)
-    engine = EarlyExitEngine(model, exit_macs=manifest["model"]["exit_macs"])
+    engine = EarlyExitEngine(model, exit_macs=manifest["model"]["exit_macs"], compile=compile)
     rows: list[dict] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
@@ -187,12 +187,14 @@ def print_predictions(rows: list[dict], full_macs: float | None = None, num_exit
               help="an image file or a folder of images (repeatable)")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="images per engine call")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--compile", "compile_", is_flag=True, help="run the exits through torch.compile (slow first batch; "
+                                                           "docs/inference.md)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
-def predict(run_dir, inputs, batch_size, device, debug) -> None:
+def predict(run_dir, inputs, batch_size, device, compile_, debug) -> None:
     """Classify images with a trained run (real early exits): class, confidence, exit, MACs per file.
 
     Needs only the run directory: the training data may be gone."""
     spec = read_manifest(run_dir)["model"]
-    rows = predict_files(run_dir, inputs, batch_size=batch_size, device=device)
+    rows = predict_files(run_dir, inputs, batch_size=batch_size, device=device, compile=compile_)
     print_predictions(rows, spec["full_macs"], spec["num_exits"])

@@ -611,3 +611,16 @@ def test_bench_command_and_script(tiny_run, tmp_path):
     assert rows[0]["samples"] == 8  # the run's test split, rebuilt through the library
     rows = main(["--run-dir", str(tiny_run), "--input", str(images), "--batch-sizes", "5", "--repeats", "1"])
     assert rows[0]["samples"] == 10
+
+
+def test_compiled_engine_reaches_the_eager_exits():
+    """``compile=True`` runs the same segments through torch.compile (dynamic batch): same exits, same logits up
+    to kernel rounding, on a batch and on a smaller batch (no recompile for the new size)."""
+    model, x = trained_model("resnet", "max_prob", seed=2)
+    configure(model, x, "max_prob")
+    eager = EarlyExitEngine(model, exit_macs=FAKE_MACS[: model.num_exits])
+    compiled = EarlyExitEngine(model, exit_macs=FAKE_MACS[: model.num_exits], compile=True)
+    for batch in (x, x[:5]):
+        a, b = eager(batch), compiled(batch)
+        assert torch.equal(a.exit_index, b.exit_index) and torch.equal(a.predictions, b.predictions)
+        torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
