@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from eedn.cache import cache_key
 from eedn.contracts import Backbone
-from eedn.data import DataSplits
+from eedn.data import DataSplits, subset
+from eedn.distributed import all_reduce_sum, barrier, shard_rows, world
 from eedn.errors import EednError, warn
 from eedn.image_batches import ImageBatches, LoaderOptions
 from eedn.io import atomic_torch_save, fault_point, load_checkpoint
@@ -86,6 +87,7 @@ def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, dev
             pred = backbone(to_memory_format(x.to(device), channels_last)).argmax(-1)
         correct += int((pred == y.to(pred.device)).sum())
         total += len(y)
+    correct, total = all_reduce_sum([correct, total])  # under DDP each rank read its shard
     return correct / max(total, 1)
 
 
@@ -96,8 +98,14 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
 
     ``precision`` runs forward and loss under :func:`eedn.precision.autocast` (fp16 with a GradScaler);
     ``channels_last`` feeds NHWC images to a backbone whose weights were put in that format. Without
-    ``checkpoint_path`` (a read-only cache) nothing is saved.
+    ``checkpoint_path`` (a read-only cache) nothing is saved. Under torchrun the backbone trains with
+    DistributedDataParallel, ``batch_size`` is the global batch (each rank takes its slice) and rank 0 alone
+    writes checkpoints (:mod:`eedn.distributed`).
     """
+    w = world()
+    if w.active and int(rec["batch_size"]) % w.size:
+        raise EednError(f"backbone_training.batch_size {rec['batch_size']} is the global batch and must divide by "
+                        f"the {w.size} ranks; pick a multiple of {w.size}")
     if int(rec["epochs"]) < 1:
         raise EednError("backbone training needs epochs >= 1; an untrained backbone is never cached as trained")
     progress = progress or Progress(False)
@@ -106,8 +114,14 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
     g = torch.Generator().manual_seed(seed)
     loader = loader or LoaderOptions(num_workers=num_workers)
     train_loader = ImageBatches(data.train, int(rec["batch_size"]), shuffle=True, generator=g, loader=loader,
-                                drop_last=len(data.train) > int(rec["batch_size"]), device=device)
-    val_loader = ImageBatches(data.val, 256, loader=loader, device=device)
+                                drop_last=len(data.train) > int(rec["batch_size"]), device=device,
+                                shard=(w.rank, w.size))
+    val_set = subset(data.val, shard_rows(len(data.val)).numpy()) if w.active else data.val
+    val_loader = ImageBatches(val_set, 256, loader=loader, device=device)
+    model = backbone
+    if w.active:
+        cuda = torch.device(device).type == "cuda"
+        model = torch.nn.parallel.DistributedDataParallel(backbone, device_ids=[w.local_rank] if cuda else None)
     scaler = grad_scaler(precision, device)
     params = [p for p in backbone.parameters() if p.requires_grad]
     if rec["optimizer"] == "adamw":
@@ -146,7 +160,7 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
         for x, y in progress.track(train_loader, "backbone", epoch=epoch, epochs=epochs):
             x, y = to_memory_format(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
             with autocast(precision, device):
-                loss = F.cross_entropy(backbone(x), y, label_smoothing=float(rec["label_smoothing"]))
+                loss = F.cross_entropy(model(x), y, label_smoothing=float(rec["label_smoothing"]))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -160,13 +174,14 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
             total_loss += value * len(y)
             n += len(y)
             fault_point("backbone-batch")
+        total_loss, n = all_reduce_sum([total_loss, n])
         acc = evaluate_accuracy(backbone, val_loader, device, precision, channels_last)
         history.append({"epoch": epoch, "train_loss": total_loss / max(n, 1), "val_accuracy": acc})
         progress.epoch("backbone", epoch, epochs, loss=total_loss / max(n, 1), val_accuracy=acc)
         if acc > best_acc:
             best_acc = acc
             best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-        if partial is not None:
+        if partial is not None and w.main:
             atomic_torch_save({"model": backbone.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "rng": rng_states(g), "epoch": epoch,
                                "scaler": scaler.state_dict(),
@@ -175,8 +190,9 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
     if best_state is not None:
         backbone.load_state_dict(best_state)
     summary = {"val_accuracy": best_acc, "epochs": epochs, "history": history}
-    if checkpoint_path is not None:
+    if checkpoint_path is not None and w.main:
         atomic_torch_save({"model": backbone.state_dict(), "summary": {"val_accuracy": best_acc, "epochs": epochs}},
                           checkpoint_path)
         partial.unlink(missing_ok=True)
+    barrier()
     return summary

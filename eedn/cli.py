@@ -88,14 +88,19 @@ def run(strategy, gate, out, overwrite, quiet, debug, **kw) -> None:
     from eedn.run import prepare, run_strategy
     from eedn.terminal import print_run
 
+    from eedn.distributed import launched_rank, shutdown
+
     cfg = build_config(strategy=strategy, gate=gate, out=out, **kw)
     if overwrite:
         cfg["overwrite"] = True
-    progress = Progress(enabled=not quiet and cfg["progress"])
+    main_rank = launched_rank() == 0  # under torchrun only rank 0 prints
+    progress = Progress(enabled=not quiet and cfg["progress"] and main_rank)
     with progress.session():
         prep = prepare(cfg, progress)
         results = run_strategy(prep)
-    print_run(results)
+    shutdown()
+    if main_rank:
+        print_run(results)
 
 
 @cli.command()

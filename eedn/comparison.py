@@ -218,6 +218,10 @@ def run_compare(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int], 
                         "options": options.get(s.label, {}),
                         "runs": {str(seed): f"{s.label}-s{seed}" for seed in seeds}} for s in specs],
     }
+    from eedn.distributed import world
+
+    if not world().main:
+        return meta  # under torchrun rank 0 writes the comparison
     return render_comparison(out_dir, meta)
 
 

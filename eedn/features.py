@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from eedn.cache import FeatureCache, FeatureSet, cache_key, state_dict_hash
-from eedn.data import DataSplits, dataset_labels
+from eedn.data import DataSplits, dataset_labels, subset
+from eedn.distributed import all_reduce_sum, gather_rows, shard_rows, world
 from eedn.image_batches import ImageBatches, LoaderOptions
 from eedn.model import EarlyExitModel
 from eedn.outputs import ExitOutputs
@@ -82,22 +83,32 @@ class FeatureSource:
                      **numerics_key(self.precision, False)}
             key = cache_key(**parts)
             fs = self.cache.load(key, rows=self.num_samples(split), dims=parts["feature_dims"])
-            if fs is not None:
+            if all_reduce_sum([fs is None])[0] == 0:  # under DDP: a hit only when every rank has the file
                 self._memory[split] = fs
                 return fs
-        ds = self.dataset(split)
-        loader = ImageBatches(ds, self.batch_size, loader=self.loader, device=self.device)
-        chunks: list[list[Tensor]] = []
-        labels = []
-        for x, y in self.progress.track(loader, f"features: {split}"):
-            chunks.append([f.cpu() for f in self._backbone_forward(x, "eval")])
-            labels.append(y)
-        fs = FeatureSet([torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))], torch.cat(labels))
+        fs = self._extract(split)
         if key is not None:
-            if self.cache.save(key, fs, meta=parts):
-                fs = self.cache.load(key) or fs  # read back what later runs will see (fp16 if asked)
+            saved = self.cache.save(key, fs, meta=parts) if world().main else True  # rank 0 writes the file
+            if saved and self.cache.fp16:  # what later runs will read back from the cache
+                fs = FeatureSet([f.half() for f in fs.feats], fs.labels)
         self._memory[split] = fs
         return fs
+
+    def _extract(self, split: str) -> FeatureSet:
+        """One eval-mode pass over a split; under DDP each rank takes a contiguous shard and the shards are
+        gathered to every rank in order (:mod:`eedn.distributed`)."""
+        ds = self.dataset(split)
+        if world().active:
+            ds = subset(ds, shard_rows(len(ds)).numpy())
+        loader = ImageBatches(ds, self.batch_size, loader=self.loader, device=self.device)
+        chunks: list[list[Tensor]] = []
+        labels = [torch.zeros(0, dtype=torch.long)]
+        for x, y in self.progress.track(loader, f"features: {split}"):
+            chunks.append([f.cpu() for f in self._backbone_forward(x, "eval")])
+            labels.append(y.cpu())
+        dims = self.model.backbone.feature_dims
+        feats = [torch.cat([torch.zeros(0, d)] + [c[i] for c in chunks]) for i, d in enumerate(dims)]
+        return FeatureSet([gather_rows(f) for f in feats], gather_rows(torch.cat(labels)))
 
     def labels(self, split: str) -> Tensor:
         if split in self._memory:

@@ -109,12 +109,14 @@ class InMemoryImages(Dataset):
         return self._on_device[device]
 
     def batch(self, idx: Tensor, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-        """Normalised float images ``[B, C, H, W]`` and labels of rows ``idx``, augmented if this view is."""
+              device: torch.device | str = "cpu", draws: tuple[Tensor, Tensor, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor]:
+        """Normalised float images ``[B, C, H, W]`` and labels of rows ``idx``, augmented if this view is (with
+        ``draws`` from :meth:`RandomCropFlip.sample` when given, else fresh ones from ``generator``)."""
         device = torch.device(device)
         x = self._pixels_on(device)[idx.to(device)]
         if self.augment is not None:
-            x = self.augment(x, generator)
+            x = self.augment.apply(x, *draws) if draws is not None else self.augment(x, generator)
         x = x.float().div(255) if x.dtype == torch.uint8 else x.float()  # as torchvision's ToTensor
         if self.mean is not None and self.std is not None:
             x = x.sub(self.mean.to(device)).div(self.std.to(device))  # as torchvision's Normalize
@@ -141,11 +143,16 @@ class ImageBatches:
 
     In-memory datasets are cut by indexing (augmentation drawn from ``generator``, on ``device``); any
     other dataset goes through a DataLoader with ``loader`` settings, yielding CPU tensors as before.
+
+    ``shard=(rank, world_size)`` (DDP, :mod:`eedn.distributed`): ``batch_size`` is the global batch; every rank
+    draws the same order (and augmentation) from an identically seeded ``generator`` and keeps its
+    ``1/world_size`` slice of each global batch, so the ranks together see what one process would.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool = False,
                  generator: torch.Generator | None = None, order: Sequence[int] | Tensor | None = None,
-                 drop_last: bool = False, loader: LoaderOptions | None = None, device: str | torch.device = "cpu"):
+                 drop_last: bool = False, loader: LoaderOptions | None = None, device: str | torch.device = "cpu",
+                 shard: tuple[int, int] = (0, 1)):
         self.dataset = dataset
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -155,11 +162,35 @@ class ImageBatches:
         self.loader = loader or LoaderOptions()
         self.device = torch.device(device)
         self.rows = in_memory_rows(dataset)
+        self.rank, self.world_size = shard
         self._dataloader: DataLoader | None = None
 
     def __len__(self) -> int:
-        n = len(self.dataset) if self.order is None else len(self.order)
+        n = self._count()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _count(self) -> int:
+        return len(self.dataset) if self.order is None else len(self.order)
+
+    def _global_order(self) -> Tensor:
+        """Positions (into the dataset) in this pass's order: given, seeded shuffle or natural."""
+        if self.order is not None:
+            return self.order
+        n = self._count()
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def _batches(self) -> Iterator[Tensor]:
+        """The global batches of one pass (positions), before any sharding."""
+        order = self._global_order()
+        n = len(order)
+        stop = n - n % self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            yield order[start : start + self.batch_size]
+
+    def _slice(self, chunk: Tensor) -> slice:
+        """This rank's part of a global batch (equal parts when the batch divides by the world size)."""
+        bounds = torch.tensor_split(torch.arange(len(chunk)), self.world_size)[self.rank]
+        return slice(int(bounds[0]), int(bounds[-1]) + 1) if len(bounds) else slice(0, 0)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.rows is None:
@@ -168,22 +199,28 @@ class ImageBatches:
 
     def _in_memory(self) -> Iterator[tuple[Tensor, Tensor]]:
         store, rows = self.rows
-        n = len(rows) if self.order is None else len(self.order)
-        if self.order is not None:
-            order = self.order
-        elif self.shuffle:
-            order = torch.randperm(n, generator=self.generator)
-        else:
-            order = torch.arange(n)
-        stop = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            yield store.batch(rows[order[start : start + self.batch_size]], self.generator, self.device)
+        for chunk in self._batches():
+            if self.world_size == 1:
+                yield store.batch(rows[chunk], self.generator, self.device)
+                continue
+            part = self._slice(chunk)
+            draws = None
+            if store.augment is not None:  # drawn for the whole global batch, as one process would
+                draws = tuple(d[part] for d in store.augment.sample(len(chunk), self.generator))
+            yield store.batch(rows[chunk[part]], self.generator, self.device, draws)
 
     def _loader(self) -> DataLoader:
         if self._dataloader is None:
             opts = self.loader
             workers = opts.num_workers
             pin = opts.pin_memory if opts.pin_memory is not None else self.device.type == "cuda"
+            if self.world_size > 1:
+                per_rank = self.batch_size // self.world_size
+                self._dataloader = DataLoader(
+                    self.dataset, batch_size=per_rank, sampler=_ShardSampler(self), drop_last=False,
+                    num_workers=workers, pin_memory=pin and torch.cuda.is_available(),
+                    persistent_workers=opts.persistent_workers and workers > 0)
+                return self._dataloader
             sampler = None if self.order is None else self.order.tolist()
             self._dataloader = DataLoader(
                 self.dataset, batch_size=self.batch_size, shuffle=self.shuffle if sampler is None else False,
@@ -191,3 +228,18 @@ class ImageBatches:
                 num_workers=workers, pin_memory=pin and torch.cuda.is_available(),
                 persistent_workers=opts.persistent_workers and workers > 0)
         return self._dataloader
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """This rank's slice of every global batch, in order (the DistributedSampler of :class:`ImageBatches`:
+    global batches rather than interleaved rows, so the union over ranks is one process's batch)."""
+
+    def __init__(self, batches: ImageBatches):
+        self.batches = batches
+
+    def __iter__(self):
+        for chunk in self.batches._batches():
+            yield from chunk[self.batches._slice(chunk)].tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches) * (self.batches.batch_size // self.batches.world_size)

@@ -24,6 +24,7 @@ from eedn.config import cache_dir, resolve_config
 from eedn.contracts import Backbone, Evaluator
 from eedn.cost import measure_exit_macs
 from eedn.data import DataSplits
+from eedn.distributed import barrier, broadcast_object, check_same_config, init_from_env, world
 from eedn.errors import EednError, warn
 from eedn.features import FeatureSource, compute_split_outputs
 from eedn.image_batches import LoaderOptions
@@ -128,6 +129,14 @@ def _with_strategy_gate_options(cfg: dict, gate_entry: Any, resolved: dict, impl
     return gate_entry.resolve({**cfg["gate_options"], **implied})
 
 
+def join_ranks(cfg: dict) -> None:
+    """Under torchrun: join the process group, check every rank runs this config, and give each rank its own
+    device (``cuda`` → ``cuda:LOCAL_RANK``); a single process is left as it is (eedn.distributed)."""
+    w, device = init_from_env(cfg["device"])
+    check_same_config(cfg)
+    cfg["device"] = device
+
+
 @dataclass
 class Prepared:
     """Data, a trained backbone and the run's bookkeeping: what every strategy of a run shares."""
@@ -155,6 +164,7 @@ def prepare(cfg: dict, progress: Progress) -> Prepared:
     checked = check_plugins(cfg)
     cache_writable = check_before_stage_0(cfg, cache_dir(cfg))
     check_precision(cfg["precision"], cfg["device"])
+    join_ranks(cfg)
     t0 = time.perf_counter()
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -316,9 +326,11 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
                                          "own_ims_thresholds_s": time.perf_counter() - t2}
     manifest = build_manifest(cfg, prep, checked, model, test, policy, chosen, labels, exit_macs, full_macs)
     results["environment"] = manifest["environment"]
-    run_dir = run_directory(cfg)
-    write_run(run_dir, cfg, results, manifest, model, outputs,
-              {label: s for label, s in result.settings} | {POLICY_HEADS: policy_heads})
+    run_dir = broadcast_object(run_directory(cfg))  # rank 0's time stamp on every rank
+    if world().main:
+        write_run(run_dir, cfg, results, manifest, model, outputs,
+                  {label: s for label, s in result.settings} | {POLICY_HEADS: policy_heads})
+    barrier()
     results["run_dir"] = str(run_dir)
     progress.log(f"run directory: {run_dir}")
     return results
@@ -365,7 +377,7 @@ def build_manifest(cfg: dict, prep: Prepared, checked: CheckedPlugins, model: Ea
     return {
         "format": RUN_FORMAT,
         "created": created_now(),
-        "environment": environment(cfg["device"]),
+        "environment": environment(cfg["device"], world().size),
         "model": {
             "backbone": {"name": cfg["backbone"], "options": prep.backbone_info["options"],
                          "display_name": bb.display_name, "num_classes": bb.num_classes,

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 import eedn
