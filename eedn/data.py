@@ -117,7 +117,8 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
 
 def channel_statistics(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
     """Per-channel mean and std over ``[C, H, W]`` images (every pixel weighs the same; images may differ in
-    size): the normalisation a source computes on its train split instead of borrowing CIFAR-10's."""
+    size): the normalisation a source computes on its train split instead of borrowing CIFAR-10's. A constant
+    channel gets std 1."""
     total = total_sq = None
     count = 0
     for x in images:
@@ -128,5 +129,6 @@ def channel_statistics(images: Iterable[torch.Tensor]) -> tuple[list[float], lis
     if total is None or count == 0:
         raise ValueError("channel_statistics needs at least one image")
     mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
+    std = torch.where(std < 1e-4, torch.ones_like(std), std)  # a constant channel is only centred
     return [round(float(m), 6) for m in mean], [round(float(v), 6) for v in std]

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from eedn.contracts import DatasetSource
-from eedn.data import DataSplits, hold_out, subset
+from eedn.data import DataSplits, channel_statistics, hold_out, subset
 from eedn.image_batches import InMemoryImages, RandomCropFlip
 from eedn.errors import EednError
 from eedn.image_io import open_image
@@ -126,22 +126,25 @@ class ImageFiles(Dataset):
     labels without opening any file."""
 
     def __init__(self, samples: list[tuple[str, int]], transform: Callable | None,
-                 targets: list[int] | None = None):
+                 targets: list[int] | None = None, mode: str = "RGB"):
         self.samples = samples
         self.targets = targets if targets is not None else [label for _, label in samples]
         self.transform = transform
+        self.mode = mode  # "L" for image folders whose images are all grayscale
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        image = open_image(path, "RGB")
+        image = open_image(path, self.mode)
         if self.transform is not None:
             image = self.transform(image)
         return image, label
 
 
+#: PIL modes of single-channel images (an image folder of only these stays one channel)
+GRAYSCALE_MODES = ("1", "L", "I", "I;16", "F")
 #: default cap on the decoded uint8 pixels a source keeps in memory (``in_memory_mb`` option)
 IN_MEMORY_MB = 2048
 
@@ -657,14 +660,15 @@ class ImageFolderSource(_Source):
     ``<the run's cache directory>/datasets``) and reused. Without ``test/``, a seeded stratified
     ``test_fraction`` of ``train/`` becomes the test split. The val pool is ``val_fraction`` of the
     ``train/`` images, split into val and cal by ``cal_fraction``. Images are decoded lazily, one per
-    sample, or all at once into memory when they fit ``in_memory_mb`` (:mod:`eedn.image_batches`);
-    transforms are CIFAR-10's (resize to ``image_size``, crop with padding, flip, normalise with
-    ``mean``/``std``, default CIFAR-10's). The default image size is that of the first train image.
+    sample, or all at once into memory when they fit ``in_memory_mb`` (:mod:`eedn.image_batches`).
+    The data decides the rest: images that are all grayscale stay one channel; the normalisation is the
+    per-channel mean/std of (up to ``stats_images`` of) the train split unless ``mean``/``std`` are given;
+    ``augment=auto`` crops with padding and flips colour images only (a mirrored character is another
+    symbol), or ``crop-flip``, ``crop``, ``none``. The default image size is that of the first train image.
     """
 
     name = "image-folder"
-    channels = 3
-    data_key = ("val_fraction", "cal_fraction", "test_fraction", "mean", "std")
+    data_key = ("val_fraction", "cal_fraction", "test_fraction", "mean", "std", "augment", "stats_images")
 
     @dataclass
     class Options:
@@ -674,8 +678,11 @@ class ImageFolderSource(_Source):
         val_fraction: float = _fraction_option("share of train/ held out as the validation pool", 0.1)
         cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
         test_fraction: float = _fraction_option("share of train/ held out as test when there is no test/", 0.1)
-        mean: list[float] = option(list(CIFAR10_MEAN), "per-channel normalisation mean (default: CIFAR-10's)")
-        std: list[float] = option(list(CIFAR10_STD), "per-channel normalisation std (default: CIFAR-10's)")
+        mean: list[float] | None = option(None, "per-channel normalisation mean (default: the train split's)")
+        std: list[float] | None = option(None, "per-channel normalisation std (default: the train split's)")
+        augment: str = option("auto", "training augmentation: auto (crop, plus flips for colour images), "
+                                      "crop-flip, crop or none", choices=("auto", "crop-flip", "crop", "none"))
+        stats_images: int = option(2000, "train images the default mean/std are computed on", min=1)
         in_memory_mb: int = _in_memory_option()
 
     def __init__(self, **options: Any):
@@ -742,6 +749,36 @@ class ImageFolderSource(_Source):
     def num_classes(self) -> int:  # type: ignore[override]
         return len(self.tree()["classes"])
 
+    @functools.cached_property
+    def channels(self) -> int:  # type: ignore[override]
+        """1 when every image (train/ and test/) is grayscale (read from the file headers), else 3."""
+        from PIL import Image
+
+        tree = self.tree()
+        for path, _ in tree["train"] + (tree["test"] or []):
+            try:
+                with Image.open(path) as im:
+                    if im.mode not in GRAYSCALE_MODES:
+                        return 3
+            except (Image.DecompressionBombError, OSError, ValueError):
+                return 3  # decoding later names the file
+        return 1
+
+    def _augment_mode(self) -> str:
+        mode = self.options["augment"]
+        return ("crop-flip" if self.channels == 3 else "crop") if mode == "auto" else mode
+
+    def _statistics(self, samples: list, train_positions: np.ndarray, image_size: int,
+                    seed: int) -> tuple[list[float], list[float], str]:
+        """The given mean/std, else those of a seeded sample of the train split at ``image_size``."""
+        if self.options["mean"] is not None and self.options["std"] is not None:
+            return list(self.options["mean"]), list(self.options["std"]), "given"
+        _, eval_tf = cifar_transforms(image_size, None, None, False, native_size=None, center_crop=True)
+        picked = np.random.default_rng(seed).permutation(train_positions)[: self.options["stats_images"]]
+        mode = "L" if self.channels == 1 else "RGB"
+        mean, std = channel_statistics(eval_tf(open_image(samples[int(i)][0], mode)) for i in picked)
+        return mean, std, f"{len(picked)} train images"
+
     @property
     def default_image_size(self) -> int:  # type: ignore[override]
         """The larger side of the first train image (read from its header, not decoded)."""
@@ -754,12 +791,16 @@ class ImageFolderSource(_Source):
         except (Image.DecompressionBombError, OSError, ValueError):
             return max(open_image(path, "RGB").size)  # raises the one-line error naming the file
 
-    def views(self, tree: dict, image_size: int, augment: bool) -> tuple[Dataset, Dataset, Dataset | None]:
+    def views(self, tree: dict, image_size: int, augment: bool, mean: list[float],
+              std: list[float]) -> tuple[Dataset, Dataset, Dataset | None]:
         """(train, eval, test or None) views: decoded once into memory when the pixels fit ``in_memory_mb`` and
-        every image is square once resized, else decoded per sample with torchvision transforms."""
-        mean, std = self.options["mean"], self.options["std"]
+        every image is square once resized (colour images), else decoded per sample with torchvision
+        transforms."""
         samples, test = tree["train"], tree["test"] or []
-        if _fits_in_memory(len(samples) + len(test), 3, image_size, self.options["in_memory_mb"]):
+        mode = self._augment_mode()
+        augment = augment and mode != "none"
+        if self.channels == 3 and _fits_in_memory(len(samples) + len(test), 3, image_size,
+                                                  self.options["in_memory_mb"]):
             pixels = _resized_uint8(_open_rgb(p for p, _ in samples), len(samples), image_size)
             test_pixels = (_resized_uint8(_open_rgb(p for p, _ in test), len(test), image_size)
                            if test and pixels is not None else None)
@@ -767,10 +808,16 @@ class ImageFolderSource(_Source):
                 eval_view = InMemoryImages(pixels, torch.tensor([y for _, y in samples]), mean, std, samples=samples)
                 test_view = (InMemoryImages(test_pixels, torch.tensor([y for _, y in test]), mean, std, samples=test)
                              if test else None)
-                return eval_view.view(_augment(image_size, augment)), eval_view, test_view
+                crop = RandomCropFlip(image_size // 8, flip=mode == "crop-flip") if augment else None
+                return eval_view.view(crop), eval_view, test_view
         train_tf, eval_tf = cifar_transforms(image_size, mean, std, augment, native_size=None, center_crop=True)
-        test_view = ImageFiles(test, eval_tf) if test else None
-        return ImageFiles(samples, train_tf), ImageFiles(samples, eval_tf), test_view
+        if augment and mode == "crop":
+            from torchvision import transforms as T
+
+            train_tf = T.Compose([t for t in train_tf.transforms if not isinstance(t, T.RandomHorizontalFlip)])
+        pil_mode = "L" if self.channels == 1 else "RGB"
+        test_view = ImageFiles(test, eval_tf, mode=pil_mode) if test else None
+        return ImageFiles(samples, train_tf, mode=pil_mode), ImageFiles(samples, eval_tf, mode=pil_mode), test_view
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
@@ -787,7 +834,8 @@ class ImageFolderSource(_Source):
                                 f"got {val_f + test_f}")
         parts = hold_out(np.asarray(targets), val_f, cal_f, seed, test_fraction=test_f)
         _require_nonempty(self.name, parts, "add images or use larger fractions")
-        train_view, eval_view, test = self.views(tree, image_size, augment)
+        mean, std, stats_from = self._statistics(samples, parts["train"], image_size, seed)
+        train_view, eval_view, test = self.views(tree, image_size, augment, mean, std)
         if test is None:
             test = subset(eval_view, parts["test"])
         return DataSplits(
@@ -795,7 +843,8 @@ class ImageFolderSource(_Source):
             train=subset(train_view, parts["train"]), val=subset(eval_view, parts["val"]),
             cal=subset(eval_view, parts["cal"]), test=test, class_names=list(tree["classes"]),
             train_eval=subset(eval_view, parts["train"]),
-            info=self._info(image_size, seed, augment, mean=self.options["mean"], std=self.options["std"],
+            info=self._info(image_size, seed, augment, mean=mean, std=std, statistics_from=stats_from,
+                            channels=self.channels, augmentation=self._augment_mode() if augment else "none",
                             root=str(tree["root"]),
                             test_from=("test/" if tree["test"] is not None else f"{test_f:g} of train/")),
         )

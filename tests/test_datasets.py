@@ -295,8 +295,12 @@ def test_image_folder_directory_without_test_split(tmp_path):
     assert Path(sample_path).parent.name == splits.class_names[label]
     other = source.splits(16, seed=1)
     assert indices(other.test) != parts["test"]
-    # the normalisation is recorded, so a run directory can preprocess new images the same way
-    assert (splits.info["mean"], splits.info["std"]) == (list(ds.CIFAR10_MEAN), list(ds.CIFAR10_STD))
+    # the normalisation is the train split's own, recorded so a run directory can preprocess new images alike
+    assert splits.info["statistics_from"] == f"{len(parts['train'])} train images"
+    train = torch.stack([splits.train_eval[i][0] for i in range(len(splits.train_eval))])
+    assert train.mean((0, 2, 3)).abs().max() < 1e-3  # blue is constant (200) in every image: centred only
+    assert (train[:, :2].std((0, 2, 3)) - 1).abs().max() < 1e-2 and float(train[:, 2].abs().max()) < 1e-3
+    assert splits.info["augmentation"] == "crop-flip" and splits.info["channels"] == 3
 
 
 def test_image_folder_with_test_split_and_a_tar_gz_extracted_once(tmp_path, monkeypatch):
@@ -359,3 +363,25 @@ def test_malformed_image_folders_raise_one_line_errors(tmp_path):
         tar.addfile(info, io.BytesIO(data))
     fails("outside its folder", data_dir=str(evil), cache_dir=str(tmp_path / "c2"))
     assert not (tmp_path / "c2" / "escape.png").exists() and not (tmp_path / "escape.png").exists()
+
+
+def test_image_folder_of_grayscale_images_stays_one_channel(tmp_path):
+    """All-grayscale folders give 1-channel inputs, no flips by default, and the data's own statistics."""
+    from PIL import Image
+
+    for split, n in (("train", 12), ("test", 4)):
+        for c, name in enumerate(("a", "b")):
+            folder = tmp_path / "gray" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (8, 8), 40 + 150 * c + i).save(folder / f"{i}.png")
+    source = eedn.create("dataset", "image-folder", data_dir=str(tmp_path / "gray"), val_fraction=0.3)
+    assert source.channels == 1
+    splits = source.splits(8, seed=0)
+    x, _ = splits.test[0]
+    assert x.shape == (1, 8, 8) and len(splits.info["mean"]) == 1
+    assert splits.info["augmentation"] == "crop"
+    given = eedn.create("dataset", "image-folder", data_dir=str(tmp_path / "gray"), val_fraction=0.3,
+                        mean=[0.5], std=[0.25], augment="none").splits(8, seed=0)
+    assert given.info["mean"] == [0.5] and given.info["statistics_from"] == "given"
+    assert given.info["augmentation"] == "none"
