@@ -43,6 +43,11 @@ def check_risk_config(cfg: dict, evaluators: dict) -> None:
         raise EednError(f"unknown risk-control knob '{rc['knob']}'; use one of: {', '.join(KNOBS)}")
     if not isinstance(rc["grid_size"], int) or rc["grid_size"] < 2:
         raise EednError(f"risk_control.grid_size must be an integer >= 2, got {rc['grid_size']!r}")
+    if not isinstance(rc["epsilons"], list) or not rc["epsilons"]:
+        raise EednError(f"risk_control.epsilons must be a non-empty list of risk levels, e.g. [0.01, 0.05, 0.1]; got "
+                        f"{rc['epsilons']!r}")
+    if not isinstance(rc.get("risk_options") or {}, dict):
+        raise EednError("risk_control.risk_options must be a mapping of the risk's options")
     risk = create("risk", rc["risk"], **(rc.get("risk_options") or {}))
     risk.check(evaluators)
     for eps in [rc["epsilon"], *rc["epsilons"]]:

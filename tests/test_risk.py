@@ -287,7 +287,9 @@ def test_cli_risk_errors_are_one_line_before_training(tiny_config, tmp_path):
     for extra, message in ((["--risk", "nope"], "unknown risk 'nope'; known: accuracy_gap"),
                            (["--risk", "prediction_gap", "--controller", "ucb"], "unknown risk controller 'ucb'"),
                            (["--risk", "prediction_gap", "--epsilon", "2"], "epsilon must lie strictly inside"),
-                           (["--risk", "set_size_gap"], "needs an active evaluator")):
+                           (["--risk", "set_size_gap"], "needs an active evaluator"),
+                           (["--risk", "prediction_gap", "--set", "risk_control.epsilons=0.1"],
+                            "risk_control.epsilons must be a non-empty list")):
         res = CliRunner().invoke(cli, base + extra)
         assert res.exit_code == 1 and message in res.stderr, (extra, res.output)
         assert len(res.stderr.strip().splitlines()) == 1
