@@ -288,7 +288,7 @@ def test_cli_risk_errors_are_one_line_before_training(tiny_config, tmp_path):
                            (["--risk", "prediction_gap", "--controller", "ucb"], "unknown risk controller 'ucb'"),
                            (["--risk", "prediction_gap", "--epsilon", "2"], "epsilon must lie strictly inside"),
                            (["--risk", "set_size_gap"], "needs an active evaluator"),
-                           (["--risk", "prediction_gap", "--set", "risk_control.epsilons=0.1"],
+                           (["--risk", "prediction_gap", "--set", "risk_control.epsilons=[]"],
                             "risk_control.epsilons must be a non-empty list")):
         res = CliRunner().invoke(cli, base + extra)
         assert res.exit_code == 1 and message in res.stderr, (extra, res.output)
