@@ -12,6 +12,8 @@ and prints the times and the ratios (b)/(a) and (c)/(a). The backbone has random
 does not depend on them. Usage (docs/method.md, "λ sweeps", quotes its output)::
 
     python benchmarks/bench_lambda_sweep.py --backbone t2t_vit_7 --dataset digits --epochs 15 --threads 1
+    python benchmarks/bench_lambda_sweep.py --backbone resnet20 --dataset image-folder --threads 1 \
+        --dataset-option data_dir=cifar10-jpeg-train.tar.gz --dataset-option cache_dir=/tmp/eedn-data
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="t2t_vit_7", help="registry name of the backbone (random weights)")
     p.add_argument("--dataset", default="digits", help="registry name of the dataset")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dataset option, e.g. data_dir=/path/cifar10-jpeg-train.tar.gz (repeatable)")
     p.add_argument("--image-size", type=int, default=None, help="default: the dataset's default size")
     p.add_argument("--lambdas", default=DEFAULT_LAMBDAS, help="comma list of λ values (default: 10 values 0.01..5)")
     p.add_argument("--epochs", type=int, default=15, help="JEI epochs per λ, warm-up included")
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     lambdas = eedn.create("strategy", "jei", **{"lambda": args.lambdas}).lambdas
-    source = eedn.create("dataset", args.dataset)
+    source = eedn.create("dataset", args.dataset, **dict(o.split("=", 1) for o in args.dataset_option))
     image_size = args.image_size or source.default_image_size
     data = source.splits(image_size, args.seed)
     model = eedn.create_model(args.backbone, num_classes=source.num_classes, image_size=image_size,
