@@ -107,7 +107,9 @@ def collapse(run_dir: Path, results: dict) -> dict:
     best = (ce + lam * costs).argmin(1)
     point = next(p for p in curve_points(results) if p["setting"] == label)
     return {"lambda": lam, "target_share_deep": float((best >= 2).float().mean()),
-            "rule_share_deep": float(sum(point["exit_fractions"][2:])), "macs_fraction": point["macs_fraction"]}
+            "rule_share_deep": float(sum(point["exit_fractions"][2:])),
+            "target_share_final": float((best == e - 1).float().mean()),
+            "rule_share_final": float(point["exit_fractions"][-1]), "macs_fraction": point["macs_fraction"]}
 
 
 def best_threshold(curves: dict[str, list[dict]], fraction: float) -> tuple[str | None, float | None]:
@@ -156,8 +158,8 @@ def markdown(summary: dict, meta: dict) -> str:
              f"best of {', '.join(b + ' + max-prob' for b in meta['baselines'])} and max-prob thresholds on that "
              "variant's own IMs.", "",
              "| variant | MACs range | " + " | ".join(f"acc @ {f} | best thr @ {f} | Δ @ {f}" for f in fr) +
-             " | Δ at its own λ points (mean; min, max) | smallest λ: targets at exits ≥ 2 | rule at exits ≥ 2 |",
-             "|---|---|" + "---|---|---|" * len(fr) + "---|---|---|"]
+             " | Δ at its own λ points (mean; min, max) | smallest λ, at exits ≥ 2: targets / rule | at the final "
+             "head: targets / rule |", "|---|---|" + "---|---|---|" * len(fr) + "---|---|---|"]
     for label, row in summary["variants"].items():
         lo, hi = row["macs_range"]
         cells = []
@@ -170,7 +172,8 @@ def markdown(summary: dict, meta: dict) -> str:
         own = "—" if not deltas else \
             f"{pct(sum(deltas) / len(deltas), True)} ({pct(min(deltas), True)}, {pct(max(deltas), True)})"
         lines.append(f"| {label} | {lo:.3f}–{hi:.3f} | " + " | ".join(cells) + f" | {own}"
-                     f" | {100 * c['target_share_deep']:.1f} % | {100 * c['rule_share_deep']:.1f} % |")
+                     f" | {100 * c['target_share_deep']:.1f} / {100 * c['rule_share_deep']:.1f} %"
+                     f" | {100 * c['target_share_final']:.1f} / {100 * c['rule_share_final']:.1f} % |")
     lines += ["", "Learned gate vs max-prob thresholds on the same IMs, at the gate's own cost (per λ):", "",
               "| variant | λ setting | MACs fraction | gate % | thresholds % | gate − thresholds |", "|---|---|---|---|---|---|"]
     for label, row in summary["variants"].items():

@@ -26,6 +26,8 @@ def test_ablation_benchmark_writes_curves_and_table(eedn_cache, tmp_path):
         fractions = [p["macs_fraction"] for p in results["curve"]]
         assert row["macs_range"] == [min(fractions), max(fractions)]
         assert row["collapse"]["lambda"] == 0.1 and 0 <= row["collapse"]["target_share_deep"] <= 1
+        smallest = next(p for p in results["curve"] if p["setting"] == "lambda=0.1")
+        assert row["collapse"]["rule_share_final"] == smallest["exit_fractions"][-1]
         assert row["at_gate_cost"] == results["threshold_on_own_ims"]["at_gate_cost"]
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["matched"]["columns"] == ["jei-official", "jei-official IMs+max_prob", "jei-hazard",
