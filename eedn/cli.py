@@ -167,8 +167,18 @@ def print_plugin_options(name: str) -> None:
         console.print(table)
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    """Python warnings on the command line read like eedn's own: one ``warning: ...`` line, no source line."""
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    import warnings
+
     from eedn.plugins import get_plugin_manager
+
+    warnings.formatwarning = one_line_warning
 
     try:
         get_plugin_manager().add_commands(cli)
