@@ -226,6 +226,7 @@ class ConformalEvaluator(Evaluator):
         self.min_per_exit, self.fallback = o["min_per_exit"], o["fallback"]
         self.score_options = {"lam_reg": o["lam_reg"], "k_reg": o["k_reg"]}
         self.randomized, self.seed = o["randomized"], o["seed"]
+        self._warned_fallback = False
 
     def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
         """One row per (method, α, variant) with overall and per-exit coverage and mean set size, and the
@@ -290,13 +291,15 @@ class ConformalEvaluator(Evaluator):
             head = make_row(key[1], key[0], key[2], *scores(key[1]))
         short = sorted({e["index"] for r in rows if r["variant"] == "gated" for e in r["per_exit"]
                         if e["calibrated_on"] != "exited"})
-        if short:
+        if short and not self._warned_fallback:  # once per run: every operating point may have short exits
+            self._warned_fallback = True
             rule = {"merge": "a q̂ shared with their neighbouring exits", "general": "the general q̂",
                     "im_scores": "every cal sample's IM score (the official rule, which under-covers there)"}[
                 self.fallback]
-            warnings.warn(f"conformal gated: fewer than {self.min_per_exit} cal samples exit at some exits, so "
-                          f"exit(s) {', '.join(map(str, short))} use {rule}; a larger cal split gives each exit its "
-                          "own q̂", stacklevel=2)
+            warnings.warn(f"conformal gated: fewer than {self.min_per_exit} cal samples exit at some exits (first "
+                          f"seen: exit(s) {', '.join(map(str, short))}), so those use {rule}; results.json lists them "
+                          "per operating point (gated_fallback_exits); a larger cal split gives each exit its own q̂",
+                          stacklevel=2)
         return {
             "results": rows,
             "headline": {k: head[k] for k in ("alpha", "method", "variant", "coverage", "mean_set_size")},

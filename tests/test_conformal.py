@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -222,8 +223,12 @@ def test_gated_fallback_merges_short_exits_and_keeps_the_official_rule_under_pap
     gated_scores = scores[torch.arange(300), exit_cal]
 
     # clean: exit 2 (no cal sample) joins exit 1, and both use the q̂ of their 20 gated scores
-    with pytest.warns(UserWarning, match=r"fewer than 20 .* exit\(s\) 1, 2 use"):
-        clean = eedn.create("evaluator", "conformal", methods=["lac"]).evaluate(test, cal, exit_test, exit_cal)
+    evaluator = eedn.create("evaluator", "conformal", methods=["lac"])
+    with pytest.warns(UserWarning, match=r"fewer than 20 .* exit\(s\) 1, 2\), so those use"):
+        clean = evaluator.evaluate(test, cal, exit_test, exit_cal)
+    with warnings.catch_warnings():  # one warning per evaluator: the next operating point stays quiet
+        warnings.simplefilter("error")
+        evaluator.evaluate(test, cal, exit_test, exit_cal)
     gated = row(clean, 0.1, "lac", "gated")
     assert [(e["calibrated_on"], e["cal_count"]) for e in gated["per_exit"]] == [
         ("exited", 280), ("merged:1-2", 20), ("merged:1-2", 20)]
