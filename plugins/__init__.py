@@ -58,7 +58,7 @@ def register_gates(register):
     register("entropy", f"{th}:EntropyGate", description="negative-entropy thresholds (MSDNet budgets)")
     register("margin", f"{th}:MarginGate", description="top-1 minus top-2 probability thresholds (MSDNet budgets)")
     register("patience", f"{th}:PatienceGate", description="exit after k consecutive agreeing predictions")
-    register("jei", "eedn_plugins.jei:JeiGate",
+    register("jei", "eedn_plugins.jei_gate:JeiGate",
              description="JEI-DNN learned gate: Linear(4->1) on confidence statistics, hazard rule")
 
 

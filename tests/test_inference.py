@@ -134,7 +134,7 @@ def spread_jei(model: EarlyExitModel, x: Tensor) -> None:
     docs/method.md), i.e. iff ``b_l >= logit(surv/2) - W·p_max``: a per-row cut, so ``b_l`` goes between
     two of them.
     """
-    from eedn_plugins.jei import hazards
+    from eedn_plugins.jei_gate import hazards
 
     gate, g, w = model.gate, model.gate.num_exits, 100.0
     with torch.no_grad():
@@ -171,7 +171,7 @@ def assert_robust(model: EarlyExitModel, logits: Tensor, scores: Tensor, exits: 
             dist = (scores[reach, l].double() - gate.thresholds[l]).abs()
             assert float(dist.min()) > MARGIN, f"a score is within {MARGIN} of threshold {l}"
         if type(gate).__name__ == "JeiGate":
-            from eedn_plugins.jei import hazards
+            from eedn_plugins.jei_gate import hazards
 
             dist = (hazards(scores[reach, : l + 1])[:, l] - 0.5).abs()
             assert float(dist.min()) > MARGIN, f"a hazard is within {MARGIN} of 0.5 at exit {l}"

@@ -19,26 +19,28 @@ from eedn.strategy import FitContext
 from eedn_plugins.heads import LinearIM
 from eedn_plugins.jei import (
     _Validation,
-    JeiGate,
     JeiStrategy,
     alternation_block,
-    capped_exit_probabilities,
-    cdf_exit_probabilities,
-    first_above_decision,
     gate_bce_loss,
     gate_phase_loss,
-    hazard_exit_probabilities,
     resolve_variant,
     variant_targets,
     exit_weighted_im_loss,
-    gate_statistics,
     gate_targets,
-    hazards,
-    jei_exit_decision,
     official_im_loss,
     pos_weights,
     pos_weights_from_counts,
     uniform_im_loss,
+)
+from eedn_plugins.jei_gate import (
+    JeiGate,
+    capped_exit_probabilities,
+    cdf_exit_probabilities,
+    first_above_decision,
+    hazard_exit_probabilities,
+    gate_statistics,
+    hazards,
+    jei_exit_decision,
 )
 
 

@@ -6,7 +6,7 @@ import torch
 from eedn.matched import interpolate_at, own_im_threshold_runs
 from eedn.outputs import ExitOutputs
 from eedn.own_ims import cost_grid, rescored, threshold_on_own_ims
-from eedn_plugins.jei import JeiGate
+from eedn_plugins.jei_gate import JeiGate
 
 
 def outputs(seed: int, n: int = 300) -> ExitOutputs:

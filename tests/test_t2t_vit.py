@@ -544,7 +544,8 @@ def test_jei_gate_cost_official_counter_is_the_cleanup_codes_vector(t2t7_224):
     """gate_cost=official_counter: the official Mul-Adds over the final exit's, [0.409 ... 0.894, 1] for
     T2T-ViT-7 at 224 px and 10 classes (docs/method.md §3.4); other backbones are refused in one line."""
     from eedn_plugins.heads import LinearIM
-    from eedn_plugins.jei import JeiGate, official_counter_costs
+    from eedn_plugins.jei import official_counter_costs
+    from eedn_plugins.jei_gate import JeiGate
 
     model = EarlyExitModel(t2t7_224, [LinearIM(256, 10) for _ in range(6)], JeiGate(6, 10))
     costs = official_counter_costs(model)
