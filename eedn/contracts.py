@@ -242,6 +242,6 @@ class DatasetSource(ABC):
         """Build the four splits; val/cal/test use evaluation transforms."""
 
     def describe(self) -> dict:
-        return dict(self.options)
+        return self.options.as_dict()
 
 

@@ -135,13 +135,99 @@ def resolve_options(owner: str, factory_or_specs: Callable[..., Any] | list[Opti
     return resolved
 
 
-def declared_options(owner: str, cls: type, options: dict[str, Any]) -> dict[str, Any]:
-    """What a plugin base class stores as ``self.options``: validated and complete when the class declares
-    an ``Options`` dataclass, else the options as given (its own ``__init__`` parameters hold them)."""
+class OptionValues:
+    """What a plugin's ``self.options`` is: attribute access to the validated values (``self.options.epochs``).
+
+    The declared ``Options`` dataclass is instantiated with this class mixed in, so ``isinstance(options,
+    MyPlugin.Options)`` holds and a type checker sees the declared fields. ``options["epochs"]`` (the dict
+    access of eedn 0.1 plugins) still works and warns once, so third-party plugins keep running."""
+
+    __slots__ = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Option name -> value (``lambda``, not the field name ``lambda_``), for results.json."""
+        if dataclasses.is_dataclass(self):
+            return {_option_name(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dict(vars(self))
+
+    def _field(self, name: str) -> str:
+        field = f"{name}_" if keyword.iskeyword(name) else name
+        if not hasattr(self, field):
+            raise KeyError(name)
+        return field
+
+    def __getitem__(self, name: str) -> Any:
+        _warn_mapping_access()
+        return getattr(self, self._field(name))
+
+    def get(self, name: str, default: Any = None) -> Any:
+        _warn_mapping_access()
+        try:
+            return getattr(self, self._field(name))
+        except KeyError:
+            return default
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.as_dict()
+
+    def keys(self) -> list[str]:
+        return list(self.as_dict())
+
+    def __iter__(self):  # dict(options) keeps working
+        return iter(self.as_dict())
+
+
+class FreeOptions(OptionValues):
+    """The options of a plugin that declares no ``Options`` dataclass (its ``__init__`` parameters hold them),
+    as attributes."""
+
+    def __init__(self, **values: Any):
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return f"FreeOptions({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+_WARNED: list[bool] = []
+
+
+def _warn_mapping_access() -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        import warnings
+
+        warnings.warn("plugin options are attributes since eedn 0.2: write self.options.NAME instead of "
+                      "self.options['NAME']", DeprecationWarning, stacklevel=3)
+
+
+def _option_name(field: str) -> str:
+    return field[:-1] if field.endswith("_") and keyword.iskeyword(field[:-1]) else field
+
+
+_TYPED: dict[type, type] = {}
+
+
+def options_instance(declared: type, values: dict[str, Any]) -> Any:
+    """An instance of the declared ``Options`` dataclass (with :class:`OptionValues` mixed in) holding
+    ``values``, keyed by option name."""
+    typed = _TYPED.get(declared)
+    if typed is None:
+        typed = declared if issubclass(declared, OptionValues) else type(
+            declared.__name__, (declared, OptionValues), {"__module__": declared.__module__,
+                                                          "__qualname__": declared.__qualname__})
+        _TYPED[declared] = typed
+    fields = {_option_name(f.name): f.name for f in dataclasses.fields(declared)}
+    return typed(**{fields[name]: value for name, value in values.items()})
+
+
+def declared_options(owner: str, cls: type, options: dict[str, Any]) -> Any:
+    """What a plugin base class stores as ``self.options``: an instance of the class's ``Options`` dataclass,
+    validated and complete, when it declares one; else the options as given, as attributes (its own
+    ``__init__`` parameters hold them)."""
     declared = getattr(cls, "Options", None)
     if declared is not None and dataclasses.is_dataclass(declared):
-        return resolve_options(owner, cls, options)
-    return dict(options)
+        return options_instance(declared, resolve_options(owner, cls, options))
+    return FreeOptions(**options)
 
 
 def coerce(owner: str, spec: OptionSpec, value: Any) -> Any:

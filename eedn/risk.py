@@ -77,7 +77,7 @@ class Risk(ABC):
 
     def describe(self) -> dict:
         return {"name": self.name, "bounds": [self.lower, self.upper], "binary": self.binary,
-                "needs_labels": self.needs_labels, "options": dict(self.options)}
+                "needs_labels": self.needs_labels, "options": self.options.as_dict()}
 
 
 # --------------------------------------------------------------------------------------------------- knobs

@@ -94,12 +94,12 @@ class TrainingStrategy(ABC):
     @property
     def backbone_mode(self) -> str:
         """``eval`` (a fixed feature extractor, cacheable) or ``train`` (dropout/DropPath active)."""
-        return str(self.options.get("backbone_mode", "eval"))
+        return str(getattr(self.options, "backbone_mode", "eval"))
 
     @property
     def head_augment(self) -> bool:
         """True if heads train on augmented images (then features cannot be cached)."""
-        return bool(self.options.get("head_augment", False))
+        return bool(getattr(self.options, "head_augment", False))
 
     @property
     def uses_fixed_features(self) -> bool:
@@ -121,7 +121,7 @@ class TrainingStrategy(ABC):
         """Train ``model`` in place and return the settings to evaluate."""
 
     def describe(self) -> dict:
-        return dict(self.options)
+        return self.options.as_dict()
 
 
 # ------------------------------------------------------------------------------------------- losses
