@@ -235,18 +235,18 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, tuple[Path, dict]] = {}
     timings = {}
     with progress.session():
-        prep = prepare(copy.deepcopy(cfg) | {"strategy": "jei"}, progress)
+        prep = prepare(cfg.replace(strategy="jei"), progress)
         for label, name, opts in specs:
             t = time.perf_counter()
-            run_dir = out / f"{label}-s{cfg['seed']}"
+            run_dir = out / f"{label}-s{cfg.seed}"
             runs[label] = (run_dir, run_strategy(prep, name, copy.deepcopy(opts), None, out=run_dir))
             timings[label] = time.perf_counter() - t
     fractions = [float(f) for f in args.at.split(",")]
     meta = {"eedn_version": runs[baselines[0]][1]["eedn_version"], "kind": "comparison", "created": created_now(),
-            "config": {k: v for k, v in cfg.items() if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
-            "backbone": cfg["backbone"], "seeds": [cfg["seed"]],
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
+            "backbone": cfg.backbone, "seeds": [cfg.seed],
             "strategies": [{"label": label if name in baselines else f"jei-{label}", "strategy": name,
-                            "gate_requested": None, "options": opts, "runs": {str(cfg["seed"]): f"{label}-s{cfg['seed']}"}}
+                            "gate_requested": None, "options": opts, "runs": {str(cfg.seed): f"{label}-s{cfg.seed}"}}
                            for label, name, opts in specs]}
     render_comparison(out, meta)
     first = runs[variants[0]][1]

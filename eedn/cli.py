@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import click
 
-from eedn.cli_options import build_config, common_run_options, friendly_errors
+from eedn.cli_options import build_config, common_run_options, friendly_errors, key_flag
 from eedn.errors import EednError
 
 
@@ -70,10 +70,10 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--strategy", help="training strategy (default: the one `eedn plugins` marks as default)")
-@click.option("--gate", help="gate (default: the strategy's own, else the default gate; `eedn plugins` lists them)")
-@click.option("--out", type=click.Path(), help="run directory (default runs/<dataset>-<backbone>-<strategy>-s<seed>-<time>-<random>)")
-@click.option("--overwrite", is_flag=True, default=None, help="replace a non-empty --out (refused otherwise)")
+@key_flag("--strategy")
+@key_flag("--gate")
+@key_flag("--out", type=click.Path())
+@key_flag("--overwrite")
 @common_run_options
 @friendly_errors
 def run(strategy, gate, out, overwrite, quiet, debug, **kw) -> None:
@@ -90,11 +90,9 @@ def run(strategy, gate, out, overwrite, quiet, debug, **kw) -> None:
 
     from eedn.distributed import launched_rank, shutdown
 
-    cfg = build_config(strategy=strategy, gate=gate, out=out, **kw)
-    if overwrite:
-        cfg["overwrite"] = True
+    cfg = build_config(strategy=strategy, gate=gate, out=out, overwrite=overwrite, **kw)
     main_rank = launched_rank() == 0  # under torchrun only rank 0 prints
-    progress = Progress(enabled=not quiet and cfg["progress"] and main_rank)
+    progress = Progress(enabled=not quiet and cfg.progress and main_rank)
     with progress.session():
         prep = prepare(cfg, progress)
         results = run_strategy(prep)

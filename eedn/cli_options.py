@@ -4,11 +4,15 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, Callable
+import typing
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import click
 
 from eedn.errors import EednError
+
+if TYPE_CHECKING:
+    from eedn.config import Config
 
 DEBUG_ENV = "EEDN_DEBUG"
 
@@ -70,32 +74,50 @@ def parse_lambdas(text: str | None) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def key_flag(flag: str, **click_kwargs: Any) -> Callable:
+    """The click option of a config key's flag (``--backbone-epochs``): its type, choices and help come from
+    the key table (eedn/config.py), and its value goes through the key's checks in :func:`build_config`."""
+    from eedn.config import config_key, flag_keys
+
+    spec = config_key(flag_keys()[flag])
+    kind = next((t for t in typing.get_args(spec.type) if t is not type(None)), spec.type)
+    kwargs: dict[str, Any] = {"help": spec.help.replace("(None: ", "(default: ").replace("; None: ", "; unset: ")}
+    if kind is bool:
+        kwargs |= {"is_flag": True, "default": None}
+    elif spec.choices is not None:
+        kwargs["type"] = click.Choice([str(c) for c in spec.choices])
+    elif kind in (int, float):
+        kwargs["type"] = kind
+    if spec.default is not None and kind is not bool:
+        kwargs["help"] += f" (default {spec.default})"
+    return click.option(flag, **(kwargs | click_kwargs))
+
+
 def common_run_options(fn: Callable) -> Callable:
     """Options shared by `run` and `compare`."""
     opts = [
-        click.option("--backbone", help="backbone (default: the one `eedn plugins` marks as default)"),
-        click.option("--dataset", help="dataset source (default: the one `eedn plugins` marks as default)"),
+        key_flag("--backbone"),
+        key_flag("--dataset"),
         click.option("--data-dir", type=click.Path(), help="where the dataset's files are (never downloaded)"),
         click.option("--config", "config_file", type=click.Path(), help="YAML/JSON config file"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key (dotted)"),
-        click.option("--seed", type=int, help="random seed (data split, init, batches)"),
-        click.option("--image-size", type=int, help="input size in pixels (default: the dataset's)"),
-        click.option("--backbone-epochs", type=int, help="epochs of backbone training (0 with a checkpoint: no training)"),
-        click.option("--backbone-checkpoint", type=click.Path(), help="trained backbone weights to load"),
+        key_flag("--seed"),
+        key_flag("--image-size"),
+        key_flag("--backbone-epochs"),
+        key_flag("--backbone-checkpoint", type=click.Path()),
         click.option("--epochs", type=int, help="epochs of head/gate training for the strategy"),
         click.option("--lambda", "lambdas", help="cost trade-off λ of strategies that have one: one value or a "
                                                  "list, e.g. 0.01,0.5,2"),
         click.option("--budget", type=float, help="target mean-MACs fraction for threshold gates (default 0.75)"),
-        click.option("--risk", help="risk-controlled exits: a risk (`eedn plugins` lists them), e.g. prediction_gap"),
-        click.option("--epsilon", type=float, help="risk level ε the controlled policy must keep (default 0.05)"),
-        click.option("--delta", type=float, help="failure probability δ of the ucb-*/ltt controllers (default 0.1)"),
-        click.option("--controller", help="naive, crc, ucb-hb, ucb-wsr or ltt (default ltt; docs/evaluation.md)"),
-        click.option("--device", help="cpu or cuda"),
-        click.option("--threads", type=int, help="torch CPU threads (default 1; raise for large backbones)"),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]),
-                     help="autocast precision of every stage (default fp32; fp16 needs CUDA)"),
-        click.option("--cache-dir", type=click.Path(), help="backbone and feature cache (default ~/.cache/eedn)"),
-        click.option("--resume", is_flag=True, default=None, help="continue an interrupted backbone training"),
+        key_flag("--risk"),
+        key_flag("--epsilon"),
+        key_flag("--delta"),
+        key_flag("--controller"),
+        key_flag("--device"),
+        key_flag("--threads"),
+        key_flag("--precision"),
+        key_flag("--cache-dir", type=click.Path()),
+        key_flag("--resume"),
         click.option("--quiet", is_flag=True, help="no progress: print only the final table and directory"),
         click.option("--debug", is_flag=True, help="show tracebacks"),
     ]
@@ -104,38 +126,36 @@ def common_run_options(fn: Callable) -> Callable:
     return fn
 
 
-def build_config(config_file, sets, backbone, dataset, data_dir, seed, image_size, backbone_epochs,
-                 backbone_checkpoint, epochs, lambdas, budget, device, cache_dir, resume, threads=None, strategy=None,
-                 gate=None, out=None, base: dict | None = None, risk=None, epsilon=None, delta=None,
-                 controller=None, precision=None) -> dict:
-    """CLI options → resolved config (CLI wins over the file or ``base``, --set wins over both)."""
-    from eedn.config import load_config_file, resolve_config
+def build_config(config_file: str | None = None, sets: Sequence[str] = (), data_dir: str | None = None,
+                 epochs: int | None = None, lambdas: str | None = None, budget: float | None = None,
+                 base: dict | None = None, **flags: Any) -> Config:
+    """CLI options → resolved config (CLI wins over the file or ``base``, --set wins over both). ``flags`` are
+    the key flags by parameter name (``backbone_epochs=3``); None means not given."""
+    from eedn.config import BUDGET_KEYS, config_key, flag_keys, load_config_file, resolve_config
+    from eedn.options import coerce
 
     if base is None:
         base = load_config_file(config_file) if config_file else {}
     base = dict(base)
-    overrides: dict[str, Any] = {"backbone": backbone, "dataset": dataset, "seed": seed, "image_size": image_size,
-                                 "device": device, "threads": threads, "cache_dir": cache_dir, "resume": resume, "strategy": strategy,
-                                 "gate": gate, "out": out, "tradeoff": parse_lambdas(lambdas), "precision": precision}
-    if dataset is not None and dataset != base.get("dataset"):
-        base.pop("dataset_options", None)
-    bt = {k: v for k, v in {"epochs": backbone_epochs, "checkpoint": backbone_checkpoint}.items() if v is not None}
-    if bt:
-        overrides["backbone_training"] = bt
-    rc = {k: v for k, v in {"risk": risk, "epsilon": epsilon, "delta": delta, "controller": controller}.items()
-          if v is not None}
-    if rc:
-        overrides["risk_control"] = rc
-    so = {"epochs": epochs} if epochs is not None else {}
-    if strategy is not None and strategy != base.get("strategy"):
-        base.pop("strategy_options", None)
-    if so:
-        overrides["strategy_options"] = so
+    by_param = {flag[2:].replace("-", "_"): (flag, dotted) for flag, dotted in flag_keys().items()}
+    overrides: dict[str, Any] = {"tradeoff": parse_lambdas(lambdas)}
+    for param, value in flags.items():
+        if value is None:
+            continue
+        flag, dotted = by_param[param]
+        *path, last = dotted.split(".")
+        node = overrides
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = coerce(flag, config_key(dotted), value)
+    for name in ("dataset", "strategy"):  # another plugin: the file's options were the other one's
+        if flags.get(name) is not None and flags[name] != base.get(name):
+            base.pop(f"{name}_options", None)
+    if epochs is not None:
+        overrides["strategy_options"] = {"epochs": epochs}
     if budget is not None:
-        if not 0 < budget <= 1:
-            raise EednError(f"--budget is a fraction of full MACs in (0, 1], got {budget}")
-        base["budget"] = {"macs_fraction": budget}
+        base["budget"] = {"macs_fraction": coerce("--budget", BUDGET_KEYS["macs_fraction"], budget)}
     cfg = resolve_config(base, list(sets), **overrides)
     if data_dir is not None:
-        cfg["dataset_options"]["data_dir"] = data_dir
+        cfg = cfg.replace(dataset_options={**cfg.dataset_options, "data_dir": data_dir})
     return cfg

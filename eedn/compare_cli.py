@@ -60,16 +60,16 @@ def compare_command(strategies_text, num_seeds, seed_list, out, quiet, debug, co
 
     specs = parse_strategies(strategies_text)
     cfg, per_strategy, cli = resolve_compare_config(config_file, list(sets), epochs, lambdas, dict(kw, seed=None))
-    seeds = parse_seeds(num_seeds, seed_list, seed, cfg["seed"])
-    check_shared_options(specs, cfg["strategy_options"])
-    options = {s.label: strategy_options_for(s, cfg["strategy_options"], per_strategy, cli) for s in specs}
+    seeds = parse_seeds(num_seeds, seed_list, seed, cfg.seed)
+    check_shared_options(specs, cfg.strategy_options)
+    options = {s.label: strategy_options_for(s, cfg.strategy_options, per_strategy, cli) for s in specs}
     from eedn.distributed import broadcast_object, launched_rank, shutdown
     from eedn.run import join_ranks
 
     join_ranks(cfg)  # under torchrun: every rank needs rank 0's output directory (its time stamp)
     out_dir = broadcast_object(Path(out) if out else default_out_dir(cfg))
-    progress = Progress(enabled=not quiet and cfg["progress"] and launched_rank() == 0)
-    comparison = run_compare(cfg, specs, seeds, options, out_dir, progress, reuse_finished=bool(cfg["resume"]))
+    progress = Progress(enabled=not quiet and cfg.progress and launched_rank() == 0)
+    comparison = run_compare(cfg, specs, seeds, options, out_dir, progress, reuse_finished=cfg.resume)
     shutdown()
     if launched_rank() != 0:
         return

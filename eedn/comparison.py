@@ -12,7 +12,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from eedn.cli_options import parse_number_list
 from eedn.errors import EednError
@@ -20,6 +20,9 @@ from eedn.matched import comparison_numbers
 from eedn.render import render_run, write_comparison
 from eedn.risk_run import comparison_rows
 from eedn.rundir import MANIFEST, RESULTS, created_now, read_manifest, read_results
+
+if TYPE_CHECKING:
+    from eedn.config import Config
 
 COMPARISON = "comparison.json"
 #: config keys that may differ between a finished run and a rerun without making the run stale
@@ -131,21 +134,21 @@ def check_shared_options(specs: Sequence[StrategySpec], shared: dict) -> None:
                         f"({', '.join(s.text for s in specs)}); `eedn plugins NAME` lists each one's options")
 
 
-def run_config(cfg: dict, spec: StrategySpec, options: dict, seed: int) -> dict:
+def run_config(cfg: Config, spec: StrategySpec, options: dict, seed: int) -> Config:
     """The config of one strategy's run in one seed."""
-    return copy.deepcopy(cfg) | {"seed": seed, "strategy": spec.name, "strategy_options": copy.deepcopy(options),
-                                 "gate": spec.gate, "tradeoff": None}
+    return cfg.replace(seed=seed, strategy=spec.name, strategy_options=copy.deepcopy(options), gate=spec.gate,
+                       tradeoff=None)
 
 
-def check_strategies(cfg: dict, specs: Sequence[StrategySpec], options: dict[str, dict]) -> None:
+def check_strategies(cfg: Config, specs: Sequence[StrategySpec], options: dict[str, dict]) -> None:
     """Every strategy's names and options, checked as its run will check them, before anything is trained."""
     from eedn.run import check_plugins
 
     for spec in specs:
-        check_plugins(run_config(cfg, spec, options.get(spec.label, {}), cfg["seed"]))
+        check_plugins(run_config(cfg, spec, options.get(spec.label, {}), cfg.seed))
 
 
-def check_run_dirs(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int], options: dict[str, dict],
+def check_run_dirs(cfg: Config, specs: Sequence[StrategySpec], seeds: Sequence[int], options: dict[str, dict],
                    out_dir: Path, reuse_finished: bool) -> None:
     """Before anything is trained: every run directory the comparison will write is new, empty or (with
     config ``overwrite``) replaceable, and writable; finished runs kept by ``reuse_finished`` are skipped."""
@@ -155,13 +158,13 @@ def check_run_dirs(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int
         for spec in specs:
             run_dir = out_dir / f"{spec.label}-s{seed}"
             if not (reuse_finished and finished_run(run_dir, run_config(cfg, spec, options.get(spec.label, {}), seed))):
-                check_out_dir(run_dir, bool(cfg.get("overwrite")), what="run directory")
+                check_out_dir(run_dir, cfg.overwrite, what="run directory")
 
 
-def default_out_dir(cfg: dict) -> Path:
+def default_out_dir(cfg: Config) -> Path:
     from eedn.rundir import unique_run_name
 
-    return Path("runs") / unique_run_name(f"compare-{cfg['dataset']}-{cfg['backbone']}")
+    return Path("runs") / unique_run_name(f"compare-{cfg.dataset}-{cfg.backbone}")
 
 
 def read_run(run_dir: Path) -> tuple[dict, dict]:
@@ -172,18 +175,18 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     return read_results(run_dir), read_manifest(run_dir)
 
 
-def finished_run(run_dir: Path, expected_cfg: dict) -> bool:
+def finished_run(run_dir: Path, expected_cfg: Config) -> bool:
     """Whether a run directory already holds a finished run of exactly this config (for --resume)."""
     try:
         results, _ = read_run(run_dir)
     except EednError:
         return False
-    expected = json.loads(json.dumps(expected_cfg, default=str))
+    expected = json.loads(json.dumps(expected_cfg.to_dict(), default=str))
     saved = results.get("config", {})
     return all(saved.get(k) == expected.get(k) for k in (set(saved) | set(expected)) - set(RUNTIME_KEYS))
 
 
-def run_compare(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int], options: dict[str, dict],
+def run_compare(cfg: Config | dict, specs: Sequence[StrategySpec], seeds: Sequence[int], options: dict[str, dict],
                 out_dir: str | Path, progress=None, *, reuse_finished: bool = False) -> dict:
     """``eedn compare`` as a function: per seed, one prepared backbone and every strategy on it; then
     comparison.json, comparison.md and the figures in ``out_dir``. ``options[label]`` are each strategy's
@@ -193,6 +196,9 @@ def run_compare(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int], 
     from eedn.progress import Progress
     from eedn.run import prepare, run_strategy
 
+    from eedn.config import Config, resolve_config
+
+    cfg = cfg if isinstance(cfg, Config) else resolve_config(cfg)
     out_dir = Path(out_dir)
     progress = progress or Progress(enabled=False)
     check_strategies(cfg, specs, options)
@@ -212,8 +218,9 @@ def run_compare(cfg: dict, specs: Sequence[StrategySpec], seeds: Sequence[int], 
                 run_strategy(prep, spec.name, copy.deepcopy(opts), spec.gate, out=run_dir)
     meta = {
         "eedn_version": eedn.__version__, "kind": "comparison", "created": created_now(),
-        "config": {k: v for k, v in cfg.items() if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
-        "backbone": cfg["backbone"], "seeds": list(seeds),
+        "config": {k: v for k, v in cfg.to_dict().items()
+                   if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
+        "backbone": cfg.backbone, "seeds": list(seeds),
         "strategies": [{"label": s.label, "strategy": s.name, "gate_requested": s.gate,
                         "options": options.get(s.label, {}),
                         "runs": {str(seed): f"{s.label}-s{seed}" for seed in seeds}} for s in specs],

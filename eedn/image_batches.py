@@ -12,11 +12,14 @@ black (raw 0) before normalisation as there; tests/test_image_batches.py checks 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
+
+if TYPE_CHECKING:
+    from eedn.config import Config
 
 
 @dataclass
@@ -31,8 +34,8 @@ class LoaderOptions:
     persistent_workers: bool = True
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "LoaderOptions":
-        return cls(int(cfg.get("num_workers") or 0), cfg.get("pin_memory"), bool(cfg.get("persistent_workers", True)))
+    def from_config(cls, cfg: Config) -> "LoaderOptions":
+        return cls(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
 
 
 class RandomCropFlip:

@@ -18,9 +18,9 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from eedn.config import PRECISIONS
 from eedn.errors import EednError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 CHANNELS_LAST_CHOICES = ("auto", True, False)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -3,13 +3,16 @@ output directory, cache directory) fails here in one line, not after hours of ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from eedn.config import cache_dir
 from eedn.errors import EednError, warn
 from eedn.io import clean_stale_temps, load_checkpoint, load_state_dict_strict, writable_dir
 from eedn.rundir import check_out_dir
+
+if TYPE_CHECKING:
+    from eedn.config import Config
 
 
 def check_device(device: str) -> None:
@@ -26,12 +29,12 @@ def check_device(device: str) -> None:
                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
 
 
-def check_before_stage_0(cfg: dict, cache_root: Path) -> bool:
+def check_before_stage_0(cfg: Config, cache_root: Path) -> bool:
     """Device, run directory and cache directory, checked before any data is read. Returns whether the cache
     can be written (a read-only cache is read, with a warning, and the run goes on uncached)."""
-    check_device(cfg["device"])
-    if cfg["out"]:
-        check_out_dir(cfg["out"], bool(cfg.get("overwrite")))
+    check_device(cfg.device)
+    if cfg.out:
+        check_out_dir(cfg.out, cfg.overwrite)
     elif not writable_dir(Path("runs")):
         raise EednError(f"the default run directory {Path('runs').absolute()} cannot be written; give --out")
     if writable_dir(cache_root):
@@ -59,12 +62,12 @@ def load_cached_backbone(path: Path, backbone: torch.nn.Module) -> dict | None:
     return dict(blob.get("summary", {}))
 
 
-def dataset_options(cfg: dict, resolved: dict) -> dict:
+def dataset_options(cfg: Config, resolved: dict) -> dict:
     """The dataset's options as given, with a ``cache_dir`` option left unset pointed at the run's cache
     (``<cache>/datasets``), so extracted archives follow ``--cache-dir`` / ``EEDN_CACHE``."""
-    options = dict(cfg["dataset_options"])
+    options = dict(cfg.dataset_options)
     if "cache_dir" in resolved and resolved["cache_dir"] is None:
-        options["cache_dir"] = str(cache_dir(cfg) / "datasets")
+        options["cache_dir"] = str(cfg.cache_root / "datasets")
     return options
 
 

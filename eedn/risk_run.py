@@ -7,72 +7,53 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eedn.errors import EednError
 
-#: config defaults of the ``risk_control`` block (``risk: null`` switches risk control off)
-RISK_DEFAULTS: dict[str, Any] = {
-    "risk": None,  # a registered risk (`eedn plugins` lists them), e.g. prediction_gap
-    "risk_options": {},
-    "epsilon": 0.05,  # the risk level ε
-    "delta": 0.1,  # the failure probability δ of the high-probability controllers
-    "controller": "ltt",  # naive | crc | ucb-hb | ucb-wsr | ltt
-    "knob": "auto",  # auto | threshold | budget | offset
-    "grid_size": 100,
-    "epsilons": [0.01, 0.02, 0.05, 0.1, 0.2],  # the ε sweep of the figure (every controller)
-}
+if TYPE_CHECKING:
+    from eedn.config import Config
+
 FIGURE = "risk_control.png"
 
 
-def check_risk_config(cfg: dict, evaluators: dict) -> None:
-    """Validate the ``risk_control`` block (and build the risk once, against the run's evaluators) before
-    anything is trained."""
+def check_risk_config(cfg: Config, evaluators: dict) -> None:
+    """Check the ``risk_control`` block against the registered controllers and knobs, and build the risk once
+    (against the run's evaluators), before anything is trained; the key table (eedn/config.py) has already
+    checked each value's type and limits."""
     from eedn.plugins import create
     from eedn.risk import CONTROLLERS, KNOBS, check_levels
 
-    rc = cfg.get("risk_control") or {}
-    unknown = sorted(set(rc) - set(RISK_DEFAULTS))
-    if unknown:
-        raise EednError(f"unknown risk_control key(s) {', '.join(unknown)}; known: {', '.join(RISK_DEFAULTS)}")
-    if not rc.get("risk"):
+    rc = cfg.risk_control
+    if not rc.risk:
         return
-    if rc["controller"] not in CONTROLLERS:
-        raise EednError(f"unknown risk controller '{rc['controller']}'; use one of: {', '.join(CONTROLLERS)}")
-    if rc["knob"] not in KNOBS:
-        raise EednError(f"unknown risk-control knob '{rc['knob']}'; use one of: {', '.join(KNOBS)}")
-    if not isinstance(rc["grid_size"], int) or rc["grid_size"] < 2:
-        raise EednError(f"risk_control.grid_size must be an integer >= 2, got {rc['grid_size']!r}")
-    if not isinstance(rc["epsilons"], list) or not rc["epsilons"]:
-        raise EednError(f"risk_control.epsilons must be a non-empty list of risk levels, e.g. [0.01, 0.05, 0.1]; got "
-                        f"{rc['epsilons']!r}")
-    if not isinstance(rc.get("risk_options") or {}, dict):
-        raise EednError("risk_control.risk_options must be a mapping of the risk's options")
-    risk = create("risk", rc["risk"], **(rc.get("risk_options") or {}))
+    if rc.controller not in CONTROLLERS:
+        raise EednError(f"unknown risk controller '{rc.controller}'; use one of: {', '.join(CONTROLLERS)}")
+    if rc.knob not in KNOBS:
+        raise EednError(f"unknown risk-control knob '{rc.knob}'; use one of: {', '.join(KNOBS)}")
+    risk = create("risk", rc.risk, **rc.risk_options)
     risk.check(evaluators)
-    for eps in [rc["epsilon"], *rc["epsilons"]]:
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-            raise EednError(f"risk_control epsilon values must be numbers, got {eps!r}")
-        check_levels(float(eps), float(rc["delta"]), risk.lower, risk.upper)
+    for eps in [rc.epsilon, *rc.epsilons]:
+        check_levels(eps, rc.delta, risk.lower, risk.upper)
 
 
-def risk_control_block(cfg: dict, gate: Any, outs: dict, evaluators: dict) -> dict:
+def risk_control_block(cfg: Config, gate: Any, outs: dict, evaluators: dict) -> dict:
     """results.json's ``risk_control``: the chosen knob value and its test risk, MACs and bound, plus the ε sweep
     of every controller (``outs`` holds the val / cal / test ExitOutputs of the reported setting)."""
     from eedn.plugins import create
     from eedn.risk import CONTROLLERS, GUARANTEES, build_knob, json_float, loss_matrix, mean_macs, select
 
-    rc = cfg["risk_control"]
-    risk = create("risk", rc["risk"], **(rc.get("risk_options") or {}))
+    rc = cfg.risk_control
+    risk = create("risk", rc.risk, **rc.risk_options)
     risk.fit(outs["val"], evaluators)
-    knob = build_knob(gate, outs["val"], rc["knob"], rc["grid_size"])
+    knob = build_knob(gate, outs["val"], rc.knob, rc.grid_size)
     exits = {s: knob.exits(outs[s]) for s in ("cal", "test")}
     losses = {s: loss_matrix(risk.exit_losses(outs[s]), exits[s]) for s in exits}
     costs = {s: mean_macs(exits[s], outs[s].exit_macs) for s in exits}
     full = float(outs["test"].full_macs)
 
     def choose(controller: str, epsilon: float) -> dict:
-        sel = select(controller, losses["cal"], costs["cal"], epsilon, rc["delta"], risk.lower, risk.upper,
+        sel = select(controller, losses["cal"], costs["cal"], epsilon, rc.delta, risk.lower, risk.upper,
                      risk.binary)
         return {"epsilon": epsilon, "setting": knob.label(sel.index), "knob_index": sel.index,
                 "knob_value": json_float(knob.values[sel.index]), **sel.to_dict(),
@@ -81,13 +62,13 @@ def risk_control_block(cfg: dict, gate: Any, outs: dict, evaluators: dict) -> di
                 "test_macs_fraction": float(costs["test"][sel.index]) / full,
                 "macs_saved": 1.0 - float(costs["test"][sel.index]) / full}
 
-    chosen = choose(rc["controller"], float(rc["epsilon"]))
+    chosen = choose(rc.controller, rc.epsilon)
     test_summary = outs["test"].summarize(exits["test"][chosen["knob_index"]])
     chosen |= {"test_accuracy": test_summary["accuracy"], "test_mean_macs": test_summary["mean_macs"],
                "exit_fractions": test_summary["exit_fractions"]}
-    sweep = [choose(c, float(e)) for c in CONTROLLERS for e in rc["epsilons"]]
-    return {"risk": risk.describe(), "epsilon": float(rc["epsilon"]), "delta": float(rc["delta"]),
-            "controller": rc["controller"], "guarantee": GUARANTEES[rc["controller"]],
+    sweep = [choose(c, e) for c in CONTROLLERS for e in rc.epsilons]
+    return {"risk": risk.describe(), "epsilon": rc.epsilon, "delta": rc.delta,
+            "controller": rc.controller, "guarantee": GUARANTEES[rc.controller],
             "knob": {"name": knob.name, "grid_size": len(knob.values), "fixed_on": "val", "calibrated_on": "cal"},
             "n_cal": outs["cal"].num_samples, "n_test": outs["test"].num_samples, "chosen": chosen,
             "sweep": [{k: row[k] for k in SWEEP_KEYS} for row in sweep]}

@@ -66,9 +66,9 @@ def test_origin_of_builtin_plugins_is_the_distribution():
 
 def test_config_defaults_overrides_and_sets():
     cfg = resolve_config({"seed": 3}, ["strategy_options.lambda=0.5", "budget={macs_fraction: 0.6}"], backbone="resnet")
-    assert cfg["seed"] == 3 and cfg["backbone"] == "resnet"
-    assert cfg["strategy_options"]["lambda"] == 0.5
-    assert cfg["budget"] == {"macs_fraction": 0.6}
+    assert cfg.seed == 3 and cfg.backbone == "resnet"
+    assert cfg.strategy_options["lambda"] == 0.5
+    assert cfg.budget == {"macs_fraction": 0.6}
     with pytest.raises(EednError, match="unknown config key"):
         resolve_config({"sed": 1})
     with pytest.raises(EednError, match="seed"):

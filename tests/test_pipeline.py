@@ -161,9 +161,9 @@ def test_plugin_defaults_come_from_the_registrations():
     from eedn.plugins import unregister_plugin
 
     cfg = resolve_config({})
-    assert (cfg["backbone"], cfg["strategy"], cfg["dataset"], cfg["inference_module"]) == (
+    assert (cfg.backbone, cfg.strategy, cfg.dataset, cfg.inference_module) == (
         "t2t_vit", "jei", "digits", "linear")
-    assert cfg["evaluators"] == ["calibration", "conformal"]
+    assert cfg.evaluators == ["calibration", "conformal"]
 
     class Rival:
         @eedn.hookimpl
@@ -174,7 +174,7 @@ def test_plugin_defaults_come_from_the_registrations():
     try:
         with pytest.raises(EednError, match=r"no single default dataset: 2 \(digits, rival\)"):
             resolve_config({})
-        assert resolve_config({"dataset": "digits"})["dataset"] == "digits"
+        assert resolve_config({"dataset": "digits"}).dataset == "digits"
     finally:
         unregister_plugin("rival-default")
 
@@ -194,8 +194,8 @@ def test_gate_pairing_tradeoff_and_budget_are_checked_before_stage_0(tiny_config
     with pytest.raises(EednError, match="gate 'max_prob': invalid divisor=0"):
         eedn.run_pipeline(cfg | {"strategy": "im-only", "gate_options": {"divisor": 0}})
     assert pipeline.strategy_options(resolve_config({"strategy": "jei", "tradeoff": [0.1, 1]}))["lambda"] == [0.1, 1]
-    assert resolve_config({"budget": {"p": 12}})["budget"] == {"p": 12}  # a target replaces the default one
-    assert resolve_config({}, ["budget.accuracy_drop=0.01"])["budget"] == {"accuracy_drop": 0.01}
+    assert resolve_config({"budget": {"p": 12}}).budget == {"p": 12}  # a target replaces the default one
+    assert resolve_config({}, ["budget.accuracy_drop=0.01"]).budget == {"accuracy_drop": 0.01}
 
 
 def test_inference_module_options_reach_the_model_and_the_manifest(tiny_config, tmp_path):

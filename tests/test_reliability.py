@@ -282,9 +282,9 @@ def test_config_keys_are_typed_and_nested_keys_checked_through_every_door(tmp_pa
     file = tmp_path / "c.yaml"
     file.write_text("backbone_training:\n  lr: 1e-3\n  weight_decay: 5.0e-4\neval_batch_size: '128'\n")
     cfg = resolve_config(load_config_file(file))
-    assert cfg["backbone_training"]["lr"] == 0.001 and cfg["backbone_training"]["weight_decay"] == 0.0005
-    assert cfg["eval_batch_size"] == 128
-    assert resolve_config({}, ["backbone_training.lr=1e-3"])["backbone_training"]["lr"] == 0.001
+    assert cfg.backbone_training.lr == 0.001 and cfg.backbone_training.weight_decay == 0.0005
+    assert cfg.eval_batch_size == 128
+    assert resolve_config({}, ["backbone_training.lr=1e-3"]).backbone_training.lr == 0.001
     bad = {
         "backbone_training.epochz=2": r"unknown config key\(s\) backbone_training\.epochz \(did you mean "
                                       r"'backbone_training\.epochs'\?\)",
