@@ -66,7 +66,7 @@ def compare_command(strategies_text, num_seeds, seed_list, out, quiet, debug, co
     from eedn.distributed import broadcast_object, launched_rank, shutdown
     from eedn.run import join_ranks
 
-    join_ranks(cfg)  # under torchrun: every rank needs rank 0's output directory (its time stamp)
+    cfg = join_ranks(cfg)  # under torchrun: every rank needs rank 0's output directory (its time stamp)
     out_dir = broadcast_object(Path(out) if out else default_out_dir(cfg))
     progress = Progress(enabled=not quiet and cfg.progress and launched_rank() == 0)
     comparison = run_compare(cfg, specs, seeds, options, out_dir, progress, reuse_finished=cfg.resume)

@@ -149,13 +149,14 @@ def gather_rows(local: Tensor) -> Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(local.device)
 
 
-def check_same_config(cfg: dict) -> None:
-    """Every rank must run the same resolved config; a difference is one line naming the keys (on all ranks)."""
+def check_same_config(config: dict) -> None:
+    """Every rank must run the same resolved config (``Config.to_dict()``); a difference is one line naming
+    the keys (on all ranks)."""
     if not _world.active:
         return
     # each rank's device is its own GPU (cuda:LOCAL_RANK): compare the device kind only
-    mine = json.loads(json.dumps(dict(cfg, device=str(cfg.get("device", "")).split(":")[0]), sort_keys=True,
-                                 default=str))
+    device_kind = str(config.get("device", "")).split(":")[0]
+    mine = json.loads(json.dumps(dict(config, device=device_kind), sort_keys=True, default=str))
     everyone: list[Any] = [None] * _world.size
     dist.all_gather_object(everyone, mine)
     for rank, other in enumerate(everyone):

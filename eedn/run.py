@@ -224,7 +224,7 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
 
 
 def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True, mode: str = "eval") -> FeatureSource:
-    cfg = copy.deepcopy(prep.cfg)
+    cfg = prep.cfg
     return FeatureSource(model, prep.data, device=cfg.device, cache=prep.cache, cacheable=cacheable,
                          backbone_mode=mode, batch_size=cfg.eval_batch_size, dataset_key=prep.dataset_desc,
                          progress=prep.progress, num_workers=cfg.num_workers, precision=cfg.precision,

@@ -200,10 +200,10 @@ class TimmBackbone(Backbone):
         state = read_state_dict(path)
         if not any(k.startswith("model.") for k in state):
             state = {f"model.{k}": v for k, v in state.items()}
-        cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        classifier = cfg.get("classifier")
+        pretrained = getattr(self.model, "pretrained_cfg", None) or {}  # timm's description of the weights
+        classifier = pretrained.get("classifier")
         classifiers = tuple(f"model.{c}." for c in ([classifier] if isinstance(classifier, str) else classifier or ()))
-        first = cfg.get("first_conv")
+        first = pretrained.get("first_conv")
         first_conv = f"model.{first}.weight" if isinstance(first, str) else None
         spec = self.input_spec
         return fit_pretrained(self, state, f"checkpoint {path} (for {self.display_name}, {self.num_classes} classes, "
