@@ -96,7 +96,7 @@ def human_age(seconds: float) -> str:
 def _root(cache_dir: str | None) -> Path:
     from eedn.config import cache_dir as configured
 
-    root = configured({"cache_dir": cache_dir})
+    root = configured(cache_dir)
     if not root.is_dir():
         raise EednError(f"no cache at {root}; give --cache-dir or set EEDN_CACHE")
     return root

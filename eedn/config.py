@@ -198,8 +198,7 @@ class Config(Section):
     @property
     def cache_root(self) -> Path:
         """The backbone and feature cache: ``cache_dir``, else $EEDN_CACHE, else ~/.cache/eedn."""
-        d = self.cache_dir or os.environ.get("EEDN_CACHE") or (Path.home() / ".cache" / "eedn")
-        return Path(d).expanduser()
+        return cache_dir(self.cache_dir)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -412,5 +411,6 @@ def fill_plugin_defaults(cfg: Config) -> Config:
     return cfg.replace(**names) if names else cfg
 
 
-def cache_dir(cfg: Config) -> Path:
-    return cfg.cache_root
+def cache_dir(setting: str | None) -> Path:
+    """The cache root for a ``cache_dir`` setting: itself, else $EEDN_CACHE, else ~/.cache/eedn."""
+    return Path(setting or os.environ.get("EEDN_CACHE") or (Path.home() / ".cache" / "eedn")).expanduser()
