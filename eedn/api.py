@@ -1,8 +1,10 @@
 """The research API behind ``import eedn``: the pipeline's steps as functions.
 
 :func:`eedn.run_pipeline` is ``eedn run`` in one call; these functions are its steps, for experiments that
-change one of them: :func:`load_dataset` → :func:`eedn.create_model` → :func:`fit_strategy` →
-:func:`split_outputs` per split → :func:`calibrate_gate` / :func:`eedn.apply_gate` → :func:`evaluate`.
+change one of them: :func:`load_dataset` → :func:`eedn.create_model` → :func:`train_backbone` (stage 0) →
+:func:`fit_strategy` → :func:`split_outputs` per split → :func:`calibrate_gate` / :func:`eedn.apply_gate` →
+:func:`evaluate`; :func:`eedn.read_outputs` reads a finished run's stored outputs. Each takes ``seed=`` where it
+draws random numbers, and draws only from it (:mod:`eedn.seeding`).
 docs/api.md lists the whole public API with an example; examples/library_use.py runs it.
 """
 from __future__ import annotations
