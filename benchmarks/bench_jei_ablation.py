@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import eedn  # noqa: E402
 from eedn.comparison import render_comparison  # noqa: E402
 from eedn.config import load_config_file, resolve_config  # noqa: E402
 from eedn.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -98,8 +99,8 @@ def collapse(run_dir: Path, results: dict) -> dict:
     lams = results["strategy"]["options"]["lambda"]
     lam = min(lams) if isinstance(lams, list) else lams
     label = f"lambda={lam:g}"
-    outputs = torch.load(run_dir / "outputs.pt", weights_only=True)[label]["test"]
-    logits, labels = outputs["logits"].float(), outputs["labels"]
+    test = eedn.read_outputs(run_dir)[label]["test"]
+    logits, labels = test.logits.float(), test.labels
     e = logits.shape[1]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat_interleave(e),
                                            reduction="none").view(-1, e)

@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eedn  # noqa: E402
-from eedn.io import atomic_write_json, load_checkpoint  # noqa: E402
+from eedn.io import atomic_write_json  # noqa: E402
 from eedn.outputs import ExitOutputs  # noqa: E402
 from eedn.risk import CONTROLLERS, build_knob, loss_matrix, select  # noqa: E402
 from eedn.risk_run import plot_risk_sweep  # noqa: E402
-from eedn.rundir import OUTPUTS, load_model, read_results  # noqa: E402
+from eedn.rundir import load_model, read_results  # noqa: E402
 
 DEFAULT_EPSILONS = "0.01,0.02,0.05,0.1,0.15"
 
@@ -63,8 +63,7 @@ def load_run(run_dir: Path) -> tuple[object, dict[str, ExitOutputs], dict, dict]
     """The reported policy's gate, its val / cal / test outputs, results.json and run.json."""
     model, manifest = load_model(run_dir)
     setting = manifest["policy"]["trained_setting"]
-    blob = load_checkpoint(run_dir / OUTPUTS)
-    outs = {s: ExitOutputs.from_dict(d) for s, d in blob[setting].items()}
+    outs = eedn.read_outputs(run_dir)[setting]
     return model.gate, outs, read_results(run_dir), manifest
 
 

@@ -7,7 +7,8 @@ Library use (docs/api.md lists the whole public API)::
     model, manifest = eedn.load_run(results["run_dir"])
 
 Names are imported on first use, so ``import eedn`` (and the ``eedn`` command's start) stays fast: torch
-is loaded only when a name that needs it is touched.
+is loaded only when a name that needs it is touched. Editors and type checkers read the names from
+``__init__.pyi`` beside this file (tests/test_api.py keeps the two in step).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     # data and stored outputs
     "DataSplits": "eedn.data", "TensorImages": "eedn.data", "stratified_holdout": "eedn.data", "hold_out": "eedn.data",
     "subset": "eedn.data", "channel_statistics": "eedn.data", "dataset_labels": "eedn.data",
-    "ExitOutputs": "eedn.outputs",
+    "ExitOutputs": "eedn.outputs", "read_outputs": "eedn.outputs",
     # models
     "EarlyExitModel": "eedn.model", "build_model": "eedn.build", "create_model": "eedn.build",
     "build_backbone": "eedn.build",
@@ -43,7 +44,7 @@ _EXPORTS: dict[str, str] = {
     # research API
     "run_pipeline": "eedn.run", "load_run": "eedn.api", "measure_exit_macs": "eedn.cost",
     "split_outputs": "eedn.api", "fit_strategy": "eedn.api", "apply_gate": "eedn.policy",
-    "calibrate_gate": "eedn.api", "evaluate": "eedn.api", "load_dataset": "eedn.api",
+    "calibrate_gate": "eedn.api", "evaluate": "eedn.api", "load_dataset": "eedn.api", "train_backbone": "eedn.api",
     "read_results": "eedn.rundir", "Progress": "eedn.progress",
     # real early-exit inference
     "EarlyExitEngine": "eedn.inference", "InferenceResult": "eedn.inference", "predict_files": "eedn.predict",

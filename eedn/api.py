@@ -1,8 +1,10 @@
 """The research API behind ``import eedn``: the pipeline's steps as functions.
 
 :func:`eedn.run_pipeline` is ``eedn run`` in one call; these functions are its steps, for experiments that
-change one of them: :func:`load_dataset` → :func:`eedn.create_model` → :func:`fit_strategy` →
-:func:`split_outputs` per split → :func:`calibrate_gate` / :func:`eedn.apply_gate` → :func:`evaluate`.
+change one of them: :func:`load_dataset` → :func:`eedn.create_model` → :func:`train_backbone` (stage 0) →
+:func:`fit_strategy` → :func:`split_outputs` per split → :func:`calibrate_gate` / :func:`eedn.apply_gate` →
+:func:`evaluate`; :func:`eedn.read_outputs` reads a finished run's stored outputs. Each takes ``seed=`` where it
+draws random numbers, and draws only from it (:mod:`eedn.seeding`).
 docs/api.md lists the whole public API with an example; examples/library_use.py runs it.
 """
 from __future__ import annotations
@@ -13,19 +15,21 @@ from typing import Any
 
 from torch import Tensor
 
+from eedn.backbone_training import recipe
+from eedn.backbone_training import train_backbone as train_stage_0
 from eedn.cache import FeatureCache
-from eedn.contracts import Evaluator, Gate
+from eedn.contracts import Backbone, Evaluator, Gate
 from eedn.cost import measure_exit_macs
 from eedn.data import DataSplits
 from eedn.errors import EednError
 from eedn.features import FeatureSource, compute_split_outputs
 from eedn.model import EarlyExitModel
 from eedn.outputs import ExitOutputs
-from eedn.plugins import create
+from eedn.plugins import create, registry
 from eedn.policy import calibrated_copy
 from eedn.progress import Progress
-from eedn.run import seed_everything
 from eedn.rundir import POLICY_HEADS, load_model
+from eedn.seeding import seeded
 from eedn.strategy import FitContext, StrategyResult, TrainingStrategy
 
 SPLITS = ("train", "val", "cal", "test")
@@ -76,36 +80,105 @@ def split_outputs(model: EarlyExitModel, data: DataSplits, split: str, cache_dir
     return compute_split_outputs(model, source, split, exit_macs, full_macs, batch_size)
 
 
+def _strategy_options(name: str, tradeoff: Any, strategy_options: dict[str, Any] | None,
+                      options: dict[str, Any]) -> dict[str, Any]:
+    """``strategy_options`` and keyword options in one dict, with ``tradeoff`` under the option the strategy
+    names for its cost trade-off (``tradeoff_option``, e.g. JEI's ``lambda``)."""
+    merged = dict(strategy_options or {})
+    twice = sorted(set(merged) & set(options))
+    if twice:
+        raise EednError(f"fit_strategy: option {', '.join(twice)} given both in strategy_options and as a keyword; "
+                        "give it once")
+    merged |= options
+    if tradeoff is not None:
+        option_name = registry("strategy").get(name).factory.tradeoff_option
+        if option_name is None:
+            raise EednError(f"fit_strategy: strategy '{name}' has no cost trade-off, so tradeoff= has nothing to "
+                            f"set; drop it (`eedn plugins {name}` lists the strategy's options)")
+        if option_name in merged:
+            raise EednError(f"fit_strategy: tradeoff= sets the strategy's option '{option_name}', which is also "
+                            "given in the options; give it once")
+        merged[option_name] = tradeoff
+    return merged
+
+
 def fit_strategy(strategy: str | TrainingStrategy, model: EarlyExitModel, data: DataSplits, *,
+                 tradeoff: float | list[float] | None = None, strategy_options: dict[str, Any] | None = None,
                  cache_dir: str | os.PathLike | None = None, seed: int = 0, device: str | None = None,
-                 batch_size: int = 256, progress: Progress | None = None, **options: Any) -> StrategyResult:
+                 feature_batch_size: int = 256, progress: Progress | None = None, **options: Any) -> StrategyResult:
     """Train ``model``'s inference modules and gate (and its backbone, for strategies that do) on ``data``.
 
-    ``strategy`` is a registered name (``options`` are its options, e.g. ``epochs=2``) or a strategy object.
-    Like ``eedn run``: seeds every RNG with ``seed``, attaches the strategy's extra modules, freezes the
-    backbone, measures the exit costs and serves the per-exit features (cached in ``cache_dir`` when the
-    backbone stays fixed). The model ends holding the first trained setting's heads (the one ``eedn run``
-    reports by default); the result holds every setting's heads (``model.load_heads_state_dict(state)``)."""
+    ``strategy`` is a registered name or a strategy object. A name takes its options as ``strategy_options``
+    (a dict: any option name, ``{"lambda": [0.1, 1.0]}`` included) and/or as keywords (``epochs=2``,
+    ``batch_size=32``: the strategy's training batch); ``tradeoff`` is the cost trade-off (JEI's λ) under
+    whatever option the strategy names for it, like ``eedn run --lambda``. ``feature_batch_size`` is the
+    batch of the backbone passes that extract the per-exit features (memory, not results).
+
+    Like ``eedn run``: attaches the strategy's extra modules, freezes the backbone, measures the exit costs
+    and serves the per-exit features (cached in ``cache_dir`` when the backbone stays fixed). Everything is
+    drawn from ``seed`` (the same seed gives the same heads) and the global random state is left as it was.
+    The model ends holding the first trained setting's heads (the one ``eedn run`` reports by default); the
+    result holds every setting's heads (``model.load_heads_state_dict(state)``)."""
     if isinstance(strategy, str):
-        strategy = create("strategy", strategy, **options)
-    elif options:
-        raise EednError(f"fit_strategy: options {', '.join(options)} go to the strategy's constructor, not here")
+        strategy = create("strategy", strategy, **_strategy_options(strategy, tradeoff, strategy_options, options))
+    elif options or strategy_options or tradeoff is not None:
+        given = [*options, *(strategy_options or {}), *(["tradeoff"] if tradeoff is not None else [])]
+        raise EednError(f"fit_strategy: options {', '.join(given)} go to the strategy's constructor, not here")
     device = _device(model, device)
-    seed_everything(seed)
-    strategy.prepare_model(model)
-    model.freeze_backbone()
-    exit_macs, full_macs = measure_exit_macs(model)
-    progress = progress or Progress(enabled=False)
-    source = _feature_source(model, data, cache_dir, device, batch_size, cacheable=strategy.uses_fixed_features,
-                             backbone_mode=strategy.backbone_mode, progress=progress)
-    context = FitContext(features=source, exit_macs=exit_macs, full_macs=full_macs, seed=seed, device=device,
-                         progress=progress)
-    result = strategy.fit(model, context)
+    with seeded(seed):
+        strategy.prepare_model(model)
+        model.freeze_backbone()
+        exit_macs, full_macs = measure_exit_macs(model)
+        progress = progress or Progress(enabled=False)
+        source = _feature_source(model, data, cache_dir, device, feature_batch_size,
+                                 cacheable=strategy.uses_fixed_features, backbone_mode=strategy.backbone_mode,
+                                 progress=progress)
+        context = FitContext(features=source, exit_macs=exit_macs, full_macs=full_macs, seed=seed, device=device,
+                             progress=progress)
+        result = strategy.fit(model, context)
     if strategy.trains_backbone:
         model.freeze_backbone()
     if result.settings:
         model.load_heads_state_dict(result.settings[0][1])
     return result
+
+
+def train_backbone(model: EarlyExitModel | Backbone, data: DataSplits, *, epochs: int, optimizer: str = "adamw",
+                   lr: float | None = None, weight_decay: float | None = None, batch_size: int = 64,
+                   label_smoothing: float = 0.1, warmup_epochs: int = 1, seed: int = 0, device: str | None = None,
+                   save_to: str | os.PathLike | None = None, resume: bool = False, precision: str = "fp32",
+                   progress: Progress | None = None) -> dict:
+    """Stage 0 of ``eedn run``: train the backbone on its own head (cross-entropy with label smoothing,
+    ``optimizer`` ``adamw`` or ``sgd``, linear warm-up then cosine decay), in place, keeping the epoch with
+    the best val accuracy. Returns ``{"val_accuracy", "epochs", "history"}``.
+
+    Give an :class:`EarlyExitModel` (its backbone is trained, its heads are left alone) or a backbone. The
+    defaults are ``eedn run``'s (``backbone_training`` in the config); ``lr``/``weight_decay`` None pick the
+    optimiser's (1e-3 / 0.05 for adamw, 0.05 / 5e-4 for sgd). Augmentation comes with the data:
+    ``eedn.load_dataset(..., augment=True)``. ``save_to`` writes the trained weights there (and a resumable
+    checkpoint beside it every epoch; ``resume=True`` continues from it); ``eedn.create_model(...,
+    checkpoint=save_to)`` loads them. Everything is drawn from ``seed`` and the global random state is left
+    as it was. The backbone's ``requires_grad`` flags are restored afterwards."""
+    backbone = model.backbone if isinstance(model, EarlyExitModel) else model
+    if not isinstance(backbone, Backbone):
+        raise EednError(f"train_backbone: expected an EarlyExitModel or a Backbone, got {type(model).__name__}")
+    if optimizer not in ("adamw", "sgd"):
+        raise EednError(f"train_backbone: optimizer must be 'adamw' or 'sgd', not '{optimizer}'")
+    rec = recipe({"epochs": epochs, "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay,
+                  "batch_size": batch_size, "label_smoothing": label_smoothing, "warmup_epochs": warmup_epochs},
+                 epochs)
+    device = str(next(backbone.parameters()).device) if device is None else device
+    flags = {name: p.requires_grad for name, p in backbone.named_parameters()}
+    backbone.requires_grad_(True)
+    try:
+        with seeded(seed):
+            return train_stage_0(backbone, data, rec, seed=seed, device=device,
+                                 checkpoint_path=Path(save_to) if save_to is not None else None, resume=resume,
+                                 progress=progress, precision=precision)
+    finally:
+        for name, p in backbone.named_parameters():
+            p.requires_grad_(flags[name])
+        backbone.eval()
 
 
 def calibrate_gate(gate: Gate, val: ExitOutputs, target: dict | float) -> Gate:

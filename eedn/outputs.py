@@ -1,10 +1,16 @@
 """ExitOutputs: everything policies and evaluators need about one split, from one all-exit pass."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from eedn.errors import EednError
+from eedn.io import load_checkpoint
+from eedn.rundir import OUTPUTS, read_manifest
 
 
 @dataclass
@@ -36,8 +42,6 @@ class ExitOutputs:
 
     def check_exit_index(self, exit_index: Tensor, split: str = "") -> None:
         """Raise a one-line error unless ``exit_index`` holds one exit in ``0..E-1`` per sample."""
-        from eedn.errors import EednError
-
         where = f" for the {split} split" if split else ""
         if exit_index.shape != (self.num_samples,):
             raise EednError(f"exit indices{where} have shape {list(exit_index.shape)}; "
@@ -71,3 +75,24 @@ class ExitOutputs:
     @classmethod
     def from_dict(cls, d: dict) -> "ExitOutputs":
         return cls(d["logits"], d["labels"], d["gate_scores"], d["exit_macs"], float(d["full_macs"]))
+
+
+def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]]:
+    """A finished run directory's stored outputs (``outputs.pt``): trained setting → split (``val``, ``cal``,
+    ``test``) → :class:`ExitOutputs`. The reported policy's setting is ``run.json``'s
+    ``policy.trained_setting`` (:func:`eedn.load_run` returns that manifest). No network pass, no dataset."""
+    run_dir = Path(run_dir)
+    read_manifest(run_dir)  # a clear error for a directory that is not a finished run
+    path = run_dir / OUTPUTS
+    if not path.is_file():
+        raise EednError(f"{run_dir} has no {OUTPUTS} (stored outputs); it was written by an eedn that did not "
+                        "store them, or the file was removed: run it again")
+    blob = load_checkpoint(path)
+    keys = ("logits", "labels", "gate_scores", "exit_macs", "full_macs")
+    ok = isinstance(blob, dict) and all(isinstance(splits, dict) and all(
+        isinstance(d, dict) and all(k in d for k in keys) for d in splits.values()) for splits in blob.values())
+    if not ok:
+        raise EednError(f"{path} does not hold eedn's stored outputs (setting -> split -> logits, labels, ...); "
+                        "give the directory of a finished `eedn run`")
+    return {setting: {split: ExitOutputs.from_dict(d) for split, d in splits.items()}
+            for setting, splits in blob.items()}

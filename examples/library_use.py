@@ -20,6 +20,9 @@ def whole_pipeline(workdir: str, **config: Any) -> dict:
                                  "cache_dir": f"{workdir}/cache", "out": f"{workdir}/run"} | config)
     for point in results["curve"]:
         print(f"{point['setting']:>12}: accuracy {point['accuracy']:.3f} at {point['macs_fraction']:.2f} of full MACs")
+    stored = eedn.read_outputs(results["run_dir"])  # every setting's val/cal/test outputs, no network pass
+    for setting, splits in stored.items():
+        print(f"{setting:>12}: per-exit test accuracy {[round(a, 3) for a in splits['test'].exit_accuracy().tolist()]}")
     return results
 
 
@@ -28,8 +31,8 @@ def by_hand(workdir: str, epochs: int = 2, budgets: tuple[float, ...] = (0.75, 0
     threshold gate at several budgets, each scored for accuracy, cost and calibration."""
     trained, manifest = eedn.load_run(f"{workdir}/run")  # the run's model; we keep only its backbone
     data = eedn.load_dataset("digits", image_size=manifest["input"]["image_size"], seed=0)
-    model = eedn.build_model(trained.backbone, gate="max_prob")
-    eedn.fit_strategy("im-only", model, data, cache_dir=f"{workdir}/cache", epochs=epochs)
+    model = eedn.build_model(trained.backbone, gate="max_prob", seed=0)  # seed: the same heads every run
+    eedn.fit_strategy("im-only", model, data, cache_dir=f"{workdir}/cache", seed=0, epochs=epochs)
     exit_macs, full_macs = eedn.measure_exit_macs(model)
     val, cal, test = (eedn.split_outputs(model, data, split, f"{workdir}/cache", exit_macs=exit_macs,
                                          full_macs=full_macs) for split in ("val", "cal", "test"))

@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -37,3 +38,17 @@ def tiny_config(eedn_cache, tmp_path) -> dict:
     cfg["cache_dir"] = eedn_cache
     cfg["out"] = str(tmp_path / "run")
     return cfg
+
+
+def numpy_interpolation(points: list[tuple[float, float]], x: float, rtol: float = 1e-9) -> float | None:
+    """Reference for the matched-cost cells: ``np.interp`` on the points (equal costs averaged), None outside
+    their cost range (an end reached within ``rtol`` counts as inside)."""
+    costs = np.array([c for c, _ in points], dtype=float)
+    values = np.array([v for _, v in points], dtype=float)
+    unique = np.unique(costs)
+    means = np.array([values[costs == c].mean() for c in unique])
+    tol = rtol * max(abs(unique[0]), abs(unique[-1]))
+    if x < unique[0] - tol or x > unique[-1] + tol:
+        return None
+    return float(np.interp(x, unique, means))
+

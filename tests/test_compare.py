@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import numpy_interpolation
 
 import eedn
 import eedn.run
 from eedn.compare_cli import compare_command, report_command
 from eedn.comparison import StrategySpec, parse_seeds, parse_strategies, strategy_options_for
 from eedn.errors import EednError
-from eedn.matched import interpolate_at
 from eedn.plots import reliability_bins
 from eedn.plugins import register_plugin, unregister_plugin
 
@@ -202,18 +202,26 @@ def test_compare_writes_runs_comparison_and_report(compared):
     assert len(own_rows) == len({p["setting"] for p in thr["curves"]["lambda=0.1"]})
     assert comparison["summary"][own]["gate"] == "max_prob"
     assert all(r["values"][own]["mean_confidence"]["empty"] == "missing" for r in own_rows)  # no evaluators there
-    # a cross cell, recomputed by hand from the per-seed results.json files
-    row = next(r for r in matched["rows"] if r["strategy"] == "im-only+patience" and r["setting"] == "k=2")
-    expected = []
-    for s in (0, 1):
-        x = next(p for p in runs[("im-only+patience", s)]["curve"] if p["setting"] == "k=2")["mean_macs"]
-        curve = runs[("jei", s)]["curve"] or [runs[("jei", s)]["policy"]]
-        expected.append(interpolate_at([(p["mean_macs"], p["accuracy"]) for p in curve], x))
-    cell = row["values"]["jei"]["accuracy"]
-    if None in expected:
-        assert cell["mean"] is None and cell["empty"] == "outside"
-    else:
-        assert cell["mean"] == pytest.approx(np.mean(expected))
+    # the cross cells (one strategy's accuracy at the other's costs), recomputed from the per-seed results.json
+    # files with numpy's linear interpolation (not eedn's): a value where both seeds' curves span the cost, else
+    # "outside". Cells of both kinds must occur, so neither branch goes untested.
+    checked = {"value": 0, "outside": 0}
+    for row, other in ((r, o) for r in matched["rows"] for o in ("jei", "im-only+patience") if r["strategy"] != o
+                       and r["strategy"] in ("jei", "im-only+patience")):
+        expected = []
+        for s in (0, 1):
+            own_run = runs[(row["strategy"], s)]
+            x = next(p for p in own_run["curve"] + [own_run["policy"]] if p.get("setting") == row["setting"])
+            curve = runs[(other, s)]["curve"] or [runs[(other, s)]["policy"]]
+            expected.append(numpy_interpolation([(p["mean_macs"], p["accuracy"]) for p in curve], x["mean_macs"]))
+        cell = row["values"][other]["accuracy"]
+        if any(e is None for e in expected):
+            assert (cell["mean"], cell["empty"]) == (None, "outside"), (row["strategy"], row["setting"], other)
+            checked["outside"] += 1
+        else:
+            assert cell["mean"] == pytest.approx(np.mean(expected), abs=1e-9), (row["strategy"], row["setting"])
+            checked["value"] += 1
+    assert checked["value"] >= 1 and checked["outside"] >= 1, checked
 
     md = (out / "comparison.md").read_text()
     assert "## Matched-cost comparison" in md and "| jei |" in md and "im-only+patience [k=2]" in md

@@ -61,7 +61,7 @@ def _trained_weights(key: str, seed: int) -> tuple[dict[str, Tensor], Tensor]:
     every gate of a test reuses them)."""
     name, size, channels = BACKBONES[key]
     torch.manual_seed(seed)
-    model = create_model(name, num_classes=NUM_CLASSES, image_size=size, in_channels=channels).eval()
+    model = create_model(name, num_classes=NUM_CLASSES, image_size=size, in_channels=channels, seed=seed).eval()
     for module in model.backbone.modules():  # T2T-ViT's std-0.02 init gives near-constant cls features
         if isinstance(module, nn.Linear):
             module.reset_parameters()
@@ -86,9 +86,8 @@ def trained_model(key: str, gate: str, gate_options: dict | None = None, seed: i
     """A tiny model with trained-ish IMs and head, and a fresh ``gate``."""
     name, size, channels = BACKBONES[key]
     state, x = _trained_weights(key, seed)
-    torch.manual_seed(seed)
     model = create_model(name, num_classes=NUM_CLASSES, image_size=size, in_channels=channels, gate=gate,
-                         gate_options=gate_options).eval()
+                         gate_options=gate_options, seed=seed).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("gate.") for k in missing)
     model.requires_grad_(False)

@@ -126,7 +126,6 @@ def test_names_and_options_are_checked_before_stage_0(tiny_config, tmp_path, mon
 
 def test_run_directory_describes_itself(tiny_config, tmp_path):
     """run.json alone rebuilds the model (no dataset), and the stored decisions are the gate's."""
-    from eedn.outputs import ExitOutputs
     from eedn.rundir import load_model, read_manifest
 
     out = tmp_path / "selfdescribing"
@@ -138,8 +137,7 @@ def test_run_directory_describes_itself(tiny_config, tmp_path):
     assert manifest["environment"]["torch"] == torch.__version__
     assert manifest["environment"]["world_size"] == 1
     model, _ = load_model(out)
-    outputs = torch.load(out / "outputs.pt", weights_only=True)
-    test = ExitOutputs.from_dict(outputs[manifest["policy"]["trained_setting"]]["test"])
+    test = eedn.read_outputs(out)[manifest["policy"]["trained_setting"]]["test"]
     decided = model.gate.decide(test.gate_scores)
     assert decided.tolist() == manifest["policy"]["test"]["exit_index"]
     shares = torch.bincount(decided, minlength=model.num_exits).double() / len(decided)

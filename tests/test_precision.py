@@ -108,7 +108,7 @@ def test_cuda_pipeline_runs_in_every_precision(tiny_config, tmp_path, precision)
                          "strategy": "jei", "strategy_options": {"epochs": 1, "warmup_epochs": 1}}
     results = run_pipeline(cfg)
     assert results["backbone"]["test_accuracy"] > 0.3
-    assert results["environment"]["device"].startswith("cuda") or "cuda" in json.dumps(results["environment"])
+    assert results["environment"]["device"].startswith("cuda")
 
 
 @needs_cuda
