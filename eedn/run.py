@@ -109,7 +109,7 @@ def check_plugins(cfg: dict) -> CheckedPlugins:
     options = {
         "dataset": registry("dataset").get(cfg["dataset"]).resolve(cfg["dataset_options"]),
         "backbone": registry("backbone").get(cfg["backbone"]).resolve(cfg["backbone_options"]),
-        "strategy": dict(strategy.options),
+        "strategy": strategy.options.as_dict(),
         "gate": gate_options,
         "inference_module": registry("inference_module").get(cfg["inference_module"]).resolve(
             cfg["inference_module_options"]),
@@ -359,7 +359,7 @@ def assemble_results(cfg: dict, prep: Prepared, strategy: TrainingStrategy, gate
                   | policy.point | {"details": policy.details},
         "curve": curve,
         "strategy": {"name": cfg["strategy"], "options": strategy.describe(), "history": history},
-        "evaluators": {name: {"options": ev.options, "rows": policy.rows[name]} for name, ev in evaluators.items()},
+        "evaluators": {name: {"options": ev.options.as_dict(), "rows": policy.rows[name]} for name, ev in evaluators.items()},
     }
     for name, rows in policy.rows.items():
         if rows and name not in CORE_RESULT_KEYS:

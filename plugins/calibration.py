@@ -248,12 +248,14 @@ class CalibrationEvaluator(Evaluator):
         ts_line_search: str | None = option("strong_wolfe", "LBFGS line search; none: the official fixed steps",
                                             choices=("strong_wolfe",))
 
+    options: CalibrationEvaluator.Options
+
     def __init__(self, **options: Any):
         super().__init__(**options)
         o = self.options
-        self.n_bins = o["n_bins"]
-        self.ts_options = {"init": o["ts_init"], "lr": o["ts_lr"], "max_iter": o["ts_max_iter"],
-                           "line_search": o["ts_line_search"]}
+        self.n_bins = o.n_bins
+        self.ts_options = {"init": o.ts_init, "lr": o.ts_lr, "max_iter": o.ts_max_iter,
+                           "line_search": o.ts_line_search}
         self.temperatures: list[float] | None = None
 
     def fit(self, cal: ExitOutputs) -> None:
@@ -291,8 +293,8 @@ class CalibrationEvaluator(Evaluator):
         result["settings"] = {
             "n_bins": self.n_bins,
             "bins": "(lo, hi], first bin includes 0; ece: equal width, ece_equal_mass: quantile edges",
-            "ece_compat": f"paper-compat: per batch of {self.options['compat_batch_size']} "
-                          f"({self.options['compat_chunks']} shuffled chunks, seed {self.options['compat_seed']}), "
+            "ece_compat": f"paper-compat: per batch of {self.options.compat_batch_size} "
+                          f"({self.options.compat_chunks} shuffled chunks, seed {self.options.compat_seed}), "
                           f"{self.n_bins} numpy-percentile quantile bins, batch-size weighted mean, no TS (official "
                           "value = this x 100)",
             "temperature_scaling": dict(self.ts_options) | {"fitted_on": "cal split logits, one T per exit"},
@@ -316,5 +318,5 @@ class CalibrationEvaluator(Evaluator):
     def _compat(self, logits: Tensor, labels: Tensor) -> float:
         confidence, correct = confidence_and_correct(logits, labels)
         o = self.options
-        return per_batch_quantile_ece(confidence, correct, o["compat_batch_size"], self.n_bins, o["compat_chunks"],
-                                      o["compat_seed"])
+        return per_batch_quantile_ece(confidence, correct, o.compat_batch_size, self.n_bins, o.compat_chunks,
+                                      o.compat_seed)

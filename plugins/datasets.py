@@ -255,13 +255,13 @@ class _Source(DatasetSource):
 
     def fraction(self, name: str) -> float:
         """A fraction option, which must leave both sides of its split non-empty."""
-        value = self.options[name]
+        value = getattr(self.options, name)
         if not 0.0 < value < 1.0:
             raise EednError(f"dataset '{self.name}': option {name} must be strictly between 0 and 1, got {value}")
         return value
 
     def describe(self) -> dict:
-        return {"name": self.name, **{k: self.options[k] for k in self.data_key}}
+        return {"name": self.name, **{k: getattr(self.options, k) for k in self.data_key}}
 
     def _info(self, image_size: int, seed: int, augment: bool, **extra: Any) -> dict:
         return {"source": self.describe(), "image_size": image_size, "seed": seed, "augment": augment, **extra}
@@ -321,6 +321,8 @@ class DigitsSource(_Source):
         cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
         test_fraction: float = _fraction_option("share of the images held out as test", 0.2)
 
+    options: DigitsSource.Options
+
     data_key = ("val_fraction", "cal_fraction", "test_fraction")
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
@@ -378,8 +380,10 @@ class CifarSource(_Source):
         cal_fraction: float = _fraction_option("share of the validation pool that becomes cal", 0.5)
         in_memory_mb: int = _in_memory_option()
 
+    options: CifarSource.Options
+
     def data_dir(self) -> Path:
-        return Path(self.options["data_dir"] or default_data_dir()).expanduser()
+        return Path(self.options.data_dir or default_data_dir()).expanduser()
 
     def _load(self, train: bool):
         """The torchvision dataset object (images decoded as PIL on access)."""
@@ -397,7 +401,7 @@ class CifarSource(_Source):
                             f"replace it with a fresh extracted '{self.folder}' folder") from None
 
     def _val_fraction(self, n: int) -> float:
-        val_size = self.options["val_size"]
+        val_size = self.options.val_size
         if val_size >= n:
             raise EednError(f"dataset '{self.name}': val_size must be less than the {n} train images, got {val_size}")
         return val_size / n
@@ -408,7 +412,7 @@ class CifarSource(_Source):
         ``in_memory_mb``, else torchvision's per-sample transforms."""
         train_targets, test_targets = _targets(train_base), _targets(test_base)
         mean, std = (self.mean, self.std) if normalise else (None, None)
-        if _fits_in_memory(len(train_targets) + len(test_targets), 3, image_size, self.options["in_memory_mb"]):
+        if _fits_in_memory(len(train_targets) + len(test_targets), 3, image_size, self.options.in_memory_mb):
             eval_view = InMemoryImages(self._pixels(train_base, image_size), torch.tensor(train_targets), mean, std)
             test_view = InMemoryImages(self._pixels(test_base, image_size), torch.tensor(test_targets), mean, std)
             return eval_view.view(_augment(image_size, augment)), eval_view, test_view
@@ -450,6 +454,8 @@ class Cifar100Source(CifarSource):
     class Options(CifarSource.Options):
         val_size: int = option(10000, "images held out of the train split as the validation pool", min=1)
 
+    options: Cifar100Source.Options
+
 
 class LongTailCifarSource(CifarSource):
     """Long-tailed CIFAR-100 (LDAM, Cao et al., NeurIPS 2019): exponential profile with ``imbalance``
@@ -477,13 +483,15 @@ class LongTailCifarSource(CifarSource):
         test_profile: str = option("imbalanced", "test split: long-tailed like train (imbalanced) or the full "
                                                  "official one (balanced)", choices=("imbalanced", "balanced"))
 
+    options: LongTailCifarSource.Options
+
     def train_counts(self) -> list[int]:
-        return long_tail_counts(self.n_max_train, self.num_classes, self.options["imbalance"])
+        return long_tail_counts(self.n_max_train, self.num_classes, self.options.imbalance)
 
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         image_size = _check_image_size(image_size)
         cal_f = self.fraction("cal_fraction")
-        profile = self.options["test_profile"]
+        profile = self.options.test_profile
         counts = self.train_counts()
         train_base, test_base = self._load(True), self._load(False)
         train_targets, test_targets = list(train_base.targets), list(test_base.targets)
@@ -496,7 +504,7 @@ class LongTailCifarSource(CifarSource):
 
         test_counts = [test_targets.count(c) for c in range(self.num_classes)]
         if profile == "imbalanced":
-            test_counts = long_tail_counts(max(test_counts), self.num_classes, self.options["imbalance"])
+            test_counts = long_tail_counts(max(test_counts), self.num_classes, self.options.imbalance)
             test_idx = long_tail_indices(test_targets, test_counts, seed=0)
         else:
             test_idx = np.arange(len(test_targets), dtype=np.int64)
@@ -685,9 +693,11 @@ class ImageFolderSource(_Source):
         stats_images: int = option(2000, "train images the default mean/std are computed on", min=1)
         in_memory_mb: int = _in_memory_option()
 
+    options: ImageFolderSource.Options
+
     def __init__(self, **options: Any):
         super().__init__(**options)
-        self.path = Path(self.options["data_dir"]).expanduser()
+        self.path = Path(self.options.data_dir).expanduser()
         if not self.path.exists():
             raise EednError(f"image folder {self.path} does not exist; give a directory or .tar.gz holding "
                             "train/<class>/<image files>")
@@ -702,7 +712,7 @@ class ImageFolderSource(_Source):
 
     def root(self) -> Path:
         """The directory holding ``train/`` (extracting an archive first)."""
-        root = self.path if self.path.is_dir() else extract_once(self.path, self.options["cache_dir"])
+        root = self.path if self.path.is_dir() else extract_once(self.path, self.options.cache_dir)
         if not (root / "train").is_dir():
             inner = _class_dirs(root)
             if len(inner) == 1 and (root / inner[0] / "train").is_dir():
@@ -765,16 +775,16 @@ class ImageFolderSource(_Source):
         return 1
 
     def _augment_mode(self) -> str:
-        mode = self.options["augment"]
+        mode = self.options.augment
         return ("crop-flip" if self.channels == 3 else "crop") if mode == "auto" else mode
 
     def _statistics(self, samples: list, train_positions: np.ndarray, image_size: int,
                     seed: int) -> tuple[list[float], list[float], str]:
         """The given mean/std, else those of a seeded sample of the train split at ``image_size``."""
-        if self.options["mean"] is not None and self.options["std"] is not None:
-            return list(self.options["mean"]), list(self.options["std"]), "given"
+        if self.options.mean is not None and self.options.std is not None:
+            return list(self.options.mean), list(self.options.std), "given"
         _, eval_tf = cifar_transforms(image_size, None, None, False, native_size=None, center_crop=True)
-        picked = np.random.default_rng(seed).permutation(train_positions)[: self.options["stats_images"]]
+        picked = np.random.default_rng(seed).permutation(train_positions)[: self.options.stats_images]
         mode = "L" if self.channels == 1 else "RGB"
         mean, std = channel_statistics(eval_tf(open_image(samples[int(i)][0], mode)) for i in picked)
         return mean, std, f"{len(picked)} train images"
@@ -800,7 +810,7 @@ class ImageFolderSource(_Source):
         mode = self._augment_mode()
         augment = augment and mode != "none"
         if self.channels == 3 and _fits_in_memory(len(samples) + len(test), 3, image_size,
-                                                  self.options["in_memory_mb"]):
+                                                  self.options.in_memory_mb):
             pixels = _resized_uint8(_open_rgb(p for p, _ in samples), len(samples), image_size)
             test_pixels = (_resized_uint8(_open_rgb(p for p, _ in test), len(test), image_size)
                            if test and pixels is not None else None)

@@ -9,6 +9,7 @@ every λ trains from cached per-exit features.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -264,7 +265,6 @@ class JeiStrategy(TrainingStrategy):
     trains_gate = True
     trains_backbone = False
     tradeoff_option = "lambda"
-
     @dataclass
     class Options:
         profile: str = option("clean", "clean (eedn's defaults) or paper-compat (the official code's choices)",
@@ -318,41 +318,44 @@ class JeiStrategy(TrainingStrategy):
                                     "(one λ after another) or auto (stacked when the features are cached)",
                             choices=SWEEP_MODES)
 
+    options: JeiStrategy.Options
+
     def __init__(self, **options: Any):
         super().__init__(**options)
-        profile = PROFILES[self.options["profile"]]
-        self.options = {k: profile[k] if v is None and k in profile else v for k, v in self.options.items()}
-        self.options |= resolve_variant(self.options["targets"], self.options["exit_rule"],
-                                        self.options["pos_weight_counts"])
+        o = self.options
+        profile = PROFILES[o.profile]
+        o = dataclasses.replace(o, **{k: v for k, v in profile.items() if getattr(o, k) is None})
+        variant: dict[str, Any] = resolve_variant(o.targets, o.exit_rule, o.pos_weight_counts)
+        self.options = dataclasses.replace(o, **variant)
         self._check_relations()
 
     def gate_options(self) -> dict:
         """The rule the trained gate must read its scores with (recorded with the gate in run.json)."""
-        return {"exit_rule": self.options["exit_rule"], "tau": self.options["tau"]}
+        return {"exit_rule": self.options.exit_rule, "tau": self.options.tau}
 
     def prepare_model(self, model: EarlyExitModel) -> None:
         if isinstance(model.gate, JeiGate):
-            model.gate.set_rule(self.options["exit_rule"], self.options["tau"])
+            model.gate.set_rule(self.options.exit_rule, self.options.tau)
 
     def _check_relations(self) -> None:
         """What the declaration cannot say: the alternation syntax and how options constrain each other."""
         o = self.options
-        _check_alternation(o["alternation"])
-        if o["im_loss_renorm"] and o["im_loss"] != "exit_weighted":
+        _check_alternation(o.alternation)
+        if o.im_loss_renorm and o.im_loss != "exit_weighted":
             raise EednError("strategy 'jei': im_loss_renorm=true only applies to im_loss=exit_weighted; "
                             "set im_loss=exit_weighted or drop im_loss_renorm")
-        if o["warmup"] == "fixed" and o["warmup_epochs"] is not None and o["epochs"] <= o["warmup_epochs"]:
-            raise EednError(f"strategy 'jei': epochs={o['epochs']} counts warm-up plus main epochs and must "
-                            f"exceed warmup_epochs={o['warmup_epochs']}")
-        if o["im_training"] == "converge" and o["optimizers"] == "shared":
+        if o.warmup == "fixed" and o.warmup_epochs is not None and o.epochs <= o.warmup_epochs:
+            raise EednError(f"strategy 'jei': epochs={o.epochs} counts warm-up plus main epochs and must "
+                            f"exceed warmup_epochs={o.warmup_epochs}")
+        if o.im_training == "converge" and o.optimizers == "shared":
             raise EednError("strategy 'jei': im_training=converge keeps the trained IMs fixed, but a shared optimiser "
                             "moves them during gate batches (weight decay, momentum); set optimizers=separate")
-        if o["warmup"] == "early_stop" and o["epochs"] < 2:
+        if o.warmup == "early_stop" and o.epochs < 2:
             raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
 
     @property
     def lambdas(self) -> list[float]:
-        lam = self.options["lambda"]
+        lam = self.options.lambda_
         return list(lam) if isinstance(lam, list) else [lam]
 
     # ---------------------------------------------------------------- fit
@@ -368,24 +371,24 @@ class JeiStrategy(TrainingStrategy):
         if self.head_augment or not context.features.cacheable:
             context.log("jei: features are not cacheable (backbone_mode="
                         f"{self.backbone_mode}, head_augment={self.head_augment}); every epoch re-runs the backbone")
-        context.log(f"jei: gate cost {opts['gate_cost']}, im_loss {opts['im_loss']}, profile {opts['profile']}")
-        if opts["warmup_epochs"] is None:  # paper-compat: the official length for this dataset and backbone
-            opts["warmup_epochs"] = official_warmup_epochs(context.features.data.name,
+        context.log(f"jei: gate cost {opts.gate_cost}, im_loss {opts.im_loss}, profile {opts.profile}")
+        if opts.warmup_epochs is None:  # paper-compat: the official length for this dataset and backbone
+            opts.warmup_epochs = official_warmup_epochs(context.features.data.name,
                                                            getattr(model.backbone, "variant", ""))
-            context.log(f"jei: {opts['warmup_epochs']} warm-up epoch(s), the official value for this setting")
+            context.log(f"jei: {opts.warmup_epochs} warm-up epoch(s), the official value for this setting")
             self._check_relations()
         val = _Validation(context)
-        if opts["gate_cost"] == "official_counter":
+        if opts.gate_cost == "official_counter":
             costs = official_counter_costs(model)
         else:
-            costs = context.normalised_costs("measured" if opts["gate_cost"] == "true_macs" else opts["gate_cost"])
+            costs = context.normalised_costs("measured" if opts.gate_cost == "true_macs" else opts.gate_cost)
         costs = costs.to(context.device)
         macs = torch.tensor(context.exit_macs, dtype=torch.float64, device=context.device)
         history: list[dict] = []
 
         warmup_epochs_run, warm_momentum = self._warmup(model, context, val, history)
         # paper-compat shares one SGD between warm-up and main phase: the IMs keep their warm-up momentum
-        momentum = warm_momentum if opts["optimizers"] == "shared" else {}
+        momentum = warm_momentum if opts.optimizers == "shared" else {}
         snapshot = model.heads_state_dict()
 
         if self.stacks_sweep(context):
@@ -405,7 +408,7 @@ class JeiStrategy(TrainingStrategy):
     def stacks_sweep(self, context: FitContext) -> bool:
         """Whether the λ train as one stacked model: ``sweep=auto`` stacks when every epoch reads cached
         features (clean profile); a train-mode backbone or augmented heads run the per-λ loop."""
-        mode = self.options["sweep"]
+        mode = self.options.sweep
         if mode == "auto":
             return context.features.cacheable and not self.head_augment
         return mode == "stacked"
@@ -417,27 +420,27 @@ class JeiStrategy(TrainingStrategy):
         opts = self.options
         g = len(model.ims)
         # im_training=converge: every head on its own mean CE until its val CE stops falling (docs/usage.md)
-        converge = opts["im_training"] == "converge"
-        early = opts["warmup"] == "early_stop" or converge
+        converge = opts.im_training == "converge"
+        early = opts.warmup == "early_stop" or converge
         # early stopping may end sooner; leave at least one main epoch either way
-        epochs = min(opts["max_warmup_epochs"], opts["epochs"] - 1) if early else opts["warmup_epochs"]
+        epochs = min(opts.max_warmup_epochs, opts.epochs - 1) if early else opts.warmup_epochs
         if converge:
-            epochs = opts["max_im_epochs"]
+            epochs = opts.max_im_epochs
         weights = (torch.ones(g) if converge else warmup_weights(g)).to(context.device)  # G+1-l officially
-        opt = torch.optim.SGD(model.ims.parameters(), lr=opts["lr"], momentum=opts["momentum"],
-                              weight_decay=opts["weight_decay"])
+        opt = torch.optim.SGD(model.ims.parameters(), lr=opts.lr, momentum=opts.momentum,
+                              weight_decay=opts.weight_decay)
         best_acc = [-math.inf] * g
         best_state = [copy.deepcopy(im.state_dict()) for im in model.ims]
         stale = [0] * g
         frozen = [False] * g
-        nb = context.features.num_batches("train", opts["batch_size"])
+        nb = context.features.num_batches("train", opts.batch_size)
         run = 0
         for epoch in range(epochs):
             if all(frozen):
                 break
             model.ims.train()
             total, count = 0.0, 0
-            batches = context.features.batches("train", opts["batch_size"], shuffle=True, seed=context.seed,
+            batches = context.features.batches("train", opts.batch_size, shuffle=True, seed=context.seed,
                                                epoch=epoch, augmented=self.head_augment)
             for feats, y in context.progress.track(batches, "jei warm-up", total=nb, epoch=epoch,
                                                             epochs=epochs):
@@ -474,7 +477,7 @@ class JeiStrategy(TrainingStrategy):
                         best_state[l] = copy.deepcopy(model.ims[l].state_dict())
                     else:
                         stale[l] += 1
-                    if stale[l] >= opts["warmup_patience"]:
+                    if stale[l] >= opts.warmup_patience:
                         model.ims[l].load_state_dict(best_state[l])
                         model.ims[l].requires_grad_(False)
                         frozen[l] = True
@@ -493,7 +496,7 @@ class JeiStrategy(TrainingStrategy):
             if buf is not None:
                 momentum[f"ims.{name}"] = buf.detach().clone()
         # converged IMs stay fixed; the gates then train for the usual epochs - warmup_epochs epochs
-        return (opts["warmup_epochs"] if converge else run), momentum
+        return (opts.warmup_epochs if converge else run), momentum
 
     # ---------------------------------------------------------------- alternation
     # The per-λ arithmetic (targets, losses, the after-epoch refresh and selection) lives in the methods
@@ -503,27 +506,27 @@ class JeiStrategy(TrainingStrategy):
     def _gate_batch_loss(self, per_exit_ce: Tensor, gate_logits: Tensor, lam: float, costs: Tensor,
                          pos_weight: Tensor) -> Tensor:
         """Gate-phase loss of one λ on one batch: BCE towards the ``targets`` kind of ``per_exit_ce`` ``[B, E]``."""
-        return gate_phase_loss(gate_logits, per_exit_ce, lam, costs, pos_weight, self.options["targets"])
+        return gate_phase_loss(gate_logits, per_exit_ce, lam, costs, pos_weight, self.options.targets)
 
     def _im_batch_loss(self, gate: JeiGate, ce: Tensor, gate_logits: Callable[[], Tensor]) -> Tensor:
         """IM-phase loss of one λ on one batch from the IMs' CE ``[B, G]``; ``gate_logits()`` gives the
         gate's pre-sigmoid scores when the loss needs exit probabilities."""
-        if self.options["im_loss"] == "uniform":
+        if self.options.im_loss == "uniform":
             return uniform_im_loss(ce)
         g = ce.shape[1]
         with torch.no_grad():
             probs = gate.exit_probabilities(torch.sigmoid(gate_logits()))[:, :g]
-        return exit_weighted_im_loss(probs, ce, renorm=self.options["im_loss_renorm"])
+        return exit_weighted_im_loss(probs, ce, renorm=self.options.im_loss_renorm)
 
     def _make_optimizers(self, ims: list[Tensor], gate: list[Tensor]) -> dict[str, torch.optim.SGD]:
         """One SGD per phase, or one for both (``optimizers=shared``, the official choice)."""
         opts = self.options
 
         def make_sgd(params: list[Tensor]) -> torch.optim.SGD:
-            return torch.optim.SGD(params, lr=opts["lr"], momentum=opts["momentum"],
-                                   weight_decay=opts["weight_decay"])
+            return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum,
+                                   weight_decay=opts.weight_decay)
 
-        if opts["optimizers"] == "shared":
+        if opts.optimizers == "shared":
             shared = make_sgd(ims + gate)
             return {"ims": shared, "gate": shared}
         return {"ims": make_sgd(ims), "gate": make_sgd(gate)}
@@ -531,17 +534,17 @@ class JeiStrategy(TrainingStrategy):
     def _epoch_shape(self, context: FitContext) -> tuple[int, int, int, int, bool]:
         """Batch size, total epochs, train batches per epoch, batches per alternation block, and whether only
         gate batches run (im_training=converge: the IMs were trained to convergence before)."""
-        bs = self.options["batch_size"]
+        bs = self.options.batch_size
         nb = context.features.num_batches("train", bs)
-        gates_only = self.options["im_training"] == "converge"
-        return bs, self.options["epochs"], nb, alternation_block(self.options["alternation"], nb), gates_only
+        gates_only = self.options.im_training == "converge"
+        return bs, self.options.epochs, nb, alternation_block(self.options.alternation, nb), gates_only
 
     def _schedulers(self, optimizers: dict[str, torch.optim.SGD]) -> list:
         """Cosine schedules of the optimisers that step (with im_training=converge only the gates' does)."""
-        skip_ims = self.options["im_training"] == "converge"
+        skip_ims = self.options.im_training == "converge"
         unique = list({id(o): o for name, o in optimizers.items() if not (skip_ims and name == "ims")}.values())
-        return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=self.options["epochs"],
-                                                           eta_min=self.options["eta_min"]) for o in unique]
+        return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=self.options.epochs,
+                                                           eta_min=self.options.eta_min) for o in unique]
 
     def _after_epoch(self, context: FitContext, gate: JeiGate, logits: Tensor, scores: Tensor, labels: Tensor,
                      lam: float, costs: Tensor, macs: Tensor, epoch: int, lrs: dict[str, float],
@@ -550,7 +553,7 @@ class JeiStrategy(TrainingStrategy):
         history record."""
         g = scores.shape[1]
         best_exit, _ = gate_targets(per_exit_cross_entropy(logits, labels), lam, costs)
-        pos_weight = pos_weights(best_exit, g, self.options["pos_weight_counts"]).to(context.device)
+        pos_weight = pos_weights(best_exit, g, self.options.pos_weight_counts).to(context.device)
         exit_index = gate.decide(scores)
         acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == labels).float().mean())
         entry = {
@@ -564,7 +567,7 @@ class JeiStrategy(TrainingStrategy):
             "val_exit_fractions": (torch.bincount(exit_index, minlength=g + 1).float() / len(exit_index)).tolist(),
             "pos_weights": pos_weight.tolist(),
         }
-        context.progress.epoch(f"jei λ={lam:g}", epoch, self.options["epochs"], gate_loss=entry["gate_loss"],
+        context.progress.epoch(f"jei λ={lam:g}", epoch, self.options.epochs, gate_loss=entry["gate_loss"],
                                im_loss=entry["im_loss"], val_gated_accuracy=acc,
                                val_macs_fraction=entry["val_macs_fraction"])
         return pos_weight, entry
@@ -581,7 +584,7 @@ class JeiStrategy(TrainingStrategy):
             if f"ims.{name}" in momentum:
                 optimizers["ims"].state[p]["momentum_buffer"] = momentum[f"ims.{name}"].clone()
         schedulers = self._schedulers(optimizers)
-        selection = _Selection(opts["select"], lam, _best_warmup_gated_accuracy(history), model.heads_state_dict())
+        selection = _Selection(opts.select, lam, _best_warmup_gated_accuracy(history), model.heads_state_dict())
         pos_weight = torch.ones(g, device=context.device)
 
         for epoch in range(first_epoch, total_epochs):
@@ -639,7 +642,7 @@ class JeiStrategy(TrainingStrategy):
         stack.stack_momentum(momentum, optimizers["ims"])
         schedulers = self._schedulers(optimizers)
         baseline = _best_warmup_gated_accuracy(history)
-        selections = [_Selection(opts["select"], lam, baseline, snapshot) for lam in lambdas]
+        selections = [_Selection(opts.select, lam, baseline, snapshot) for lam in lambdas]
         pos_weight = [torch.ones(g, device=context.device) for _ in lambdas]
         records: list[list[dict]] = [[] for _ in lambdas]
         name = f"jei {k_count} λ stacked"

@@ -81,10 +81,11 @@ class TorchvisionSource(DatasetSource):
         self.variant = variant
         self.name = f"torchvision:{variant}"
         for key in ("val_fraction", "cal_fraction", "test_fraction"):
-            if not 0.0 < self.options[key] < 1.0:
+            value = getattr(self.options, key)
+            if not 0.0 < value < 1.0:
                 raise EednError(f"dataset '{self.name}': option {key} must be strictly between 0 and 1, "
-                                f"got {self.options[key]}")
-        self.root = Path(self.options["data_dir"]).expanduser()
+                                f"got {value}")
+        self.root = Path(self.options.data_dir).expanduser()
         if not self.root.is_dir():
             raise EednError(f"dataset '{self.name}': data_dir {self.root} is not a directory; give --data-dir ROOT "
                             "holding the files torchvision reads (eedn never downloads)")
@@ -129,14 +130,14 @@ class TorchvisionSource(DatasetSource):
 
     def describe(self) -> dict:
         keys = ("val_fraction", "cal_fraction", "test_fraction", "augment", "mean", "std", "stats_images")
-        return {"name": self.name, "root": str(self.root.resolve()), **{k: self.options[k] for k in keys}}
+        return {"name": self.name, "root": str(self.root.resolve()), **{k: getattr(self.options, k) for k in keys}}
 
     def _statistics(self, train_positions: np.ndarray, seed: int) -> tuple[list[float], list[float], str]:
         from torchvision.transforms.functional import pil_to_tensor
 
-        if self.options["mean"] is not None and self.options["std"] is not None:
-            return list(self.options["mean"]), list(self.options["std"]), "given"
-        picked = np.random.default_rng(seed).permutation(train_positions)[: self.options["stats_images"]]
+        if self.options.mean is not None and self.options.std is not None:
+            return list(self.options.mean), list(self.options.std), "given"
+        picked = np.random.default_rng(seed).permutation(train_positions)[: self.options.stats_images]
         convert = ConvertMode("L" if self.channels == 1 else "RGB")
         images = (pil_to_tensor(convert(self.train_base[int(i)][0])).float() / 255.0 for i in picked)
         mean, std = channel_statistics(images)
@@ -149,7 +150,7 @@ class TorchvisionSource(DatasetSource):
         resize = [] if image_size == self.default_image_size else [T.Resize(image_size), T.CenterCrop(image_size)]
         tail = [T.ToTensor(), T.Normalize(mean, std)]
         eval_tf = T.Compose([convert, *resize, *tail])
-        mode = self.options["augment"]
+        mode = self.options.augment
         if mode == "auto":
             mode = "crop-flip" if self.channels == 3 else "crop"
         if not augment or mode == "none":
@@ -161,8 +162,8 @@ class TorchvisionSource(DatasetSource):
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         if int(image_size) < 1:
             raise EednError(f"image_size must be a positive number of pixels, got {image_size}")
-        test_f = 0.0 if self.test_base is not None else self.options["test_fraction"]
-        parts = hold_out(np.asarray(self.train_targets), self.options["val_fraction"], self.options["cal_fraction"],
+        test_f = 0.0 if self.test_base is not None else self.options.test_fraction
+        parts = hold_out(np.asarray(self.train_targets), self.options.val_fraction, self.options.cal_fraction,
                          seed, test_fraction=test_f)
         empty = [k for k, v in parts.items() if len(v) == 0]
         if empty:

@@ -122,11 +122,11 @@ def test_option_typos_name_the_valid_options_and_strings_are_coerced():
         eedn.create("dataset", "digits", data_dir="data")
     for name in ("cifar10", "cifar100", "cifar100-lt", "cifar10-lt", "svhn", "image-folder"):
         assert "data_dir" in [spec.name for spec in eedn.registry("dataset").get(name).options()]
-    assert eedn.create("dataset", "digits", val_fraction="0.25").options["val_fraction"] == 0.25
+    assert eedn.create("dataset", "digits", val_fraction="0.25").options.val_fraction == 0.25
     source = eedn.create("dataset", "cifar100-lt", val_size="500", imbalance="50", test_profile="balanced")
     assert source.describe() == {"name": "cifar100-lt", "imbalance": 50.0, "val_size": 500, "cal_fraction": 0.5,
                                  "test_profile": "balanced"}
-    assert eedn.create("dataset", "cifar100").options["val_size"] == 10000
+    assert eedn.create("dataset", "cifar100").options.val_size == 10000
     with pytest.raises(EednError, match="imbalanced, balanced"):
         eedn.create("dataset", "cifar10-lt", test_profile="uniform")
     with pytest.raises(EednError, match="val_size"):
