@@ -29,6 +29,7 @@ from torch import Tensor
 
 from eedn.contracts import Evaluator, Metric
 from eedn.errors import EednError
+from eedn.io import json_float
 from eedn.options import option
 from eedn.outputs import ExitOutputs
 
@@ -166,7 +167,7 @@ def calibration_metrics(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BI
         "nll": negative_log_likelihood(logits, labels),
         "brier": brier_score(logits, labels),
     }
-    return {k: _json_float(v) for k, v in metrics.items()}
+    return {k: json_float(v) for k, v in metrics.items()}
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, init: float = TS_INIT, lr: float = TS_LR,
@@ -208,10 +209,6 @@ def fit_temperature(logits: Tensor, labels: Tensor, init: float = TS_INIT, lr: f
 def fit_exit_temperatures(logits: Tensor, labels: Tensor, **ts_options: Any) -> list[float]:
     """One temperature per exit of ``logits`` ``[N, E, C]``, each fitted on all samples' logits of that exit."""
     return [fit_temperature(logits[:, l], labels, **ts_options) for l in range(logits.shape[1])]
-
-
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def _check_binning(binning: str, n_bins: int) -> None:
@@ -278,14 +275,14 @@ class CalibrationEvaluator(Evaluator):
 
         gated = logits[torch.arange(len(labels)), exit_test]
         result: dict[str, Any] = calibration_metrics(gated, labels, self.n_bins)
-        result["ece_compat"] = _json_float(self._compat(gated, labels))
+        result["ece_compat"] = json_float(self._compat(gated, labels))
         result["scaled"] = calibration_metrics(gated / t_per_sample[:, None], labels, self.n_bins)
         result["temperatures"] = temperatures
         per_exit = []
         for l in range(test.num_exits):
             row: dict[str, Any] = {"index": l}
             row |= calibration_metrics(logits[:, l], labels, self.n_bins)
-            row["ece_compat"] = _json_float(self._compat(logits[:, l], labels))
+            row["ece_compat"] = json_float(self._compat(logits[:, l], labels))
             row["temperature"] = temperatures[l]
             row["scaled"] = calibration_metrics(logits[:, l] / temperatures[l], labels, self.n_bins)
             per_exit.append(row)

@@ -33,9 +33,9 @@ Variants (which calibration scores make q̂, and which q̂ a test sample uses �
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from torch import Tensor
 
 from eedn.contracts import Evaluator, Metric
 from eedn.errors import EednError
+from eedn.io import json_float
 from eedn.options import option
 from eedn.outputs import ExitOutputs
 
@@ -182,10 +183,6 @@ def _check_alpha(alpha: float) -> None:
         raise EednError(f"conformal alpha must lie strictly between 0 and 1, got {alpha}")
 
 
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 # ------------------------------------------------------------------------------------------------------ evaluator
 
 
@@ -271,14 +268,14 @@ class ConformalEvaluator(Evaluator):
             row: dict[str, Any] = {"alpha": alpha, "method": method, "variant": variant}
             row |= set_metrics(sets, labels_test)
             if variant == "general":
-                row["qhat"] = _json_float(per_exit_q[0][0])
+                row["qhat"] = json_float(per_exit_q[0][0])
             per_exit = []
             for l, (q, source, n_used) in enumerate(per_exit_q):
                 mine = exit_test == l
                 entry = {"index": l, "count": int(mine.sum())}
                 entry |= set_metrics(sets[mine], labels_test[mine])
                 if variant != "general":
-                    entry |= {"qhat": _json_float(q), "calibrated_on": source, "cal_count": n_used}
+                    entry |= {"qhat": json_float(q), "calibrated_on": source, "cal_count": n_used}
                 per_exit.append(entry)
             row["per_exit"] = per_exit
             return row

@@ -29,7 +29,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from eedn.contracts import DatasetSource
-from eedn.data import DataSplits, channel_statistics, dataset_labels, hold_out, subset
+from eedn.data import DataSplits, MappedDataset, channel_statistics, dataset_labels, hold_out, subset
 from eedn.errors import EednError
 from eedn.options import option
 
@@ -44,20 +44,6 @@ class ConvertMode:
 
     def __call__(self, image):
         return image.convert(self.mode)
-
-
-class TransformedView(Dataset):
-    """A torchvision dataset seen through a transform, with its labels readable without decoding images."""
-
-    def __init__(self, base: Dataset, targets: list[int], transform):
-        self.base, self.targets, self.transform = base, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        image, _ = self.base[i]
-        return self.transform(image), self.targets[i]
 
 
 @dataclass
@@ -170,12 +156,12 @@ class TorchvisionSource(DatasetSource):
             raise EednError(f"dataset '{self.name}': split(s) {', '.join(empty)} came out empty; use larger fractions")
         mean, std, stats_from = self._statistics(parts["train"], seed)
         train_tf, eval_tf, used = self._transforms(int(image_size), mean, std, augment)
-        train_view = TransformedView(self.train_base, self.train_targets, train_tf)
-        eval_view = TransformedView(self.train_base, self.train_targets, eval_tf)
+        train_view = MappedDataset(self.train_base, self.train_targets, train_tf)
+        eval_view = MappedDataset(self.train_base, self.train_targets, eval_tf)
         if self.test_base is None:
             test = subset(eval_view, parts["test"])
         else:
-            test = TransformedView(self.test_base, dataset_labels(self.test_base).tolist(), eval_tf)
+            test = MappedDataset(self.test_base, dataset_labels(self.test_base).tolist(), eval_tf)
         return DataSplits(
             name=self.name, num_classes=self.num_classes, train=subset(train_view, parts["train"]),
             val=subset(eval_view, parts["val"]), cal=subset(eval_view, parts["cal"]), test=test,
