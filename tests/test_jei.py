@@ -17,20 +17,19 @@ from eedn.features import FeatureSource, compute_split_outputs
 from eedn.model import EarlyExitModel
 from eedn.strategy import FitContext
 from eedn_plugins.heads import LinearIM
-from eedn_plugins.jei import (
-    _Validation,
-    JeiStrategy,
+from eedn_plugins.jei import JeiStrategy, _Validation
+from eedn_plugins.jei_targets import (
     alternation_block,
+    exit_weighted_im_loss,
     gate_bce_loss,
     gate_phase_loss,
-    resolve_variant,
-    variant_targets,
-    exit_weighted_im_loss,
     gate_targets,
     official_im_loss,
     pos_weights,
     pos_weights_from_counts,
+    resolve_variant,
     uniform_im_loss,
+    variant_targets,
 )
 from eedn_plugins.jei_gate import (
     JeiGate,
@@ -706,7 +705,7 @@ def test_stacked_heads_match_each_copy(im_class):
 
 
 def test_paper_compat_warmup_length_follows_the_official_table(tmp_path):
-    from eedn_plugins.jei import official_warmup_epochs
+    from eedn_plugins.jei_targets import official_warmup_epochs
 
     assert [official_warmup_epochs(d, b) for d, b in (("cifar10", "t2t_vit_7"), ("cifar10", "t2t_vit_14"),
                                                        ("CIFAR100", "t2t_vit_7"), ("cifar100-lt", "t2t_vit_7"),
