@@ -31,10 +31,9 @@ from eedn.contracts import Evaluator, Metric
 from eedn.errors import EednError
 from eedn.io import json_float
 from eedn.options import option
-from eedn.outputs import ExitOutputs
+from eedn.outputs import RELIABILITY_BINS, ExitOutputs, reliability_bins, reliability_edges, reliability_index
 
-BINNINGS = ("width", "mass")
-DEFAULT_BINS = 15
+DEFAULT_BINS = RELIABILITY_BINS
 #: the official code's temperature-scaling settings
 TS_INIT, TS_LR, TS_MAX_ITER = 1.5, 0.01, 50
 #: a fitted temperature is clamped to this range: an exit whose calibration logits are perfectly separable
@@ -53,35 +52,24 @@ def confidence_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tens
 
 
 def bin_edges(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
-    """The ``n_bins + 1`` edges: uniform on [0, 1] (``width``) or quantiles of the confidences (``mass``)."""
-    _check_binning(binning, n_bins)
-    grid = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
-    if binning == "width" or confidences.numel() == 0:
-        return grid
-    percent = np.linspace(0, 1, n_bins + 1) * 100  # the very expression sklearn's calibration_curve uses
-    return torch.from_numpy(np.percentile(confidences.double().cpu().numpy(), percent))
+    """The ``n_bins + 1`` edges: uniform on [0, 1] (``width``) or quantiles of the confidences (``mass``), as
+    :func:`eedn.outputs.reliability_edges` makes every reliability bin."""
+    return torch.from_numpy(reliability_edges(confidences.double().cpu().numpy(), n_bins, binning))
 
 
 def bin_indices(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
     """Bin of each confidence in ``0..n_bins-1``; bins are ``(lo, hi]``, the first one also holds ``lo``."""
-    conf = confidences.double().cpu()
-    edges = bin_edges(conf, n_bins, binning)
-    return torch.searchsorted(edges[1:-1].contiguous(), conf, right=False)
+    conf = confidences.double().cpu().numpy()
+    return torch.from_numpy(reliability_index(conf, reliability_edges(conf, n_bins, binning)))
 
 
 def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
                      binning: str = "width") -> dict[str, Tensor]:
-    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (0 where a bin is empty) — a reliability diagram."""
-    conf = confidences.double().cpu()
-    hits = correct.double().cpu()
-    index = bin_indices(conf, n_bins, binning)
-    count = torch.bincount(index, minlength=n_bins).double()
-    safe = count.clamp(min=1)
-    return {
-        "count": count,
-        "confidence": torch.bincount(index, weights=conf, minlength=n_bins) / safe,
-        "accuracy": torch.bincount(index, weights=hits, minlength=n_bins) / safe,
-    }
+    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (0 where a bin is empty) — a reliability diagram
+    (:func:`eedn.outputs.reliability_bins` as tensors)."""
+    bins = reliability_bins(confidences.double().cpu().numpy(), correct.double().cpu().numpy(), n_bins, binning)
+    return {key: torch.nan_to_num(torch.tensor(bins[key], dtype=torch.float64), nan=0.0)
+            for key in ("count", "confidence", "accuracy")}
 
 
 def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
@@ -209,13 +197,6 @@ def fit_temperature(logits: Tensor, labels: Tensor, init: float = TS_INIT, lr: f
 def fit_exit_temperatures(logits: Tensor, labels: Tensor, **ts_options: Any) -> list[float]:
     """One temperature per exit of ``logits`` ``[N, E, C]``, each fitted on all samples' logits of that exit."""
     return [fit_temperature(logits[:, l], labels, **ts_options) for l in range(logits.shape[1])]
-
-
-def _check_binning(binning: str, n_bins: int) -> None:
-    if binning not in BINNINGS:
-        raise EednError(f"unknown binning '{binning}'; use one of: {', '.join(BINNINGS)}")
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise EednError(f"n_bins must be a positive integer, got {n_bins!r}")
 
 
 # ------------------------------------------------------------------------------------------------------ evaluator
