@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     # data and stored outputs
     "DataSplits": "eedn.data", "TensorImages": "eedn.data", "stratified_holdout": "eedn.data", "hold_out": "eedn.data",
     "subset": "eedn.data", "channel_statistics": "eedn.data", "dataset_labels": "eedn.data",
+    "MappedDataset": "eedn.data",
     "ExitOutputs": "eedn.outputs", "read_outputs": "eedn.outputs",
     # models
     "EarlyExitModel": "eedn.model", "build_model": "eedn.build", "create_model": "eedn.build",

@@ -22,6 +22,7 @@ from eedn.contracts import InputSpec as InputSpec
 from eedn.contracts import Metric as Metric
 from eedn.contracts import select_rows as select_rows
 from eedn.cost import measure_exit_macs as measure_exit_macs
+from eedn.data import MappedDataset as MappedDataset
 from eedn.data import DataSplits as DataSplits
 from eedn.data import TensorImages as TensorImages
 from eedn.data import channel_statistics as channel_statistics

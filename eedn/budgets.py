@@ -194,12 +194,14 @@ class ThresholdGate(Gate):
                                           "tied scores): rest = they all exit there; none = nobody does "
                                           "(official)", choices=SHORT_SHARES)
 
+    options: ThresholdGate.Options
+
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
-        self.divisor = self.options["divisor"]
-        self.include_final = self.options["include_final"]
-        self.short_share = self.options["short_share"]
-        thresholds = self.options["thresholds"]
+        self.divisor = self.options.divisor
+        self.include_final = self.options.include_final
+        self.short_share = self.options.short_share
+        thresholds = self.options.thresholds
         init = torch.full((num_exits,), math.inf, dtype=torch.float64)
         if thresholds is not None:
             if len(thresholds) != num_exits:

@@ -103,32 +103,43 @@ def run(strategy, gate, out, overwrite, quiet, debug, **kw) -> None:
 
 @cli.command()
 @click.argument("name", required=False)
+@click.option("--filter", "pattern", metavar="PATTERN",
+              help="list only the plugins whose name matches this shell pattern, e.g. 'res*'")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
-def plugins(name, debug) -> None:
+def plugins(name, pattern, debug) -> None:
     """List every registered backbone, IM, gate, strategy, evaluator and dataset with its origin;
     with NAME, show that plugin's options (type, default, help, limits)."""
     if name is None:
-        print_plugin_list()
+        print_plugin_list(pattern)
+    elif pattern is not None:
+        raise EednError("give NAME or --filter PATTERN, not both")
     else:
         print_plugin_options(name)
 
 
-def print_plugin_list() -> None:
-    """kind / name / from / description of every plugin, without importing any plugin module."""
+def print_plugin_list(pattern: str | None = None) -> None:
+    """kind / name / from / description of every plugin (those whose name matches ``pattern``), without
+    importing any plugin module."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     from eedn.plugins import KINDS, registry
 
+    shown = {kind: set(registry(kind).names(pattern)) for kind in KINDS}
+    if not any(shown.values()):
+        raise EednError(f"no plugin name matches '{pattern}'; `eedn plugins` lists them all")
     table = Table(title="eedn plugins (`eedn plugins NAME` shows a plugin's options; * = the default)")
     for col in ("kind", "name", "from", "description"):
         table.add_column(col)
     for kind in KINDS:
+        if not shown[kind]:
+            continue
         for entry in registry(kind).entries.values():
-            name = entry.name + (" *" if entry.info.get("default") else "")
-            table.add_row(kind.replace("_", " "), name, entry.origin, Text(entry.description))
+            if entry.name in shown[kind]:
+                name = entry.name + (" *" if entry.info.get("default") else "")
+                table.add_row(kind.replace("_", " "), name, entry.origin, Text(entry.description))
         table.add_section()
     Console().print(table)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -79,22 +79,40 @@ def hold_out(labels: np.ndarray, pool_fraction: float, cal_fraction: float, seed
     return out
 
 
-class TensorImages(Dataset):
-    """In-memory images ``[N, C, H, W]`` (float) with labels and an optional per-sample transform."""
+class MappedDataset(Dataset):
+    """The items of ``base`` seen through ``transform`` (None: as they are), labelled by ``targets``, which stay
+    readable without decoding an image (:func:`dataset_labels`).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
-        self.images = images
-        self.labels = labels.long()
+    ``base[i]`` is an image, or an ``(image, label)`` pair whose label ``targets`` repeats (a torchvision dataset).
+    One loaded dataset thus serves its augmented and its evaluation view without being loaded twice. ``samples``
+    records where each item came from, ``(path, label)``, when it was read from files.
+    """
+
+    def __init__(self, base: Any, targets: Sequence[int] | torch.Tensor, transform: Callable | None = None,
+                 samples: list[tuple[str, int]] | None = None):
+        self.base = base
+        self.targets = targets
         self.transform = transform
+        self.samples = samples
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
     def __getitem__(self, i: int):
-        x = self.images[i]
+        item = self.base[i]
+        x = item[0] if isinstance(item, tuple) else item
         if self.transform is not None:
             x = self.transform(x)
-        return x, int(self.labels[i])
+        return x, int(self.targets[i])
+
+
+class TensorImages(MappedDataset):
+    """In-memory images ``[N, C, H, W]`` (float) with labels and an optional per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
+        super().__init__(images, labels.long(), transform)
+        self.images = images
+        self.labels = self.targets
 
 
 def subset(dataset: Dataset, indices: np.ndarray) -> Subset:

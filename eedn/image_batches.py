@@ -83,7 +83,7 @@ class InMemoryImages(Dataset):
                  std: Sequence[float] | None = None, augment: RandomCropFlip | None = None,
                  samples: list[tuple[str, int]] | None = None):
         self.pixels = pixels
-        #: where each image came from, ``(path, label)``, when decoded from files (as ImageFiles has them)
+        #: where each image came from, ``(path, label)``, when decoded from files (as an image folder's file view has them)
         self.samples = samples
         self.labels = torch.as_tensor(labels).long()
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)

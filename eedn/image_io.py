@@ -11,6 +11,8 @@ from eedn.errors import EednError
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+#: file name endings read as images (image-folder datasets, ``eedn predict``), compared in lower case
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 #: PIL modes holding more than 8 bits per pixel, read as integers
 WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -19,6 +20,11 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 _TEMP_NAME = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[^.]+\.(tmp|tmpdir)$")
 #: a leftover older than this is stale whoever wrote it (another host's pid cannot be checked)
 STALE_AFTER_S = 24 * 3600
+
+
+def json_float(value: float | None) -> float | None:
+    """``value`` as a JSON-safe number: None for missing, NaN and infinite values (JSON has no NaN)."""
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 def temp_prefix(name: str) -> str:

@@ -1,16 +1,24 @@
 """ExitOutputs: everything policies and evaluators need about one split, from one all-exit pass."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from eedn.errors import EednError
 from eedn.io import load_checkpoint
 from eedn.rundir import OUTPUTS, read_manifest
+
+#: bins of a reliability diagram and of the ECE (equal width on [0, 1]), the usual count
+RELIABILITY_BINS = 15
+#: equal-width bins on [0, 1], or equal-mass bins (quantiles of the confidences)
+BINNINGS = ("width", "mass")
 
 
 @dataclass
@@ -96,3 +104,49 @@ def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]
                         "give the directory of a finished `eedn run`")
     return {setting: {split: ExitOutputs.from_dict(d) for split, d in splits.items()}
             for setting, splits in blob.items()}
+
+
+# ------------------------------------------------------------------------------------------------ reliability bins
+
+
+def reliability_edges(confidence: Sequence[float] | np.ndarray, n_bins: int = RELIABILITY_BINS,
+                      binning: str = "width") -> np.ndarray:
+    """The ``n_bins + 1`` bin edges: ``linspace(0, 1, n_bins + 1)`` (``width``), or exactly sklearn's ``quantile``
+    strategy, ``numpy.percentile(conf, linspace(0, 1, n_bins + 1) * 100)`` (``mass``; ``torch.quantile`` rounds
+    differently and would move samples that sit on an edge, docs/method.md §5.2)."""
+    if binning not in BINNINGS:
+        raise EednError(f"unknown binning '{binning}'; use one of: {', '.join(BINNINGS)}")
+    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+        raise EednError(f"n_bins must be a positive integer, got {n_bins!r}")
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    grid = np.linspace(0.0, 1.0, n_bins + 1)
+    if binning == "width" or conf.size == 0:
+        return grid
+    return np.percentile(conf, grid * 100)
+
+
+def reliability_index(confidence: Sequence[float] | np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The bin of each confidence, ``0..len(edges)-2``: bin b covers ``(edge_b, edge_{b+1}]`` and the first one also
+    its lower edge (``searchsorted(interior, conf, side="left")``, sklearn's ``calibration_curve`` rule)."""
+    return np.searchsorted(np.asarray(edges)[1:-1], np.asarray(confidence, dtype=np.float64).ravel(), side="left")
+
+
+def reliability_bins(confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+                     n_bins: int = RELIABILITY_BINS, binning: str = "width") -> dict:
+    """Per-bin sample ``count``, mean ``confidence`` and ``accuracy`` (a reliability diagram), and the ``ece`` those
+    bins give, ``sum_b (n_b / n) |acc_b - conf_b|`` (NaN for no samples). Empty bins have count 0 and NaN
+    confidence and accuracy; bins as :func:`reliability_edges` and :func:`reliability_index` make them."""
+    conf = np.asarray(confidence, dtype=np.float64).ravel()
+    hits = np.asarray(correct, dtype=np.float64).ravel()
+    if conf.shape != hits.shape:
+        raise ValueError(f"confidence has {conf.size} entries but correct has {hits.size}")
+    index = reliability_index(conf, reliability_edges(conf, n_bins, binning))
+    count = np.bincount(index, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(index, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(index, weights=hits, minlength=n_bins) / count
+    filled = count > 0
+    gaps = count[filled] * np.abs(accuracy[filled] - mean_conf[filled])
+    ece = float(gaps.sum() / count.sum()) if conf.size else math.nan
+    return {"count": count.tolist(), "confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(),
+            "ece": ece, "n": int(conf.size), "n_bins": n_bins}

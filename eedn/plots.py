@@ -9,44 +9,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from eedn.io import atomic_save_figure
+from eedn.outputs import RELIABILITY_BINS
 
 #: curves with more points than this get a shaded ± std band instead of error bars
 DENSE_CURVE = 12
-#: bins of the reliability diagram (equal width on [0, 1]), the usual count for the ECE
-RELIABILITY_BINS = 15
-
-
-# --------------------------------------------------------------------------------------------- numbers for plots
-
-
-def reliability_bins(confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray,
-                     n_bins: int = RELIABILITY_BINS) -> dict:
-    """Per-bin sample count, mean confidence and accuracy, plus the ECE those bins give.
-
-    Bins are equal width; bin b covers ``(b/n, (b+1)/n]`` and the first bin also holds 0 (the usual convention,
-    also scikit-learn's), so the ECE here equals the usual 15-bin ECE of the same
-    predictions. Empty bins have count 0 and NaN confidence/accuracy.
-    """
-    conf = np.asarray(confidence, dtype=np.float64).ravel()
-    hits = np.asarray(correct, dtype=np.float64).ravel()
-    if conf.shape != hits.shape:
-        raise ValueError(f"confidence has {conf.size} entries but correct has {hits.size}")
-    interior = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    index = np.searchsorted(interior, conf, side="left")
-    count = np.bincount(index, minlength=n_bins).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(index, weights=conf, minlength=n_bins) / count
-        accuracy = np.bincount(index, weights=hits, minlength=n_bins) / count
-    filled = count > 0
-    gaps = count[filled] * np.abs(accuracy[filled] - mean_conf[filled])
-    ece = float(gaps.sum() / count.sum()) if conf.size else math.nan
-    return {"count": count.tolist(), "confidence": mean_conf.tolist(), "accuracy": accuracy.tolist(),
-            "ece": ece, "n": int(conf.size), "n_bins": n_bins}
 
 
 # ------------------------------------------------------------------------------------------------------- drawing
@@ -166,7 +136,7 @@ def plot_exit_shares(shares: dict[str, dict], path: str | os.PathLike, *, title:
 
 def plot_reliability(bins: dict[str, dict], path: str | os.PathLike, *, title: str) -> Path:
     """Reliability diagram: per-bin accuracy against mean confidence, one line per strategy, and below it the
-    share of samples in each bin. ``bins[label]`` is :func:`reliability_bins` output."""
+    share of samples in each bin. ``bins[label]`` is :func:`eedn.outputs.reliability_bins` output."""
     fig, axes = _figure(2, 1, figsize=(6.4, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top, bottom = axes[0, 0], axes[1, 0]
     top.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="accuracy = confidence")

@@ -6,14 +6,20 @@ Built-in plugins (package ``eedn_plugins``) and third-party ones are found the s
 a string is imported only when that plugin is built, so listing plugins (``eedn plugins``) and starting
 the CLI import no model code at all.
 
+A name is registered once per kind: a second registration of it is an error that names both origins (one package
+cannot silently shadow another). ``EEDN_BUILTINS_ONLY=1`` loads only the entry points of eedn's own distribution
+(the built-ins), to run the tests or to tell a broken third-party install from a broken eedn.
+
 A plugin registered with ``namespace=True`` names a whole family: ``timm:vit_tiny_patch16_224`` is the entry
 ``timm`` built with ``variant="vit_tiny_patch16_224"`` (its factory takes a ``variant`` parameter). The core
 resolves the prefix and never names the family.
 """
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import importlib.metadata
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +29,11 @@ import pluggy
 from eedn import hookspecs
 from eedn.errors import EednError, UnknownNameError
 from eedn.options import OptionSpec, option_specs, resolve_options
+
+#: the environment switch that loads the built-ins only (``EEDN_BUILTINS_ONLY=1``)
+BUILTINS_ONLY_ENV = "EEDN_BUILTINS_ONLY"
+#: the distribution whose entry points are the built-ins
+CORE_DISTRIBUTION = "eedn"
 
 KINDS = ("backbone", "inference_module", "gate", "strategy", "evaluator", "dataset", "risk")
 _HOOK_FOR_KIND = {
@@ -111,10 +122,19 @@ class Registry:
         self.entries: dict[str, Entry] = {}
 
     def add(self, entry: Entry) -> None:
+        """Add ``entry``; a name this registry already holds is refused with both origins."""
+        existing = self.entries.get(entry.name)
+        if existing is not None:
+            raise EednError(f"{entry.label} is registered twice: by {existing.origin} and by {entry.origin}; "
+                            f"uninstall or rename one ({BUILTINS_ONLY_ENV}=1 loads eedn's built-ins only)")
         self.entries[entry.name] = entry
 
-    def names(self) -> list[str]:
-        return sorted(self.entries)
+    def names(self, pattern: str | None = None) -> list[str]:
+        """Sorted names, or those matching the shell-style ``pattern`` (``res*``, case-insensitive)."""
+        names = sorted(self.entries)
+        if pattern is None:
+            return names
+        return [n for n in names if fnmatch.fnmatchcase(n.lower(), pattern.lower())]
 
     def get(self, name: str) -> Entry:
         label = self.kind.replace("_", " ")
@@ -161,31 +181,48 @@ class PluginManager:
         self.load_errors: list[str] = []
 
     def load_entry_points(self) -> None:
-        """Import every ``eedn`` entry point once. A package that fails to import is skipped with a warning on
-        stderr, so one broken third-party plugin cannot take the built-ins down with it."""
+        """Import every ``eedn`` entry point once (only eedn's own with ``EEDN_BUILTINS_ONLY=1``). A package
+        that fails to import is skipped with a warning on stderr, so one broken third-party plugin cannot take the
+        built-ins down with it; two packages under one entry-point name are an error naming both."""
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
+        try:
+            self._load_entry_points()
+        except EednError:
+            self._entry_points_loaded = False  # the next use reports the clash again instead of running half-loaded
+            raise
+
+    def _load_entry_points(self) -> None:
+        builtins_only = builtins_only_requested()
         for ep in importlib.metadata.entry_points(group="eedn"):
-            if self.pm.has_plugin(ep.name):
-                continue
             dist = getattr(ep, "dist", None)
+            if builtins_only and (dist is None or dist.name.lower() != CORE_DISTRIBUTION):
+                continue
             origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
             try:
                 module = ep.load()
             except Exception as exc:  # noqa: BLE001 - a broken third-party package must not break eedn
                 message = (f"plugin '{ep.name}' from {origin} failed to import ({type(exc).__name__}: {exc}); "
                            "it is skipped: fix or uninstall that package")
-                self.load_errors.append(message)
-                sys.stderr.write(f"warning: {message}\n")
+                if message not in self.load_errors:
+                    self.load_errors.append(message)
+                    sys.stderr.write(f"warning: {message}\n")
                 continue
             self.register(module, name=ep.name, origin=origin)
 
     def register(self, plugin: Any, name: str | None = None, origin: str | None = None) -> None:
+        """Add a plugin object; registering the same object again is a no-op, another one under a taken name an
+        error naming both origins."""
+        origin = origin or getattr(plugin, "__name__", repr(plugin))
         if name is not None and self.pm.has_plugin(name):
-            return
+            held = self.pm.get_plugin(name)
+            if held is plugin:
+                return
+            raise EednError(f"plugin name '{name}' is taken: by {self._origins.get(id(held), name)} and by {origin}; "
+                            f"uninstall or rename one ({BUILTINS_ONLY_ENV}=1 loads eedn's built-ins only)")
         self.pm.register(plugin, name=name)
-        self._origins[id(plugin)] = origin or getattr(plugin, "__name__", repr(plugin))
+        self._origins[id(plugin)] = origin
         self._registries = None  # rebuilt lazily
 
     def registries(self) -> dict[str, Registry]:
@@ -256,9 +293,14 @@ def resolve(kind: str, name: str, options: dict[str, Any] | None) -> dict[str, A
     return registry(kind).get(name).resolve(options)
 
 
-def list_names(kind: str) -> list[str]:
-    """Sorted names of every registered plugin of ``kind``."""
-    return registry(kind).names()
+def list_names(kind: str, pattern: str | None = None) -> list[str]:
+    """Sorted names of every registered plugin of ``kind`` (those matching ``pattern``, e.g. ``res*``)."""
+    return registry(kind).names(pattern)
+
+
+def builtins_only_requested() -> bool:
+    """True when ``EEDN_BUILTINS_ONLY`` is set to a true value (``1``, ``true``, ``yes``, ``on``)."""
+    return os.environ.get(BUILTINS_ONLY_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def find(name: str) -> list[Entry]:

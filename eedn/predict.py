@@ -20,7 +20,7 @@ from torch import Tensor
 
 from eedn.cli_options import friendly_errors
 from eedn.errors import EednError
-from eedn.image_io import to_eight_bit
+from eedn.image_io import IMAGE_EXTENSIONS, to_eight_bit
 from eedn.inference import EarlyExitEngine
 from eedn.render import format_macs
 from eedn.rundir import MANIFEST, load_model, read_manifest
@@ -28,7 +28,6 @@ from eedn.rundir import MANIFEST, load_model, read_manifest
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".gif", ".tif", ".tiff", ".webp")
 
 
 # ----------------------------------------------------------------------------------- preprocessing

@@ -43,7 +43,7 @@ def figure_names(comparison: dict) -> list[str]:
 def pooled_reliability(manifests: Iterable[dict]) -> dict:
     """Reliability bins of the reported policy's test predictions, pooled over runs (seeds); read from run.json
     (``policy.test``), where the pipeline stored every sample's confidence, prediction and label."""
-    from eedn.plots import reliability_bins
+    from eedn.outputs import reliability_bins
 
     confidence, correct = [], []
     for manifest in manifests:

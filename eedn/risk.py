@@ -20,7 +20,6 @@ testing along the knob: P(risk ≤ ε) ≥ 1 − δ without any monotonicity).
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -300,6 +299,3 @@ def _reported_bound(controller: str, row: np.ndarray, index: int, stat: np.ndarr
     value = lower + ucb * (upper - lower)
     return float(value), f"{'WSR' if controller == 'ucb-wsr' else 'Hoeffding-Bentkus'} UCB of the risk at 1 - δ"
 
-
-def json_float(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)

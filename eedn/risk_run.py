@@ -40,8 +40,9 @@ def check_risk_config(cfg: Config, evaluators: dict) -> None:
 def risk_control_block(cfg: Config, gate: Any, outs: dict, evaluators: dict) -> dict:
     """results.json's ``risk_control``: the chosen knob value and its test risk, MACs and bound, plus the ε sweep
     of every controller (``outs`` holds the val / cal / test ExitOutputs of the reported setting)."""
+    from eedn.io import json_float
     from eedn.plugins import create
-    from eedn.risk import CONTROLLERS, GUARANTEES, build_knob, json_float, loss_matrix, mean_macs, select
+    from eedn.risk import CONTROLLERS, GUARANTEES, build_knob, loss_matrix, mean_macs, select
 
     rc = cfg.risk_control
     risk = create("risk", rc.risk, **rc.risk_options)

@@ -75,12 +75,16 @@ def strategy_options(cfg: Config) -> dict:
 @dataclass
 class CheckedPlugins:
     """What :func:`check_plugins` built and resolved: the strategy and evaluators (cheap objects, no tensors),
-    the gate's name, and every plugin's validated options by role."""
+    the gate's name, and every plugin's validated options by role (plain dicts: they are recorded in run.json)."""
 
     strategy: TrainingStrategy
     gate: str
     evaluators: dict[str, Evaluator]
-    options: dict[str, dict]
+    dataset_options: dict[str, Any]
+    backbone_options: dict[str, Any]
+    strategy_options: dict[str, Any]
+    gate_options: dict[str, Any]
+    im_options: dict[str, Any]
 
 
 def check_plugins(cfg: Config) -> CheckedPlugins:
@@ -106,16 +110,14 @@ def check_plugins(cfg: Config) -> CheckedPlugins:
                         f"({', '.join(cfg.evaluators) or 'none'}); add it to evaluators or drop its options")
     evaluators = {name: create("evaluator", name, **cfg.evaluator_options.get(name, {}))
                   for name in cfg.evaluators}
-    options = {
-        "dataset": registry("dataset").get(cfg.dataset).resolve(cfg.dataset_options),
-        "backbone": registry("backbone").get(cfg.backbone).resolve(cfg.backbone_options),
-        "strategy": dict(strategy.options),
-        "gate": gate_options,
-        "inference_module": registry("inference_module").get(cfg.inference_module).resolve(
-            cfg.inference_module_options),
-    }
     check_risk_config(cfg, evaluators)
-    return CheckedPlugins(strategy, gate, evaluators, options)
+    return CheckedPlugins(
+        strategy, gate, evaluators,
+        dataset_options=registry("dataset").get(cfg.dataset).resolve(cfg.dataset_options),
+        backbone_options=registry("backbone").get(cfg.backbone).resolve(cfg.backbone_options),
+        strategy_options=strategy.options.as_dict(),
+        gate_options=gate_options,
+        im_options=registry("inference_module").get(cfg.inference_module).resolve(cfg.inference_module_options))
 
 
 def _with_strategy_gate_options(cfg: Config, gate_entry: Any, resolved: dict, implied: dict) -> dict:
@@ -169,14 +171,14 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    source = create("dataset", cfg.dataset, **dataset_options(cfg, checked.options["dataset"]))
+    source = create("dataset", cfg.dataset, **dataset_options(cfg, checked.dataset_options))
     check_classes(cfg.dataset, source.num_classes)
     image_size = cfg.image_size or source.default_image_size
     data = source.splits(image_size, seed=cfg.seed, augment=cfg.backbone_training.augment)
     dataset_desc = {"name": cfg.dataset, **source.describe(), "image_size": image_size, "seed": cfg.seed}
     timings = {"data_s": time.perf_counter() - t0}
 
-    bb_opts = checked.options["backbone"]
+    bb_opts = checked.backbone_options
     backbone = build_backbone(cfg.backbone, source.num_classes, image_size, source.channels, bb_opts)
     ckpt = cfg.backbone_training.checkpoint
     if ckpt:
@@ -250,8 +252,8 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     strategy, gate_name, evaluators = checked.strategy, checked.gate, checked.evaluators
     backbone = copy.deepcopy(prep.backbone) if strategy.trains_backbone else prep.backbone
     model = build_model(backbone, gate=gate_name, inference_module=cfg.inference_module,
-                        gate_options=checked.options["gate"],
-                        im_options=checked.options["inference_module"]).to(cfg.device)
+                        gate_options=checked.gate_options,
+                        im_options=checked.im_options).to(cfg.device)
     strategy.prepare_model(model)
     model.freeze_backbone()
     exit_macs, full_macs = measure_exit_macs(model)
@@ -357,7 +359,7 @@ def assemble_results(cfg: Config, prep: Prepared, strategy: TrainingStrategy, ga
                   | policy.point | {"details": policy.details},
         "curve": curve,
         "strategy": {"name": cfg.strategy, "options": strategy.describe(), "history": history},
-        "evaluators": {name: {"options": ev.options, "rows": policy.rows[name]} for name, ev in evaluators.items()},
+        "evaluators": {name: {"options": ev.options.as_dict(), "rows": policy.rows[name]} for name, ev in evaluators.items()},
     }
     for name, rows in policy.rows.items():
         if rows and name not in CORE_RESULT_KEYS:
@@ -381,9 +383,9 @@ def build_manifest(cfg: Config, prep: Prepared, checked: CheckedPlugins, model: 
                          "display_name": bb.display_name, "num_classes": bb.num_classes,
                          "image_size": prep.image_size, "in_channels": prep.channels,
                          "parameters": prep.backbone_info["parameters"]},
-            "inference_module": {"name": cfg.inference_module, "options": checked.options["inference_module"]},
-            "gate": {"name": checked.gate, "options": checked.options["gate"]},
-            "strategy": {"name": cfg.strategy, "options": checked.options["strategy"]},
+            "inference_module": {"name": cfg.inference_module, "options": checked.im_options},
+            "gate": {"name": checked.gate, "options": checked.gate_options},
+            "strategy": {"name": cfg.strategy, "options": checked.strategy_options},
             "num_exits": model.num_exits,
             "feature_dims": list(bb.feature_dims),
             "exit_macs": [float(m) for m in exit_macs],

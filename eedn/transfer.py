@@ -24,18 +24,23 @@ from torch import Tensor, nn
 from eedn.errors import EednError
 from eedn.io import load_checkpoint, load_state_dict_strict
 
-#: where checkpoints keep their model weights, in the order they are looked for (timm's trainer:
-#: ``state_dict``; eedn's backbone cache: ``model``; a run directory's model.pt: ``backbone``)
-STATE_KEYS = ("state_dict", "model", "backbone")
+#: where checkpoints keep their model weights, in the order they are looked for: the EMA weights of a timm-trainer
+#: checkpoint first (the released ones, and what timm itself loads by default), then its ``state_dict``; eedn's
+#: backbone cache: ``model``; a run directory's model.pt: ``backbone``
+STATE_KEYS = ("state_dict_ema", "state_dict", "model", "backbone")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of a checkpoint's model weights, ``module.`` prefixes (DataParallel) removed. A
-    ``.safetensors`` file (Hugging Face) is read with safetensors, which holds tensors only."""
-    if str(path).endswith(".safetensors"):
-        blob = _read_safetensors(path)
-    else:
-        blob = load_checkpoint(path)
+    """The tensors of a checkpoint's model weights (:func:`unwrap_state_dict`). A ``.safetensors`` file (Hugging
+    Face) is read with safetensors, which holds tensors only; anything else with ``torch.load(weights_only=True)``."""
+    blob = _read_safetensors(path) if str(path).endswith(".safetensors") else load_checkpoint(path)
+    return unwrap_state_dict(blob, path)
+
+
+def unwrap_state_dict(blob: Any, path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model weights inside a loaded checkpoint ``blob`` (read from ``path``): the first of :data:`STATE_KEYS`
+    that holds a dict, else the blob itself, with DataParallel's ``module.`` prefixes removed and non-tensor
+    entries dropped."""
     if isinstance(blob, dict):
         for key in STATE_KEYS:
             if isinstance(blob.get(key), dict):

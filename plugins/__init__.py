@@ -91,18 +91,18 @@ def register_evaluators(register):
 @hookimpl
 def register_datasets(register):
     ds = "eedn_plugins.datasets"
-    register("digits", f"{ds}:DigitsSource", default=True,
+    register("digits", f"{ds}.digits:DigitsSource", default=True,
              description="sklearn's embedded 1797 8x8 digits (default; upsampled to 32 px, no files needed)")
-    register("cifar10", f"{ds}:CifarSource", description="CIFAR-10 from data_dir (torchvision layout)")
-    register("cifar100", f"{ds}:Cifar100Source", description="CIFAR-100 from data_dir (torchvision layout)")
-    register("cifar100-lt", f"{ds}:LongTailCifarSource",
+    register("cifar10", f"{ds}.cifar:CifarSource", description="CIFAR-10 from data_dir (torchvision layout)")
+    register("cifar100", f"{ds}.cifar:Cifar100Source", description="CIFAR-100 from data_dir (torchvision layout)")
+    register("cifar100-lt", f"{ds}.cifar:LongTailCifarSource",
              description="long-tailed CIFAR-100 (imbalance 100, imbalanced class-ordered test, shot groups)")
-    register("cifar10-lt", f"{ds}:LongTailCifar10Source", description="long-tailed CIFAR-10 (imbalance 100)")
-    register("svhn", f"{ds}:SvhnSource", description="SVHN train/test .mat files from data_dir")
-    register("torchvision", "eedn_plugins.torchvision_data:TorchvisionSource", namespace=True,
+    register("cifar10-lt", f"{ds}.cifar:LongTailCifar10Source", description="long-tailed CIFAR-10 (imbalance 100)")
+    register("svhn", f"{ds}.svhn:SvhnSource", description="SVHN train/test .mat files from data_dir")
+    register("torchvision", f"{ds}.torchvision_datasets:TorchvisionSource", namespace=True,
              description="any torchvision classification dataset from local files, torchvision:<ClassName> "
                          "(download=False); channels, classes, size and mean/std from the data")
-    register("image-folder", f"{ds}:ImageFolderSource",
+    register("image-folder", f"{ds}.image_folder:ImageFolderSource",
              description="train/<class>/* (and optional test/) in a directory or .tar.gz at data_dir")
 
 

@@ -70,12 +70,14 @@ class BoostNetStrategy(TrainingStrategy):
         select: str = option("final", "checkpoint: best val accuracy of the final exit's ensemble (final), of "
                                       "the last IM's (last_im), or the last epoch (last)", choices=SELECT_CHOICES)
 
+    options: BoostNetStrategy.Options
+
     def prepare_model(self, model: EarlyExitModel) -> None:
         """Attach the ensemble combiner (before fit, and before saved BoostNet heads are loaded)."""
         if not isinstance(model.exit_combiner, BoostNetEnsemble):
             device = next(model.ims.parameters()).device if len(model.ims) else "cpu"
-            model.exit_combiner = BoostNetEnsemble(self.options["decay"]).to(device)
-        model.exit_combiner.decay.fill_(self.options["decay"])
+            model.exit_combiner = BoostNetEnsemble(self.options.decay).to(device)
+        model.exit_combiner.decay.fill_(self.options.decay)
 
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.options
@@ -83,19 +85,19 @@ class BoostNetStrategy(TrainingStrategy):
         self.prepare_model(model)
         model.backbone.requires_grad_(False)
         g = len(model.ims)
-        opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
+        opt = sgd(model.ims.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
         def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
             ims = [model.ims[l](feats[l]) for l in range(g)]
             with torch.no_grad():
                 final = model.exit_logits(g, feats[g])
-            loss = boostnet_loss(torch.stack(ims + [final], dim=1), y, o["decay"])
+            loss = boostnet_loss(torch.stack(ims + [final], dim=1), y, o.decay)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return float(loss.detach())
 
-        history = train_heads(model, context, name="boostnet", epochs=o["epochs"], batch_size=o["batch_size"],
-                              step=step, select=o["select"], augmented=self.head_augment,
-                              end_epoch=cosine_schedule(opt, o["epochs"]))
+        history = train_heads(model, context, name="boostnet", epochs=o.epochs, batch_size=o.batch_size,
+                              step=step, select=o.select, augmented=self.head_augment,
+                              end_epoch=cosine_schedule(opt, o.epochs))
         return StrategyResult(settings=[("boostnet", model.heads_state_dict())], history=history)

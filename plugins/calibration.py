@@ -29,11 +29,11 @@ from torch import Tensor
 
 from eedn.contracts import Evaluator, Metric
 from eedn.errors import EednError
+from eedn.io import json_float
 from eedn.options import option
-from eedn.outputs import ExitOutputs
+from eedn.outputs import RELIABILITY_BINS, ExitOutputs, reliability_bins, reliability_edges, reliability_index
 
-BINNINGS = ("width", "mass")
-DEFAULT_BINS = 15
+DEFAULT_BINS = RELIABILITY_BINS
 #: the official code's temperature-scaling settings
 TS_INIT, TS_LR, TS_MAX_ITER = 1.5, 0.01, 50
 #: a fitted temperature is clamped to this range: an exit whose calibration logits are perfectly separable
@@ -52,35 +52,24 @@ def confidence_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tens
 
 
 def bin_edges(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
-    """The ``n_bins + 1`` edges: uniform on [0, 1] (``width``) or quantiles of the confidences (``mass``)."""
-    _check_binning(binning, n_bins)
-    grid = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
-    if binning == "width" or confidences.numel() == 0:
-        return grid
-    percent = np.linspace(0, 1, n_bins + 1) * 100  # the very expression sklearn's calibration_curve uses
-    return torch.from_numpy(np.percentile(confidences.double().cpu().numpy(), percent))
+    """The ``n_bins + 1`` edges: uniform on [0, 1] (``width``) or quantiles of the confidences (``mass``), as
+    :func:`eedn.outputs.reliability_edges` makes every reliability bin."""
+    return torch.from_numpy(reliability_edges(confidences.double().cpu().numpy(), n_bins, binning))
 
 
 def bin_indices(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
     """Bin of each confidence in ``0..n_bins-1``; bins are ``(lo, hi]``, the first one also holds ``lo``."""
-    conf = confidences.double().cpu()
-    edges = bin_edges(conf, n_bins, binning)
-    return torch.searchsorted(edges[1:-1].contiguous(), conf, right=False)
+    conf = confidences.double().cpu().numpy()
+    return torch.from_numpy(reliability_index(conf, reliability_edges(conf, n_bins, binning)))
 
 
 def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
                      binning: str = "width") -> dict[str, Tensor]:
-    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (0 where a bin is empty) — a reliability diagram."""
-    conf = confidences.double().cpu()
-    hits = correct.double().cpu()
-    index = bin_indices(conf, n_bins, binning)
-    count = torch.bincount(index, minlength=n_bins).double()
-    safe = count.clamp(min=1)
-    return {
-        "count": count,
-        "confidence": torch.bincount(index, weights=conf, minlength=n_bins) / safe,
-        "accuracy": torch.bincount(index, weights=hits, minlength=n_bins) / safe,
-    }
+    """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (0 where a bin is empty) — a reliability diagram
+    (:func:`eedn.outputs.reliability_bins` as tensors)."""
+    bins = reliability_bins(confidences.double().cpu().numpy(), correct.double().cpu().numpy(), n_bins, binning)
+    return {key: torch.nan_to_num(torch.tensor(bins[key], dtype=torch.float64), nan=0.0)
+            for key in ("count", "confidence", "accuracy")}
 
 
 def expected_calibration_error(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
@@ -166,7 +155,7 @@ def calibration_metrics(logits: Tensor, labels: Tensor, n_bins: int = DEFAULT_BI
         "nll": negative_log_likelihood(logits, labels),
         "brier": brier_score(logits, labels),
     }
-    return {k: _json_float(v) for k, v in metrics.items()}
+    return {k: json_float(v) for k, v in metrics.items()}
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, init: float = TS_INIT, lr: float = TS_LR,
@@ -210,17 +199,6 @@ def fit_exit_temperatures(logits: Tensor, labels: Tensor, **ts_options: Any) -> 
     return [fit_temperature(logits[:, l], labels, **ts_options) for l in range(logits.shape[1])]
 
 
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _check_binning(binning: str, n_bins: int) -> None:
-    if binning not in BINNINGS:
-        raise EednError(f"unknown binning '{binning}'; use one of: {', '.join(BINNINGS)}")
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise EednError(f"n_bins must be a positive integer, got {n_bins!r}")
-
-
 # ------------------------------------------------------------------------------------------------------ evaluator
 
 
@@ -248,12 +226,14 @@ class CalibrationEvaluator(Evaluator):
         ts_line_search: str | None = option("strong_wolfe", "LBFGS line search; none: the official fixed steps",
                                             choices=("strong_wolfe",))
 
+    options: CalibrationEvaluator.Options
+
     def __init__(self, **options: Any):
         super().__init__(**options)
         o = self.options
-        self.n_bins = o["n_bins"]
-        self.ts_options = {"init": o["ts_init"], "lr": o["ts_lr"], "max_iter": o["ts_max_iter"],
-                           "line_search": o["ts_line_search"]}
+        self.n_bins = o.n_bins
+        self.ts_options = {"init": o.ts_init, "lr": o.ts_lr, "max_iter": o.ts_max_iter,
+                           "line_search": o.ts_line_search}
         self.temperatures: list[float] | None = None
 
     def fit(self, cal: ExitOutputs) -> None:
@@ -276,14 +256,14 @@ class CalibrationEvaluator(Evaluator):
 
         gated = logits[torch.arange(len(labels)), exit_test]
         result: dict[str, Any] = calibration_metrics(gated, labels, self.n_bins)
-        result["ece_compat"] = _json_float(self._compat(gated, labels))
+        result["ece_compat"] = json_float(self._compat(gated, labels))
         result["scaled"] = calibration_metrics(gated / t_per_sample[:, None], labels, self.n_bins)
         result["temperatures"] = temperatures
         per_exit = []
         for l in range(test.num_exits):
             row: dict[str, Any] = {"index": l}
             row |= calibration_metrics(logits[:, l], labels, self.n_bins)
-            row["ece_compat"] = _json_float(self._compat(logits[:, l], labels))
+            row["ece_compat"] = json_float(self._compat(logits[:, l], labels))
             row["temperature"] = temperatures[l]
             row["scaled"] = calibration_metrics(logits[:, l] / temperatures[l], labels, self.n_bins)
             per_exit.append(row)
@@ -291,8 +271,8 @@ class CalibrationEvaluator(Evaluator):
         result["settings"] = {
             "n_bins": self.n_bins,
             "bins": "(lo, hi], first bin includes 0; ece: equal width, ece_equal_mass: quantile edges",
-            "ece_compat": f"paper-compat: per batch of {self.options['compat_batch_size']} "
-                          f"({self.options['compat_chunks']} shuffled chunks, seed {self.options['compat_seed']}), "
+            "ece_compat": f"paper-compat: per batch of {self.options.compat_batch_size} "
+                          f"({self.options.compat_chunks} shuffled chunks, seed {self.options.compat_seed}), "
                           f"{self.n_bins} numpy-percentile quantile bins, batch-size weighted mean, no TS (official "
                           "value = this x 100)",
             "temperature_scaling": dict(self.ts_options) | {"fitted_on": "cal split logits, one T per exit"},
@@ -316,5 +296,5 @@ class CalibrationEvaluator(Evaluator):
     def _compat(self, logits: Tensor, labels: Tensor) -> float:
         confidence, correct = confidence_and_correct(logits, labels)
         o = self.options
-        return per_batch_quantile_ece(confidence, correct, o["compat_batch_size"], self.n_bins, o["compat_chunks"],
-                                      o["compat_seed"])
+        return per_batch_quantile_ece(confidence, correct, o.compat_batch_size, self.n_bins, o.compat_chunks,
+                                      o.compat_seed)

@@ -33,6 +33,7 @@ Variants (which calibration scores make q̂, and which q̂ a test sample uses �
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -43,13 +44,14 @@ from torch import Tensor
 
 from eedn.contracts import Evaluator, Metric
 from eedn.errors import EednError
+from eedn.io import json_float
 from eedn.options import option
 from eedn.outputs import ExitOutputs
 
 METHODS = ("lac", "aps", "raps")
 VARIANTS = ("general", "gated", "gated_all", "gated_strict")
 #: per profile: the ``gated`` fallback and ``min_per_exit`` when unset (paper-compat = the official code's rule)
-PROFILES = {"clean": {"fallback": "merge", "min_per_exit": 20},
+PROFILES: dict[str, dict[str, Any]] = {"clean": {"fallback": "merge", "min_per_exit": 20},
             "paper-compat": {"fallback": "im_scores", "min_per_exit": 21}}
 FALLBACKS = ("merge", "general", "im_scores")
 DEFAULT_ALPHAS = (0.01, 0.05, 0.1)
@@ -181,10 +183,6 @@ def _check_alpha(alpha: float) -> None:
         raise EednError(f"conformal alpha must lie strictly between 0 and 1, got {alpha}")
 
 
-def _json_float(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 # ------------------------------------------------------------------------------------------------------ evaluator
 
 
@@ -215,17 +213,20 @@ class ConformalEvaluator(Evaluator):
         headline_method: str = option("lac", "score of the headline set size and coverage", choices=METHODS)
         headline_variant: str = option("general", "variant of the headline set size and coverage", choices=VARIANTS)
 
+    options: ConformalEvaluator.Options
+
     def __init__(self, **options: Any):
         super().__init__(**options)
-        profile = PROFILES[self.options["profile"]]
-        self.options = {k: profile[k] if v is None and k in profile else v for k, v in self.options.items()}
+        profile = PROFILES[self.options.profile]
+        self.options = dataclasses.replace(self.options, **{k: v for k, v in profile.items()
+                                                            if getattr(self.options, k) is None})
         o = self.options
-        for alpha in [*o["alphas"], o["headline_alpha"]]:
+        for alpha in [*o.alphas, o.headline_alpha]:
             _check_alpha(alpha)
-        self.alphas, self.methods, self.variants = o["alphas"], o["methods"], o["variants"]
-        self.min_per_exit, self.fallback = o["min_per_exit"], o["fallback"]
-        self.score_options = {"lam_reg": o["lam_reg"], "k_reg": o["k_reg"]}
-        self.randomized, self.seed = o["randomized"], o["seed"]
+        self.alphas, self.methods, self.variants = o.alphas, o.methods, o.variants
+        self.min_per_exit, self.fallback = o.min_per_exit, o.fallback
+        self.score_options = {"lam_reg": o.lam_reg, "k_reg": o.k_reg}
+        self.randomized, self.seed = o.randomized, o.seed
         self._warned_fallback = False
 
     def evaluate(self, test: ExitOutputs, cal: ExitOutputs, exit_test: Tensor, exit_cal: Tensor) -> dict:
@@ -267,14 +268,14 @@ class ConformalEvaluator(Evaluator):
             row: dict[str, Any] = {"alpha": alpha, "method": method, "variant": variant}
             row |= set_metrics(sets, labels_test)
             if variant == "general":
-                row["qhat"] = _json_float(per_exit_q[0][0])
+                row["qhat"] = json_float(per_exit_q[0][0])
             per_exit = []
             for l, (q, source, n_used) in enumerate(per_exit_q):
                 mine = exit_test == l
                 entry = {"index": l, "count": int(mine.sum())}
                 entry |= set_metrics(sets[mine], labels_test[mine])
                 if variant != "general":
-                    entry |= {"qhat": _json_float(q), "calibrated_on": source, "cal_count": n_used}
+                    entry |= {"qhat": json_float(q), "calibrated_on": source, "cal_count": n_used}
                 per_exit.append(entry)
             row["per_exit"] = per_exit
             return row
@@ -285,7 +286,7 @@ class ConformalEvaluator(Evaluator):
             rows += [make_row(method, alpha, variant, *method_scores) for alpha in self.alphas
                      for variant in self.variants]
         o = self.options
-        key = (o["headline_alpha"], o["headline_method"], o["headline_variant"])
+        key = (o.headline_alpha, o.headline_method, o.headline_variant)
         head = next((r for r in rows if (r["alpha"], r["method"], r["variant"]) == key), None)
         if head is None:
             head = make_row(key[1], key[0], key[2], *scores(key[1]))
@@ -305,7 +306,7 @@ class ConformalEvaluator(Evaluator):
             "headline": {k: head[k] for k in ("alpha", "method", "variant", "coverage", "mean_set_size")},
             "settings": {
                 "alphas": self.alphas, "methods": self.methods, "variants": self.variants,
-                "profile": o["profile"], "min_per_exit": self.min_per_exit, "fallback": self.fallback,
+                "profile": o.profile, "min_per_exit": self.min_per_exit, "fallback": self.fallback,
                 "gated_fallback_exits": short, "randomized": self.randomized, "seed": self.seed,
                 "n_cal": n_cal, **self.score_options,
                 "threshold": "k-th smallest cal score, k = ceil((n+1)(1-alpha)); all classes when k > n",
@@ -319,7 +320,7 @@ class ConformalEvaluator(Evaluator):
         if fit.num_exits != outputs.num_exits:
             raise EednError(f"fit outputs have {fit.num_exits} exits but outputs have {outputs.num_exits}")
         o = self.options
-        method, alpha = o["headline_method"], o["headline_alpha"]
+        method, alpha = o.headline_method, o.headline_alpha
         n_fit = fit.num_samples
         fit_scores = label_scores(fit.probabilities().double(), fit.labels.long()[:, None].expand(n_fit, fit.num_exits),
                                   method, **self.score_options)  # [M, E]
@@ -330,7 +331,7 @@ class ConformalEvaluator(Evaluator):
 
     def headline_metrics(self) -> dict[str, Metric]:
         o = self.options
-        at = f"{o['headline_method'].upper()}, α = {o['headline_alpha']:g}, {o['headline_variant']} q̂"
+        at = f"{o.headline_method.upper()}, α = {o.headline_alpha:g}, {o.headline_variant} q̂"
         return {"set_size": Metric(label=f"mean conformal set size ({at})", digits=3),
                 "coverage": Metric(label=f"conformal coverage (%; {at})", scale=100, lower_is_better=False)}
 

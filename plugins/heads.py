@@ -59,9 +59,10 @@ class IMOnlyStrategy(TrainingStrategy):
     default_gate = "max_prob"
 
     Options = HeadTrainingOptions
+    options: HeadTrainingOptions
 
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.options
-        history = train_heads_warmup(model, context, epochs=o["epochs"], batch_size=o["batch_size"], lr=o["lr"],
-                                     augmented=o["head_augment"], name="im-only")
+        history = train_heads_warmup(model, context, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+                                     augmented=o.head_augment, name="im-only")
         return StrategyResult(settings=[("im-only", model.heads_state_dict())], history=history)

@@ -1,4 +1,5 @@
-"""JEI-DNN (Regol et al., ICLR 2024): the joint exit/inference training of the gate in ``jei_gate.py``.
+"""JEI-DNN (Regol et al., ICLR 2024): the joint exit/inference training of the gate in ``jei_gate.py``, with the
+targets, losses and profiles of ``jei_targets.py``.
 
 The strategy warms the IMs up, then alternates blocks of gate batches (cumulative BCE targets aimed
 at the most cost-effective exit) and IM batches, one λ per trained setting (docs/usage.md lists the
@@ -9,14 +10,14 @@ every λ trains from cached per-exit features.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from eedn.errors import EednError
 from eedn.model import EarlyExitModel
@@ -25,168 +26,18 @@ from eedn.stacked import StackedHeads
 from eedn.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
                            warmup_weights)
 from eedn_plugins.jei_gate import EXIT_RULES, JeiGate
-
-# --------------------------------------------------------------------------------------------------
-# Losses and targets (pure functions)
-# --------------------------------------------------------------------------------------------------
-
-
-def gate_targets(per_exit_ce: Tensor, lam: float, costs: Tensor) -> tuple[Tensor, Tensor]:
-    """``(l*, t)``: ``l* = first argmin_l (CE_l + λ c_l)`` over exits 0..G and cumulative targets
-    ``t_l = 1{l ≥ l*}`` for the G gates (all 0 when l* = G)."""
-    total = per_exit_ce + lam * costs.to(per_exit_ce)
-    best = total.argmin(dim=1)  # torch returns the first minimum: ties go to the earlier exit
-    n_gates = per_exit_ce.shape[1] - 1
-    gates = torch.arange(n_gates, device=per_exit_ce.device)
-    return best, (gates.unsqueeze(0) >= best.unsqueeze(1)).to(per_exit_ce.dtype)
-
-
-def pos_weights_from_counts(counts: Tensor, num_samples: int, max_weight: float = 5.0) -> Tensor:
-    """``w_l = min((N − n_l)/n_l, 5)`` with ``n_l`` clamped to ≥ 0.1."""
-    n = counts.double().clamp(min=0.1)
-    return ((num_samples - n) / n).clamp(max=max_weight).float()
-
-
-def pos_weights(best_exit: Tensor, num_gates: int, counts: str = "exact") -> Tensor:
-    """Positive-class weights from the optimal exits ``l*`` of the val samples: ``exact`` counts
-    ``#{l* = l}`` (the official choice, although targets are cumulative), ``cumulative`` ``#{l* ≤ l}``, or
-    ``survivors``: ``#{l* = l}`` among the ``#{l* ≥ l}`` samples still running at ``l`` (hazard targets)."""
-    hist = torch.bincount(best_exit.cpu(), minlength=num_gates + 1)
-    if counts == "survivors":
-        running = hist.flip(0).cumsum(0).flip(0)[:num_gates]  # #{l* >= l}
-        n = hist[:num_gates].double().clamp(min=0.1)
-        return ((running.double() - n) / n).clamp(min=0.0, max=5.0).float()  # no survivors: no loss, weight 0
-    hist = hist[:num_gates]
-    if counts == "cumulative":
-        hist = hist.cumsum(0)
-    return pos_weights_from_counts(hist, int(best_exit.numel()))
-
-
-#: gate target kinds: ``cumulative`` ``1{l ≥ l*}`` (official), ``hazard`` ``1{l = l*}`` on the samples still
-#: running at ``l`` only, ``onehot`` ``1{l = l*}`` on every sample (docs/method.md, "Consistent gate variants")
-TARGETS = ("cumulative", "hazard", "onehot")
-
-
-def variant_targets(best_exit: Tensor, num_gates: int, kind: str = "cumulative") -> tuple[Tensor, Tensor | None]:
-    """``(t, mask)`` ``[N, G]`` for the gates from the optimal exits ``l*``; ``mask`` (None: every pair) marks
-    the (sample, gate) pairs the loss reads: for ``hazard`` only ``l* ≥ l``."""
-    gates = torch.arange(num_gates, device=best_exit.device).unsqueeze(0)
-    best = best_exit.unsqueeze(1)
-    if kind == "cumulative":
-        return (gates >= best).float(), None
-    onehot = (gates == best).float()
-    return onehot, ((best >= gates).float() if kind == "hazard" else None)
-
-
-def gate_phase_loss(gate_logits: Tensor, per_exit_ce: Tensor, lam: float, costs: Tensor, pos_weight: Tensor,
-                    targets: str = "cumulative") -> Tensor:
-    """The gate loss of one batch: targets of kind ``targets`` from ``l*`` (:func:`gate_targets`), then the
-    pos-weighted BCE (the official loss for ``cumulative``)."""
-    best, cumulative = gate_targets(per_exit_ce, lam, costs)
-    if targets == "cumulative":
-        return gate_bce_loss(gate_logits, cumulative, pos_weight)
-    t, mask = variant_targets(best, gate_logits.shape[1], targets)
-    return gate_bce_loss(gate_logits, t.to(gate_logits), pos_weight, mask)
-
-
-def gate_bce_loss(gate_logits: Tensor, targets: Tensor, pos_weight: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean over the N×G pairs of ``w·BCEWithLogits``, ``w = pos_weight_l`` where ``t = 1`` else 1; with a
-    ``mask``, the mean over the pairs it marks (0 when none)."""
-    bce = F.binary_cross_entropy_with_logits(gate_logits, targets, reduction="none")
-    w = torch.where(targets > 0.5, pos_weight.to(bce).unsqueeze(0), torch.ones_like(bce))
-    if mask is None:
-        return (w * bce).mean()
-    mask = mask.to(bce)
-    return (mask * w * bce).sum() / mask.sum().clamp(min=1)
-
-
-def uniform_im_loss(ce: Tensor) -> Tensor:
-    """``mean_{n,l} CE_{n,l}``: the official IM loss once its exit weighting cancels."""
-    return ce.mean()
-
-
-def exit_weighted_im_loss(exit_probs: Tensor, ce: Tensor, renorm: bool = False, eps: float = 1e-6) -> Tensor:
-    """``(1/N) Σ_n Σ_l sg(P_{n,l})·CE_{n,l}`` (the paper's intent), or with ``renorm`` the version
-    rescaled to the uniform loss's magnitude, ``(1/(N·G)) Σ sg(P)·sg(S_n/(W_n+ε))·CE``."""
-    p = exit_probs.detach()
-    if not renorm:
-        return (p * ce).sum(1).mean()
-    with torch.no_grad():
-        ratio = ce.sum(1) / ((p * ce).sum(1) + eps)
-    return (p * ratio.unsqueeze(1) * ce).mean()
-
-
-def official_im_loss(exit_probs: Tensor, ce: Tensor) -> Tensor:
-    """The official code's IM loss ``mean_{n,l}[P·L·S_n/W_n]`` with the ratio *not* detached.
-
-    Kept to document why the official loss is uniform: since ``Σ_l P·L = W_n``, it equals ``mean_n S_n / G``
-    and its gradient w.r.t. every ``L_{n,l}`` is exactly ``1/(N·G)``: the exit weighting has no effect.
-    """
-    s = ce.sum(1, keepdim=True)
-    w = (exit_probs * ce).sum(1, keepdim=True)
-    return (exit_probs * ce * s / w).mean()
-
+from eedn_plugins.jei_targets import (PROFILES, SWEEP_MODES, TARGETS, _check_alternation, alternation_block,
+                                      exit_weighted_im_loss, gate_phase_loss, gate_targets, official_warmup_epochs,
+                                      pos_weights, resolve_variant, uniform_im_loss)
 
 # --------------------------------------------------------------------------------------------------
 # Options
 # --------------------------------------------------------------------------------------------------
 
-#: what each profile sets for the options declared "per profile" (explicit options still win).
-#: ``paper-compat`` reproduces the official code's behaviour (docs/usage.md, "JEI-DNN switches").
-PROFILES: dict[str, dict[str, Any]] = {
-    "clean": {"warmup": "fixed", "alternation": "auto", "gate_cost": "uniform_index", "im_loss": "uniform",
-              "optimizers": "separate", "select": "last", "backbone_mode": "eval",
-              "head_augment": False, "warmup_epochs": 3},
-    "paper-compat": {"warmup": "fixed", "alternation": "batches:200", "gate_cost": "uniform_index",
-                     "im_loss": "uniform", "optimizers": "shared",
-                     "select": "pt_compat", "backbone_mode": "train", "head_augment": True},
-}
-#: per target kind: the exit rules that read it consistently and the pos-weight counts that match it (the
-#: first of each is the default; ``cdf`` defaults to cumulative counts, docs/method.md "Consistent gate variants")
-PAIRINGS: dict[str, dict[str, tuple[str, ...]]] = {
-    "cumulative": {"exit_rule": ("official", "cdf"), "pos_weight_counts": ("exact", "cumulative")},
-    "hazard": {"exit_rule": ("hazard",), "pos_weight_counts": ("survivors",)},
-    "onehot": {"exit_rule": ("official",), "pos_weight_counts": ("exact",)},
-}
-SWEEP_MODES = ("auto", "stacked", "loop")
-#: the paper-time code's fixed warm-up epochs per (dataset, backbone) (docs/method.md §3.2); paper-compat reads
-#: them, any other setting warms up for DEFAULT_WARMUP_EPOCHS (the CIFAR10 T2T-ViT-7 value)
-OFFICIAL_WARMUP_EPOCHS = {("cifar10", "t2t_vit_7"): 3, ("cifar10", "t2t_vit_14"): 1, ("cifar100", "t2t_vit_7"): 4,
-                          ("cifar100", "t2t_vit_14"): 1, ("cifar100-lt", "t2t_vit_7"): 4,
-                          ("cifar100-lt", "t2t_vit_14"): 1, ("svhn", "t2t_vit_7"): 6}
-DEFAULT_WARMUP_EPOCHS = 3
-_ALTERNATION = re.compile(r"^(auto|batches:(\d+)|fraction:([0-9.eE+-]+))$")
-
 
 def _per_profile(help: str, choices: tuple[str, ...] | None = None) -> Any:
     """An option whose default comes from :data:`PROFILES`."""
     return option(None, f"{help} (default: per profile)", choices=choices)
-
-
-def _check_alternation(value: str) -> None:
-    m = _ALTERNATION.match(value)
-    ok = m is not None
-    if ok and m.group(2) is not None:
-        ok = int(m.group(2)) >= 1
-    if ok and m.group(3) is not None:
-        try:
-            ok = 0 < float(m.group(3)) <= 1
-        except ValueError:
-            ok = False
-    if not ok:
-        raise EednError(f"strategy 'jei': invalid alternation={value!r}; valid: auto, batches:N (N >= 1) or "
-                        "fraction:F (0 < F <= 1)")
-
-
-def alternation_block(spec: str, batches_per_epoch: int) -> int:
-    """Batches per phase block: ``auto`` = min(200, ⌈half an epoch⌉) so every epoch (of ≥ 2 batches)
-    sees both phases; ``batches:N``; ``fraction:F`` of an epoch."""
-    if spec == "auto":
-        return max(1, min(200, math.ceil(batches_per_epoch / 2)))
-    kind, _, value = spec.partition(":")
-    if kind == "batches":
-        return int(value)
-    return max(1, round(float(value) * batches_per_epoch))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,24 +85,6 @@ class _Validation:
         return torch.cat(logits, 1), torch.cat(scores, 1)
 
 
-def resolve_variant(targets: str | None, exit_rule: str | None, counts: str | None) -> dict[str, str]:
-    """Fill the unset of ``targets`` / ``exit_rule`` / ``pos_weight_counts`` from the set ones (:data:`PAIRINGS`)
-    and refuse pairings that read the gate inconsistently."""
-    if targets is None:
-        targets = "hazard" if exit_rule == "hazard" else "cumulative"
-    pairing = PAIRINGS[targets]
-    exit_rule = exit_rule or pairing["exit_rule"][0]
-    if exit_rule not in pairing["exit_rule"]:
-        raise EednError(f"strategy 'jei': exit_rule={exit_rule} does not read targets={targets}; with targets="
-                        f"{targets} use exit_rule {' or '.join(pairing['exit_rule'])}")
-    if counts is None:
-        counts = "cumulative" if exit_rule == "cdf" else pairing["pos_weight_counts"][0]
-    if counts not in pairing["pos_weight_counts"]:
-        raise EednError(f"strategy 'jei': pos_weight_counts={counts} does not match targets={targets}; use "
-                        f"{' or '.join(pairing['pos_weight_counts'])} (or leave it unset)")
-    return {"targets": targets, "exit_rule": exit_rule, "pos_weight_counts": counts}
-
-
 class JeiStrategy(TrainingStrategy):
     """JEI-DNN: IM warm-up, then gate/IM alternation for each λ (one trained setting per λ).
 
@@ -264,7 +97,6 @@ class JeiStrategy(TrainingStrategy):
     trains_gate = True
     trains_backbone = False
     tradeoff_option = "lambda"
-
     @dataclass
     class Options:
         profile: str = option("clean", "clean (eedn's defaults) or paper-compat (the official code's choices)",
@@ -318,41 +150,44 @@ class JeiStrategy(TrainingStrategy):
                                     "(one λ after another) or auto (stacked when the features are cached)",
                             choices=SWEEP_MODES)
 
+    options: JeiStrategy.Options
+
     def __init__(self, **options: Any):
         super().__init__(**options)
-        profile = PROFILES[self.options["profile"]]
-        self.options = {k: profile[k] if v is None and k in profile else v for k, v in self.options.items()}
-        self.options |= resolve_variant(self.options["targets"], self.options["exit_rule"],
-                                        self.options["pos_weight_counts"])
+        o = self.options
+        profile = PROFILES[o.profile]
+        o = dataclasses.replace(o, **{k: v for k, v in profile.items() if getattr(o, k) is None})
+        variant: dict[str, Any] = resolve_variant(o.targets, o.exit_rule, o.pos_weight_counts)
+        self.options = dataclasses.replace(o, **variant)
         self._check_relations()
 
     def gate_options(self) -> dict:
         """The rule the trained gate must read its scores with (recorded with the gate in run.json)."""
-        return {"exit_rule": self.options["exit_rule"], "tau": self.options["tau"]}
+        return {"exit_rule": self.options.exit_rule, "tau": self.options.tau}
 
     def prepare_model(self, model: EarlyExitModel) -> None:
         if isinstance(model.gate, JeiGate):
-            model.gate.set_rule(self.options["exit_rule"], self.options["tau"])
+            model.gate.set_rule(self.options.exit_rule, self.options.tau)
 
     def _check_relations(self) -> None:
         """What the declaration cannot say: the alternation syntax and how options constrain each other."""
         o = self.options
-        _check_alternation(o["alternation"])
-        if o["im_loss_renorm"] and o["im_loss"] != "exit_weighted":
+        _check_alternation(o.alternation)
+        if o.im_loss_renorm and o.im_loss != "exit_weighted":
             raise EednError("strategy 'jei': im_loss_renorm=true only applies to im_loss=exit_weighted; "
                             "set im_loss=exit_weighted or drop im_loss_renorm")
-        if o["warmup"] == "fixed" and o["warmup_epochs"] is not None and o["epochs"] <= o["warmup_epochs"]:
-            raise EednError(f"strategy 'jei': epochs={o['epochs']} counts warm-up plus main epochs and must "
-                            f"exceed warmup_epochs={o['warmup_epochs']}")
-        if o["im_training"] == "converge" and o["optimizers"] == "shared":
+        if o.warmup == "fixed" and o.warmup_epochs is not None and o.epochs <= o.warmup_epochs:
+            raise EednError(f"strategy 'jei': epochs={o.epochs} counts warm-up plus main epochs and must "
+                            f"exceed warmup_epochs={o.warmup_epochs}")
+        if o.im_training == "converge" and o.optimizers == "shared":
             raise EednError("strategy 'jei': im_training=converge keeps the trained IMs fixed, but a shared optimiser "
                             "moves them during gate batches (weight decay, momentum); set optimizers=separate")
-        if o["warmup"] == "early_stop" and o["epochs"] < 2:
+        if o.warmup == "early_stop" and o.epochs < 2:
             raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
 
     @property
     def lambdas(self) -> list[float]:
-        lam = self.options["lambda"]
+        lam = self.options.lambda_
         return list(lam) if isinstance(lam, list) else [lam]
 
     # ---------------------------------------------------------------- fit
@@ -368,24 +203,24 @@ class JeiStrategy(TrainingStrategy):
         if self.head_augment or not context.features.cacheable:
             context.log("jei: features are not cacheable (backbone_mode="
                         f"{self.backbone_mode}, head_augment={self.head_augment}); every epoch re-runs the backbone")
-        context.log(f"jei: gate cost {opts['gate_cost']}, im_loss {opts['im_loss']}, profile {opts['profile']}")
-        if opts["warmup_epochs"] is None:  # paper-compat: the official length for this dataset and backbone
-            opts["warmup_epochs"] = official_warmup_epochs(context.features.data.name,
+        context.log(f"jei: gate cost {opts.gate_cost}, im_loss {opts.im_loss}, profile {opts.profile}")
+        if opts.warmup_epochs is None:  # paper-compat: the official length for this dataset and backbone
+            opts.warmup_epochs = official_warmup_epochs(context.features.data.name,
                                                            getattr(model.backbone, "variant", ""))
-            context.log(f"jei: {opts['warmup_epochs']} warm-up epoch(s), the official value for this setting")
+            context.log(f"jei: {opts.warmup_epochs} warm-up epoch(s), the official value for this setting")
             self._check_relations()
         val = _Validation(context)
-        if opts["gate_cost"] == "official_counter":
+        if opts.gate_cost == "official_counter":
             costs = official_counter_costs(model)
         else:
-            costs = context.normalised_costs("measured" if opts["gate_cost"] == "true_macs" else opts["gate_cost"])
+            costs = context.normalised_costs("measured" if opts.gate_cost == "true_macs" else opts.gate_cost)
         costs = costs.to(context.device)
         macs = torch.tensor(context.exit_macs, dtype=torch.float64, device=context.device)
         history: list[dict] = []
 
         warmup_epochs_run, warm_momentum = self._warmup(model, context, val, history)
         # paper-compat shares one SGD between warm-up and main phase: the IMs keep their warm-up momentum
-        momentum = warm_momentum if opts["optimizers"] == "shared" else {}
+        momentum = warm_momentum if opts.optimizers == "shared" else {}
         snapshot = model.heads_state_dict()
 
         if self.stacks_sweep(context):
@@ -405,7 +240,7 @@ class JeiStrategy(TrainingStrategy):
     def stacks_sweep(self, context: FitContext) -> bool:
         """Whether the λ train as one stacked model: ``sweep=auto`` stacks when every epoch reads cached
         features (clean profile); a train-mode backbone or augmented heads run the per-λ loop."""
-        mode = self.options["sweep"]
+        mode = self.options.sweep
         if mode == "auto":
             return context.features.cacheable and not self.head_augment
         return mode == "stacked"
@@ -417,27 +252,27 @@ class JeiStrategy(TrainingStrategy):
         opts = self.options
         g = len(model.ims)
         # im_training=converge: every head on its own mean CE until its val CE stops falling (docs/usage.md)
-        converge = opts["im_training"] == "converge"
-        early = opts["warmup"] == "early_stop" or converge
+        converge = opts.im_training == "converge"
+        early = opts.warmup == "early_stop" or converge
         # early stopping may end sooner; leave at least one main epoch either way
-        epochs = min(opts["max_warmup_epochs"], opts["epochs"] - 1) if early else opts["warmup_epochs"]
+        epochs = min(opts.max_warmup_epochs, opts.epochs - 1) if early else opts.warmup_epochs
         if converge:
-            epochs = opts["max_im_epochs"]
+            epochs = opts.max_im_epochs
         weights = (torch.ones(g) if converge else warmup_weights(g)).to(context.device)  # G+1-l officially
-        opt = torch.optim.SGD(model.ims.parameters(), lr=opts["lr"], momentum=opts["momentum"],
-                              weight_decay=opts["weight_decay"])
+        opt = torch.optim.SGD(model.ims.parameters(), lr=opts.lr, momentum=opts.momentum,
+                              weight_decay=opts.weight_decay)
         best_acc = [-math.inf] * g
         best_state = [copy.deepcopy(im.state_dict()) for im in model.ims]
         stale = [0] * g
         frozen = [False] * g
-        nb = context.features.num_batches("train", opts["batch_size"])
+        nb = context.features.num_batches("train", opts.batch_size)
         run = 0
         for epoch in range(epochs):
             if all(frozen):
                 break
             model.ims.train()
             total, count = 0.0, 0
-            batches = context.features.batches("train", opts["batch_size"], shuffle=True, seed=context.seed,
+            batches = context.features.batches("train", opts.batch_size, shuffle=True, seed=context.seed,
                                                epoch=epoch, augmented=self.head_augment)
             for feats, y in context.progress.track(batches, "jei warm-up", total=nb, epoch=epoch,
                                                             epochs=epochs):
@@ -474,7 +309,7 @@ class JeiStrategy(TrainingStrategy):
                         best_state[l] = copy.deepcopy(model.ims[l].state_dict())
                     else:
                         stale[l] += 1
-                    if stale[l] >= opts["warmup_patience"]:
+                    if stale[l] >= opts.warmup_patience:
                         model.ims[l].load_state_dict(best_state[l])
                         model.ims[l].requires_grad_(False)
                         frozen[l] = True
@@ -493,7 +328,7 @@ class JeiStrategy(TrainingStrategy):
             if buf is not None:
                 momentum[f"ims.{name}"] = buf.detach().clone()
         # converged IMs stay fixed; the gates then train for the usual epochs - warmup_epochs epochs
-        return (opts["warmup_epochs"] if converge else run), momentum
+        return (opts.warmup_epochs if converge else run), momentum
 
     # ---------------------------------------------------------------- alternation
     # The per-λ arithmetic (targets, losses, the after-epoch refresh and selection) lives in the methods
@@ -503,27 +338,27 @@ class JeiStrategy(TrainingStrategy):
     def _gate_batch_loss(self, per_exit_ce: Tensor, gate_logits: Tensor, lam: float, costs: Tensor,
                          pos_weight: Tensor) -> Tensor:
         """Gate-phase loss of one λ on one batch: BCE towards the ``targets`` kind of ``per_exit_ce`` ``[B, E]``."""
-        return gate_phase_loss(gate_logits, per_exit_ce, lam, costs, pos_weight, self.options["targets"])
+        return gate_phase_loss(gate_logits, per_exit_ce, lam, costs, pos_weight, self.options.targets)
 
     def _im_batch_loss(self, gate: JeiGate, ce: Tensor, gate_logits: Callable[[], Tensor]) -> Tensor:
         """IM-phase loss of one λ on one batch from the IMs' CE ``[B, G]``; ``gate_logits()`` gives the
         gate's pre-sigmoid scores when the loss needs exit probabilities."""
-        if self.options["im_loss"] == "uniform":
+        if self.options.im_loss == "uniform":
             return uniform_im_loss(ce)
         g = ce.shape[1]
         with torch.no_grad():
             probs = gate.exit_probabilities(torch.sigmoid(gate_logits()))[:, :g]
-        return exit_weighted_im_loss(probs, ce, renorm=self.options["im_loss_renorm"])
+        return exit_weighted_im_loss(probs, ce, renorm=self.options.im_loss_renorm)
 
     def _make_optimizers(self, ims: list[Tensor], gate: list[Tensor]) -> dict[str, torch.optim.SGD]:
         """One SGD per phase, or one for both (``optimizers=shared``, the official choice)."""
         opts = self.options
 
         def make_sgd(params: list[Tensor]) -> torch.optim.SGD:
-            return torch.optim.SGD(params, lr=opts["lr"], momentum=opts["momentum"],
-                                   weight_decay=opts["weight_decay"])
+            return torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum,
+                                   weight_decay=opts.weight_decay)
 
-        if opts["optimizers"] == "shared":
+        if opts.optimizers == "shared":
             shared = make_sgd(ims + gate)
             return {"ims": shared, "gate": shared}
         return {"ims": make_sgd(ims), "gate": make_sgd(gate)}
@@ -531,17 +366,17 @@ class JeiStrategy(TrainingStrategy):
     def _epoch_shape(self, context: FitContext) -> tuple[int, int, int, int, bool]:
         """Batch size, total epochs, train batches per epoch, batches per alternation block, and whether only
         gate batches run (im_training=converge: the IMs were trained to convergence before)."""
-        bs = self.options["batch_size"]
+        bs = self.options.batch_size
         nb = context.features.num_batches("train", bs)
-        gates_only = self.options["im_training"] == "converge"
-        return bs, self.options["epochs"], nb, alternation_block(self.options["alternation"], nb), gates_only
+        gates_only = self.options.im_training == "converge"
+        return bs, self.options.epochs, nb, alternation_block(self.options.alternation, nb), gates_only
 
     def _schedulers(self, optimizers: dict[str, torch.optim.SGD]) -> list:
         """Cosine schedules of the optimisers that step (with im_training=converge only the gates' does)."""
-        skip_ims = self.options["im_training"] == "converge"
+        skip_ims = self.options.im_training == "converge"
         unique = list({id(o): o for name, o in optimizers.items() if not (skip_ims and name == "ims")}.values())
-        return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=self.options["epochs"],
-                                                           eta_min=self.options["eta_min"]) for o in unique]
+        return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=self.options.epochs,
+                                                           eta_min=self.options.eta_min) for o in unique]
 
     def _after_epoch(self, context: FitContext, gate: JeiGate, logits: Tensor, scores: Tensor, labels: Tensor,
                      lam: float, costs: Tensor, macs: Tensor, epoch: int, lrs: dict[str, float],
@@ -550,7 +385,7 @@ class JeiStrategy(TrainingStrategy):
         history record."""
         g = scores.shape[1]
         best_exit, _ = gate_targets(per_exit_cross_entropy(logits, labels), lam, costs)
-        pos_weight = pos_weights(best_exit, g, self.options["pos_weight_counts"]).to(context.device)
+        pos_weight = pos_weights(best_exit, g, self.options.pos_weight_counts).to(context.device)
         exit_index = gate.decide(scores)
         acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == labels).float().mean())
         entry = {
@@ -564,7 +399,7 @@ class JeiStrategy(TrainingStrategy):
             "val_exit_fractions": (torch.bincount(exit_index, minlength=g + 1).float() / len(exit_index)).tolist(),
             "pos_weights": pos_weight.tolist(),
         }
-        context.progress.epoch(f"jei λ={lam:g}", epoch, self.options["epochs"], gate_loss=entry["gate_loss"],
+        context.progress.epoch(f"jei λ={lam:g}", epoch, self.options.epochs, gate_loss=entry["gate_loss"],
                                im_loss=entry["im_loss"], val_gated_accuracy=acc,
                                val_macs_fraction=entry["val_macs_fraction"])
         return pos_weight, entry
@@ -581,7 +416,7 @@ class JeiStrategy(TrainingStrategy):
             if f"ims.{name}" in momentum:
                 optimizers["ims"].state[p]["momentum_buffer"] = momentum[f"ims.{name}"].clone()
         schedulers = self._schedulers(optimizers)
-        selection = _Selection(opts["select"], lam, _best_warmup_gated_accuracy(history), model.heads_state_dict())
+        selection = _Selection(opts.select, lam, _best_warmup_gated_accuracy(history), model.heads_state_dict())
         pos_weight = torch.ones(g, device=context.device)
 
         for epoch in range(first_epoch, total_epochs):
@@ -639,7 +474,7 @@ class JeiStrategy(TrainingStrategy):
         stack.stack_momentum(momentum, optimizers["ims"])
         schedulers = self._schedulers(optimizers)
         baseline = _best_warmup_gated_accuracy(history)
-        selections = [_Selection(opts["select"], lam, baseline, snapshot) for lam in lambdas]
+        selections = [_Selection(opts.select, lam, baseline, snapshot) for lam in lambdas]
         pos_weight = [torch.ones(g, device=context.device) for _ in lambdas]
         records: list[list[dict]] = [[] for _ in lambdas]
         name = f"jei {k_count} λ stacked"
@@ -735,11 +570,6 @@ def _stacked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """``[K, B, E]`` per-exit CE of K copies' logits ``[K, B, E, C]`` (row by row, as for one copy)."""
     k, b, e, c = logits.shape
     return per_exit_cross_entropy(logits.reshape(k * b, e, c), labels.repeat(k)).view(k, b, e)
-
-
-def official_warmup_epochs(dataset: str, backbone: str) -> int:
-    """The paper-time code's warm-up epochs for a dataset / T2T-ViT size (docs/method.md §3.2), else 3."""
-    return OFFICIAL_WARMUP_EPOCHS.get((dataset.lower(), backbone), DEFAULT_WARMUP_EPOCHS)
 
 
 def official_counter_costs(model: EarlyExitModel) -> Tensor:

@@ -8,6 +8,7 @@ their sum is at most 1, and a sample leaves at the first exit whose hazard reach
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,6 @@ class JeiGate(Gate):
     """One ``Linear(4, 1)`` per intermediate exit on detached confidence statistics."""
 
     trainable = True
-
     @dataclass
     class Options:
         """How the scores are read; the strategy that trains the gate sets both to match its targets."""
@@ -135,17 +135,19 @@ class JeiGate(Gate):
                                             "hazard (first exit with g_l >= tau)", choices=EXIT_RULES)
         tau: float = option(0.5, "threshold of the cdf and hazard rules", above=0, max=1)
 
+    options: JeiGate.Options
+
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
         self.linears = nn.ModuleList([nn.Linear(len(GATE_STATISTICS), 1) for _ in range(num_exits)])
 
     def set_rule(self, exit_rule: str, tau: float) -> None:
         """Read the scores with ``exit_rule`` (one of :data:`EXIT_RULES`) at threshold ``tau``."""
-        self.options = self.options | {"exit_rule": exit_rule, "tau": float(tau)}
+        self.options = dataclasses.replace(self.options, exit_rule=exit_rule, tau=float(tau))
 
     @property
     def exit_rule(self) -> str:
-        return self.options["exit_rule"]
+        return self.options.exit_rule
 
     def gate_logit(self, exit_index: int, logits: Tensor) -> Tensor:
         """Pre-sigmoid score ``[B]`` of exit ``exit_index`` (what the BCE gate loss reads)."""
@@ -173,7 +175,7 @@ class JeiGate(Gate):
 
     def exits_at(self, prefix: Tensor) -> Tensor:
         if self.exit_rule != "official":
-            return prefix[:, -1] >= self.options["tau"]
+            return prefix[:, -1] >= self.options.tau
         # hazards are causal in g, so the prefix alone fixes h at its last column
         return hazards(prefix)[:, -1] >= 0.5
 
@@ -190,12 +192,12 @@ class JeiGate(Gate):
 
     def decide(self, scores: Tensor) -> Tensor:
         if self.exit_rule != "official":
-            return first_above_decision(scores, self.options["tau"])
+            return first_above_decision(scores, self.options.tau)
         return jei_exit_decision(scores)
 
     def describe(self) -> dict:
         rules = {"official": "first exit with hazard >= 0.5 on min-capped exit probabilities",
-                 "cdf": f"first exit with g_l >= {self.options['tau']:g}, g_l read as P(l* <= l)",
-                 "hazard": f"first exit with g_l >= {self.options['tau']:g}, g_l read as P(l* = l | l* >= l)"}
+                 "cdf": f"first exit with g_l >= {self.options.tau:g}, g_l read as P(l* <= l)",
+                 "hazard": f"first exit with g_l >= {self.options.tau:g}, g_l read as P(l* = l | l* >= l)"}
         return {"type": "jei", "num_gates": self.num_exits, "statistics": list(GATE_STATISTICS),
-                "exit_rule": self.exit_rule, "tau": self.options["tau"], "rule": rules[self.exit_rule]}
+                "exit_rule": self.exit_rule, "tau": self.options.tau, "rule": rules[self.exit_rule]}

@@ -92,6 +92,8 @@ class L2WStrategy(TrainingStrategy):
         weight_scale: float = option(0.3, "scale of the sample weights: w = 1 + scale·(m − mean(m))", min=0)
         meta_q: float = option(0.75, "exit shares of the meta loss ∝ meta_q^k", min=0)
 
+    options: L2WStrategy.Options
+
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.options
         torch.manual_seed(context.seed)
@@ -99,26 +101,26 @@ class L2WStrategy(TrainingStrategy):
         g = len(model.ims)
         if g == 0:
             raise EednError("l2w needs at least one intermediate exit")
-        wnet = WeightNet(g, o["hidden"]).to(context.device)
+        wnet = WeightNet(g, o.hidden).to(context.device)
         self.weight_net = wnet  # kept for inspection; it plays no part at inference
-        opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        meta_opt = torch.optim.Adam(wnet.parameters(), lr=o["meta_lr"], weight_decay=o["meta_weight_decay"])
-        shares = meta_target_shares(g, o["meta_q"])
-        total_steps = o["epochs"] * context.features.num_batches("train", o["batch_size"])
-        iteration, lr, meta_losses = 0, o["lr"], []
+        opt = sgd(model.ims.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        meta_opt = torch.optim.Adam(wnet.parameters(), lr=o.meta_lr, weight_decay=o.meta_weight_decay)
+        shares = meta_target_shares(g, o.meta_q)
+        total_steps = o.epochs * context.features.num_batches("train", o.batch_size)
+        iteration, lr, meta_losses = 0, o.lr, []
 
         def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
             """A meta step every ``meta_interval`` iterations, then one main step on each half."""
             nonlocal iteration, lr
-            lr = cosine(o["lr"], iteration, total_steps)
+            lr = cosine(o.lr, iteration, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             for group in meta_opt.param_groups:
-                group["lr"] = cosine(o["meta_lr"], iteration, total_steps)
+                group["lr"] = cosine(o.meta_lr, iteration, total_steps)
             half = (len(y) + 1) // 2
             a = ([f[:half] for f in feats], y[:half])
             b = ([f[half:] for f in feats], y[half:])
-            if iteration % o["meta_interval"] == 0 and len(b[1]) > 0:
+            if iteration % o.meta_interval == 0 and len(b[1]) > 0:
                 meta_losses.append(self._meta_step(model, wnet, opt, meta_opt, a, b, lr, shares))
             total = 0.0
             for fs, ys in (a, b):
@@ -126,7 +128,7 @@ class L2WStrategy(TrainingStrategy):
                     continue
                 ce = per_exit_cross_entropy(model.im_logits(fs), ys)
                 with torch.no_grad():
-                    w = l2w_sample_weights(wnet(ce.detach()), o["weight_scale"])
+                    w = l2w_sample_weights(wnet(ce.detach()), o.weight_scale)
                 loss = (w * ce).sum(1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -140,8 +142,8 @@ class L2WStrategy(TrainingStrategy):
             meta_losses.clear()
             return {"lr": lr, "meta_loss": mean_meta}
 
-        history = train_heads(model, context, name="l2w", epochs=o["epochs"], batch_size=o["batch_size"], step=step,
-                              select=o["select"], augmented=self.head_augment, end_epoch=end_epoch)
+        history = train_heads(model, context, name="l2w", epochs=o.epochs, batch_size=o.batch_size, step=step,
+                              select=o.select, augmented=self.head_augment, end_epoch=end_epoch)
         return StrategyResult(settings=[("l2w", model.heads_state_dict())], history=history)
 
     def _meta_step(self, model: EarlyExitModel, wnet: WeightNet, opt: torch.optim.SGD, meta_opt: torch.optim.Adam,
@@ -160,17 +162,17 @@ class L2WStrategy(TrainingStrategy):
             return torch.stack(cols, dim=1)
 
         ce_a = per_exit_cross_entropy(logits_with(params, a[0]), a[1])
-        w = l2w_sample_weights(wnet(ce_a.detach()), o["weight_scale"])
+        w = l2w_sample_weights(wnet(ce_a.detach()), o.weight_scale)
         loss_a = (w * ce_a).sum(1).mean()
         names = list(params)
         grads = torch.autograd.grad(loss_a, [params[n] for n in names], create_graph=True)
         stepped = {}
         for name, grad in zip(names, grads):
             p = params[name]
-            d = grad + o["weight_decay"] * p
+            d = grad + o.weight_decay * p
             buf = opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and o["momentum"]:
-                d = o["momentum"] * buf + d
+            if buf is not None and o.momentum:
+                d = o.momentum * buf + d
             stepped[name] = p - lr * d
         logits_b = logits_with(stepped, b[0])
         with torch.no_grad():

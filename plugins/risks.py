@@ -40,6 +40,8 @@ class PredictionGap(Risk):
     class Options:
         """None: the loss is fixed."""
 
+    options: PredictionGap.Options
+
     def exit_losses(self, outputs: ExitOutputs) -> Tensor:
         pred = _predictions(outputs)
         return (pred != pred[:, -1:]).double()
@@ -56,15 +58,17 @@ class AccuracyGap(Risk):
         clip: bool = option(False, "keep only the positive part 1{final right, exit wrong} (in {0, 1}; bounds the "
                                    "gap from above and allows the exact binomial test)")
 
+    options: AccuracyGap.Options
+
     def __init__(self, **options: Any):
         super().__init__(**options)
-        if self.options["clip"]:
+        if self.options.clip:
             self.lower, self.binary = 0.0, True
 
     def exit_losses(self, outputs: ExitOutputs) -> Tensor:
         correct = (_predictions(outputs) == outputs.labels[:, None]).double()
         gap = correct[:, -1:] - correct
-        return gap.clamp(min=0) if self.options["clip"] else gap
+        return gap.clamp(min=0) if self.options.clip else gap
 
 
 class _ConformalGap(Risk):
@@ -75,6 +79,8 @@ class _ConformalGap(Risk):
     @dataclass
     class Options:
         """None: α and the score are the conformal evaluator's headline ones."""
+
+    options: _ConformalGap.Options
 
     def check(self, evaluators: dict) -> None:
         if not any(hasattr(ev, "exit_sets") for ev in evaluators.values()):

@@ -54,24 +54,26 @@ class SDNStrategy(TrainingStrategy):
         train_backbone: bool = option(False, "train the backbone too (live, on augmented images; no cache)")
         backbone_lr: float = option(1e-4, "SGD learning rate of the backbone with train_backbone", min=0)
 
+    options: SDNStrategy.Options
+
     def __init__(self, **options):
         super().__init__(**options)
-        self.trains_backbone = self.options["train_backbone"]
+        self.trains_backbone = self.options.train_backbone
 
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.options
         torch.manual_seed(context.seed)
-        positions = sdn_positions(context, len(model.ims), o["weight_position"]).to(context.device)
+        positions = sdn_positions(context, len(model.ims), o.weight_position).to(context.device)
         if self.trains_backbone:
             history = self._fit_with_backbone(model, context, positions)
             return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
 
         model.backbone.requires_grad_(False)
-        opt = sgd(model.ims.parameters(), lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        schedule = cosine_schedule(opt, o["epochs"])
+        opt = sgd(model.ims.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        schedule = cosine_schedule(opt, o.epochs)
 
         def weights(epoch: int) -> Tensor:
-            return sdn_weights(positions, epoch, o["epochs"], o["weight_start"])
+            return sdn_weights(positions, epoch, o.epochs, o.weight_start)
 
         def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
             loss = (per_exit_cross_entropy(model.im_logits(feats), y) * weights(epoch)).sum(1).mean()
@@ -80,8 +82,8 @@ class SDNStrategy(TrainingStrategy):
             opt.step()
             return float(loss.detach())
 
-        history = train_heads(model, context, name="sdn", epochs=o["epochs"], batch_size=o["batch_size"], step=step,
-                              select=o["select"], augmented=self.head_augment,
+        history = train_heads(model, context, name="sdn", epochs=o.epochs, batch_size=o.batch_size, step=step,
+                              select=o.select, augmented=self.head_augment,
                               end_epoch=lambda epoch: schedule(epoch) | {"weights": weights(epoch).tolist()})
         return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
 
@@ -90,23 +92,23 @@ class SDNStrategy(TrainingStrategy):
         the batches. The checkpoint covers the whole model; the backbone is frozen again at the end."""
         o = self.options
         model.backbone.requires_grad_(True)
-        groups = [{"params": list(model.ims.parameters()), "lr": o["lr"]},
-                  {"params": list(model.backbone.parameters()), "lr": o["backbone_lr"]}]
-        opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], weight_decay=o["weight_decay"])
-        schedule = cosine_schedule(opt, o["epochs"])
+        groups = [{"params": list(model.ims.parameters()), "lr": o.lr},
+                  {"params": list(model.backbone.parameters()), "lr": o.backbone_lr}]
+        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        schedule = cosine_schedule(opt, o.epochs)
         history: list[dict] = []
         best_metric, best_state = None, None
-        for epoch in range(o["epochs"]):
-            tau = sdn_weights(positions, epoch, o["epochs"], o["weight_start"])
+        for epoch in range(o.epochs):
+            tau = sdn_weights(positions, epoch, o.epochs, o.weight_start)
             loss = self._backbone_epoch(model, context, opt, tau, epoch)
             val_acc = val_exit_accuracy(model, context)  # the backbone runs live, in eval mode
             record = {"phase": "sdn", "epoch": epoch, "loss": loss, **schedule(epoch), "weights": tau.tolist(),
                       "val_accuracy": val_acc.tolist()}
-            metric = selection_metric(val_acc, o["select"])
+            metric = selection_metric(val_acc, o.select)
             if best_state is None or metric is None or metric > best_metric:
                 best_metric, best_state = metric, copy.deepcopy(model.state_dict())
             history.append(record)
-            context.progress.epoch("sdn (backbone)", epoch, o["epochs"], loss=loss, val_accuracy=float(val_acc[-1]))
+            context.progress.epoch("sdn (backbone)", epoch, o.epochs, loss=loss, val_accuracy=float(val_acc[-1]))
         model.load_state_dict(best_state)
         model.freeze_backbone()
         return history
@@ -115,12 +117,12 @@ class SDNStrategy(TrainingStrategy):
                         epoch: int) -> float:
         model.train()
         gen = torch.Generator().manual_seed(context.seed * 1_000_003 + epoch)
-        loader = DataLoader(context.features.dataset("train", augmented=True), batch_size=self.options["batch_size"],
+        loader = DataLoader(context.features.dataset("train", augmented=True), batch_size=self.options.batch_size,
                             shuffle=True, generator=gen)
         weights = torch.cat([tau, tau.new_ones(1)])  # the final head joins with weight 1
         total, count = 0.0, 0
         for x, y in context.progress.track(loader, "sdn (backbone)", epoch=epoch,
-                                              epochs=self.options["epochs"]):
+                                              epochs=self.options.epochs):
             x, y = x.to(context.device), y.to(context.device)
             logits = model.logits_from_features(model.exit_features(x))
             loss = (per_exit_cross_entropy(logits, y) * weights).sum(1).mean()

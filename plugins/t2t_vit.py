@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from eedn.contracts import Backbone, InputSpec
 from eedn.errors import EednError
-from eedn.io import load_checkpoint
+from eedn.transfer import read_state_dict
 from eedn.options import option
 
 #: side of the patch grid cell: the three soft splits have strides 4, 2 and 2.
@@ -357,7 +357,7 @@ class T2TViT(Backbone):
         ``adapt_input_channels`` is refused: T2T-ViT's first layer layer-normalises the channels of each
         7x7 patch together, which no kernel rewrite maps from RGB to another channel count.
         """
-        source = _state_dict_from(load_checkpoint(path), path)
+        source = _backbone_state(path)
         target = self.state_dict()
         prefix = f"checkpoint {path} does not match {self.variant}"
         first = "tokens_to_token.attention1.kqv.weight"
@@ -419,26 +419,10 @@ def _init_weights(module: nn.Module) -> None:
 # Checkpoints
 
 
-def _state_dict_from(obj: Any, path: str | os.PathLike) -> dict[str, Tensor]:
-    """The backbone weights inside a checkpoint: EMA weights first (they are the released ones), then
-    the plain training weights, with DataParallel's ``module.`` prefix removed; a whole
-    :class:`~eedn.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
-    state = obj
-    if isinstance(obj, dict):
-        for key in ("state_dict_ema", "state_dict", "model", "backbone"):
-            if isinstance(obj.get(key), dict):
-                state = obj[key]
-                break
-    if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
-        raise EednError(f"checkpoint {path} holds no state dict (looked for 'state_dict_ema', 'state_dict', "
-                        f"'model', 'backbone' or a plain dict of tensors)")
-    cleaned: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
-            continue
-        while key.startswith("module."):
-            key = key[len("module."):]
-        cleaned[key] = value
+def _backbone_state(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The backbone weights inside a checkpoint (:func:`eedn.transfer.read_state_dict`: EMA weights first, they are
+    the released ones); a whole :class:`~eedn.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
+    cleaned = read_state_dict(path)
     if not any(k.startswith("blocks.") for k in cleaned) and any(k.startswith("backbone.blocks.") for k in cleaned):
         cleaned = {k[len("backbone."):]: v for k, v in cleaned.items() if k.startswith("backbone.")}
     return cleaned

@@ -85,9 +85,11 @@ class PatienceGate(Gate):
     class Options:
         k: int = option(3, "consecutive agreeing exits needed to leave (calibration may choose another)", min=1)
 
+    options: PatienceGate.Options
+
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
-        self.register_buffer("k", torch.tensor(self.options["k"], dtype=torch.long))
+        self.register_buffer("k", torch.tensor(self.options.k, dtype=torch.long))
         self.setting: dict = {}
 
     @staticmethod

@@ -48,7 +48,7 @@ class TimmOptions:
     drop_path_rate: float = option(0.0, "stochastic depth rate passed to timm.create_model", min=0.0, max=1.0)
 
 
-def _create(variant: str, num_classes: int, image_size: int, in_channels: int, options: dict) -> nn.Module:
+def _create(variant: str, num_classes: int, image_size: int, in_channels: int, options: TimmOptions) -> nn.Module:
     import timm
 
     if variant not in timm.list_models():
@@ -56,9 +56,9 @@ def _create(variant: str, num_classes: int, image_size: int, in_channels: int, o
         hint = f"; e.g. {', '.join(close)}" if close else "; `python -c \"import timm; print(timm.list_models())\"`"
         raise EednError(f"timm has no model '{variant}'{hint}")
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_channels,
-                              "drop_path_rate": options["drop_path_rate"]}
-    if options["global_pool"] is not None:
-        kwargs["global_pool"] = options["global_pool"]
+                              "drop_path_rate": options.drop_path_rate}
+    if options.global_pool is not None:
+        kwargs["global_pool"] = options.global_pool
     try:  # transformers take the image size; convolutional models do not
         return timm.create_model(variant, pretrained=False, img_size=image_size, **kwargs)
     except TypeError:
@@ -217,8 +217,9 @@ def timm_backbone(variant: str, num_classes: int, image_size: int, in_channels: 
     if int(num_classes) < 1 or int(in_channels) < 1 or int(image_size) < 1:
         raise EednError(f"timm:{variant} needs positive num_classes, in_channels and image_size, got "
                         f"{num_classes}, {in_channels}, {image_size}")
-    model = _create(variant, num_classes, image_size, in_channels, options)
-    return TimmBackbone(model, variant, num_classes, InputSpec(in_channels, image_size), options["every"])
+    opts = TimmOptions(**options)  # validated by the registry; typed from here on
+    model = _create(variant, num_classes, image_size, in_channels, opts)
+    return TimmBackbone(model, variant, num_classes, InputSpec(in_channels, image_size), opts.every)
 
 
 timm_backbone.Options = TimmOptions

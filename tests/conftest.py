@@ -1,9 +1,11 @@
-"""Test-wide settings: offline, a private cache, two threads."""
+"""Test-wide settings: offline, built-in plugins only, a private cache, one thread."""
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# third-party eedn plugins installed beside eedn must not change what the tests see (tests that install one unset it)
+os.environ.setdefault("EEDN_BUILTINS_ONLY", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

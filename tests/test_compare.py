@@ -19,7 +19,8 @@ import eedn.run
 from eedn.compare_cli import compare_command, report_command
 from eedn.comparison import StrategySpec, parse_seeds, parse_strategies, strategy_options_for
 from eedn.errors import EednError
-from eedn.plots import reliability_bins
+from eedn.matched import interpolate_at
+from eedn.outputs import reliability_bins
 from eedn.plugins import register_plugin, unregister_plugin
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,7 +15,11 @@ from PIL import Image
 import eedn
 from eedn.data import DataSplits, dataset_labels
 from eedn.errors import EednError
-from eedn_plugins import datasets as ds
+from eedn_plugins.datasets import archive as ds_archive
+from eedn_plugins.datasets import cifar as ds_cifar
+from eedn_plugins.datasets import digits as ds_digits
+from eedn_plugins.datasets import image_folder as ds_image_folder
+from eedn_plugins.datasets import svhn as ds_svhn
 
 SPLITS = ("train", "val", "cal", "test")
 
@@ -33,7 +37,7 @@ def read_twice_equal(dataset, n: int = 5) -> bool:
 
 @pytest.fixture(scope="module")
 def digits() -> DataSplits:
-    return ds.DigitsSource().splits(32, seed=0)
+    return ds_digits.DigitsSource().splits(32, seed=0)
 
 
 def test_registry_builds_every_source_and_digits_splits():
@@ -64,8 +68,8 @@ def test_digits_splits_are_disjoint_cover_everything_and_are_stratified(digits):
 
 
 def test_digits_split_depends_on_the_seed_only(digits):
-    again = ds.DigitsSource().splits(32, seed=0)
-    other = ds.DigitsSource().splits(32, seed=1)
+    again = ds_digits.DigitsSource().splits(32, seed=0)
+    other = ds_digits.DigitsSource().splits(32, seed=1)
     for k in SPLITS:
         assert getattr(again, k).indices == getattr(digits, k).indices
     assert any(getattr(other, k).indices != getattr(digits, k).indices for k in SPLITS)
@@ -80,14 +84,14 @@ def test_digits_shapes_eval_transforms_and_train_augmentation(digits):
     assert read_twice_equal(digits.train_eval)
     torch.manual_seed(0)
     assert not all(torch.equal(digits.train[i][0], digits.train_eval[i][0]) for i in range(10))
-    plain = ds.DigitsSource().splits(32, seed=0, augment=False)
+    plain = ds_digits.DigitsSource().splits(32, seed=0, augment=False)
     assert all(torch.equal(plain.train[i][0], plain.train_eval[i][0]) for i in range(10))
 
 
 def test_digits_normalised_with_train_statistics(digits):
     train = torch.stack([digits.train_eval[i][0] for i in range(len(digits.train_eval))])
     assert abs(train.mean().item()) < 1e-4 and abs(train.std().item() - 1) < 1e-3
-    native = ds.DigitsSource().splits(8, seed=0)
+    native = ds_digits.DigitsSource().splits(8, seed=0)
     from sklearn.datasets import load_digits
 
     raw = torch.tensor(load_digits().images[native.test.indices[0]], dtype=torch.float32) / 16
@@ -98,17 +102,17 @@ def test_digits_normalised_with_train_statistics(digits):
 def test_digits_describe_is_json_and_bad_options_fail():
     import json
 
-    desc = ds.DigitsSource(val_fraction=0.2).describe()
+    desc = ds_digits.DigitsSource(val_fraction=0.2).describe()
     assert json.loads(json.dumps(desc)) == {"name": "digits", "val_fraction": 0.2, "cal_fraction": 0.5,
                                             "test_fraction": 0.2}
     with pytest.raises(EednError, match="val_fractoin"):
-        ds.DigitsSource(val_fractoin=0.2)
+        ds_digits.DigitsSource(val_fractoin=0.2)
     with pytest.raises(EednError, match="cal_fraction"):
-        ds.DigitsSource(cal_fraction=1.5).splits(32, seed=0)
+        ds_digits.DigitsSource(cal_fraction=1.5).splits(32, seed=0)
     with pytest.raises(EednError, match="< 1"):
-        ds.DigitsSource(val_fraction=0.5, test_fraction=0.5).splits(32, seed=0)
+        ds_digits.DigitsSource(val_fraction=0.5, test_fraction=0.5).splits(32, seed=0)
     with pytest.raises(EednError, match="test_fraction must be strictly between 0 and 1"):
-        ds.DigitsSource(test_fraction=0).splits(32, seed=0)
+        ds_digits.DigitsSource(test_fraction=0).splits(32, seed=0)
 
 
 def test_option_typos_name_the_valid_options_and_strings_are_coerced():
@@ -122,11 +126,11 @@ def test_option_typos_name_the_valid_options_and_strings_are_coerced():
         eedn.create("dataset", "digits", data_dir="data")
     for name in ("cifar10", "cifar100", "cifar100-lt", "cifar10-lt", "svhn", "image-folder"):
         assert "data_dir" in [spec.name for spec in eedn.registry("dataset").get(name).options()]
-    assert eedn.create("dataset", "digits", val_fraction="0.25").options["val_fraction"] == 0.25
+    assert eedn.create("dataset", "digits", val_fraction="0.25").options.val_fraction == 0.25
     source = eedn.create("dataset", "cifar100-lt", val_size="500", imbalance="50", test_profile="balanced")
     assert source.describe() == {"name": "cifar100-lt", "imbalance": 50.0, "val_size": 500, "cal_fraction": 0.5,
                                  "test_profile": "balanced"}
-    assert eedn.create("dataset", "cifar100").options["val_size"] == 10000
+    assert eedn.create("dataset", "cifar100").options.val_size == 10000
     with pytest.raises(EednError, match="imbalanced, balanced"):
         eedn.create("dataset", "cifar10-lt", test_profile="uniform")
     with pytest.raises(EednError, match="val_size"):
@@ -137,23 +141,23 @@ def test_option_typos_name_the_valid_options_and_strings_are_coerced():
 
 
 def test_long_tail_profile_of_cifar100():
-    counts = ds.long_tail_counts(500, 100, 100)
+    counts = ds_cifar.long_tail_counts(500, 100, 100)
     assert counts[:3] == [500, 477, 455] and counts[-1] == 5 and sum(counts) == 10847
-    test_counts = ds.long_tail_counts(100, 100, 100)
+    test_counts = ds_cifar.long_tail_counts(100, 100, 100)
     assert test_counts[0] == 100 and test_counts[-1] == 1 and sum(test_counts) == 2131
-    groups = ds.shot_groups(counts)
+    groups = ds_cifar.shot_groups(counts)
     assert [len(groups[k]) for k in ("many", "medium", "few")] == [35, 35, 30]
-    assert ds.long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
-    assert ds.long_tail_counts(50, 4, 1) == [50, 50, 50, 50]
+    assert ds_cifar.long_tail_counts(5000, 10, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert ds_cifar.long_tail_counts(50, 4, 1) == [50, 50, 50, 50]
     with pytest.raises(EednError):
-        ds.long_tail_counts(500, 100, 0.5)
+        ds_cifar.long_tail_counts(500, 100, 0.5)
 
 
 def test_long_tail_indices_keep_a_seeded_prefix_per_class_in_class_order():
     targets = np.repeat(np.arange(3), 10)[::-1].copy()  # classes stored out of order
-    kept = ds.long_tail_indices(targets, [6, 3, 1], seed=0)
+    kept = ds_cifar.long_tail_indices(targets, [6, 3, 1], seed=0)
     assert targets[kept].tolist() == [0] * 6 + [1] * 3 + [2]
-    assert kept.tolist() == ds.long_tail_indices(targets, [6, 3, 1], seed=0).tolist()
+    assert kept.tolist() == ds_cifar.long_tail_indices(targets, [6, 3, 1], seed=0).tolist()
     rng = np.random.RandomState(0)  # LDAM: one generator, classes shuffled in order
     expected = []
     for c, n in enumerate([6, 3, 1]):
@@ -172,14 +176,14 @@ def test_missing_cifar_and_svhn_name_the_folder_and_the_files(tmp_path):
     assert str(tmp_path) in str(err.value) and "cifar-10-batches-py" in str(err.value)
     assert "\n" not in str(err.value)
     with pytest.raises(EednError, match="cifar-100-python"):
-        ds.Cifar100Source(data_dir=str(tmp_path)).splits(32, seed=0)
+        ds_cifar.Cifar100Source(data_dir=str(tmp_path)).splits(32, seed=0)
     with pytest.raises(EednError, match="cifar-100-python"):
-        ds.LongTailCifarSource(data_dir=str(tmp_path)).splits(32, seed=0)
+        ds_cifar.LongTailCifarSource(data_dir=str(tmp_path)).splits(32, seed=0)
     with pytest.raises(EednError, match="train_32x32.mat"):
-        ds.SvhnSource(data_dir=str(tmp_path)).splits(32, seed=0)
+        ds_svhn.SvhnSource(data_dir=str(tmp_path)).splits(32, seed=0)
     (tmp_path / "cifar-10-batches-py").mkdir()  # present but empty
     with pytest.raises(EednError, match="corrupted"):
-        ds.CifarSource(data_dir=str(tmp_path)).splits(32, seed=0)
+        ds_cifar.CifarSource(data_dir=str(tmp_path)).splits(32, seed=0)
 
 
 def write_fake_cifar10(root: Path, train_per_class: int, test_per_class: int) -> None:
@@ -213,6 +217,42 @@ def fake_cifar10(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def fake_svhn(tmp_path, monkeypatch) -> Path:
+    """SVHN's two .mat files (``X`` [32, 32, 3, N] uint8, ``y`` 1..10 with 10 for the digit 0), 30 + 10 per class."""
+    import scipy.io
+    import torchvision.datasets.svhn as tv_svhn
+
+    monkeypatch.setattr(tv_svhn, "check_integrity", lambda *a, **k: True)
+    rng = np.random.default_rng(0)
+    for name, per_class in (("train_32x32.mat", 30), ("test_32x32.mat", 10)):
+        y = np.repeat(np.arange(1, 11), per_class)[:, None].astype(np.uint8)
+        x = rng.integers(0, 256, size=(32, 32, 3, len(y)), dtype=np.uint8)
+        scipy.io.savemat(tmp_path / name, {"X": x, "y": y})
+    return tmp_path
+
+
+def test_svhn_is_its_own_source_unnormalised_in_memory_or_per_sample(fake_svhn):
+    assert not issubclass(ds_svhn.SvhnSource, ds_cifar.CifarSource)
+    source = eedn.create("dataset", "svhn", data_dir=str(fake_svhn), val_size=100)
+    assert source.describe() == {"name": "svhn", "val_size": 100, "cal_fraction": 0.5}
+    splits = source.splits(32, seed=0)
+    assert splits.sizes() == {"train": 200, "val": 50, "cal": 50, "test": 100}
+    assert splits.info["augmentation"] == "none" and splits.class_names == [str(c) for c in range(10)]
+    lazy = eedn.create("dataset", "svhn", data_dir=str(fake_svhn), val_size=100, in_memory_mb=0).splits(32, seed=0)
+    for name in ("train", "val", "test"):
+        (x, y), (x_lazy, y_lazy) = getattr(splits, name)[3], getattr(lazy, name)[3]
+        assert y == y_lazy and torch.equal(x, x_lazy), name  # ToTensor only, the same on both paths
+        assert x.shape == (3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    import scipy.io
+
+    raw = scipy.io.loadmat(fake_svhn / "test_32x32.mat")
+    first = torch.from_numpy(raw["X"][:, :, :, 0]).permute(2, 0, 1).float() / 255
+    assert torch.equal(splits.test[0][0], first) and splits.test[0][1] == 1  # the official test split, in order
+    assert dataset_labels(splits.test).tolist() == [c % 10 for c in range(1, 11) for _ in range(10)]  # .mat's 10 is 0
+    assert torch.equal(dataset_labels(lazy.test), dataset_labels(splits.test))
+
+
 def test_cifar10_holds_val_and_cal_out_of_train(fake_cifar10):
     source = eedn.create("dataset", "cifar10", data_dir=str(fake_cifar10), val_size=40)
     splits = source.splits(32, seed=0)
@@ -230,23 +270,23 @@ def test_cifar10_holds_val_and_cal_out_of_train(fake_cifar10):
     assert splits.test[0][0].shape == (3, 32, 32)
     assert source.splits(48, seed=0, augment=False).val[0][0].shape == (3, 48, 48)
     with pytest.raises(EednError, match="val_size"):
-        ds.CifarSource(data_dir=str(fake_cifar10), val_size=1000).splits(32, seed=0)
+        ds_cifar.CifarSource(data_dir=str(fake_cifar10), val_size=1000).splits(32, seed=0)
 
 
-class TinyLongTailCifar10(ds.LongTailCifar10Source):
+class TinyLongTailCifar10(ds_cifar.LongTailCifar10Source):
     n_max_train = 20  # the fake data has 20 train images per class
 
 
 def test_long_tailed_cifar_train_val_test_and_shot_groups(fake_cifar10):
     source = TinyLongTailCifar10(data_dir=str(fake_cifar10), imbalance=10, val_size=10)
     splits = source.splits(32, seed=0)
-    counts = ds.long_tail_counts(20, 10, 10)
+    counts = ds_cifar.long_tail_counts(20, 10, 10)
     assert splits.info["train_counts"] == counts
     train_val_cal = torch.cat([dataset_labels(getattr(splits, k)) for k in ("train", "val", "cal")])
     assert torch.bincount(train_val_cal, minlength=10).tolist() == counts
     test_labels = dataset_labels(splits.test).tolist()
     assert test_labels == sorted(test_labels)  # class order, head classes first
-    assert torch.bincount(torch.tensor(test_labels), minlength=10).tolist() == ds.long_tail_counts(10, 10, 10)
+    assert torch.bincount(torch.tensor(test_labels), minlength=10).tolist() == ds_cifar.long_tail_counts(10, 10, 10)
     assert splits.info["shot_groups"]["few"] == [c for c, n in enumerate(counts) if n < 20]
     balanced = TinyLongTailCifar10(data_dir=str(fake_cifar10), imbalance=10, val_size=10,
                                    test_profile="balanced").splits(32, seed=0)
@@ -307,8 +347,8 @@ def test_image_folder_with_test_split_and_a_tar_gz_extracted_once(tmp_path, monk
     root = make_image_tree(tmp_path / "imgs", test_per_class=4)
     archive = make_tar(root, tmp_path / "imgs.tar.gz")
     cache = tmp_path / "cache"
-    from_dir = ds.ImageFolderSource(data_dir=str(root)).splits(8, seed=0)
-    source = ds.ImageFolderSource(data_dir=str(archive), cache_dir=str(cache))
+    from_dir = ds_image_folder.ImageFolderSource(data_dir=str(root)).splits(8, seed=0)
+    source = ds_image_folder.ImageFolderSource(data_dir=str(archive), cache_dir=str(cache))
     from_tar = source.splits(8, seed=0)
     assert len(from_tar.test) == 12 and sum(len(getattr(from_tar, k)) for k in ("train", "val", "cal")) == 60
     for k in SPLITS:
@@ -319,22 +359,22 @@ def test_image_folder_with_test_split_and_a_tar_gz_extracted_once(tmp_path, monk
     def no_second_extraction(*args, **kwargs):
         raise AssertionError("extracted twice")
 
-    monkeypatch.setattr(ds, "_extract_regular_files", no_second_extraction)
-    again = ds.ImageFolderSource(data_dir=str(archive), cache_dir=str(cache)).splits(8, seed=0)
+    monkeypatch.setattr(ds_archive, "_extract_regular_files", no_second_extraction)
+    again = ds_image_folder.ImageFolderSource(data_dir=str(archive), cache_dir=str(cache)).splits(8, seed=0)
     assert again.val.indices == from_tar.val.indices
 
 
 def test_image_folder_archive_wrapped_in_one_top_folder(tmp_path):
     make_image_tree(tmp_path / "outer" / "data")
     archive = make_tar(tmp_path / "outer", tmp_path / "wrapped.tar.gz")
-    splits = ds.ImageFolderSource(data_dir=str(archive), cache_dir=str(tmp_path / "c")).splits(8, seed=0)
+    splits = ds_image_folder.ImageFolderSource(data_dir=str(archive), cache_dir=str(tmp_path / "c")).splits(8, seed=0)
     assert sum(splits.sizes().values()) == 60
 
 
 def test_malformed_image_folders_raise_one_line_errors(tmp_path):
     def fails(match: str, **options):
         with pytest.raises(EednError, match=match) as err:
-            ds.ImageFolderSource(**options).splits(8, seed=0)
+            ds_image_folder.ImageFolderSource(**options).splits(8, seed=0)
         assert "\n" not in str(err.value)
 
     fails("option data_dir is required .*--data-dir")
@@ -385,3 +425,16 @@ def test_image_folder_of_grayscale_images_stays_one_channel(tmp_path):
                         mean=[0.5], std=[0.25], augment="none").splits(8, seed=0)
     assert given.info["mean"] == [0.5] and given.info["statistics_from"] == "given"
     assert given.info["augmentation"] == "none"
+
+
+def test_mapped_dataset_reads_pairs_or_items_through_its_transform_and_pickles():
+    pairs = [(torch.full((1, 2, 2), float(i)), 9) for i in range(4)]  # the base's own label is not used
+    view = eedn.MappedDataset(pairs, [3, 1, 2, 0], lambda x: x + 1)
+    assert len(view) == 4 and view[2][1] == 2 and torch.equal(view[2][0], torch.full((1, 2, 2), 3.0))
+    assert dataset_labels(view).tolist() == [3, 1, 2, 0]
+    plain = eedn.MappedDataset(torch.arange(3.0), torch.tensor([1, 0, 1]))  # items alone, no transform
+    assert [plain[i] for i in range(3)] == [(torch.tensor(0.0), 1), (torch.tensor(1.0), 0), (torch.tensor(2.0), 1)]
+    images = eedn.TensorImages(torch.zeros(2, 1, 2, 2), torch.tensor([1, 0]))
+    assert isinstance(images, eedn.MappedDataset) and images[1][1] == 0 and images.labels.tolist() == [1, 0]
+    again = pickle.loads(pickle.dumps(eedn.MappedDataset(pairs, [3, 1, 2, 0])))  # data loader workers pickle it
+    assert again[0][1] == 3 and torch.equal(again[0][0], pairs[0][0])

@@ -11,7 +11,7 @@ from torchvision.transforms import functional as TF
 import eedn
 from eedn.data import dataset_labels
 from eedn.image_batches import ImageBatches, InMemoryImages, LoaderOptions, RandomCropFlip, in_memory_rows
-from eedn_plugins import datasets as ds
+from eedn_plugins.datasets import digits as ds_digits
 from test_datasets import fake_cifar10, make_image_tree  # noqa: F401  (fixture)
 
 
@@ -113,7 +113,7 @@ def test_image_folder_in_memory_only_when_square_and_equal_to_the_lazy_path(tmp_
 
 
 def test_digits_augmentation_is_a_black_padded_shift_without_flip():
-    splits = ds.DigitsSource().splits(16, seed=0)
+    splits = ds_digits.DigitsSource().splits(16, seed=0)
     store, rows = in_memory_rows(splits.train)
     assert store.augment.pad == 2 and not store.augment.flip
     x, _ = store.batch(rows[:64], torch.Generator().manual_seed(0))

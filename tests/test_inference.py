@@ -383,7 +383,7 @@ def _digit_pngs(folder, indices) -> list:
     """Raw 8x8 digits (the pixels behind the digits source) written as 8-bit grayscale PNGs."""
     from PIL import Image
 
-    from eedn_plugins.datasets import _digits_arrays
+    from eedn_plugins.datasets.digits import _digits_arrays
 
     images, _ = _digits_arrays()
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,20 +17,19 @@ from eedn.features import FeatureSource, compute_split_outputs
 from eedn.model import EarlyExitModel
 from eedn.strategy import FitContext
 from eedn_plugins.heads import LinearIM
-from eedn_plugins.jei import (
-    _Validation,
-    JeiStrategy,
+from eedn_plugins.jei import JeiStrategy, _Validation
+from eedn_plugins.jei_targets import (
     alternation_block,
+    exit_weighted_im_loss,
     gate_bce_loss,
     gate_phase_loss,
-    resolve_variant,
-    variant_targets,
-    exit_weighted_im_loss,
     gate_targets,
     official_im_loss,
     pos_weights,
     pos_weights_from_counts,
+    resolve_variant,
     uniform_im_loss,
+    variant_targets,
 )
 from eedn_plugins.jei_gate import (
     JeiGate,
@@ -313,9 +312,9 @@ def test_strategy_sets_and_records_the_gate_rule(tmp_path):
     assert s.gate_options() == {"exit_rule": "hazard", "tau": 0.4}
     model = toy_model()
     s.prepare_model(model)
-    assert model.gate.options == {"exit_rule": "hazard", "tau": 0.4}
+    assert model.gate.options.as_dict() == {"exit_rule": "hazard", "tau": 0.4}
     cfg = resolve_config(None, ["strategy_options.exit_rule=cdf"], backbone="t2t_vit", strategy="jei")
-    assert check_plugins(cfg).options["gate"] == {"exit_rule": "cdf", "tau": 0.5}
+    assert check_plugins(cfg).gate_options == {"exit_rule": "cdf", "tau": 0.5}
     cfg = resolve_config(None, ["strategy_options.exit_rule=cdf", "gate_options.exit_rule=hazard"],
                          backbone="t2t_vit", strategy="jei")
     with pytest.raises(EednError, match="strategy option"):
@@ -326,7 +325,7 @@ def test_strategy_sets_and_records_the_gate_rule(tmp_path):
 @pytest.mark.parametrize("options", [{"exit_rule": "cdf"}, {"targets": "hazard"}, {"targets": "onehot"}])
 def test_variants_train_on_the_toy_task(tmp_path, options):
     model, source, result, macs = fit(tmp_path, batch_size=16, **options, **{"lambda": [0.01, 5.0]})
-    assert model.gate.exit_rule == JeiStrategy(**options).options["exit_rule"]
+    assert model.gate.exit_rule == JeiStrategy(**options).options.exit_rule
     means = [mean_exit_index(model, source, state, macs) for _, state in result.settings]
     assert means[0] > means[1]  # a larger λ sends samples to earlier exits under every variant
     last = [h for h in result.history if h["phase"] == "main"][-1]
@@ -421,7 +420,7 @@ def test_per_profile_options_are_declared_without_a_default():
 
 def test_yaml_strings_are_coerced():
     s = JeiStrategy(lr="1e-3", head_augment="true", epochs="6", warmup_epochs="2", **{"lambda": "0.1,0.5"})
-    assert (s.options["lr"], s.head_augment, s.options["epochs"], s.options["lambda"]) == (0.001, True, 6, [0.1, 0.5])
+    assert (s.options.lr, s.head_augment, s.options.epochs, s.options.lambda_) == (0.001, True, 6, [0.1, 0.5])
 
 
 def test_the_jei_gate_takes_only_its_rule_options():
@@ -430,7 +429,7 @@ def test_the_jei_gate_takes_only_its_rule_options():
     with pytest.raises(EednError, match="unknown option.*valid: exit_rule, tau") as err:
         eedn.create("gate", "jei", 3, 2, k=2)
     assert "\n" not in str(err.value)
-    assert eedn.create("gate", "jei", 3, 2).options == {"exit_rule": "official", "tau": 0.5}
+    assert eedn.create("gate", "jei", 3, 2).options.as_dict() == {"exit_rule": "official", "tau": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -457,7 +456,7 @@ def test_bad_options_raise_one_line_errors(options, fragment):
 
 def test_lambda_forms_and_alternation_blocks():
     def lam(value):
-        return JeiStrategy(**{"lambda": value}).options["lambda"]
+        return JeiStrategy(**{"lambda": value}).options.lambda_
 
     assert lam("0.01,0.5,2") == [0.01, 0.5, 2.0]
     assert lam(1) == 1.0 and lam("1e-3") == 0.001
@@ -706,21 +705,21 @@ def test_stacked_heads_match_each_copy(im_class):
 
 
 def test_paper_compat_warmup_length_follows_the_official_table(tmp_path):
-    from eedn_plugins.jei import official_warmup_epochs
+    from eedn_plugins.jei_targets import official_warmup_epochs
 
     assert [official_warmup_epochs(d, b) for d, b in (("cifar10", "t2t_vit_7"), ("cifar10", "t2t_vit_14"),
                                                        ("CIFAR100", "t2t_vit_7"), ("cifar100-lt", "t2t_vit_7"),
                                                        ("svhn", "t2t_vit_7"), ("digits", "t2t_vit_tiny"))] == [
         3, 1, 4, 4, 6, 3]
-    assert JeiStrategy().options["warmup_epochs"] == 3
-    assert JeiStrategy(profile="paper-compat").options["warmup_epochs"] is None  # resolved by fit()
+    assert JeiStrategy().options.warmup_epochs == 3
+    assert JeiStrategy(profile="paper-compat").options.warmup_epochs is None  # resolved by fit()
     strategy = JeiStrategy(profile="paper-compat", epochs=4, backbone_mode="eval", head_augment=False,
                            alternation="batches:3", **{"lambda": 0.5})
     model = toy_model()
     source = FeatureSource(model, toy_data(), cache=FeatureCache(tmp_path / "cache"))
     ctx = FitContext(features=source, exit_macs=[1, 2, 3, 4], full_macs=4)
     result = strategy.fit(model, ctx)
-    assert strategy.options["warmup_epochs"] == 3  # "toy" is no official setting: the default length
+    assert strategy.options.warmup_epochs == 3  # "toy" is no official setting: the default length
     assert len([h for h in result.history if h["phase"] == "warmup"]) == 3
     with pytest.raises(EednError, match="warmup_epochs=3"):
         JeiStrategy(profile="paper-compat", epochs=3).fit(toy_model(), ctx)

@@ -24,7 +24,7 @@ def outputs(seed: int, n: int = 300) -> ExitOutputs:
 def test_rescored_outputs_carry_max_probabilities():
     out = outputs(0)
     gate = JeiGate(2, 4)
-    assert gate.options["exit_rule"] == "official"
+    assert gate.options.exit_rule == "official"
     from eedn.plugins import create
 
     mp = rescored(out, create("gate", "max_prob", 2, 4))

@@ -23,6 +23,7 @@ def installed_example(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[eedn]\ntop2_ratio = eedn_gate_example\n")
     monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
     monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("EEDN_BUILTINS_ONLY", raising=False)  # a third-party package is what this tests
     yield
     sys.modules.pop("eedn_gate_example", None)
 
@@ -37,6 +38,12 @@ def test_example_gate_is_found_through_entry_points(installed_example):
     s = gate.scores(0, logits)
     assert torch.allclose(s, torch.tensor([3.5, 0.4 / 0.35]))
     assert gate.exits_at(s[:, None]).tolist() == [True, False]
+
+
+def test_builtins_only_leaves_the_installed_example_out(installed_example, monkeypatch):
+    monkeypatch.setenv("EEDN_BUILTINS_ONLY", "1")
+    gates = PluginManager().registries()["gate"]
+    assert "top2_ratio" not in gates.entries and "max_prob" in gates.entries
 
 
 def test_pipeline_runs_with_the_example_gate(installed_example, tiny_config, monkeypatch):
@@ -96,6 +103,7 @@ def test_a_broken_installed_plugin_is_skipped_with_a_warning(tmp_path, monkeypat
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-pkg\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text("[eedn]\nbroken = no_such_module_for_eedn_tests\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("EEDN_BUILTINS_ONLY", raising=False)
     pm = PluginManager()
     regs = pm.registries()
     assert "jei" in regs["strategy"].names() and "digits" in regs["dataset"].names()

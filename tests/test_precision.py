@@ -130,7 +130,7 @@ def test_cuda_fp16_training_uses_a_grad_scaler():
 @needs_cuda
 def test_cuda_in_memory_batches_stay_on_the_device():
     from eedn.image_batches import ImageBatches
-    from eedn_plugins.datasets import DigitsSource
+    from eedn_plugins.datasets.digits import DigitsSource
 
     splits = DigitsSource().splits(16, seed=0)
     x, y = next(iter(ImageBatches(splits.train, 32, shuffle=True, generator=torch.Generator().manual_seed(0),

@@ -320,7 +320,7 @@ def test_patience_scores_are_predicted_classes_and_k_is_saved():
         PatienceGate(2, 3, k=0)
     with pytest.raises(EednError, match="positive integer"):
         gate.calibrate(make_outputs(num_exits=3, num_classes=3), {"k": 0})
-    assert PatienceGate(2, 3, k="3").options["k"] == 3
+    assert PatienceGate(2, 3, k="3").options.k == 3
 
 
 def test_patience_macs_and_accuracy_targets():

@@ -13,7 +13,7 @@ import torchvision
 from eedn.build import build_backbone
 from eedn.errors import EednError
 from eedn.io import load_checkpoint
-from eedn.transfer import adapt_input_conv, transfer_summary
+from eedn.transfer import adapt_input_conv, read_state_dict, transfer_summary
 
 IMAGENET_SIZE = 72  # > 64 px: eedn keeps torchvision's ImageNet stem (7x7 conv + max-pool)
 
@@ -98,6 +98,24 @@ def test_timm_trainer_checkpoint_with_namespace_loads(tmp_path):
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo owned > /dev/null",))
+
+
+def test_one_unwrapping_rule_for_every_checkpoint_layout(tmp_path):
+    """EMA weights first (a timm-trainer or T2T-ViT release), then state_dict, model, backbone, else the dict itself;
+    ``module.`` prefixes go, non-tensors are dropped."""
+    ema, plain = {"w": torch.ones(2)}, {"module.w": torch.zeros(2)}
+    layouts = {"ema": ({"epoch": 3, "state_dict": plain, "state_dict_ema": ema}, 1.0),
+               "state_dict": ({"epoch": 3, "state_dict": plain, "args": None}, 0.0),
+               "model": ({"model": {"module.module.w": torch.full((2,), 2.0)}}, 2.0),
+               "backbone": ({"backbone": {"w": torch.full((2,), 3.0)}, "config": {}}, 3.0),
+               "plain": ({"w": torch.full((2,), 4.0), "note": "x"}, 4.0)}
+    for name, (blob, value) in layouts.items():
+        torch.save(blob, tmp_path / f"{name}.pt")
+        state = read_state_dict(tmp_path / f"{name}.pt")
+        assert list(state) == ["w"] and torch.equal(state["w"], torch.full((2,), value)), name
+    torch.save({"epoch": 3}, tmp_path / "none.pt")
+    with pytest.raises(EednError, match="holds no state dict .looked for state_dict_ema, state_dict, model, backbone"):
+        read_state_dict(tmp_path / "none.pt")
 
 
 def test_a_pickle_that_runs_code_is_still_refused(tmp_path):

@@ -29,7 +29,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from eedn.contracts import DatasetSource
-from eedn.data import DataSplits, channel_statistics, dataset_labels, hold_out, subset
+from eedn.data import DataSplits, MappedDataset, channel_statistics, dataset_labels, hold_out, subset
 from eedn.errors import EednError
 from eedn.options import option
 
@@ -44,20 +44,6 @@ class ConvertMode:
 
     def __call__(self, image):
         return image.convert(self.mode)
-
-
-class TransformedView(Dataset):
-    """A torchvision dataset seen through a transform, with its labels readable without decoding images."""
-
-    def __init__(self, base: Dataset, targets: list[int], transform):
-        self.base, self.targets, self.transform = base, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        image, _ = self.base[i]
-        return self.transform(image), self.targets[i]
 
 
 @dataclass
@@ -81,10 +67,11 @@ class TorchvisionSource(DatasetSource):
         self.variant = variant
         self.name = f"torchvision:{variant}"
         for key in ("val_fraction", "cal_fraction", "test_fraction"):
-            if not 0.0 < self.options[key] < 1.0:
+            value = getattr(self.options, key)
+            if not 0.0 < value < 1.0:
                 raise EednError(f"dataset '{self.name}': option {key} must be strictly between 0 and 1, "
-                                f"got {self.options[key]}")
-        self.root = Path(self.options["data_dir"]).expanduser()
+                                f"got {value}")
+        self.root = Path(self.options.data_dir).expanduser()
         if not self.root.is_dir():
             raise EednError(f"dataset '{self.name}': data_dir {self.root} is not a directory; give --data-dir ROOT "
                             "holding the files torchvision reads (eedn never downloads)")
@@ -129,14 +116,14 @@ class TorchvisionSource(DatasetSource):
 
     def describe(self) -> dict:
         keys = ("val_fraction", "cal_fraction", "test_fraction", "augment", "mean", "std", "stats_images")
-        return {"name": self.name, "root": str(self.root.resolve()), **{k: self.options[k] for k in keys}}
+        return {"name": self.name, "root": str(self.root.resolve()), **{k: getattr(self.options, k) for k in keys}}
 
     def _statistics(self, train_positions: np.ndarray, seed: int) -> tuple[list[float], list[float], str]:
         from torchvision.transforms.functional import pil_to_tensor
 
-        if self.options["mean"] is not None and self.options["std"] is not None:
-            return list(self.options["mean"]), list(self.options["std"]), "given"
-        picked = np.random.default_rng(seed).permutation(train_positions)[: self.options["stats_images"]]
+        if self.options.mean is not None and self.options.std is not None:
+            return list(self.options.mean), list(self.options.std), "given"
+        picked = np.random.default_rng(seed).permutation(train_positions)[: self.options.stats_images]
         convert = ConvertMode("L" if self.channels == 1 else "RGB")
         images = (pil_to_tensor(convert(self.train_base[int(i)][0])).float() / 255.0 for i in picked)
         mean, std = channel_statistics(images)
@@ -149,7 +136,7 @@ class TorchvisionSource(DatasetSource):
         resize = [] if image_size == self.default_image_size else [T.Resize(image_size), T.CenterCrop(image_size)]
         tail = [T.ToTensor(), T.Normalize(mean, std)]
         eval_tf = T.Compose([convert, *resize, *tail])
-        mode = self.options["augment"]
+        mode = self.options.augment
         if mode == "auto":
             mode = "crop-flip" if self.channels == 3 else "crop"
         if not augment or mode == "none":
@@ -161,20 +148,20 @@ class TorchvisionSource(DatasetSource):
     def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         if int(image_size) < 1:
             raise EednError(f"image_size must be a positive number of pixels, got {image_size}")
-        test_f = 0.0 if self.test_base is not None else self.options["test_fraction"]
-        parts = hold_out(np.asarray(self.train_targets), self.options["val_fraction"], self.options["cal_fraction"],
+        test_f = 0.0 if self.test_base is not None else self.options.test_fraction
+        parts = hold_out(np.asarray(self.train_targets), self.options.val_fraction, self.options.cal_fraction,
                          seed, test_fraction=test_f)
         empty = [k for k, v in parts.items() if len(v) == 0]
         if empty:
             raise EednError(f"dataset '{self.name}': split(s) {', '.join(empty)} came out empty; use larger fractions")
         mean, std, stats_from = self._statistics(parts["train"], seed)
         train_tf, eval_tf, used = self._transforms(int(image_size), mean, std, augment)
-        train_view = TransformedView(self.train_base, self.train_targets, train_tf)
-        eval_view = TransformedView(self.train_base, self.train_targets, eval_tf)
+        train_view = MappedDataset(self.train_base, self.train_targets, train_tf)
+        eval_view = MappedDataset(self.train_base, self.train_targets, eval_tf)
         if self.test_base is None:
             test = subset(eval_view, parts["test"])
         else:
-            test = TransformedView(self.test_base, dataset_labels(self.test_base).tolist(), eval_tf)
+            test = MappedDataset(self.test_base, dataset_labels(self.test_base).tolist(), eval_tf)
         return DataSplits(
             name=self.name, num_classes=self.num_classes, train=subset(train_view, parts["train"]),
             val=subset(eval_view, parts["val"]), cal=subset(eval_view, parts["cal"]), test=test,
