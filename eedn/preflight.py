@@ -65,10 +65,9 @@ def load_cached_backbone(path: Path, backbone: torch.nn.Module) -> dict | None:
 def dataset_options(cfg: Config, resolved: dict) -> dict:
     """The dataset's options as given, with a ``cache_dir`` option left unset pointed at the run's cache
     (``<cache>/datasets``), so extracted archives follow ``--cache-dir`` / ``EEDN_CACHE``."""
-    options = dict(cfg.dataset_options)
     if "cache_dir" in resolved and resolved["cache_dir"] is None:
-        options["cache_dir"] = str(cfg.cache_root / "datasets")
-    return options
+        return {**cfg.dataset_options, "cache_dir": str(cfg.cache_root / "datasets")}
+    return dict(cfg.dataset_options)
 
 
 def check_classes(dataset: str, num_classes: int) -> None:
