@@ -1,7 +1,7 @@
 """How fast does the ``eedn`` command start?
 
 Starts ``eedn --help``, ``eedn plugins`` and ``eedn run --help`` as fresh processes (a fresh interpreter
-calling ``eedn.cli:main``, exactly what the installed ``eedn`` script calls) and prints the median, min
+calling ``eedn.cli.main:main``, exactly what the installed ``eedn`` script calls) and prints the median, min
 and max wall time of ``--runs`` starts each, and whether the command imported torch (it must not; the
 target is < 1.5 s on a 2-core machine). A first untimed start warms the file cache.
 
@@ -21,7 +21,7 @@ import time
 COMMANDS = (["--help"], ["plugins"], ["run", "--help"])
 #: runs the CLI, then reports on stderr whether torch got imported
 _PROBE = ("import sys, atexit; atexit.register(lambda: sys.stderr.write('\\nTORCH=%d\\n' % ('torch' in sys.modules)));"
-          "sys.argv = ['eedn'] + sys.argv[1:]; from eedn.cli import main; main()")
+          "sys.argv = ['eedn'] + sys.argv[1:]; from eedn.cli.main import main; main()")
 
 
 def time_command(args: list[str], runs: int) -> dict:

@@ -1,9 +1,9 @@
 """Does torch.compile speed up the early-exit engine, and what does the engine's own bookkeeping cost?
 
-Times, interleaved in one run (:func:`eedn.bench.time_interleaved`, each batch's best of ``--repeats``):
+Times, interleaved in one run (:func:`eedn.deploy.bench.time_interleaved`, each batch's best of ``--repeats``):
 the plain backbone, the engine in eager mode, the engine with ``compile=True`` (each exit's segment through
 ``torch.compile(dynamic=True)``) and, with ``--baseline-engine FILE``, the engine of an older
-``eedn/inference.py`` (``git show COMMIT:eedn/inference.py > old.py``) to measure a change of the engine's
+``eedn/deploy/inference.py`` (``git show COMMIT:eedn/deploy/inference.py > old.py``) to measure a change of the engine's
 per-exit overhead. The model has random weights and a max-probability gate calibrated to equal exit shares
 (as ``benchmarks/bench_inference.py --backbone``); timing depends only on where rows leave, which the shares fix.
 The share of rows each engine sends to the eager engine's exit is reported. Compile time (the first calls) is reported apart.
@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_inference import synthetic_model  # noqa: E402
-from eedn.bench import parse_batch_sizes, time_interleaved, torch_threads  # noqa: E402
-from eedn.inference import EarlyExitEngine, full_inference  # noqa: E402
-from eedn.io import atomic_write_json  # noqa: E402
+from eedn.deploy.bench import parse_batch_sizes, time_interleaved, torch_threads  # noqa: E402
+from eedn.deploy.inference import EarlyExitEngine, full_inference  # noqa: E402
+from eedn.runtime.io import atomic_write_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
-    p.add_argument("--baseline-engine", help="an older eedn/inference.py whose EarlyExitEngine is timed too")
+    p.add_argument("--baseline-engine", help="an older eedn/deploy/inference.py whose EarlyExitEngine is timed too")
     p.add_argument("--json", dest="json_out")
     return p.parse_args(argv)
 

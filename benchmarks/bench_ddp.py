@@ -26,7 +26,7 @@ WORKER = r"""
 import os, sys, time, json, torch, torch.nn.functional as F
 import eedn
 from eedn import distributed
-from eedn.image_batches import ImageBatches
+from eedn.core.image_batches import ImageBatches
 threads, steps, batch, backbone, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 torch.set_num_threads(threads)
 world, _ = distributed.init_from_env("cpu")

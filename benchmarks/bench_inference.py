@@ -1,7 +1,7 @@
 """Does real early-exit inference save as much wall-clock time as it saves MACs?
 
-Times the plain backbone against :class:`eedn.inference.EarlyExitEngine` at several batch sizes with
-:func:`eedn.bench.benchmark` (the function behind ``eedn bench``) and prints MAC speed-up, wall
+Times the plain backbone against :class:`eedn.deploy.inference.EarlyExitEngine` at several batch sizes with
+:func:`eedn.deploy.bench.benchmark` (the function behind ``eedn bench``) and prints MAC speed-up, wall
 speed-up and their ratio, the *realisation*. Two sources of a model, neither trains anything:
 
 * ``--run-dir RUN``: a finished ``eedn run`` directory (its model and policy), timed on image files
@@ -29,8 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import eedn  # noqa: E402
-from eedn.bench import parse_batch_sizes, print_benchmark, torch_threads  # noqa: E402
-from eedn.io import atomic_write_json  # noqa: E402
+from eedn.deploy.bench import parse_batch_sizes, print_benchmark, torch_threads  # noqa: E402
+from eedn.runtime.io import atomic_write_json  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,13 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import eedn  # noqa: E402
-from eedn.comparison import render_comparison  # noqa: E402
-from eedn.config import load_config_file, resolve_config  # noqa: E402
-from eedn.io import atomic_write_json, atomic_write_text  # noqa: E402
-from eedn.matched import interpolate_at  # noqa: E402
-from eedn.progress import Progress  # noqa: E402
-from eedn.rundir import created_now  # noqa: E402
-from eedn.run import prepare, run_strategy  # noqa: E402
+from eedn.pipeline.comparison import render_comparison  # noqa: E402
+from eedn.core.config import load_config_file, resolve_config  # noqa: E402
+from eedn.runtime.io import atomic_write_json, atomic_write_text  # noqa: E402
+from eedn.evaluate.matched import interpolate_at  # noqa: E402
+from eedn.runtime.progress import Progress  # noqa: E402
+from eedn.pipeline.rundir import created_now  # noqa: E402
+from eedn.pipeline.run import prepare, run_strategy  # noqa: E402
 
 #: label -> jei options of each variant (docs/usage.md, "Consistent gate variants")
 VARIANTS = {

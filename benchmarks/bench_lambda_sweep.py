@@ -28,10 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import eedn  # noqa: E402
-from eedn.cache import FeatureCache  # noqa: E402
-from eedn.cost import measure_exit_macs  # noqa: E402
-from eedn.features import FeatureSource  # noqa: E402
-from eedn.strategy import FitContext  # noqa: E402
+from eedn.core.cache import FeatureCache  # noqa: E402
+from eedn.core.cost import measure_exit_macs  # noqa: E402
+from eedn.train.features import FeatureSource  # noqa: E402
+from eedn.train.strategy import FitContext  # noqa: E402
 
 DEFAULT_LAMBDAS = "0.01,0.1,0.3,0.5,0.7,1,1.5,2,3,5"
 

@@ -1,7 +1,7 @@
 """Stage-0 training throughput, end to end (data pipeline included), fp32 vs bf16 vs bf16 + channels_last.
 
-Each setting runs the same loop as ``eedn.backbone_training.train_backbone`` (batches from
-:class:`eedn.image_batches.ImageBatches`, autocast forward + loss, backward, SGD step) for ``--steps``
+Each setting runs the same loop as ``eedn.train.backbone_training.train_backbone`` (batches from
+:class:`eedn.core.image_batches.ImageBatches`, autocast forward + loss, backward, SGD step) for ``--steps``
 timed steps after ``--warmup`` steps, on one thread by default, and reports images per second and the
 ratio to the per-sample PIL pipeline in fp32 (the path before the in-memory pipeline; ``legacy`` row).
 
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import eedn
-from eedn.image_batches import ImageBatches, InMemoryImages, RandomCropFlip
-from eedn.precision import apply_memory_format, autocast, to_memory_format
+from eedn.core.image_batches import ImageBatches, InMemoryImages, RandomCropFlip
+from eedn.runtime.precision import apply_memory_format, autocast, to_memory_format
 
 SETTINGS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16+channels_last": ("bf16", True)}
 

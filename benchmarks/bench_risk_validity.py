@@ -33,11 +33,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eedn  # noqa: E402
-from eedn.io import atomic_write_json  # noqa: E402
-from eedn.outputs import ExitOutputs  # noqa: E402
-from eedn.risk import CONTROLLERS, build_knob, loss_matrix, select  # noqa: E402
-from eedn.risk_run import plot_risk_sweep  # noqa: E402
-from eedn.rundir import load_model, read_results  # noqa: E402
+from eedn.runtime.io import atomic_write_json  # noqa: E402
+from eedn.core.outputs import ExitOutputs  # noqa: E402
+from eedn.evaluate.risk import CONTROLLERS, build_knob, loss_matrix, select  # noqa: E402
+from eedn.pipeline.risk_run import plot_risk_sweep  # noqa: E402
+from eedn.pipeline.rundir import load_model, read_results  # noqa: E402
 
 DEFAULT_EPSILONS = "0.01,0.02,0.05,0.1,0.15"
 

@@ -15,41 +15,41 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from eedn.errors import EednError, UnknownNameError
-from eedn.hookspecs import hookimpl
+from eedn.runtime.errors import EednError, UnknownNameError
+from eedn.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     # contracts a plugin implements
-    "Backbone": "eedn.contracts", "InferenceModule": "eedn.contracts", "Gate": "eedn.contracts",
-    "Evaluator": "eedn.contracts", "DatasetSource": "eedn.contracts", "InputSpec": "eedn.contracts",
-    "Metric": "eedn.contracts", "select_rows": "eedn.contracts",
-    "TrainingStrategy": "eedn.strategy", "StrategyResult": "eedn.strategy", "FitContext": "eedn.strategy",
+    "Backbone": "eedn.core.contracts", "InferenceModule": "eedn.core.contracts", "Gate": "eedn.core.contracts",
+    "Evaluator": "eedn.core.contracts", "DatasetSource": "eedn.core.contracts", "InputSpec": "eedn.core.contracts",
+    "Metric": "eedn.core.contracts", "select_rows": "eedn.core.contracts",
+    "TrainingStrategy": "eedn.train.strategy", "StrategyResult": "eedn.train.strategy", "FitContext": "eedn.train.strategy",
     # declared plugin options
-    "option": "eedn.options", "resolve_options": "eedn.options",
+    "option": "eedn.core.options", "resolve_options": "eedn.core.options",
     # a calibratable confidence-threshold gate to subclass, and its budget helpers
-    "ThresholdGate": "eedn.budgets",
+    "ThresholdGate": "eedn.core.budgets",
     # data and stored outputs
-    "DataSplits": "eedn.data", "TensorImages": "eedn.data", "stratified_holdout": "eedn.data", "hold_out": "eedn.data",
-    "subset": "eedn.data", "channel_statistics": "eedn.data", "dataset_labels": "eedn.data",
-    "MappedDataset": "eedn.data",
-    "ExitOutputs": "eedn.outputs", "read_outputs": "eedn.outputs",
+    "DataSplits": "eedn.core.data", "TensorImages": "eedn.core.data", "stratified_holdout": "eedn.core.data", "hold_out": "eedn.core.data",
+    "subset": "eedn.core.data", "channel_statistics": "eedn.core.data", "dataset_labels": "eedn.core.data",
+    "MappedDataset": "eedn.core.data",
+    "ExitOutputs": "eedn.core.outputs", "read_outputs": "eedn.core.outputs",
     # models
-    "EarlyExitModel": "eedn.model", "build_model": "eedn.build", "create_model": "eedn.build",
-    "build_backbone": "eedn.build",
+    "EarlyExitModel": "eedn.core.model", "build_model": "eedn.core.build", "create_model": "eedn.core.build",
+    "build_backbone": "eedn.core.build",
     # registries
-    "create": "eedn.plugins", "list_names": "eedn.plugins", "register_plugin": "eedn.plugins",
-    "registry": "eedn.plugins",
+    "create": "eedn.core.plugins", "list_names": "eedn.core.plugins", "register_plugin": "eedn.core.plugins",
+    "registry": "eedn.core.plugins",
     # research API
-    "run_pipeline": "eedn.run", "load_run": "eedn.api", "measure_exit_macs": "eedn.cost",
-    "split_outputs": "eedn.api", "fit_strategy": "eedn.api", "apply_gate": "eedn.policy",
-    "calibrate_gate": "eedn.api", "evaluate": "eedn.api", "load_dataset": "eedn.api", "train_backbone": "eedn.api",
-    "read_results": "eedn.rundir", "Progress": "eedn.progress",
+    "run_pipeline": "eedn.pipeline.run", "load_run": "eedn.pipeline.api", "measure_exit_macs": "eedn.core.cost",
+    "split_outputs": "eedn.pipeline.api", "fit_strategy": "eedn.pipeline.api", "apply_gate": "eedn.evaluate.policy",
+    "calibrate_gate": "eedn.pipeline.api", "evaluate": "eedn.pipeline.api", "load_dataset": "eedn.pipeline.api", "train_backbone": "eedn.pipeline.api",
+    "read_results": "eedn.pipeline.rundir", "Progress": "eedn.runtime.progress",
     # real early-exit inference
-    "EarlyExitEngine": "eedn.inference", "InferenceResult": "eedn.inference", "predict_files": "eedn.predict",
-    "read_images": "eedn.predict", "benchmark": "eedn.bench",
+    "EarlyExitEngine": "eedn.deploy.inference", "InferenceResult": "eedn.deploy.inference", "predict_files": "eedn.deploy.predict",
+    "read_images": "eedn.deploy.predict", "benchmark": "eedn.deploy.bench",
 }
 
 __all__ = ["EednError", "UnknownNameError", "hookimpl", "__version__", *_EXPORTS]

@@ -1,3 +1,3 @@
-from eedn.cli import main
+from eedn.cli.main import main
 
 main()

@@ -8,7 +8,7 @@ per family beside this one. The package is installed under the ``eedn`` entry-po
 """
 from __future__ import annotations
 
-from eedn.hookspecs import hookimpl
+from eedn.core.hookspecs import hookimpl
 
 _T2T = ("Any image size that is a multiple of 16 (32 px -> 5 tokens, 224 px -> 197); drop_path_rate (0.1). "
         "--backbone-checkpoint: official T2T-ViT or eedn weights (head and position table adapted).")

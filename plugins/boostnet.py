@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eedn.model import EarlyExitModel
-from eedn.options import option
-from eedn.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, cosine_schedule,
+from eedn.core.model import EarlyExitModel
+from eedn.core.options import option
+from eedn.train.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, cosine_schedule,
                            sgd, train_heads)
 
 

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eedn.contracts import Evaluator, Metric
-from eedn.errors import EednError
-from eedn.io import json_float
-from eedn.options import option
-from eedn.outputs import RELIABILITY_BINS, ExitOutputs, reliability_bins, reliability_edges, reliability_index
+from eedn.core.contracts import Evaluator, Metric
+from eedn.runtime.errors import EednError
+from eedn.runtime.io import json_float
+from eedn.core.options import option
+from eedn.core.outputs import RELIABILITY_BINS, ExitOutputs, reliability_bins, reliability_edges, reliability_index
 
 DEFAULT_BINS = RELIABILITY_BINS
 #: the official code's temperature-scaling settings
@@ -53,7 +53,7 @@ def confidence_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tens
 
 def bin_edges(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = "width") -> Tensor:
     """The ``n_bins + 1`` edges: uniform on [0, 1] (``width``) or quantiles of the confidences (``mass``), as
-    :func:`eedn.outputs.reliability_edges` makes every reliability bin."""
+    :func:`eedn.core.outputs.reliability_edges` makes every reliability bin."""
     return torch.from_numpy(reliability_edges(confidences.double().cpu().numpy(), n_bins, binning))
 
 
@@ -66,7 +66,7 @@ def bin_indices(confidences: Tensor, n_bins: int = DEFAULT_BINS, binning: str = 
 def calibration_bins(confidences: Tensor, correct: Tensor, n_bins: int = DEFAULT_BINS,
                      binning: str = "width") -> dict[str, Tensor]:
     """Per-bin ``count``, mean ``confidence`` and ``accuracy`` (0 where a bin is empty) — a reliability diagram
-    (:func:`eedn.outputs.reliability_bins` as tensors)."""
+    (:func:`eedn.core.outputs.reliability_bins` as tensors)."""
     bins = reliability_bins(confidences.double().cpu().numpy(), correct.double().cpu().numpy(), n_bins, binning)
     return {key: torch.nan_to_num(torch.tensor(bins[key], dtype=torch.float64), nan=0.0)
             for key in ("count", "confidence", "accuracy")}

@@ -42,11 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eedn.contracts import Evaluator, Metric
-from eedn.errors import EednError
-from eedn.io import json_float
-from eedn.options import option
-from eedn.outputs import ExitOutputs
+from eedn.core.contracts import Evaluator, Metric
+from eedn.runtime.errors import EednError
+from eedn.runtime.io import json_float
+from eedn.core.options import option
+from eedn.core.outputs import ExitOutputs
 
 METHODS = ("lac", "aps", "raps")
 VARIANTS = ("general", "gated", "gated_all", "gated_strict")

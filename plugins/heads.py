@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from eedn.contracts import InferenceModule
-from eedn.model import EarlyExitModel
-from eedn.options import option
-from eedn.strategy import FitContext, HeadTrainingOptions, StrategyResult, TrainingStrategy, train_heads_warmup
+from eedn.core.contracts import InferenceModule
+from eedn.core.model import EarlyExitModel
+from eedn.core.options import option
+from eedn.train.strategy import FitContext, HeadTrainingOptions, StrategyResult, TrainingStrategy, train_heads_warmup
 
 
 class LinearIM(InferenceModule):
@@ -26,7 +26,7 @@ class LinearIM(InferenceModule):
     @staticmethod
     def forward_stacked(params: dict[str, Tensor], features: Tensor) -> Tensor:
         """``[K, B, C]`` logits of K stacked copies (``fc.weight`` ``[K, C, D]``) in one matmul
-        (eedn.stacked: how a λ sweep trains as one model). With K = 1 it is ``fc(features)``."""
+        (eedn.core.stacked: how a λ sweep trains as one model). With K = 1 it is ``fc(features)``."""
         weight, bias = params["fc.weight"], params["fc.bias"]
         k, c, d = weight.shape
         out = torch.addmm(bias.reshape(k * c), features, weight.reshape(k * c, d).t())

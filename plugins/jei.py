@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eedn.errors import EednError
-from eedn.model import EarlyExitModel
-from eedn.options import option
-from eedn.stacked import StackedHeads
-from eedn.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
+from eedn.runtime.errors import EednError
+from eedn.core.model import EarlyExitModel
+from eedn.core.options import option
+from eedn.core.stacked import StackedHeads
+from eedn.train.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
                            warmup_weights)
 from eedn_plugins.jei_gate import EXIT_RULES, JeiGate
 from eedn_plugins.jei_targets import (PROFILES, SWEEP_MODES, TARGETS, _check_alternation, alternation_block,
@@ -462,7 +462,7 @@ class JeiStrategy(TrainingStrategy):
     def _alternate_stacked(self, model: EarlyExitModel, context: FitContext, val: _Validation, costs: Tensor,
                            macs: Tensor, first_epoch: int, history: list[dict], snapshot: dict[str, Tensor],
                            momentum: dict[str, Tensor]) -> list[dict]:
-        """Every λ at once: K copies of the heads stacked along a leading dimension (:mod:`eedn.stacked`),
+        """Every λ at once: K copies of the heads stacked along a leading dimension (:mod:`eedn.core.stacked`),
         the same batches for all, each copy's arithmetic that of its λ alone. Returns one state per λ."""
         opts = self.options
         torch.manual_seed(context.seed)

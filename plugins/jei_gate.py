@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eedn.contracts import Gate
-from eedn.options import option
+from eedn.core.contracts import Gate
+from eedn.core.options import option
 
 # --------------------------------------------------------------------------------------------------
 # Gate statistics and the exit rule (pure functions, unit-tested on worked examples)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eedn.errors import EednError
+from eedn.runtime.errors import EednError
 
 # --------------------------------------------------------------------------------------------------
 # Targets, pos-weights and losses

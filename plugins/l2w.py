@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from eedn.errors import EednError
-from eedn.model import EarlyExitModel
-from eedn.options import option
-from eedn.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy, sgd,
+from eedn.runtime.errors import EednError
+from eedn.core.model import EarlyExitModel
+from eedn.core.options import option
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy, sgd,
                            train_heads)
 
 

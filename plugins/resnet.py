@@ -31,10 +31,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from eedn.contracts import Backbone, InputSpec, State
-from eedn.errors import EednError
-from eedn.options import option
-from eedn.transfer import load_pretrained_weights
+from eedn.core.contracts import Backbone, InputSpec, State
+from eedn.runtime.errors import EednError
+from eedn.core.options import option
+from eedn.core.transfer import load_pretrained_weights
 
 EXIT_MODES = ("block", "stage")
 MIN_IMAGE_SIZE = 8

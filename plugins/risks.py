@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eedn.errors import EednError
-from eedn.options import option
-from eedn.outputs import ExitOutputs
-from eedn.risk import Risk
+from eedn.runtime.errors import EednError
+from eedn.core.options import option
+from eedn.core.outputs import ExitOutputs
+from eedn.evaluate.risk import Risk
 
 
 def _predictions(outputs: ExitOutputs) -> Tensor:

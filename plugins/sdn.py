@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from eedn.model import EarlyExitModel
-from eedn.options import option
-from eedn.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite, cosine_schedule,
+from eedn.core.model import EarlyExitModel
+from eedn.core.options import option
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite, cosine_schedule,
                            per_exit_cross_entropy, selection_metric, sgd, train_heads, val_exit_accuracy)
 
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from eedn.contracts import Backbone, InputSpec
-from eedn.errors import EednError
-from eedn.transfer import read_state_dict
-from eedn.options import option
+from eedn.core.contracts import Backbone, InputSpec
+from eedn.runtime.errors import EednError
+from eedn.core.transfer import read_state_dict
+from eedn.core.options import option
 
 #: side of the patch grid cell: the three soft splits have strides 4, 2 and 2.
 TOTAL_STRIDE = 16
@@ -350,7 +350,7 @@ class T2TViT(Backbone):
 
         Accepts an official checkpoint (EMA weights first, DataParallel's ``module.`` prefix removed), a
         plain state dict, eedn's backbone cache (``model``), a run directory's ``weights.pt``
-        (``backbone``) or a whole :class:`~eedn.model.EarlyExitModel` state dict. A head of another class
+        (``backbone``) or a whole :class:`~eedn.core.model.EarlyExitModel` state dict. A head of another class
         count is dropped (it stays freshly initialised) and a position table of another resolution is
         resized; every other backbone weight must be present with the right shape, else one
         :class:`EednError` line. Returns which keys were dropped, resized and left at their init.
@@ -420,8 +420,8 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _backbone_state(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The backbone weights inside a checkpoint (:func:`eedn.transfer.read_state_dict`: EMA weights first, they are
-    the released ones); a whole :class:`~eedn.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
+    """The backbone weights inside a checkpoint (:func:`eedn.core.transfer.read_state_dict`: EMA weights first, they are
+    the released ones); a whole :class:`~eedn.core.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
     cleaned = read_state_dict(path)
     if not any(k.startswith("blocks.") for k in cleaned) and any(k.startswith("backbone.blocks.") for k in cleaned):
         cleaned = {k[len("backbone."):]: v for k, v in cleaned.items() if k.startswith("backbone.")}

@@ -1,7 +1,7 @@
 """Rule-based exit gates: confidence thresholds (max probability, entropy, margin) and patience.
 
 The threshold gates subclass eedn's public :class:`eedn.ThresholdGate` (budget calibration in
-:mod:`eedn.budgets`) and only say how confident an IM is. Patience (``patience``) scores exit ``l`` with
+:mod:`eedn.core.budgets`) and only say how confident an IM is. Patience (``patience``) scores exit ``l`` with
 IM ``l``'s predicted class and lets a sample leave at exit ``l`` once the predictions of exits
 ``l-k+1 .. l`` all agree (so never before exit ``k-1``). It is calibrated by choosing ``k``
 (``{"k": k}``; ``macs_fraction`` / ``accuracy_drop`` scan ``k = 1..G+1``, where ``k = G+1`` never exits
@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from eedn.budgets import ThresholdGate, check_target, check_val, pick_setting
-from eedn.contracts import Gate
-from eedn.errors import EednError
-from eedn.options import option
-from eedn.outputs import ExitOutputs
+from eedn.core.budgets import ThresholdGate, check_target, check_val, pick_setting
+from eedn.core.contracts import Gate
+from eedn.runtime.errors import EednError
+from eedn.core.options import option
+from eedn.core.outputs import ExitOutputs
 
 # --------------------------------------------------------------------------------------------- scores
 def _probabilities(logits: Tensor) -> Tensor:

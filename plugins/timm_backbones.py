@@ -15,7 +15,7 @@ timm's public surface only:
 
 Either way the split is checked once at construction: the staged forward must equal ``model(x)`` on a random
 batch, else one error says this model cannot be split (e.g. blocks that take extra arguments). MACs are
-counted exactly like the built-ins' (:mod:`eedn.cost`). ``--backbone-checkpoint`` takes a local timm / Hugging
+counted exactly like the built-ins' (:mod:`eedn.core.cost`). ``--backbone-checkpoint`` takes a local timm / Hugging
 Face weight file (``.safetensors``, ``.pth``, ``.bin``, a timm-trainer checkpoint).
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from eedn.contracts import Backbone, InputSpec, State
-from eedn.errors import EednError
-from eedn.options import option
-from eedn.transfer import fit_pretrained, read_state_dict
+from eedn.core.contracts import Backbone, InputSpec, State
+from eedn.runtime.errors import EednError
+from eedn.core.options import option
+from eedn.core.transfer import fit_pretrained, read_state_dict
 
 #: feature points at this stride or finer are part of the stem (ResNet's act1, EfficientNet's first block)
 STEM_MAX_REDUCTION = 2

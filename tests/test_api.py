@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import eedn
-from eedn.errors import EednError, UnknownNameError
+from eedn.runtime.errors import EednError, UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "library_use.py"
@@ -72,14 +72,14 @@ def doc_parameters(args: ast.arguments) -> list[tuple[str, str, object]]:
 
 def test_documented_signatures_match_the_code():
     """docs/api.md writes each signature in full: names, order, keyword-only marks and defaults."""
-    import eedn.risk
+    import eedn.evaluate.risk
 
     signatures = documented_signatures((ROOT / "docs" / "api.md").read_text())
     assert {"fit_strategy", "EarlyExitEngine", "create_model", "train_backbone", "read_outputs"} <= set(signatures)
     wrong = {}
     for name, args in signatures.items():
-        obj = getattr(eedn, name, None) or getattr(eedn.risk, name, None)
-        assert obj is not None, f"docs/api.md documents {name}(...), which is neither eedn.{name} nor eedn.risk.{name}"
+        obj = getattr(eedn, name, None) or getattr(eedn.evaluate.risk, name, None)
+        assert obj is not None, f"docs/api.md documents {name}(...), which is neither eedn.{name} nor eedn.evaluate.risk.{name}"
         if doc_parameters(args) != (code := code_parameters(obj)):
             wrong[name] = [f"{n}={d!r}" if d is not inspect.Parameter.empty else n for n, _, d in code]
     assert not wrong, f"docs/api.md signatures differ from the code; the code has: {wrong}"
@@ -111,7 +111,7 @@ def test_type_stub_lists_every_export_from_its_module():
     assert sorted(ast.literal_eval(declared.value)) == sorted(eedn.__all__)
     assert set(imported) | {"__version__"} == set(eedn.__all__)
     expected = {name: module for name, module in eedn._EXPORTS.items()}
-    expected |= {"EednError": "eedn.errors", "UnknownNameError": "eedn.errors", "hookimpl": "eedn.hookspecs"}
+    expected |= {"EednError": "eedn.runtime.errors", "UnknownNameError": "eedn.runtime.errors", "hookimpl": "eedn.core.hookspecs"}
     assert imported == expected
 
 
@@ -341,7 +341,7 @@ class RecordingPlugin:
 
 @pytest.fixture
 def recording():
-    from eedn.plugins import register_plugin, unregister_plugin
+    from eedn.core.plugins import register_plugin, unregister_plugin
 
     RecordingStrategy.seen.clear()
     register_plugin(RecordingPlugin(), name="test-api-recording")

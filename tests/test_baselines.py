@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import eedn
-from eedn.cache import FeatureCache
-from eedn.contracts import Backbone, InputSpec
-from eedn.data import DataSplits, TensorImages
-from eedn.errors import EednError
-from eedn.features import FeatureSource, compute_split_outputs
-from eedn.model import EarlyExitModel
-from eedn.strategy import FitContext, StrategyResult
+from eedn.core.cache import FeatureCache
+from eedn.core.contracts import Backbone, InputSpec
+from eedn.core.data import DataSplits, TensorImages
+from eedn.runtime.errors import EednError
+from eedn.train.features import FeatureSource, compute_split_outputs
+from eedn.core.model import EarlyExitModel
+from eedn.train.strategy import FitContext, StrategyResult
 from eedn_plugins.heads import LinearIM
 from eedn_plugins.boostnet import BoostNetEnsemble, BoostNetStrategy, boostnet_loss
 from eedn_plugins.l2w import (

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import eedn
-from eedn.errors import EednError
-from eedn.outputs import ExitOutputs
+from eedn.runtime.errors import EednError
+from eedn.core.outputs import ExitOutputs
 from eedn_plugins.calibration import (
     bin_edges,
     bin_indices,

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 import eedn
-from eedn.cli import LAZY_COMMANDS, cli
-from eedn.plugins import register_plugin, unregister_plugin
-from eedn.progress import Progress
+from eedn.cli.main import LAZY_COMMANDS, cli
+from eedn.core.plugins import register_plugin, unregister_plugin
+from eedn.runtime.progress import Progress
 
 
 def invoke(*args: str):
@@ -72,7 +72,7 @@ def test_plugins_lists_every_kind_with_origin():
 
 
 class DemoGate:
-    """A registered factory that declares its options (see eedn.options)."""
+    """A registered factory that declares its options (see eedn.core.options)."""
 
     @dataclass
     class Options:

@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from conftest import numpy_interpolation
 
 import eedn
-import eedn.run
-from eedn.compare_cli import compare_command, report_command
-from eedn.comparison import StrategySpec, parse_seeds, parse_strategies, strategy_options_for
-from eedn.errors import EednError
-from eedn.matched import interpolate_at
-from eedn.outputs import reliability_bins
-from eedn.plugins import register_plugin, unregister_plugin
+import eedn.pipeline.run
+from eedn.cli.compare_cli import compare_command, report_command
+from eedn.pipeline.comparison import StrategySpec, parse_seeds, parse_strategies, strategy_options_for
+from eedn.runtime.errors import EednError
+from eedn.evaluate.matched import interpolate_at
+from eedn.core.outputs import reliability_bins
+from eedn.core.plugins import register_plugin, unregister_plugin
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("accuracy_vs_macs.png", "mean_confidence_vs_macs.png", "exit_shares.png", "reliability.png")
@@ -50,7 +50,7 @@ def test_parse_strategies_and_seeds():
 
 
 def test_strategy_options_precedence_and_the_tradeoff_goes_where_declared():
-    from eedn.comparison import check_shared_options
+    from eedn.pipeline.comparison import check_shared_options
 
     shared = {"epochs": 4, "lambda": [0.5]}  # `lambda` is declared by jei only: the others do not get it
     per = {"jei": {"epochs": 6, "warmup_epochs": 1}, "im-only": {"lr": 0.1}, "im-only:entropy": {"lr": 0.2}}
@@ -296,8 +296,8 @@ def test_report_rebuilds_a_comparison_without_training(compared, tmp_path, monke
     def boom(*args, **kwargs):
         raise AssertionError("eedn report must not prepare, train or evaluate anything")
 
-    monkeypatch.setattr(eedn.run, "prepare", boom)
-    monkeypatch.setattr(eedn.run, "run_strategy", boom)
+    monkeypatch.setattr(eedn.pipeline.run, "prepare", boom)
+    monkeypatch.setattr(eedn.pipeline.run, "run_strategy", boom)
     res = CliRunner().invoke(report_command, [str(copy)], terminal_width=200)
     assert res.exit_code == 0, res.output
     assert (copy / "comparison.md").exists() and (copy / "reliability.png").read_bytes()[:8] == PNG_MAGIC
@@ -329,7 +329,7 @@ def test_report_on_a_single_run(compared, tmp_path, monkeypatch):
     shutil.copytree(out / "jei-s0", run)
     for name in ("summary.md", *FIGURES):
         (run / name).unlink()
-    monkeypatch.setattr(eedn.run, "prepare", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no training")))
+    monkeypatch.setattr(eedn.pipeline.run, "prepare", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no training")))
     res = CliRunner().invoke(report_command, [str(run)], terminal_width=200)
     assert res.exit_code == 0, res.output
     for name in ("summary.md", *FIGURES):
@@ -354,7 +354,7 @@ def test_cli_errors_are_one_line_and_come_before_training(tmp_path, monkeypatch)
     def boom(*args, **kwargs):
         raise AssertionError("trained before checking the options")
 
-    monkeypatch.setattr(eedn.run, "prepare", boom)
+    monkeypatch.setattr(eedn.pipeline.run, "prepare", boom)
     res = CliRunner().invoke(compare_command, ["--strategies", "jei,nope", "--quiet"])
     assert res.exit_code == 1 and "unknown strategy 'nope'" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(compare_command, ["--strategies", "jei", "--seeds", "2", "--seed-list", "0,1"])

@@ -1,4 +1,4 @@
-"""The typed config: one key table (eedn.config.Config) behind the config file, keyword overrides, ``--set`` and
+"""The typed config: one key table (eedn.core.config.Config) behind the config file, keyword overrides, ``--set`` and
 the CLI flags."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from eedn.cli import cli
-from eedn.cli_options import build_config
-from eedn.config import (BackboneTraining, Config, RiskControl, config_key, defaults, flag_keys, load_config_file,
+from eedn.cli.main import cli
+from eedn.cli.cli_options import build_config
+from eedn.core.config import (BackboneTraining, Config, RiskControl, config_key, defaults, flag_keys, load_config_file,
                          resolve_config)
-from eedn.errors import EednError
+from eedn.runtime.errors import EednError
 
 
 def test_values_are_typed_attributes_whatever_door_they_came_in_by(tmp_path):
@@ -103,9 +103,9 @@ def test_config_is_frozen_and_replace_checks_the_new_values():
 
 
 def test_cli_flags_are_built_from_the_key_table():
-    import eedn.precision
+    import eedn.runtime.precision
 
-    assert eedn.precision.PRECISIONS is config_key("precision").choices  # one list of precisions
+    assert eedn.runtime.precision.PRECISIONS is config_key("precision").choices  # one list of precisions
     flags = flag_keys()
     assert flags["--backbone-epochs"] == "backbone_training.epochs" and flags["--epsilon"] == "risk_control.epsilon"
     run = cli.commands["run"]

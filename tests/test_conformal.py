@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eedn
-from eedn.errors import EednError
-from eedn.outputs import ExitOutputs
+from eedn.runtime.errors import EednError
+from eedn.core.outputs import ExitOutputs
 from eedn_plugins.conformal import (
     METHODS,
     class_scores,

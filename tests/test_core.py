@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 import eedn
-from eedn.config import resolve_config
-from eedn.contracts import Backbone, Gate, InputSpec
-from eedn.cost import count_macs, measure_exit_macs
-from eedn.errors import EednError, UnknownNameError
-from eedn.io import atomic_write_json
-from eedn.model import EarlyExitModel
-from eedn.outputs import ExitOutputs
+from eedn.core.config import resolve_config
+from eedn.core.contracts import Backbone, Gate, InputSpec
+from eedn.core.cost import count_macs, measure_exit_macs
+from eedn.runtime.errors import EednError, UnknownNameError
+from eedn.runtime.io import atomic_write_json
+from eedn.core.model import EarlyExitModel
+from eedn.core.outputs import ExitOutputs
 
 
 class MLPBackbone(Backbone):
@@ -137,7 +137,7 @@ def test_gate_decide_default_is_first_exit_that_fires():
 
 
 def test_every_builtin_plugin_declares_documented_options_and_rejects_typos():
-    from eedn.plugins import KINDS
+    from eedn.core.plugins import KINDS
 
     for kind in KINDS:
         for name in eedn.list_names(kind):
@@ -154,7 +154,7 @@ def test_every_builtin_plugin_declares_documented_options_and_rejects_typos():
 
 
 def test_yaml_strings_coerce_to_the_declared_types():
-    from eedn.plugins import resolve
+    from eedn.core.plugins import resolve
 
     resolved = resolve("strategy", "jei", {"lr": "1e-3", "lambda": "0.1,0.5", "head_augment": "true",
                                                         "epochs": "6"})

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import eedn
-from eedn.data import DataSplits, dataset_labels
-from eedn.errors import EednError
+from eedn.core.data import DataSplits, dataset_labels
+from eedn.runtime.errors import EednError
 from eedn_plugins.datasets import archive as ds_archive
 from eedn_plugins.datasets import cifar as ds_cifar
 from eedn_plugins.datasets import digits as ds_digits

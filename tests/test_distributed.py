@@ -16,8 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 import eedn
-from eedn.backbone_training import train_backbone
-from eedn.errors import EednError
+from eedn.train.backbone_training import train_backbone
+from eedn.runtime.errors import EednError
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = {"epochs": 1, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 64,
@@ -102,7 +102,7 @@ def test_torchrun_run_on_digits_gives_the_single_process_decisions(tmp_path):
     """`torchrun --nproc-per-node 2 -m eedn run --backbone resnet --strategy jei` (gloo): with the same trained
     backbone, the sharded and gathered features, the heads, every stored output and every test decision equal
     the single-process run's; the run directory is written once and records world size 2."""
-    from eedn.run import run_pipeline
+    from eedn.pipeline.run import run_pipeline
 
     cfg = {"backbone": "resnet", "strategy": "jei", "image_size": 16, "backbone_training": {"epochs": 2},
            "strategy_options": {"epochs": 3, "warmup_epochs": 1}, "threads": 1, "progress": False}

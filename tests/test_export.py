@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 import eedn
-from eedn.cli import cli
-from eedn.errors import EednError
-from eedn.export import FORMATS, export_run
-from eedn.export_runtime import ExportedEarlyExit
-from eedn.predict import predict_files, read_images
+from eedn.cli.main import cli
+from eedn.runtime.errors import EednError
+from eedn.deploy.export import FORMATS, export_run
+from eedn.deploy.export_runtime import ExportedEarlyExit
+from eedn.deploy.predict import predict_files, read_images
 
 from conftest import TINY_RUN
 
@@ -88,6 +88,6 @@ def test_bad_export_requests_are_one_line_errors(tmp_path):
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "no such run directory" in result.output
     with pytest.raises(EednError, match="unknown export format 'tflite'; known: torchscript"):
-        from eedn.export import export_model
+        from eedn.deploy.export import export_model
 
         export_model(None, "tflite", tmp_path, {})

@@ -1,5 +1,5 @@
 """Fault injection with real processes: SIGKILL at chosen points of backbone training, feature caching, head
-training and results writing (``EEDN_FAULT_POINT``, see :func:`eedn.io.fault_point`), then resume; and
+training and results writing (``EEDN_FAULT_POINT``, see :func:`eedn.runtime.io.fault_point`), then resume; and
 concurrent runs sharing one cache and one --out. Tiny digits runs; each asserts the exact outcome."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import eedn as eedn_package
-from eedn.io import FAULT_ENV
+from eedn.runtime.io import FAULT_ENV
 
 RUN = ["run", "--backbone", "resnet_tiny", "--image-size", "16", "--backbone-epochs", "2", "--strategy", "im-only",
        "--epochs", "2", "--set", "evaluators=[calibration]", "--quiet", "--threads", "1"]

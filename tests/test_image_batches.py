@@ -9,8 +9,8 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 import eedn
-from eedn.data import dataset_labels
-from eedn.image_batches import ImageBatches, InMemoryImages, LoaderOptions, RandomCropFlip, in_memory_rows
+from eedn.core.data import dataset_labels
+from eedn.core.image_batches import ImageBatches, InMemoryImages, LoaderOptions, RandomCropFlip, in_memory_rows
 from eedn_plugins.datasets import digits as ds_digits
 from test_datasets import fake_cifar10, make_image_tree  # noqa: F401  (fixture)
 

@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from eedn.cost import measure_exit_macs
-from eedn.errors import EednError
-from eedn.inference import EarlyExitEngine, InferenceResult, early_exit_inference, full_inference
-from eedn.build import create_model
-from eedn.model import EarlyExitModel
+from eedn.core.cost import measure_exit_macs
+from eedn.runtime.errors import EednError
+from eedn.deploy.inference import EarlyExitEngine, InferenceResult, early_exit_inference, full_inference
+from eedn.core.build import create_model
+from eedn.core.model import EarlyExitModel
 
 MARGIN = 1e-4
 #: stand-in per-exit costs (measuring real ones is slow and tested once, below)
@@ -278,7 +278,7 @@ def test_no_early_exit_runs_the_full_network_without_copies(key, gate, monkeypat
     model, x = trained_model(key, gate)
     _nobody_leaves_early(model)
     copies = []
-    import eedn.inference as inference
+    import eedn.deploy.inference as inference
 
     monkeypatch.setattr(inference, "select_rows", lambda state, rows: copies.append(rows) or state[rows])
     result = EarlyExitEngine(model, exit_macs=FAKE_MACS[: model.num_exits])(x)
@@ -370,7 +370,7 @@ def tiny_run(eedn_cache, tmp_path_factory):
 
     from conftest import TINY_RUN
 
-    from eedn.run import run_pipeline
+    from eedn.pipeline.run import run_pipeline
 
     out = tmp_path_factory.mktemp("inference") / "run"
     cfg = copy.deepcopy(TINY_RUN) | {"cache_dir": eedn_cache, "out": str(out), "strategy": "im-only",
@@ -398,8 +398,8 @@ def _digit_pngs(folder, indices) -> list:
 
 def test_preprocessing_matches_the_digits_eval_split(tiny_run, tmp_path):
     import eedn
-    from eedn.predict import InputRecipe, load_image, preprocessor
-    from eedn.rundir import read_manifest
+    from eedn.deploy.predict import InputRecipe, load_image, preprocessor
+    from eedn.pipeline.rundir import read_manifest
 
     recipe = InputRecipe.from_manifest(read_manifest(tiny_run))
     data = eedn.load_dataset("digits", image_size=16, seed=eedn.read_results(tiny_run)["config"]["seed"])
@@ -418,8 +418,8 @@ def test_preprocessing_matches_the_digits_eval_split(tiny_run, tmp_path):
 def test_predict_command_prints_each_image(tiny_run, tmp_path):
     from click.testing import CliRunner
 
-    from eedn.predict import predict, predict_files
-    from eedn.rundir import read_manifest
+    from eedn.deploy.predict import predict, predict_files
+    from eedn.pipeline.rundir import read_manifest
 
     pngs = _digit_pngs(tmp_path / "imgs", range(5)) + _digit_pngs(tmp_path / "imgs" / "nested", [10])
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
@@ -446,8 +446,8 @@ def test_predict_command_prints_each_image(tiny_run, tmp_path):
 def test_predict_agrees_with_the_runs_stored_test_decisions(tiny_run):
     """The engine on the preprocessed test images reproduces run.json's per-sample policy decisions."""
     import eedn
-    from eedn.inference import EarlyExitEngine
-    from eedn.rundir import read_manifest
+    from eedn.deploy.inference import EarlyExitEngine
+    from eedn.pipeline.rundir import read_manifest
 
     manifest = read_manifest(tiny_run)
     model, _ = eedn.load_run(tiny_run)
@@ -462,7 +462,7 @@ def test_predict_agrees_with_the_runs_stored_test_decisions(tiny_run):
 def test_predict_bad_input_is_one_line(tiny_run, tmp_path):
     from click.testing import CliRunner
 
-    from eedn.predict import predict
+    from eedn.deploy.predict import predict
 
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken.png"
@@ -506,9 +506,9 @@ def test_predict_and_bench_need_only_the_run_directory(eedn_cache, tmp_path):
     from click.testing import CliRunner
 
     import eedn
-    from eedn.bench import bench
-    from eedn.predict import InputRecipe, load_image, predict, predict_files, preprocessor
-    from eedn.rundir import read_manifest
+    from eedn.deploy.bench import bench
+    from eedn.deploy.predict import InputRecipe, load_image, predict, predict_files, preprocessor
+    from eedn.pipeline.rundir import read_manifest
 
     data_dir = tmp_path / "colours"
     _colour_folder(data_dir)
@@ -543,8 +543,8 @@ def test_predict_and_bench_need_only_the_run_directory(eedn_cache, tmp_path):
 
 def test_benchmark_rows_are_consistent(tiny_run):
     import eedn
-    from eedn.bench import benchmark
-    from eedn.rundir import read_manifest
+    from eedn.deploy.bench import benchmark
+    from eedn.pipeline.rundir import read_manifest
 
     spec = read_manifest(tiny_run)["model"]
     test = eedn.load_dataset("digits", image_size=16, seed=0).test
@@ -563,7 +563,7 @@ def test_benchmark_rows_are_consistent(tiny_run):
 
 
 def test_benchmark_on_a_model_measures_its_macs():
-    from eedn.bench import benchmark
+    from eedn.deploy.bench import benchmark
 
     model, x = trained_model("resnet", "max_prob")
     spread_thresholds(model, x)
@@ -584,7 +584,7 @@ def test_bench_command_and_script(tiny_run, tmp_path):
 
     from click.testing import CliRunner
 
-    from eedn.bench import bench
+    from eedn.deploy.bench import bench
 
     images = tmp_path / "imgs"
     _digit_pngs(images, range(10))

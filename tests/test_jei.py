@@ -8,14 +8,14 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
-from eedn.cache import FeatureCache
-from eedn.contracts import Backbone, Gate, InputSpec
-from eedn.cost import measure_exit_macs
-from eedn.data import DataSplits, TensorImages
-from eedn.errors import EednError
-from eedn.features import FeatureSource, compute_split_outputs
-from eedn.model import EarlyExitModel
-from eedn.strategy import FitContext
+from eedn.core.cache import FeatureCache
+from eedn.core.contracts import Backbone, Gate, InputSpec
+from eedn.core.cost import measure_exit_macs
+from eedn.core.data import DataSplits, TensorImages
+from eedn.runtime.errors import EednError
+from eedn.train.features import FeatureSource, compute_split_outputs
+from eedn.core.model import EarlyExitModel
+from eedn.train.strategy import FitContext
 from eedn_plugins.heads import LinearIM
 from eedn_plugins.jei import JeiStrategy, _Validation
 from eedn_plugins.jei_targets import (
@@ -305,8 +305,8 @@ def test_gate_rules_agree_between_decide_exits_at_and_probabilities(rule):
 
 def test_strategy_sets_and_records_the_gate_rule(tmp_path):
     import eedn
-    from eedn.config import resolve_config
-    from eedn.run import check_plugins
+    from eedn.core.config import resolve_config
+    from eedn.pipeline.run import check_plugins
 
     s = JeiStrategy(targets="hazard", tau=0.4)
     assert s.gate_options() == {"exit_rule": "hazard", "tau": 0.4}
@@ -675,7 +675,7 @@ def test_shared_optimiser_leaves_the_idle_group_alone(tmp_path, sweep):
 def test_stacked_heads_match_each_copy(im_class):
     """StackedHeads: copy k's IM logits, gate logits and gradients are those of the model holding state k
     (LinearIM and JeiGate through their stacked forwards, MLPIM through the vmap fallback)."""
-    from eedn.stacked import StackedHeads
+    from eedn.core.stacked import StackedHeads
     from eedn_plugins.heads import MLPIM
 
     torch.manual_seed(0)

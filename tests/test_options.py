@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import eedn
-import eedn.options
-from eedn.errors import EednError
-from eedn.strategy import FitContext, StrategyResult, TrainingStrategy
+import eedn.core.options
+from eedn.runtime.errors import EednError
+from eedn.train.strategy import FitContext, StrategyResult, TrainingStrategy
 from eedn_plugins.jei import JeiStrategy
 from eedn_plugins.jei_gate import JeiGate
 
@@ -32,7 +32,7 @@ class _Demo(TrainingStrategy):
 @pytest.fixture
 def fresh_warning(monkeypatch):
     """The deprecation warning is once per process; make this test the first."""
-    monkeypatch.setattr(eedn.options, "_WARNED", [])
+    monkeypatch.setattr(eedn.core.options, "_WARNED", [])
 
 
 def test_options_are_an_instance_of_the_declared_class():
@@ -90,7 +90,7 @@ def test_jei_resolves_its_profile_into_a_typed_instance_and_records_it_as_before
     clean = JeiStrategy(**{"lambda": [0.1, 0.5]})
     assert isinstance(clean.options, JeiStrategy.Options)  # dataclasses.replace keeps the typed class
     record = clean.describe()
-    assert list(record) == [eedn.options._option_name(f) for f in JeiStrategy.Options.__dataclass_fields__]
+    assert list(record) == [eedn.core.options._option_name(f) for f in JeiStrategy.Options.__dataclass_fields__]
     assert "lambda" in record and "lambda_" not in record
     assert (record["warmup"], record["alternation"], record["select"], record["warmup_epochs"]) == (
         "fixed", "auto", "last", 3)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import numpy_interpolation
 
-from eedn.matched import own_im_threshold_runs
-from eedn.outputs import ExitOutputs
-from eedn.own_ims import cost_grid, rescored, threshold_on_own_ims
+from eedn.evaluate.matched import own_im_threshold_runs
+from eedn.core.outputs import ExitOutputs
+from eedn.evaluate.own_ims import cost_grid, rescored, threshold_on_own_ims
 from eedn_plugins.jei_gate import JeiGate
 
 
@@ -25,7 +25,7 @@ def test_rescored_outputs_carry_max_probabilities():
     out = outputs(0)
     gate = JeiGate(2, 4)
     assert gate.options.exit_rule == "official"
-    from eedn.plugins import create
+    from eedn.core.plugins import create
 
     mp = rescored(out, create("gate", "max_prob", 2, 4))
     assert torch.allclose(mp.gate_scores, out.logits[:, :2].softmax(-1).amax(-1))

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 import eedn
 from eedn import backbone_training
-from eedn.cli import cli
-from eedn.errors import EednError
+from eedn.cli.main import cli
+from eedn.runtime.errors import EednError
 
 
 def test_jei_routes_samples_to_early_exits(tiny_config):
@@ -126,7 +126,7 @@ def test_names_and_options_are_checked_before_stage_0(tiny_config, tmp_path, mon
 
 def test_run_directory_describes_itself(tiny_config, tmp_path):
     """run.json alone rebuilds the model (no dataset), and the stored decisions are the gate's."""
-    from eedn.rundir import load_model, read_manifest
+    from eedn.pipeline.rundir import load_model, read_manifest
 
     out = tmp_path / "selfdescribing"
     results = eedn.run_pipeline(tiny_config | {"strategy": "im-only", "strategy_options": {"epochs": 1},
@@ -155,8 +155,8 @@ def test_library_api_builds_a_model_from_registry_names():
 
 def test_plugin_defaults_come_from_the_registrations():
     """The core names no plugin: unset names resolve to what the plugins registered as default."""
-    from eedn.config import resolve_config
-    from eedn.plugins import unregister_plugin
+    from eedn.core.config import resolve_config
+    from eedn.core.plugins import unregister_plugin
 
     cfg = resolve_config({})
     assert (cfg.backbone, cfg.strategy, cfg.dataset, cfg.inference_module) == (
@@ -179,7 +179,7 @@ def test_plugin_defaults_come_from_the_registrations():
 
 def test_gate_pairing_tradeoff_and_budget_are_checked_before_stage_0(tiny_config, tmp_path, monkeypatch):
     from eedn import run as pipeline
-    from eedn.config import resolve_config
+    from eedn.core.config import resolve_config
 
     monkeypatch.setattr(pipeline, "train_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     cfg = tiny_config | {"cache_dir": str(tmp_path / "fresh-cache")}
@@ -197,7 +197,7 @@ def test_gate_pairing_tradeoff_and_budget_are_checked_before_stage_0(tiny_config
 
 
 def test_inference_module_options_reach_the_model_and_the_manifest(tiny_config, tmp_path):
-    from eedn.rundir import load_model
+    from eedn.pipeline.rundir import load_model
 
     out = tmp_path / "mlp-ims"
     eedn.run_pipeline(tiny_config | {"strategy": "im-only", "strategy_options": {"epochs": 1}, "evaluators": [],
@@ -210,7 +210,7 @@ def test_inference_module_options_reach_the_model_and_the_manifest(tiny_config, 
 
 def test_evaluation_splits_are_read_in_eval_mode_whatever_the_training_mode():
     """A train-mode backbone (DropPath on) serves the train batches; val must stay deterministic."""
-    from eedn.features import FeatureSource
+    from eedn.train.features import FeatureSource
 
     data = eedn.load_dataset("digits", image_size=16, seed=0)
     model = eedn.create_model("t2t_vit_tiny", num_classes=10, image_size=16, in_channels=1,

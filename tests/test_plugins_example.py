@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import eedn
-from eedn.plugins import PluginManager
+from eedn.core.plugins import PluginManager
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "eedn-gate-example"
 
@@ -47,7 +47,7 @@ def test_builtins_only_leaves_the_installed_example_out(installed_example, monke
 
 
 def test_pipeline_runs_with_the_example_gate(installed_example, tiny_config, monkeypatch):
-    import eedn.plugins as plugins
+    import eedn.core.plugins as plugins
 
     monkeypatch.setattr(plugins, "_manager", None)  # reload entry points, now including the example
     cfg = tiny_config | {"strategy": "im-only", "gate": "top2_ratio", "gate_options": {"ratio": 1.5},
@@ -74,7 +74,7 @@ def docs_examples() -> dict[str, dict]:
 
 
 def test_the_plugin_guide_examples_run_in_the_pipeline(tiny_config):
-    from eedn.plugins import unregister_plugin
+    from eedn.core.plugins import unregister_plugin
 
     examples = docs_examples()
     assert set(examples) == {"gate", "dataset"}

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import eedn
-from eedn.config import resolve_config
-from eedn.errors import EednError
-from eedn.inference import EarlyExitEngine
-from eedn.precision import (autocast, check_precision, cpu_supports_bf16, grad_scaler, numerics_key,
+from eedn.core.config import resolve_config
+from eedn.runtime.errors import EednError
+from eedn.deploy.inference import EarlyExitEngine
+from eedn.runtime.precision import (autocast, check_precision, cpu_supports_bf16, grad_scaler, numerics_key,
                             use_channels_last)
-from eedn.run import run_pipeline
+from eedn.pipeline.run import run_pipeline
 
 needs_bf16 = pytest.mark.skipif(not cpu_supports_bf16(), reason="CPU without native bfloat16")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -129,7 +129,7 @@ def test_cuda_fp16_training_uses_a_grad_scaler():
 
 @needs_cuda
 def test_cuda_in_memory_batches_stay_on_the_device():
-    from eedn.image_batches import ImageBatches
+    from eedn.core.image_batches import ImageBatches
     from eedn_plugins.datasets.digits import DigitsSource
 
     splits = DigitsSource().splits(16, seed=0)
@@ -139,7 +139,7 @@ def test_cuda_in_memory_batches_stay_on_the_device():
 
 
 def test_the_resnet20_example_config_resolves():
-    from eedn.config import load_config_file
+    from eedn.core.config import load_config_file
 
     cfg = resolve_config(load_config_file(Path(__file__).parent.parent / "examples/configs/cifar10_resnet20.yaml"))
     assert (cfg.precision, cfg.channels_last, cfg.backbone_options["size"]) == ("bf16", True, "20")

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 import eedn
-from eedn.cli import cli
-from eedn.errors import EednError
-from eedn.plugins import PluginManager, list_names, register_plugin, registry, unregister_plugin
+from eedn.cli.main import cli
+from eedn.runtime.errors import EednError
+from eedn.core.plugins import PluginManager, list_names, register_plugin, registry, unregister_plugin
 
 
 def invoke(*args: str):

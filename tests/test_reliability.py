@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 import eedn
 from eedn import run as pipeline
-from eedn.cache import FeatureCache, FeatureSet
-from eedn.cli import cli
-from eedn.errors import EednError
-from eedn.io import atomic_write_text, clean_stale_temps, load_checkpoint, temp_prefix
+from eedn.core.cache import FeatureCache, FeatureSet
+from eedn.cli.main import cli
+from eedn.runtime.errors import EednError
+from eedn.runtime.io import atomic_write_text, clean_stale_temps, load_checkpoint, temp_prefix
 
 FAST = {"strategy": "im-only", "strategy_options": {"epochs": 1}, "evaluators": []}
 
@@ -48,7 +48,7 @@ def test_non_empty_out_is_refused_before_stage_0_and_overwrite_replaces_it_whole
 
 
 def test_default_run_names_are_unique_within_one_second():
-    from eedn.rundir import unique_run_name
+    from eedn.pipeline.rundir import unique_run_name
 
     names = {unique_run_name("digits-resnet_tiny-jei-s0") for _ in range(50)}
     assert len(names) == 50
@@ -165,7 +165,7 @@ def test_unwritable_cache_runs_uncached_with_a_warning(tiny_config, tmp_path, ca
 
 
 def test_read_only_warm_cache_is_read_and_nothing_is_written(tiny_config, tmp_path, capsys, monkeypatch):
-    """Permission bits do not bind root: the probe :func:`eedn.io.writable_dir` is what decides."""
+    """Permission bits do not bind root: the probe :func:`eedn.runtime.io.writable_dir` is what decides."""
     from eedn import cache as cache_module, preflight
 
     cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "cache"), "backbone_training": {"epochs": 1}}
@@ -252,7 +252,7 @@ def test_state_dict_mismatch_names_the_keys(tmp_path):
 
 
 def test_yaml_and_json_errors_give_line_and_column(tmp_path):
-    from eedn.config import load_config_file
+    from eedn.core.config import load_config_file
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: 1\nbackbone_training:\n  epochs: [2\n  lr: 1e-3\n")
@@ -266,7 +266,7 @@ def test_yaml_and_json_errors_give_line_and_column(tmp_path):
 
 
 def test_a_cut_off_first_line_keeps_its_point():
-    from eedn.cli_options import first_line
+    from eedn.cli.cli_options import first_line
 
     exc = RuntimeError("Error(s) in loading state_dict for T2TViT:\n\tMissing key(s) in state_dict: \"head.w\".")
     assert first_line(exc) == "Error(s) in loading state_dict for T2TViT: Missing key(s) in state_dict: \"head.w\"."
@@ -277,7 +277,7 @@ def test_a_cut_off_first_line_keeps_its_point():
 
 
 def test_config_keys_are_typed_and_nested_keys_checked_through_every_door(tmp_path):
-    from eedn.config import load_config_file, resolve_config
+    from eedn.core.config import load_config_file, resolve_config
 
     file = tmp_path / "c.yaml"
     file.write_text("backbone_training:\n  lr: 1e-3\n  weight_decay: 5.0e-4\neval_batch_size: '128'\n")
@@ -329,7 +329,7 @@ def test_one_class_dataset_is_refused(tmp_path):
         Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
     with pytest.raises(EednError, match="has one class folder \\(only\\); a classifier needs at least two"):
         eedn.create("dataset", "image-folder", data_dir=str(tmp_path / "one")).num_classes
-    from eedn.preflight import check_classes
+    from eedn.pipeline.preflight import check_classes
 
     with pytest.raises(EednError, match="dataset 'x' has 1 class\\(es\\)"):
         check_classes("x", 1)
@@ -373,8 +373,8 @@ def test_archives_extract_under_the_run_cache_and_killed_extractions_are_cleaned
 def test_decompression_bombs_and_corrupt_images_name_the_file(tmp_path, monkeypatch):
     from PIL import Image
 
-    from eedn.image_io import open_image
-    from eedn.predict import load_image
+    from eedn.runtime.image_io import open_image
+    from eedn.deploy.predict import load_image
 
     big = tmp_path / "bomb.png"
     Image.new("L", (64, 64)).save(big)
@@ -393,7 +393,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from eedn.predict import InputRecipe, preprocessor
+    from eedn.deploy.predict import InputRecipe, preprocessor
 
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63 000: mostly above 255
     Image.fromarray(ramp).save(tmp_path / "wide.png")
@@ -432,8 +432,8 @@ def test_cache_list_and_prune(tiny_config, tmp_path):
 
 
 def test_compare_checks_every_run_directory_before_stage_0(tmp_path, monkeypatch):
-    from eedn.comparison import parse_strategies, run_compare
-    from eedn.config import resolve_config
+    from eedn.pipeline.comparison import parse_strategies, run_compare
+    from eedn.core.config import resolve_config
 
     monkeypatch.setattr(pipeline, "prepare", no_stage_0)
     cfg = resolve_config({"backbone": "resnet_tiny", "image_size": 8, "progress": False})

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 import eedn
-from eedn.contracts import Gate
-from eedn.cost import count_macs, measure_exit_macs
-from eedn.errors import EednError
-from eedn.model import EarlyExitModel
+from eedn.core.contracts import Gate
+from eedn.core.cost import count_macs, measure_exit_macs
+from eedn.runtime.errors import EednError
+from eedn.core.model import EarlyExitModel
 
 
 class NeverExitGate(Gate):

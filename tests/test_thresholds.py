@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import eedn
-from eedn.contracts import Gate
-from eedn.errors import EednError
-from eedn.outputs import ExitOutputs
-from eedn.budgets import fit_thresholds, fit_thresholds_batch, geometric_shares
+from eedn.core.contracts import Gate
+from eedn.runtime.errors import EednError
+from eedn.core.outputs import ExitOutputs
+from eedn.core.budgets import fit_thresholds, fit_thresholds_batch, geometric_shares
 from eedn_plugins.thresholds import EntropyGate, MarginGate, MaxProbGate, PatienceGate
 
 

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from eedn.build import build_backbone, build_model
-from eedn.cli import cli
-from eedn.cost import count_macs, measure_exit_macs
-from eedn.errors import EednError, UnknownNameError
+from eedn.core.build import build_backbone, build_model
+from eedn.cli.main import cli
+from eedn.core.cost import count_macs, measure_exit_macs
+from eedn.runtime.errors import EednError, UnknownNameError
 
 VIT = "timm:vit_tiny_patch16_224"
 CNN = "timm:resnet10t"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import eedn
-from eedn.errors import EednError, UnknownNameError
-from eedn.plugins import create
+from eedn.runtime.errors import EednError, UnknownNameError
+from eedn.core.plugins import create
 
 
 def write_idx(path, array: np.ndarray) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from eedn.build import build_backbone
-from eedn.errors import EednError
-from eedn.io import load_checkpoint
-from eedn.transfer import adapt_input_conv, read_state_dict, transfer_summary
+from eedn.core.build import build_backbone
+from eedn.runtime.errors import EednError
+from eedn.runtime.io import load_checkpoint
+from eedn.core.transfer import adapt_input_conv, read_state_dict, transfer_summary
 
 IMAGENET_SIZE = 72  # > 64 px: eedn keeps torchvision's ImageNet stem (7x7 conv + max-pool)
 
@@ -130,9 +130,9 @@ def test_a_pickle_that_runs_code_is_still_refused(tmp_path):
 
 
 def test_pipeline_logs_the_dropped_head(imagenet_resnet18, eedn_cache, tmp_path, capsys):
-    from eedn.config import resolve_config
-    from eedn.progress import Progress
-    from eedn.run import prepare
+    from eedn.core.config import resolve_config
+    from eedn.runtime.progress import Progress
+    from eedn.pipeline.run import prepare
 
     _, path = imagenet_resnet18
     cfg = resolve_config({"backbone": "resnet18", "dataset": "digits", "image_size": IMAGENET_SIZE,

@@ -9,7 +9,7 @@ Every source follows the clean protocol (docs/evaluation.md, "Splits"): val and 
 images *before* any training, stratified and seeded, and always read with evaluation transforms;
 ``train_eval`` is the train split (same indices, same order) with evaluation transforms, for the
 frozen-backbone feature cache. Nothing is ever downloaded: a missing dataset is an
-:class:`~eedn.errors.EednError` that says where to put which files.
+:class:`~eedn.runtime.errors.EednError` that says where to put which files.
 
 Hold-outs are made in two seeded stratified steps: first the *validation pool* (``val_size`` images
 or ``val_fraction`` of them; plus the test split where a dataset has no official one), then the pool

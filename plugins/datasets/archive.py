@@ -9,8 +9,8 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from eedn.errors import EednError
-from eedn.io import clean_stale_temps, temp_prefix
+from eedn.runtime.errors import EednError
+from eedn.runtime.io import clean_stale_temps, temp_prefix
 
 
 def _fingerprint(path: Path) -> str:

@@ -7,9 +7,9 @@ from typing import Sequence
 import numpy as np
 from torch import Tensor
 
-from eedn.data import DataSplits, hold_out, subset
-from eedn.errors import EednError
-from eedn.options import option
+from eedn.core.data import DataSplits, hold_out, subset
+from eedn.runtime.errors import EednError
+from eedn.core.options import option
 from eedn_plugins.datasets.common import ArrayOptions, _ArraySource, _check_image_size, _hwc_uint8, _require_nonempty
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

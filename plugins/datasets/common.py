@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from eedn.contracts import DatasetSource
-from eedn.data import MappedDataset
-from eedn.errors import EednError
-from eedn.image_batches import InMemoryImages, RandomCropFlip
-from eedn.options import option
+from eedn.core.contracts import DatasetSource
+from eedn.core.data import MappedDataset
+from eedn.runtime.errors import EednError
+from eedn.core.image_batches import InMemoryImages, RandomCropFlip
+from eedn.core.options import option
 
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eedn.data import DataSplits, hold_out, subset
-from eedn.errors import EednError
-from eedn.image_batches import InMemoryImages, RandomCropFlip
+from eedn.core.data import DataSplits, hold_out, subset
+from eedn.runtime.errors import EednError
+from eedn.core.image_batches import InMemoryImages, RandomCropFlip
 from eedn_plugins.datasets.common import _check_image_size, _fraction_option, _require_nonempty, _Source
 
 
@@ -52,7 +52,7 @@ class DigitsSource(_Source):
     so a T2T-ViT gets 4 patch tokens, as in the paper's 32 px SVHN setup. The bilinear resize and the
     normalisation statistics (mean/std of the train split) are computed once on the whole in-memory tensor; train
     augmentation is a random shift of up to ``image_size // 8`` pixels (one original pixel at 32 px), padding
-    with black, applied to whole batches (:mod:`eedn.image_batches`).
+    with black, applied to whole batches (:mod:`eedn.core.image_batches`).
     """
 
     name = "digits"

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from eedn.data import DataSplits, MappedDataset, channel_statistics, hold_out, subset
-from eedn.errors import EednError
-from eedn.image_batches import InMemoryImages, RandomCropFlip
-from eedn.image_io import IMAGE_EXTENSIONS, open_image
-from eedn.options import option
+from eedn.core.data import DataSplits, MappedDataset, channel_statistics, hold_out, subset
+from eedn.runtime.errors import EednError
+from eedn.core.image_batches import InMemoryImages, RandomCropFlip
+from eedn.runtime.image_io import IMAGE_EXTENSIONS, open_image
+from eedn.core.options import option
 from eedn_plugins.datasets.archive import _fingerprint, extract_once
 from eedn_plugins.datasets.common import (_check_image_size, _fits_in_memory, _fraction_option, _in_memory_option,
                                           _require_nonempty, _resized_uint8, _Source, cifar_transforms)
@@ -73,7 +73,7 @@ class ImageFolderSource(_Source):
     ``<the run's cache directory>/datasets``) and reused. Without ``test/``, a seeded stratified
     ``test_fraction`` of ``train/`` becomes the test split. The val pool is ``val_fraction`` of the
     ``train/`` images, split into val and cal by ``cal_fraction``. Images are decoded lazily, one per
-    sample, or all at once into memory when they fit ``in_memory_mb`` (:mod:`eedn.image_batches`).
+    sample, or all at once into memory when they fit ``in_memory_mb`` (:mod:`eedn.core.image_batches`).
     The data decides the rest: images that are all grayscale stay one channel; the normalisation is the
     per-channel mean/std of (up to ``stats_images`` of) the train split unless ``mean``/``std`` are given;
     ``augment=auto`` crops with padding and flips colour images only (a mirrored character is another

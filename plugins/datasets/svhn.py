@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from eedn.data import DataSplits, hold_out, subset
-from eedn.errors import EednError
+from eedn.core.data import DataSplits, hold_out, subset
+from eedn.runtime.errors import EednError
 from eedn_plugins.datasets.common import ArrayOptions, _ArraySource, _check_image_size, _hwc_uint8, _require_nonempty
 
 

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from eedn.contracts import DatasetSource
-from eedn.data import DataSplits, MappedDataset, channel_statistics, dataset_labels, hold_out, subset
-from eedn.errors import EednError
-from eedn.options import option
+from eedn.core.contracts import DatasetSource
+from eedn.core.data import DataSplits, MappedDataset, channel_statistics, dataset_labels, hold_out, subset
+from eedn.runtime.errors import EednError
+from eedn.core.options import option
 
 AUGMENTS = ("auto", "crop-flip", "crop", "none")
 

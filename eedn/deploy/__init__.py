@@ -1,0 +1,1 @@
+"""Deployment: real early-exit inference, prediction, benchmarks and export of finished runs."""

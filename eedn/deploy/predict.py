@@ -1,0 +1,199 @@
+"""``eedn predict``: classify image files with a trained run, with real early exits.
+
+Everything comes from the run directory, so it works after the training data is gone: the model from
+``run.json`` and ``model.pt`` (:func:`eedn.pipeline.rundir.load_model`) and the preprocessing from ``run.json``'s
+``input`` section (channels, image size, mean/std, class names). Images are batched and sent through
+:class:`eedn.deploy.inference.EarlyExitEngine`; each file gets its class, confidence, the exit it left at and
+the MACs it cost.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import click
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from eedn.cli.cli_options import friendly_errors
+from eedn.runtime.errors import EednError
+from eedn.runtime.image_io import IMAGE_EXTENSIONS, to_eight_bit
+from eedn.deploy.inference import EarlyExitEngine
+from eedn.report.render import format_macs
+from eedn.pipeline.rundir import MANIFEST, load_model, read_manifest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL.Image import Image
+
+
+
+# ----------------------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class InputRecipe:
+    """How a run's model wants its images (run.json's ``input``): what the dataset's evaluation
+    transforms did, recorded when the run was trained."""
+
+    channels: int
+    image_size: int
+    mean: list[float] | None
+    std: list[float] | None
+    class_names: list[str]
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "InputRecipe":
+        spec = manifest.get("input")
+        if not isinstance(spec, dict) or "channels" not in spec or "image_size" not in spec:
+            raise EednError(f"the run's {MANIFEST} has no input section (channels, image_size); re-run it with "
+                            "this version of eedn")
+        mean, std = spec.get("mean"), spec.get("std")
+        return cls(int(spec["channels"]), int(spec["image_size"]), None if mean is None else [float(m) for m in mean],
+                   None if std is None else [float(s) for s in std], [str(c) for c in spec.get("class_names") or []])
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if index < len(self.class_names) else str(index)
+
+
+def preprocessor(recipe: InputRecipe) -> Callable[["Image"], Tensor]:
+    """PIL image -> ``[C, S, S]`` tensor like the dataset's evaluation split: grayscale/RGB, centre-cropped
+    to a square, resized to S with bilinear interpolation (anti-aliased when shrinking), scaled to
+    ``[0, 1]``, normalised with the recorded mean/std (none recorded: no normalisation)."""
+    import numpy as np
+
+    mode = "L" if recipe.channels == 1 else "RGB"
+    size = recipe.image_size
+    mean = None if recipe.mean is None else torch.tensor(recipe.mean).view(-1, 1, 1)
+    std = None if recipe.std is None else torch.tensor(recipe.std).view(-1, 1, 1)
+
+    def preprocess(image: "Image") -> Tensor:
+        image = to_eight_bit(image).convert(mode)  # 16-bit PNGs scaled, never clipped
+        w, h = image.size
+        side = min(w, h)
+        if w != h:
+            left, top = (w - side) // 2, (h - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
+        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
+        if side != size:
+            x = F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=side > size).squeeze(0)
+        if mean is not None and std is not None:
+            x = (x - mean) / std
+        return x
+
+    return preprocess
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files given directly, plus image files (by extension) found recursively in folders, in order."""
+    paths = list(paths)
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found.extend(Path(dirpath) / f for f in sorted(filenames)
+                             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        else:
+            raise EednError(f"input {raw} does not exist; give image files or folders of images")
+    if not found:
+        raise EednError(f"no images found in {', '.join(map(str, paths))} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def load_image(path: Path, preprocess: Callable[["Image"], Tensor]) -> Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return preprocess(image)
+    except Image.DecompressionBombError as exc:
+        raise EednError(f"image {path} is too large to decode safely ({exc}); resize it or remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise EednError(f"cannot read image {path}: {exc}") from None
+
+
+def read_images(run_dir: str | Path, inputs: Sequence[str | os.PathLike],
+                max_images: int | None = None) -> tuple[list[Path], Tensor]:
+    """The image files under ``inputs`` (at most ``max_images``) and one ``[N, C, S, S]`` tensor of them,
+    preprocessed for the run in ``run_dir`` (what ``eedn bench --input`` times)."""
+    recipe = InputRecipe.from_manifest(read_manifest(run_dir))
+    files = find_images(inputs)[:max_images]
+    preprocess = preprocessor(recipe)
+    return files, torch.stack([load_image(f, preprocess) for f in files])
+
+
+# ---------------------------------------------------------------------------------------- predict
+def predict_files(run_dir: str | Path, inputs: Sequence[str | os.PathLike], batch_size: int = 64,
+                  device: str = "cpu", compile: bool = False) -> list[dict]:
+    """One dict per image file under ``inputs``: ``file``, ``class_index``, ``class`` (the run's class
+    name), ``confidence``, ``exit`` and ``macs``, from the run's reported policy with real early exits."""
+    if batch_size < 1:
+        raise EednError(f"--batch-size must be at least 1, got {batch_size}")
+    recipe = InputRecipe.from_manifest(read_manifest(run_dir))
+    files = find_images(inputs)
+    model, manifest = load_model(run_dir, device=device)
+    preprocess = preprocessor(recipe)
+    engine = EarlyExitEngine(model, exit_macs=manifest["model"]["exit_macs"], compile=compile)
+    rows: list[dict] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        out = engine(torch.stack([load_image(f, preprocess) for f in chunk]))
+        for i, f in enumerate(chunk):
+            c = int(out.predictions[i])
+            rows.append({"file": str(f), "class_index": c, "class": recipe.class_name(c),
+                         "confidence": float(out.confidences[i]), "exit": int(out.exit_index[i]),
+                         "macs": float(out.macs[i])})
+    return rows
+
+
+def _display_path(path: str) -> str:
+    """Relative to the working directory when below it (shorter tables), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
+def print_predictions(rows: list[dict], full_macs: float | None = None, num_exits: int | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="early-exit predictions")
+    table.add_column("file", overflow="fold")  # never cut a path short
+    for col, justify in (("class", "left"), ("confidence", "right"), ("exit", "right"), ("MACs", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
+    for r in rows:
+        exit_label = str(r["exit"]) + (" (head)" if num_exits is not None and r["exit"] == num_exits - 1 else "")
+        table.add_row(Text(_display_path(r["file"])), Text(r["class"]), f"{r['confidence']:.3f}", exit_label,
+                      format_macs(r["macs"]))
+    console = Console()
+    console.print(table)
+    if rows and full_macs:
+        mean = sum(r["macs"] for r in rows) / len(rows)
+        console.print(f"{len(rows)} images, mean {format_macs(mean)} MACs = {mean / full_macs:.3f} of the full network")
+
+
+@click.command("predict")
+@click.argument("run_dir", type=click.Path())
+@click.option("--input", "inputs", multiple=True, required=True, metavar="PATH",
+              help="an image file or a folder of images (repeatable)")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="images per engine call")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--compile", "compile_", is_flag=True, help="run the exits through torch.compile (slow first batch; "
+                                                           "docs/inference.md)")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@friendly_errors
+def predict(run_dir, inputs, batch_size, device, compile_, debug) -> None:
+    """Classify images with a trained run (real early exits): class, confidence, exit, MACs per file.
+
+    Needs only the run directory: the training data may be gone."""
+    spec = read_manifest(run_dir)["model"]
+    rows = predict_files(run_dir, inputs, batch_size=batch_size, device=device, compile=compile_)
+    print_predictions(rows, spec["full_macs"], spec["num_exits"])

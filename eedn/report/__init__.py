@@ -1,0 +1,1 @@
+"""Reports: tables, figures and terminal output made from results. Imports evaluate, core and runtime."""
