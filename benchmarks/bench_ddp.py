@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKER = r"""
 import os, sys, time, json, torch, torch.nn.functional as F
 import eedn
-from eedn import distributed
+from eedn.runtime import distributed
 from eedn.core.image_batches import ImageBatches
 threads, steps, batch, backbone, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 torch.set_num_threads(threads)
@@ -55,7 +55,7 @@ distributed.shutdown()
 
 HEADS = r"""
 import json, time, torch, torch.distributed as dist
-from eedn import distributed
+from eedn.runtime import distributed
 torch.set_num_threads(1)
 world, _ = distributed.init_from_env("cpu")
 torch.manual_seed(0)

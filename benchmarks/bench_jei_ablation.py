@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import os
 import time
 from pathlib import Path
@@ -39,7 +37,7 @@ import eedn  # noqa: E402
 from eedn.pipeline.comparison import render_comparison  # noqa: E402
 from eedn.core.config import load_config_file, resolve_config  # noqa: E402
 from eedn.runtime.io import atomic_write_json, atomic_write_text  # noqa: E402
-from eedn.evaluate.matched import interpolate_at  # noqa: E402
+from eedn.evaluation.matched import interpolate_at  # noqa: E402
 from eedn.runtime.progress import Progress  # noqa: E402
 from eedn.pipeline.rundir import created_now  # noqa: E402
 from eedn.pipeline.run import prepare, run_strategy  # noqa: E402

@@ -21,7 +21,6 @@ figure (test risk, MACs saved and violations against ε). Usage (docs/evaluation
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -35,8 +34,8 @@ import torch  # noqa: E402
 import eedn  # noqa: E402
 from eedn.runtime.io import atomic_write_json  # noqa: E402
 from eedn.core.outputs import ExitOutputs  # noqa: E402
-from eedn.evaluate.risk import CONTROLLERS, build_knob, loss_matrix, select  # noqa: E402
-from eedn.pipeline.risk_run import plot_risk_sweep  # noqa: E402
+from eedn.evaluation.risk import CONTROLLERS, build_knob, loss_matrix, select  # noqa: E402
+from eedn.report.risk_report import plot_risk_sweep  # noqa: E402
 from eedn.pipeline.rundir import load_model, read_results  # noqa: E402
 
 DEFAULT_EPSILONS = "0.01,0.02,0.05,0.1,0.15"

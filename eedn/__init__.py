@@ -18,7 +18,7 @@ from typing import Any
 from eedn.runtime.errors import EednError, UnknownNameError
 from eedn.core.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+from eedn.runtime.version import __version__
 
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -35,7 +35,7 @@ _EXPORTS: dict[str, str] = {
     "DataSplits": "eedn.core.data", "TensorImages": "eedn.core.data", "stratified_holdout": "eedn.core.data", "hold_out": "eedn.core.data",
     "subset": "eedn.core.data", "channel_statistics": "eedn.core.data", "dataset_labels": "eedn.core.data",
     "MappedDataset": "eedn.core.data",
-    "ExitOutputs": "eedn.core.outputs", "read_outputs": "eedn.core.outputs",
+    "ExitOutputs": "eedn.core.outputs", "read_outputs": "eedn.pipeline.rundir",
     # models
     "EarlyExitModel": "eedn.core.model", "build_model": "eedn.core.build", "create_model": "eedn.core.build",
     "build_backbone": "eedn.core.build",
@@ -44,7 +44,7 @@ _EXPORTS: dict[str, str] = {
     "registry": "eedn.core.plugins",
     # research API
     "run_pipeline": "eedn.pipeline.run", "load_run": "eedn.pipeline.api", "measure_exit_macs": "eedn.core.cost",
-    "split_outputs": "eedn.pipeline.api", "fit_strategy": "eedn.pipeline.api", "apply_gate": "eedn.evaluate.policy",
+    "split_outputs": "eedn.pipeline.api", "fit_strategy": "eedn.pipeline.api", "apply_gate": "eedn.evaluation.policy",
     "calibrate_gate": "eedn.pipeline.api", "evaluate": "eedn.pipeline.api", "load_dataset": "eedn.pipeline.api", "train_backbone": "eedn.pipeline.api",
     "read_results": "eedn.pipeline.rundir", "Progress": "eedn.runtime.progress",
     # real early-exit inference

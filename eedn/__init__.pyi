@@ -39,12 +39,12 @@ from eedn.core.model import EarlyExitModel as EarlyExitModel
 from eedn.core.options import option as option
 from eedn.core.options import resolve_options as resolve_options
 from eedn.core.outputs import ExitOutputs as ExitOutputs
-from eedn.core.outputs import read_outputs as read_outputs
+from eedn.pipeline.rundir import read_outputs as read_outputs
 from eedn.core.plugins import create as create
 from eedn.core.plugins import list_names as list_names
 from eedn.core.plugins import register_plugin as register_plugin
 from eedn.core.plugins import registry as registry
-from eedn.evaluate.policy import apply_gate as apply_gate
+from eedn.evaluation.policy import apply_gate as apply_gate
 from eedn.deploy.predict import predict_files as predict_files
 from eedn.deploy.predict import read_images as read_images
 from eedn.runtime.progress import Progress as Progress
@@ -60,7 +60,7 @@ __all__ = [
     "EednError", "UnknownNameError", "hookimpl", "__version__", "Backbone", "InferenceModule", "Gate", "Evaluator",
     "DatasetSource", "InputSpec", "Metric", "select_rows", "TrainingStrategy", "StrategyResult", "FitContext",
     "option", "resolve_options", "ThresholdGate", "DataSplits", "TensorImages", "stratified_holdout", "hold_out",
-    "subset", "channel_statistics", "dataset_labels", "ExitOutputs", "read_outputs", "EarlyExitModel", "build_model",
+    "subset", "channel_statistics", "dataset_labels", "MappedDataset", "ExitOutputs", "read_outputs", "EarlyExitModel", "build_model",
     "create_model", "build_backbone", "create", "list_names", "register_plugin", "registry", "run_pipeline",
     "load_run", "measure_exit_macs", "split_outputs", "fit_strategy", "apply_gate", "calibrate_gate", "evaluate",
     "load_dataset", "train_backbone", "read_results", "Progress", "EarlyExitEngine", "InferenceResult",

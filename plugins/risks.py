@@ -17,13 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from eedn.runtime.errors import EednError
 from eedn.core.options import option
 from eedn.core.outputs import ExitOutputs
-from eedn.evaluate.risk import Risk
+from eedn.evaluation.risk import Risk
 
 
 def _predictions(outputs: ExitOutputs) -> Tensor:

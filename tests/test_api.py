@@ -72,14 +72,14 @@ def doc_parameters(args: ast.arguments) -> list[tuple[str, str, object]]:
 
 def test_documented_signatures_match_the_code():
     """docs/api.md writes each signature in full: names, order, keyword-only marks and defaults."""
-    import eedn.evaluate.risk
+    import eedn.evaluation.risk
 
     signatures = documented_signatures((ROOT / "docs" / "api.md").read_text())
     assert {"fit_strategy", "EarlyExitEngine", "create_model", "train_backbone", "read_outputs"} <= set(signatures)
     wrong = {}
     for name, args in signatures.items():
-        obj = getattr(eedn, name, None) or getattr(eedn.evaluate.risk, name, None)
-        assert obj is not None, f"docs/api.md documents {name}(...), which is neither eedn.{name} nor eedn.evaluate.risk.{name}"
+        obj = getattr(eedn, name, None) or getattr(eedn.evaluation.risk, name, None)
+        assert obj is not None, f"docs/api.md documents {name}(...), which is neither eedn.{name} nor eedn.evaluation.risk.{name}"
         if doc_parameters(args) != (code := code_parameters(obj)):
             wrong[name] = [f"{n}={d!r}" if d is not inspect.Parameter.empty else n for n, _, d in code]
     assert not wrong, f"docs/api.md signatures differ from the code; the code has: {wrong}"

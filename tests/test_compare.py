@@ -16,10 +16,10 @@ from conftest import numpy_interpolation
 
 import eedn
 import eedn.pipeline.run
-from eedn.cli.compare_cli import compare_command, report_command
+from eedn.cli.compare import compare_command
+from eedn.cli.report import report_command
 from eedn.pipeline.comparison import StrategySpec, parse_seeds, parse_strategies, strategy_options_for
 from eedn.runtime.errors import EednError
-from eedn.evaluate.matched import interpolate_at
 from eedn.core.outputs import reliability_bins
 from eedn.core.plugins import register_plugin, unregister_plugin
 
@@ -81,7 +81,8 @@ def test_reliability_bins_agree_with_the_calibration_evaluator():
 
 def test_the_comparison_modules_name_no_plugin():
     root = Path(eedn.__file__).parent
-    for name in ("matched", "comparison", "compare_cli", "render", "plots"):
+    for name in ("evaluation/matched", "pipeline/comparison", "cli/compare", "cli/report", "report/render",
+                 "report/plots"):
         text = (root / f"{name}.py").read_text()
         assert not re.search(r"conformal|calibration", text, re.IGNORECASE), name
 
@@ -191,7 +192,7 @@ def test_compare_writes_runs_comparison_and_report(compared):
     n_points = {"jei": 2, "im-only+patience": 3}  # jei: two λ (policy = λ=0.1); patience: k=1, k=2 + budget policy
     for label, n in n_points.items():
         assert sum(r["strategy"] == label for r in matched["rows"]) == n
-    own = "jei IMs+max_prob"  # the learned gate's own IMs under max-prob thresholds: one more column
+    own = "jei IMs + max_prob thresholds"  # the learned gate's own IMs under max-prob thresholds: one more column
     assert matched["columns"] == ["jei", own, "im-only+patience"]
     for row in matched["rows"]:
         assert set(row["values"]) == {"jei", own, "im-only+patience"}
@@ -335,7 +336,7 @@ def test_report_on_a_single_run(compared, tmp_path, monkeypatch):
     for name in ("summary.md", *FIGURES):
         assert (run / name).exists(), name
     # a learned gate is shown beside max-prob thresholds on its own IMs
-    assert "exits of jei+jei" in res.output and "jei+jei IMs+max_prob" in res.output
+    assert "exits of jei+jei" in res.output and "jei+jei IMs + max_prob" in res.output
     assert "accuracy % at matched mean MACs" in res.output
     assert "## Learned gate vs thresholds on the same IMs" in (run / "summary.md").read_text()
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from eedn.cli.main import cli
-from eedn.cli.cli_options import build_config
+from eedn.cli.common import build_config
 from eedn.core.config import (BackboneTraining, Config, RiskControl, config_key, defaults, flag_keys, load_config_file,
                          resolve_config)
 from eedn.runtime.errors import EednError

@@ -48,7 +48,7 @@ def _train_tiny(out: Path, device: str = "cpu") -> dict:
 def _ddp_worker(rank: int, size: int, port: int, out: str, task: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from eedn import distributed
+    from eedn.runtime import distributed
 
     device = "cuda" if task == "nccl" else "cpu"
     world, device = distributed.init_from_env(device)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from eedn.evaluate.matched import MISSING, OUTSIDE, RunPoints, comparison_numbers, interpolate_at, matched_cost_table, mean_std
+from eedn.evaluation.matched import MISSING, OUTSIDE, RunPoints, comparison_numbers, interpolate_at, matched_cost_table, mean_std
 from eedn.report.render import comparison_markdown, format_macs
 
 # --------------------------------------------------------------------------------------- interpolation, stats

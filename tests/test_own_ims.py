@@ -5,9 +5,9 @@ import pytest
 import torch
 from conftest import numpy_interpolation
 
-from eedn.evaluate.matched import own_im_threshold_runs
+from eedn.evaluation.matched import own_im_threshold_runs
 from eedn.core.outputs import ExitOutputs
-from eedn.evaluate.own_ims import cost_grid, rescored, threshold_on_own_ims
+from eedn.evaluation.own_ims import cost_grid, rescored, threshold_on_own_ims
 from eedn_plugins.jei_gate import JeiGate
 
 
@@ -52,8 +52,8 @@ def test_threshold_curve_on_own_ims_and_the_gate_at_its_own_cost():
     results = {"policy": {"strategy": "jei", "gate": "jei", "mean_macs": expected["mean_macs"], "setting": "lambda=1"},
                "curve": [], "metrics": {"ece": {}}, "threshold_on_own_ims": own}
     runs = own_im_threshold_runs({"jei": {0: results}, "im-only": {0: {"policy": {}, "curve": []}}})
-    assert list(runs) == ["jei", "jei IMs+max_prob", "im-only"]
-    column = runs["jei IMs+max_prob"][0]
+    assert list(runs) == ["jei", "jei IMs + max_prob thresholds", "im-only"]
+    column = runs["jei IMs + max_prob thresholds"][0]
     assert column["curve"] == curve and column["metrics"] == {} and column["policy"]["gate"] == "max_prob"
     nearest = min(curve, key=lambda p: abs(p["mean_macs"] - expected["mean_macs"]))
     assert column["policy"]["setting"] == nearest["setting"]

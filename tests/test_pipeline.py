@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import eedn
-from eedn import backbone_training
+from eedn.train import backbone_training
 from eedn.cli.main import cli
 from eedn.runtime.errors import EednError
 
@@ -107,7 +107,7 @@ def test_bad_inputs_are_one_line_errors(tiny_config, tmp_path):
 
 
 def test_names_and_options_are_checked_before_stage_0(tiny_config, tmp_path, monkeypatch):
-    from eedn import run as pipeline
+    from eedn.pipeline import run as pipeline
 
     def no_training(*args, **kwargs):
         raise AssertionError("stage 0 ran before the config was checked")
@@ -178,7 +178,7 @@ def test_plugin_defaults_come_from_the_registrations():
 
 
 def test_gate_pairing_tradeoff_and_budget_are_checked_before_stage_0(tiny_config, tmp_path, monkeypatch):
-    from eedn import run as pipeline
+    from eedn.pipeline import run as pipeline
     from eedn.core.config import resolve_config
 
     monkeypatch.setattr(pipeline, "train_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))

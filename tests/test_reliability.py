@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import eedn
-from eedn import run as pipeline
+from eedn.pipeline import run as pipeline
 from eedn.core.cache import FeatureCache, FeatureSet
 from eedn.cli.main import cli
 from eedn.runtime.errors import EednError
@@ -55,7 +55,7 @@ def test_default_run_names_are_unique_within_one_second():
 
 
 def test_a_failed_run_leaves_no_run_directory(tiny_config, tmp_path, monkeypatch):
-    from eedn import render
+    from eedn.report import render
 
     def broken_render(*args, **kwargs):
         raise OSError("disk full")
@@ -166,7 +166,8 @@ def test_unwritable_cache_runs_uncached_with_a_warning(tiny_config, tmp_path, ca
 
 def test_read_only_warm_cache_is_read_and_nothing_is_written(tiny_config, tmp_path, capsys, monkeypatch):
     """Permission bits do not bind root: the probe :func:`eedn.runtime.io.writable_dir` is what decides."""
-    from eedn import cache as cache_module, preflight
+    from eedn.core import cache as cache_module
+    from eedn.pipeline import preflight
 
     cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "cache"), "backbone_training": {"epochs": 1}}
     warm = eedn.run_pipeline(cfg | {"out": str(tmp_path / "a")})
@@ -266,7 +267,7 @@ def test_yaml_and_json_errors_give_line_and_column(tmp_path):
 
 
 def test_a_cut_off_first_line_keeps_its_point():
-    from eedn.cli.cli_options import first_line
+    from eedn.cli.common import first_line
 
     exc = RuntimeError("Error(s) in loading state_dict for T2TViT:\n\tMissing key(s) in state_dict: \"head.w\".")
     assert first_line(exc) == "Error(s) in loading state_dict for T2TViT: Missing key(s) in state_dict: \"head.w\"."

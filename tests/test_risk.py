@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eedn import risk_bounds as rb
+from eedn.evaluation import risk_bounds as rb
 from eedn.cli.main import cli
 from eedn.runtime.errors import EednError
 from eedn.core.outputs import ExitOutputs
 from eedn.core.plugins import create
-from eedn.evaluate.risk import build_knob, loss_matrix, mean_macs, select
-from eedn.pipeline.risk_run import comparison_rows, comparison_table
+from eedn.evaluation.risk import build_knob, loss_matrix, mean_macs, select
+from eedn.report.risk_report import comparison_rows, comparison_table
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:

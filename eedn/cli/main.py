@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import click
 
-from eedn.cli.cli_options import build_config, common_run_options, friendly_errors, key_flag
+from eedn.cli.common import build_config, common_run_options, friendly_errors, key_flag
 from eedn.runtime.errors import EednError
 
 
@@ -25,14 +25,14 @@ class LazyCommand(NamedTuple):
 
 #: commands that live in their own modules, imported only when run (keeps `eedn --help` free of torch).
 LAZY_COMMANDS: dict[str, LazyCommand] = {
-    "compare": LazyCommand("eedn.cli.compare_cli:compare_command",
+    "compare": LazyCommand("eedn.cli.compare:compare_command",
                            "Compare strategies on one backbone, dataset and seed list at matched compute."),
-    "report": LazyCommand("eedn.cli.compare_cli:report_command",
+    "report": LazyCommand("eedn.cli.report:report_command",
                           "Re-render the report and figures of a run or comparison directory."),
-    "predict": LazyCommand("eedn.deploy.predict:predict", "Classify images with a trained run (real early exits)."),
-    "bench": LazyCommand("eedn.deploy.bench:bench", "Time early-exit inference against the full network."),
-    "cache": LazyCommand("eedn.cli.cache_cli:cache_command", "Show and remove cached backbones, features and extracted datasets."),
-    "export": LazyCommand("eedn.deploy.export:export_command",
+    "predict": LazyCommand("eedn.cli.deploy_commands:predict", "Classify images with a trained run (real early exits)."),
+    "bench": LazyCommand("eedn.cli.deploy_commands:bench", "Time early-exit inference against the full network."),
+    "cache": LazyCommand("eedn.cli.cache:cache_command", "Show and remove cached backbones, features and extracted datasets."),
+    "export": LazyCommand("eedn.cli.deploy_commands:export_command",
                           "Export a trained run as per-exit segments with a small runner (no eedn needed)."),
 }
 

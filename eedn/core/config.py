@@ -4,7 +4,7 @@ Every config key, nested ones included (``backbone_training.lr``, ``risk_control
 :class:`Config` or of one of its sections, declared with :func:`key`: its default, help text, limits, choices
 and, where it has one, its command-line flag. That one table serves every door a value comes in by: a config
 file (YAML/JSON), keyword overrides (``eedn.run_pipeline(config, seed=1)``), ``--set a.b=value`` and the CLI
-flags (``eedn/cli/cli_options.py`` builds each flag's type, choices and help from its key). Every value is coerced
+flags (``eedn/cli/common.py`` builds each flag's type, choices and help from its key). Every value is coerced
 and checked by :func:`eedn.core.options.coerce`, the machinery plugin options use: ``1e-3`` is the float 0.001 whether
 YAML read it as a string or not, a typo in a nested key is an error that names the valid keys ("did you mean"),
 and a value out of its limits is one line. A :class:`Config` is checked when it is built, so every instance the
@@ -38,9 +38,9 @@ from typing import Any, ClassVar, Mapping
 
 from eedn.runtime.errors import EednError
 from eedn.core.options import OptionSpec, coerce, option
+from eedn.runtime.precision import PRECISIONS
 
 #: torch.autocast precisions (eedn/runtime/precision.py maps them to dtypes)
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def key(default: Any, help: str = "", *, flag: str | None = None, choices: tuple | None = None,

@@ -49,7 +49,7 @@ def register_datasets(register):
 
 @hookspec
 def register_risks(register):
-    """Register risks for risk-controlled exits: ``register(name, cls)``; ``cls(**options) -> eedn.evaluate.risk.Risk``."""
+    """Register risks for risk-controlled exits: ``register(name, cls)``; ``cls(**options) -> eedn.evaluation.risk.Risk``."""
 
 
 @hookspec

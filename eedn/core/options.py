@@ -358,3 +358,14 @@ def _limits(spec: OptionSpec) -> str:
         return f" in ({spec.above:g}, {spec.max:g}]"
     bounds = [f" {sign} {b:g}" for sign, b in ((">", spec.above), (">=", spec.min), ("<=", spec.max)) if b is not None]
     return "".join(bounds)
+
+
+def parse_number_list(text: str, option: str, convert: Callable[[str], Any], minimum: float, example: str) -> list:
+    """A comma-separated option value (``--lambda 0.01,0.5``, ``--batch-sizes 1,32``) as numbers >= ``minimum``."""
+    try:
+        values = [convert(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EednError(f"{option} expects a comma-separated list such as {example}, got '{text}'") from None
+    if not values or any(v < minimum for v in values):
+        raise EednError(f"{option} values must be numbers >= {minimum:g}, got '{text}'")
+    return values

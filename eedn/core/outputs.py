@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -12,8 +10,6 @@ import torch
 from torch import Tensor
 
 from eedn.runtime.errors import EednError
-from eedn.runtime.io import load_checkpoint
-from eedn.pipeline.rundir import OUTPUTS, read_manifest
 
 #: bins of a reliability diagram and of the ECE (equal width on [0, 1]), the usual count
 RELIABILITY_BINS = 15
@@ -83,27 +79,6 @@ class ExitOutputs:
     @classmethod
     def from_dict(cls, d: dict) -> "ExitOutputs":
         return cls(d["logits"], d["labels"], d["gate_scores"], d["exit_macs"], float(d["full_macs"]))
-
-
-def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]]:
-    """A finished run directory's stored outputs (``outputs.pt``): trained setting → split (``val``, ``cal``,
-    ``test``) → :class:`ExitOutputs`. The reported policy's setting is ``run.json``'s
-    ``policy.trained_setting`` (:func:`eedn.load_run` returns that manifest). No network pass, no dataset."""
-    run_dir = Path(run_dir)
-    read_manifest(run_dir)  # a clear error for a directory that is not a finished run
-    path = run_dir / OUTPUTS
-    if not path.is_file():
-        raise EednError(f"{run_dir} has no {OUTPUTS} (stored outputs); it was written by an eedn that did not "
-                        "store them, or the file was removed: run it again")
-    blob = load_checkpoint(path)
-    keys = ("logits", "labels", "gate_scores", "exit_macs", "full_macs")
-    ok = isinstance(blob, dict) and all(isinstance(splits, dict) and all(
-        isinstance(d, dict) and all(k in d for k in keys) for d in splits.values()) for splits in blob.values())
-    if not ok:
-        raise EednError(f"{path} does not hold eedn's stored outputs (setting -> split -> logits, labels, ...); "
-                        "give the directory of a finished `eedn run`")
-    return {setting: {split: ExitOutputs.from_dict(d) for split, d in splits.items()}
-            for setting, splits in blob.items()}
 
 
 # ------------------------------------------------------------------------------------------------ reliability bins

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from eedn import hookspecs
+from eedn.core import hookspecs
 from eedn.runtime.errors import EednError, UnknownNameError
 from eedn.core.options import OptionSpec, option_specs, resolve_options
 

@@ -22,12 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import click
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from eedn.cli.cli_options import friendly_errors, parse_number_list
+from eedn.core.options import parse_number_list
 from eedn.runtime.errors import EednError
 from eedn.deploy.inference import EarlyExitEngine, full_inference
 from eedn.core.model import EarlyExitModel
@@ -240,35 +239,3 @@ def print_benchmark(rows: list[dict], title: str = "early-exit inference vs full
 
 def parse_batch_sizes(text: str) -> list[int]:
     return parse_number_list(text, "--batch-sizes", int, 1, "1,32,256")
-
-
-@click.command("bench")
-@click.argument("run_dir", type=click.Path())
-@click.option("--input", "inputs", multiple=True, required=True, metavar="PATH",
-              help="an image file or a folder of images to time (repeatable), preprocessed like `eedn predict`")
-@click.option("--batch-sizes", default="1,32,256", show_default=True, help="comma-separated batch sizes")
-@click.option("--max-samples", type=int, help="use only the first N images (default: all)")
-@click.option("--threads", type=int, help="torch intra-op threads (default: torch's)")
-@click.option("--repeats", type=int, default=5, show_default=True, help="timed rounds per batch (best kept)")
-@click.option("--stage-profile/--no-stage-profile", default=True, show_default=True,
-              help="also time each stage alone (time-model speed-up, engine efficiency)")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--json", "json_out", type=click.Path(), help="also write the rows to this JSON file")
-@click.option("--debug", is_flag=True, help="show tracebacks")
-@friendly_errors
-def bench(run_dir, inputs, batch_sizes, max_samples, threads, repeats, stage_profile, device, json_out,
-          debug) -> None:
-    """Time early-exit inference against the full network on image files (needs only the run directory)."""
-    from eedn.deploy.predict import read_images
-
-    sizes = parse_batch_sizes(batch_sizes)
-    if max_samples is not None and max_samples < 1:
-        raise EednError(f"--max-samples must be at least 1, got {max_samples}")
-    _, images = read_images(run_dir, inputs, max_samples)
-    rows = benchmark(run_dir, images, batch_sizes=sizes, repeats=repeats, threads=threads,
-                     stage_profile=stage_profile, device=device)
-    print_benchmark(rows, title=f"early-exit inference vs full network: {run_dir}")
-    if json_out:
-        from eedn.runtime.io import atomic_write_json
-
-        atomic_write_json(Path(json_out), rows)

@@ -15,11 +15,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import click
 import torch
 from torch import Tensor, nn
 
-from eedn.cli.cli_options import friendly_errors
 from eedn.runtime.errors import EednError
 from eedn.deploy.export_runtime import DECISION_FILE
 from eedn.runtime.io import atomic_write_json
@@ -135,24 +133,3 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict:
     extra = {"run": str(Path(run_dir).resolve()), "exit_macs": spec.get("exit_macs"),
              "full_macs": spec.get("full_macs")}
     return export_model(model, fmt, out, manifest["input"], extra)
-
-
-@click.command("export")
-@click.argument("run_dir", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="torchscript", show_default=True,
-              help="torchscript and exported-program need torch only; onnx needs pip install 'eedn[export]'")
-@click.option("--out", required=True, type=click.Path(), help="directory to write the segments and runner.py to")
-@click.option("--debug", is_flag=True, help="show tracebacks")
-@friendly_errors
-def export_command(run_dir, fmt, out, debug) -> None:
-    """Export a trained run as per-exit segments with a small runner (no eedn needed).
-
-    Writes the reported policy's segments (one module per exit), one module per exit rule, decision.json and
-    runner.py, which chains them with real early exits (docs/deploy.md)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer and exporter chatter; the result is checked in the tests
-        decision = export_run(run_dir, fmt, out)
-    click.echo(f"wrote {len(decision['segments'])} segments and {len(decision['rules'])} exit rules ({fmt}) to "
-               f"{out}; run them with: python {Path(out) / 'runner.py'} {out} IMAGES.pt")

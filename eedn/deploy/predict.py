@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-import click
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from eedn.cli.cli_options import friendly_errors
 from eedn.runtime.errors import EednError
 from eedn.runtime.image_io import IMAGE_EXTENSIONS, to_eight_bit
 from eedn.deploy.inference import EarlyExitEngine
@@ -178,22 +176,3 @@ def print_predictions(rows: list[dict], full_macs: float | None = None, num_exit
     if rows and full_macs:
         mean = sum(r["macs"] for r in rows) / len(rows)
         console.print(f"{len(rows)} images, mean {format_macs(mean)} MACs = {mean / full_macs:.3f} of the full network")
-
-
-@click.command("predict")
-@click.argument("run_dir", type=click.Path())
-@click.option("--input", "inputs", multiple=True, required=True, metavar="PATH",
-              help="an image file or a folder of images (repeatable)")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="images per engine call")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--compile", "compile_", is_flag=True, help="run the exits through torch.compile (slow first batch; "
-                                                           "docs/inference.md)")
-@click.option("--debug", is_flag=True, help="show tracebacks")
-@friendly_errors
-def predict(run_dir, inputs, batch_size, device, compile_, debug) -> None:
-    """Classify images with a trained run (real early exits): class, confidence, exit, MACs per file.
-
-    Needs only the run directory: the training data may be gone."""
-    spec = read_manifest(run_dir)["model"]
-    rows = predict_files(run_dir, inputs, batch_size=batch_size, device=device, compile=compile_)
-    print_predictions(rows, spec["full_macs"], spec["num_exits"])

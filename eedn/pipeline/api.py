@@ -26,7 +26,7 @@ from eedn.train.features import FeatureSource, compute_split_outputs
 from eedn.core.model import EarlyExitModel
 from eedn.core.outputs import ExitOutputs
 from eedn.core.plugins import create, registry
-from eedn.evaluate.policy import calibrated_copy
+from eedn.evaluation.policy import calibrated_copy
 from eedn.runtime.progress import Progress
 from eedn.pipeline.rundir import POLICY_HEADS, load_model
 from eedn.runtime.seeding import seeded

@@ -4,7 +4,7 @@ on one shared backbone per seed, and a comparison (re)built from its run directo
 A comparison trains one backbone per seed (or loads it from the cache) and fits every strategy on it, so every
 strategy sees the same backbone, the same data split and the same feature cache. Its numbers come only from the
 run directories (results.json and run.json), read back from disk even right after the runs: one path for
-`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluate.matched`, the writing in :mod:`eedn.report.render`.
+`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluation.matched`, the writing in :mod:`eedn.report.render`.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from eedn.cli.cli_options import parse_number_list
+from eedn.core.options import parse_number_list
 from eedn.runtime.errors import EednError
-from eedn.evaluate.matched import comparison_numbers
+from eedn.evaluation.matched import comparison_numbers
 from eedn.report.render import render_run, write_comparison
-from eedn.pipeline.risk_run import comparison_rows
+from eedn.report.risk_report import comparison_rows
 from eedn.pipeline.rundir import MANIFEST, RESULTS, created_now, read_manifest, read_results
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def run_compare(cfg: Config | dict, specs: Sequence[StrategySpec], seeds: Sequen
     comparison.json, comparison.md and the figures in ``out_dir``. ``options[label]`` are each strategy's
     options. With ``reuse_finished``, runs whose results.json already holds the same config (strategy, gate,
     options, seed, backbone, data ...) are kept instead of re-run. Returns the comparison dict."""
-    import eedn
+    from eedn.runtime.version import __version__
     from eedn.runtime.progress import Progress
     from eedn.pipeline.run import prepare, run_strategy
 
@@ -217,7 +217,7 @@ def run_compare(cfg: Config | dict, specs: Sequence[StrategySpec], seeds: Sequen
                 progress.log(f"seed {seed}: {spec.label}")
                 run_strategy(prep, spec.name, copy.deepcopy(opts), spec.gate, out=run_dir)
     meta = {
-        "eedn_version": eedn.__version__, "kind": "comparison", "created": created_now(),
+        "eedn_version": __version__, "kind": "comparison", "created": created_now(),
         "config": {k: v for k, v in cfg.to_dict().items()
                    if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
         "backbone": cfg.backbone, "seeds": list(seeds),

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eedn import __version__
+from eedn.runtime.version import __version__
 from eedn.train.backbone_training import backbone_key, recipe, train_backbone
 from eedn.core.build import build_backbone, build_model
 from eedn.core.cache import FeatureCache
@@ -31,10 +31,10 @@ from eedn.core.image_batches import LoaderOptions
 from eedn.runtime.io import atomic_torch_save, atomic_write_json
 from eedn.core.model import EarlyExitModel
 from eedn.core.outputs import ExitOutputs
-from eedn.evaluate.matched import OWN_IMS_KEY
-from eedn.evaluate.own_ims import threshold_on_own_ims
+from eedn.evaluation.matched import OWN_IMS_KEY
+from eedn.evaluation.own_ims import threshold_on_own_ims
 from eedn.core.plugins import create, registry
-from eedn.evaluate.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
+from eedn.evaluation.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
 from eedn.runtime.precision import apply_memory_format, check_precision, numerics_key, use_channels_last
 from eedn.runtime.progress import Progress
 from eedn.report.render import format_macs, render_run
@@ -320,7 +320,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
         model.load_heads_state_dict(policy_heads)  # the reported setting's gate (thresholds or learned weights)
         results["risk_control"] = risk_control_block(cfg, model.gate, outputs[chosen], evaluators)
     t2 = time.perf_counter()
-    if strategy.trains_gate:  # the gate apart from the IMs: thresholds on the same IMs (eedn/evaluate/own_ims.py)
+    if strategy.trains_gate:  # the gate apart from the IMs: thresholds on the same IMs (eedn/evaluation/own_ims.py)
         results[OWN_IMS_KEY] = threshold_on_own_ims(outputs, model.gate, chosen)
     results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s,
                                          "own_ims_thresholds_s": time.perf_counter() - t2}

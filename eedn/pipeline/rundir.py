@@ -20,9 +20,12 @@ import tempfile
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from eedn.runtime.errors import EednError
+
+if TYPE_CHECKING:
+    from eedn.core.outputs import ExitOutputs
 
 RUN_FORMAT = "eedn-run/1"
 MANIFEST = "run.json"
@@ -51,9 +54,9 @@ def environment(device: str, world_size: int = 1) -> dict[str, Any]:
     """Versions, device and world size saved beside every result."""
     import torch
 
-    import eedn
+    from eedn.runtime.version import __version__
 
-    return {"eedn": eedn.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    return {"eedn": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "device": str(device), "world_size": world_size,
             "threads": torch.get_num_threads(), "git_commit": git_commit(), "argv": sys.argv[1:]}
 
@@ -190,3 +193,26 @@ def publish(staging: Path, final: Path, overwrite: bool) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
+
+def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, "ExitOutputs"]]:
+    """A finished run directory's stored outputs (``outputs.pt``): trained setting → split (``val``, ``cal``,
+    ``test``) → :class:`ExitOutputs`. The reported policy's setting is ``run.json``'s
+    ``policy.trained_setting`` (:func:`eedn.load_run` returns that manifest). No network pass, no dataset."""
+    run_dir = Path(run_dir)
+    read_manifest(run_dir)  # a clear error for a directory that is not a finished run
+    path = run_dir / OUTPUTS
+    if not path.is_file():
+        raise EednError(f"{run_dir} has no {OUTPUTS} (stored outputs); it was written by an eedn that did not "
+                        "store them, or the file was removed: run it again")
+    from eedn.core.outputs import ExitOutputs
+    from eedn.runtime.io import load_checkpoint
+
+    blob = load_checkpoint(path)
+    keys = ("logits", "labels", "gate_scores", "exit_macs", "full_macs")
+    ok = isinstance(blob, dict) and all(isinstance(splits, dict) and all(
+        isinstance(d, dict) and all(k in d for k in keys) for d in splits.values()) for splits in blob.values())
+    if not ok:
+        raise EednError(f"{path} does not hold eedn's stored outputs (setting -> split -> logits, labels, ...); "
+                        "give the directory of a finished `eedn run`")
+    return {setting: {split: ExitOutputs.from_dict(d) for split, d in splits.items()}
+            for setting, splits in blob.items()}

@@ -1,6 +1,6 @@
 """Reports of run and comparison directories: Markdown and figures, from saved numbers only.
 
-A single run is rendered as a one-strategy comparison: the same numbers (:func:`eedn.evaluate.matched.comparison_numbers`),
+A single run is rendered as a one-strategy comparison: the same numbers (:func:`eedn.evaluation.matched.comparison_numbers`),
 the same policy and operating-point tables and the same figures, plus the run's own exits and evaluator rows.
 The metrics shown are ``accuracy`` and every headline metric results.json declares, each with its own label,
 scale and digits; nothing here knows any evaluator. The terminal tables are in :mod:`eedn.report.terminal`.
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Iterable
 
 from eedn.runtime.io import atomic_write_json, atomic_write_text
-from eedn.evaluate.matched import MISSING, OWN_IMS_KEY, comparison_numbers
-from eedn.pipeline.risk_run import comparison_table, risk_lines, write_risk_figure
+from eedn.evaluation.matched import MISSING, OWN_IMS_KEY, comparison_numbers
+from eedn.report.risk_report import comparison_table, risk_lines, write_risk_figure
 
 #: figures every report has besides one ``<metric>_vs_macs.png`` per metric
 EXIT_SHARES, RELIABILITY = "exit_shares.png", "reliability.png"
@@ -92,7 +92,7 @@ def title(comparison: dict) -> str:
 def draw_figures(out_dir: Path, comparison: dict, exits: list[dict] | None = None) -> list[str]:
     """Every figure of a report; ``exits`` (a run's per-exit accuracies) adds the single exits to the accuracy
     figure. Returns the file names written."""
-    from eedn import plots
+    from eedn.report import plots
 
     name = title(comparison)
     summary = comparison["summary"]

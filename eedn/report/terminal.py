@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from eedn.report.render import cell, format_macs, metric_cell, point_name, run_comparison, title
-from eedn.pipeline.risk_run import comparison_table, risk_lines
+from eedn.report.risk_report import comparison_table, risk_lines
 
 #: rows per strategy in the terminal's matched-cost table (the Markdown report has all of them)
 TERMINAL_ROWS_PER_STRATEGY = 8

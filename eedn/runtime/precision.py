@@ -13,26 +13,37 @@ GPU run several times faster on NHWC tensors with bf16 (docs/scale.md, measured)
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager
 
-import torch
-from torch import nn
-
-from eedn.core.config import PRECISIONS
 from eedn.runtime.errors import EednError
 
+if TYPE_CHECKING:  # torch is imported where it is used, so the config (and `eedn --help`) can read PRECISIONS
+    import torch
+    from torch import nn
+
+#: the autocast precisions eedn runs in (the config key ``precision`` takes its choices from here)
+PRECISIONS = ("fp32", "bf16", "fp16")
 CHANNELS_LAST_CHOICES = ("auto", True, False)
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(precision: str) -> torch.dtype:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def device_type(device: str | torch.device) -> str:
     """``cpu`` or ``cuda`` (what :class:`torch.autocast` takes) from ``cuda:1`` and the like."""
+    import torch
+
     return torch.device(device).type
 
 
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bfloat16 kernels (oneDNN: AVX-512 BF16 or AMX); elsewhere bf16 autocast
     would run emulated, slower than fp32."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -41,6 +52,8 @@ def cpu_supports_bf16() -> bool:
 
 def check_precision(precision: str, device: str | torch.device) -> str:
     """Validate ``precision`` for ``device``; raise one clear line where the pair cannot run."""
+    import torch
+
     if precision not in PRECISIONS:
         raise EednError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     kind = device_type(device)
@@ -57,14 +70,18 @@ def check_precision(precision: str, device: str | torch.device) -> str:
 
 def autocast(precision: str, device: str | torch.device) -> ContextManager[Any]:
     """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
+    import torch
+
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type(device), dtype=_DTYPES[precision])
+    return torch.autocast(device_type(device), dtype=_dtype(precision))
 
 
 def grad_scaler(precision: str, device: str | torch.device) -> torch.amp.GradScaler:
     """A GradScaler that scales only under fp16 (bf16 has fp32's exponent range and needs none); disabled,
     its ``scale``/``step``/``update`` are plain pass-throughs."""
+    import torch
+
     kind = device_type(device)
     return torch.amp.GradScaler(kind if kind == "cuda" else "cpu", enabled=precision == "fp16")
 
@@ -80,6 +97,8 @@ def use_channels_last(setting: Any, module: nn.Module) -> bool:
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Images ``[B, C, H, W]`` in NHWC memory order when asked (other tensors unchanged)."""
+    import torch
+
     if channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
@@ -87,6 +106,8 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def apply_memory_format(module: nn.Module, channels_last: bool) -> nn.Module:
     """Put a module's 4-d weights in NHWC order (in place) when ``channels_last``; returns the module."""
+    import torch
+
     if channels_last:
         module.to(memory_format=torch.channels_last)
     return module

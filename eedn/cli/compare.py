@@ -1,12 +1,12 @@
-"""The ``eedn compare`` and ``eedn report`` commands: parse the command line, call :mod:`eedn.pipeline.comparison`,
-print the tables of :mod:`eedn.report.terminal`."""
+"""The ``eedn compare`` command: parse the command line, call :mod:`eedn.pipeline.comparison`, print the tables of
+:mod:`eedn.report.terminal`."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import click
 
-from eedn.cli.cli_options import build_config, common_run_options, friendly_errors, parse_lambdas
+from eedn.cli.common import build_config, common_run_options, friendly_errors, parse_lambdas
 
 METRICS_HELP = (
     "The numbers matched at equal cost and drawn against MACs are accuracy and every evaluator's headline "
@@ -77,29 +77,3 @@ def compare_command(strategies_text, num_seeds, seed_list, out, quiet, debug, co
     for note in comparison["notes"]:
         click.echo(f"note: {note}", err=True)
     click.echo(f"comparison directory: {out_dir}")
-
-
-@click.command("report", epilog=METRICS_HELP)
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--quiet", is_flag=True, help="print only the directory's files")
-@click.option("--debug", is_flag=True, help="show tracebacks")
-@friendly_errors
-def report_command(run_dir, quiet, debug) -> None:
-    """Re-render the report and figures of a run or comparison directory from its saved files.
-
-    Nothing is trained or re-evaluated: the numbers come from each run's results.json and the reliability
-    diagram from its run.json. A comparison directory gets comparison.md, comparison.json and its figures; a run
-    directory summary.md and its figures.
-    """
-    from eedn.pipeline.comparison import render_directory
-    from eedn.report.terminal import print_comparison, print_run
-
-    done = render_directory(run_dir)
-    if not quiet:
-        if done["kind"] == "comparison":
-            print_comparison(done["comparison"])
-        else:
-            print_run(done["results"])
-    for note in done.get("comparison", {}).get("notes", []):
-        click.echo(f"note: {note}", err=True)
-    click.echo(f"re-rendered {run_dir}: {', '.join(done['files'])}")

@@ -1,9 +1,10 @@
-"""The gate apart from the IMs: max-prob thresholds on a learned-gate strategy's own IMs.
+"""The gate apart from the IMs: threshold-gate sweeps on a learned-gate strategy's own IMs.
 
 A learned gate (JEI) is trained together with its IMs, so its accuracy-vs-MACs curve mixes two things: how good the
 IMs are and how well the gate routes. Sweeping a plain max-probability threshold gate over the *same* stored exit
-outputs (the same IMs) separates them: at the learned gate's cost, the difference between the two curves is what the
-gate adds or loses. results.json keeps it under ``threshold_on_own_ims``; :func:`eedn.evaluate.matched.own_im_threshold_runs`
+outputs (the same IMs) separates them (the registered default gate, a rule-based threshold gate: ``eedn plugins``
+marks it; another calibratable gate may be named): at the learned gate's cost, the difference between the two curves is what the
+gate adds or loses. results.json keeps it under ``threshold_on_own_ims``; :func:`eedn.evaluation.matched.own_im_threshold_runs`
 turns it into one more column of a comparison, so every report of a learned-gate strategy shows both curves.
 """
 from __future__ import annotations
@@ -14,13 +15,9 @@ import math
 import torch
 
 from eedn.core.contracts import Gate
-from eedn.evaluate.matched import OWN_IMS_KEY as RESULTS_KEY, interpolate_at
+from eedn.evaluation.matched import interpolate_at
 from eedn.core.outputs import ExitOutputs
-from eedn.evaluate.policy import calibrated_copy, evaluate_point, target_label
-
-#: the rule-based gate swept on the learned-gate strategy's IMs (the threshold baseline of the JEI paper)
-THRESHOLD_GATE = "max_prob"
-
+from eedn.evaluation.policy import calibrated_copy, evaluate_point, target_label
 
 def rescored(outputs: ExitOutputs, gate: Gate) -> ExitOutputs:
     """The same exit outputs with ``gate``'s scores in place of the stored (learned) gate scores."""
@@ -42,17 +39,23 @@ def cost_grid(outputs: ExitOutputs, points: int = COST_GRID_POINTS) -> list[dict
     return [{"macs_fraction": math.ceil(1000 * (low + (1 - low) * k / (points - 1))) / 1000} for k in range(points)]
 
 
-def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gate: Gate, chosen: str) -> dict:
-    """Per trained setting: the max-prob budget sweep on that setting's IMs (accuracy and cost on test; budgets
+def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gate: Gate, chosen: str,
+                         threshold_gate: str | None = None) -> dict:
+    """Per trained setting: the threshold gate's budget sweep on that setting's IMs (accuracy and cost on test; budgets
     calibrated on val, as for every threshold gate; no evaluators), and the learned gate's own point beside the
     threshold curve read at the same mean MACs (linear interpolation, none outside the curve's range)."""
-    from eedn.core.plugins import create
+    from eedn.core.plugins import create, registry
+    from eedn.runtime.errors import EednError
 
+    threshold_gate = threshold_gate or registry("gate").default()
     curves: dict[str, list[dict]] = {}
     at_gate_cost = []
     for label, outs in outputs.items():
         num_gates, num_classes = outs["test"].num_exits - 1, outs["test"].logits.shape[-1]
-        gate = create("gate", THRESHOLD_GATE, num_gates, num_classes)
+        gate = create("gate", threshold_gate, num_gates, num_classes)
+        if not gate.calibratable:
+            raise EednError(f"gate '{threshold_gate}' has no budget calibration, so it cannot be swept on a learned "
+                            "gate's IMs; name a threshold gate")
         val, cal, test = (rescored(outs[s], gate) for s in ("val", "cal", "test"))
         points = []
         for target in [*gate.budget_sweep(), *cost_grid(test)]:
@@ -64,8 +67,8 @@ def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gat
         at_gate_cost.append({"setting": label, "macs_fraction": own["macs_fraction"], "gate_accuracy": own["accuracy"],
                              "threshold_accuracy": threshold,
                              "gate_minus_threshold": None if threshold is None else own["accuracy"] - threshold})
-    return {"gate": THRESHOLD_GATE, "policy_setting": chosen, "curves": curves, "at_gate_cost": at_gate_cost,
-            "method": "max-prob thresholds calibrated on val for each budget of the gate's sweep and a MACs-fraction "
+    return {"gate": threshold_gate, "policy_setting": chosen, "curves": curves, "at_gate_cost": at_gate_cost,
+            "method": f"{threshold_gate} thresholds calibrated on val for each budget of the gate's sweep and a MACs-fraction "
                       "grid from the first exit's cost to 1, applied to the "
                       "same stored IM outputs as the learned gate; threshold_accuracy is that curve interpolated "
                       "linearly in mean MACs at the learned gate's test cost (None outside its range)"}

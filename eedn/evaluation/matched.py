@@ -1,7 +1,7 @@
 """Comparing strategies at equal compute: interpolation in mean MACs, seed aggregation, the matched table.
 
 Pure functions on the operating points of results.json (no files, no plugins). Every operating point has one
-shape (see :func:`eedn.evaluate.policy.evaluate_point`); the numbers compared are ``accuracy`` and every headline key
+shape (see :func:`eedn.evaluation.policy.evaluate_point`); the numbers compared are ``accuracy`` and every headline key
 listed in results.json's ``metrics``.
 
 Matched cost: every operating point of a strategy B (its curve points and its reported policy) becomes a row.
@@ -22,10 +22,14 @@ COST_RTOL = 1e-9
 ACCURACY = {"label": "accuracy (%)", "scale": 100.0, "digits": 2, "lower_is_better": False}
 #: cost numbers every aggregated point carries besides its metrics
 COST_KEYS = ("mean_macs", "macs_fraction")
-#: results.json key of a learned-gate run's max-prob threshold sweep on its own IMs (eedn/evaluate/own_ims.py)
+#: results.json key of a learned-gate run's max-prob threshold sweep on its own IMs (eedn/evaluation/own_ims.py)
 OWN_IMS_KEY = "threshold_on_own_ims"
-#: suffix of the comparison column made from it
-OWN_IMS_SUFFIX = " IMs+max_prob"
+
+
+def own_ims_label(strategy_label: str, gate: str) -> str:
+    """The comparison column of a learned-gate strategy's own IMs under the threshold gate swept on them."""
+    return f"{strategy_label} IMs + {gate} thresholds"
+
 #: why a matched cell is empty: the cost lies outside the strategy's cost range, or it reports no such number
 OUTSIDE, MISSING = "outside", "missing"
 
@@ -212,7 +216,7 @@ def matched_cost_table(points: dict[str, dict[int, RunPoints]], metrics: Sequenc
 
 
 def own_im_threshold_runs(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
-    """``runs`` with, after every learned-gate strategy, one more column: the max-prob sweep on the IMs of its
+    """``runs`` with, after every learned-gate strategy, one more column: the threshold sweep on the IMs of its
     reported setting (its policy: the sweep point closest in cost to the learned gate's policy)."""
     out: dict[str, dict[int, dict]] = {}
     for label, by_seed in runs.items():
@@ -220,8 +224,10 @@ def own_im_threshold_runs(runs: dict[str, dict[int, dict]]) -> dict[str, dict[in
         if not all(res.get(OWN_IMS_KEY) for res in by_seed.values()):
             continue
         column = {}
+        gate = ""
         for seed, res in by_seed.items():
             thr = res[OWN_IMS_KEY]
+            gate = thr["gate"]
             curve = thr["curves"][thr["policy_setting"]]
             target = res["policy"]["mean_macs"]
             nearest = min(curve, key=lambda p: abs(p["mean_macs"] - target))
@@ -229,7 +235,7 @@ def own_im_threshold_runs(runs: dict[str, dict[int, dict]]) -> dict[str, dict[in
                                       "strategy": res["policy"]["strategy"], "gate": thr["gate"]}
             column[seed] = {k: v for k, v in res.items() if k not in ("metrics", OWN_IMS_KEY)} \
                 | {"curve": curve, "policy": policy, "metrics": {}}
-        out[label + OWN_IMS_SUFFIX] = column
+        out[own_ims_label(label, gate)] = column
     return out
 
 

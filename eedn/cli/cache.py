@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from eedn.cli.cli_options import friendly_errors
+from eedn.cli.common import friendly_errors
 from eedn.runtime.errors import EednError
 
 KINDS = ("backbone", "partial", "features", "dataset", "temp")

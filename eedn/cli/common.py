@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import click
 
 from eedn.runtime.errors import EednError
+from eedn.core.options import parse_number_list
 
 if TYPE_CHECKING:
     from eedn.core.config import Config
@@ -53,17 +54,6 @@ def first_line(exc: BaseException) -> str:
     if lines[0].endswith(":") and len(lines) > 1:
         return " ".join(lines)[:400]
     return lines[0]
-
-
-def parse_number_list(text: str, option: str, convert: Callable[[str], Any], minimum: float, example: str) -> list:
-    """A comma-separated option value (``--lambda 0.01,0.5``, ``--batch-sizes 1,32``) as numbers >= ``minimum``."""
-    try:
-        values = [convert(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise EednError(f"{option} expects a comma-separated list such as {example}, got '{text}'") from None
-    if not values or any(v < minimum for v in values):
-        raise EednError(f"{option} values must be numbers >= {minimum:g}, got '{text}'")
-    return values
 
 
 def parse_lambdas(text: str | None) -> Any:

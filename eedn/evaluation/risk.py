@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from eedn import risk_bounds as rb
+from eedn.evaluation import risk_bounds as rb
 from eedn.core.contracts import Gate
 from eedn.runtime.errors import EednError
 from eedn.core.options import declared_options
@@ -121,7 +121,7 @@ def _threshold_knob(gate: Gate, val: ExitOutputs, grid_size: int) -> Knob:
 def _budget_knob(gate: Gate, val: ExitOutputs, grid_size: int) -> Knob:
     """The gate's own budget sweep (MSDNet geometric p for thresholds, k for patience), calibrated on val and
     ordered from the most to the fewest val mean MACs."""
-    from eedn.evaluate.policy import calibrated_copy
+    from eedn.evaluation.policy import calibrated_copy
 
     targets = gate.budget_sweep()
     if not targets:
