@@ -192,7 +192,7 @@ def test_compare_writes_runs_comparison_and_report(compared):
     n_points = {"jei": 2, "im-only+patience": 3}  # jei: two λ (policy = λ=0.1); patience: k=1, k=2 + budget policy
     for label, n in n_points.items():
         assert sum(r["strategy"] == label for r in matched["rows"]) == n
-    own = "jei IMs + max_prob thresholds"  # the learned gate's own IMs under max-prob thresholds: one more column
+    own = "max_prob thresholds on jei's IMs"  # the learned gate's own IMs under max-prob thresholds: one more column
     assert matched["columns"] == ["jei", own, "im-only+patience"]
     for row in matched["rows"]:
         assert set(row["values"]) == {"jei", own, "im-only+patience"}
@@ -336,7 +336,8 @@ def test_report_on_a_single_run(compared, tmp_path, monkeypatch):
     for name in ("summary.md", *FIGURES):
         assert (run / name).exists(), name
     # a learned gate is shown beside max-prob thresholds on its own IMs
-    assert "exits of jei+jei" in res.output and "jei+jei IMs + max_prob" in res.output
+    assert re.search(r"exits of jei\s*$", res.output, re.M) and "max_prob thresholds on jei's IMs" in res.output
+    assert "jei+jei" not in res.output  # a default gate is not repeated in the label
     assert "accuracy % at matched mean MACs" in res.output
     assert "## Learned gate vs thresholds on the same IMs" in (run / "summary.md").read_text()
 
