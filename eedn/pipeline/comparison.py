@@ -28,7 +28,8 @@ COMPARISON = "comparison.json"
 #: config keys that may differ between a finished run and a rerun without making the run stale
 RUNTIME_KEYS = ("out", "resume", "progress", "cache_dir", "device", "num_workers", "eval_batch_size")
 #: comparison.json keys that describe how it was made (kept when `eedn report` re-renders it)
-META_KEYS = ("eedn_version", "kind", "created", "config", "backbone", "seeds", "strategies")
+META_KEYS = ("eedn_version", "kind", "created", "config", "backbone", "seeds", "strategies", "anytime_range",
+             "sweep")
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ def render_comparison(out_dir: Path, meta: dict) -> dict:
             manifests[label].append(manifest)
         entry["gate"] = next(iter(runs[label].values()))["policy"]["gate"]
     first = next(iter(next(iter(runs.values())).values()))
-    comparison = {**meta, "dataset": first["dataset"], **comparison_numbers(runs)}
+    comparison = {**meta, "dataset": first["dataset"], **comparison_numbers(runs, meta.get("anytime_range"))}
     comparison["risk_control"] = comparison_rows(runs)  # risk-controlled policies beside the others (if any)
     return write_comparison(out_dir, comparison, manifests)
 

@@ -98,6 +98,25 @@ def run_label(results: dict) -> str:
     return strategy if not requested else f"{strategy}+{requested}"
 
 
+def anytime_lines(comparison: dict) -> list[str]:
+    """The anytime-score section: per strategy, mean accuracy over a stated MACs range (± std over seeds)."""
+    anytime = comparison.get("anytime") or {}
+    lines = ["## Anytime score", ""]
+    if not anytime.get("range"):
+        return lines + ["No cost range is covered by two or more operating points of every strategy with a curve, "
+                        "so there is no anytime score (set one with `--anytime-range LO,HI`).", ""]
+    lo, hi = anytime["range"]
+    how = "the range every strategy with a curve covers in every seed" if anytime["source"] == "shared" \
+        else "the range asked for"
+    lines += [f"Area under the {anytime['metric']}–MACs curve over mean MACs fractions [{lo:.3f}, {hi:.3f}] "
+              f"({how}), divided by its width: the mean {anytime['metric']} over that range, per seed, then mean ± "
+              "std over seeds. — : the strategy's points do not span the range in some seed (no extrapolation).",
+              "", *_table(["strategy", f"anytime {anytime['metric']} % over [{lo:.3f}, {hi:.3f}]", "seeds"],
+                          ([label, cell(score, 100, 2), f"{score.get('n', 0)} of {len(score.get('per_seed', {}))}"]
+                           for label, score in anytime["scores"].items())), ""]
+    return lines
+
+
 def run_comparison(results: dict, manifest: dict | None = None) -> dict:
     """One run as a one-strategy comparison (its reliability bins when ``manifest`` is given)."""
     label = run_label(results)
@@ -240,6 +259,7 @@ def comparison_markdown(comparison: dict) -> str:
     lines = [f"# eedn compare: {title(comparison)}", "",
              f"One backbone per seed ({spread}), shared by every strategy. Every number is measured on the test "
              "split.", "", "## Reported policies", "", *policies_table(comparison), ""]
+    lines += anytime_lines(comparison)
     lines += ["## Operating points", "", *points_table(comparison)] if one else matched_section(comparison)
     if comparison.get("risk_control"):
         lines += ["", *comparison_table(comparison["risk_control"])]
@@ -277,6 +297,7 @@ def run_markdown(results: dict, comparison: dict, files: list[str],
              *exits_table(results, latency),
              "", "## Reported policy", "", *policies_table(comparison), "",
              "Exit shares: " + ", ".join(f"{s:.3f}" for s in results["policy"]["exit_fractions"]), ""]
+    lines += anytime_lines(comparison)
     if len(comparison["matched"]["columns"]) == 1:
         lines += ["## Operating points", "", *points_table(comparison)]
     else:

@@ -77,6 +77,11 @@ def print_comparison(comparison: dict, console=None) -> None:
     legend = [f"{key}: {spec['label']}" for key, spec in metrics.items() if key != "accuracy"]
     if legend:
         console.print(escape("; ".join(legend)))
+    anytime = comparison.get("anytime") or {}
+    if anytime.get("range"):
+        lo, hi = anytime["range"]
+        console.print(escape(f"anytime score (mean accuracy % over MACs fractions [{lo:.3f}, {hi:.3f}]): " + "; ".join(
+            f"{label} {cell(score, 100, 2, '±')}" for label, score in anytime["scores"].items())))
     one = len(cols) == 1
     acc = metrics["accuracy"]
     table = Table(title=f"operating points of {escape(cols[0])}" if one else
