@@ -268,8 +268,9 @@ def area_under(points: Iterable[tuple[float, float | None]], lo: float, hi: floa
     if xs_all[0] > lo + tol or xs_all[-1] < hi - tol:
         return None
     knots = [lo, *sorted({x for x in xs_all if lo < x < hi}), hi]
-    ys = [interpolate_at(pts, x, rtol) for x in knots]
-    if any(y is None for y in ys):
+    found = [interpolate_at(pts, x, rtol) for x in knots]
+    ys = [y for y in found if y is not None]
+    if len(ys) < len(knots):
         return None
     area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(knots, knots[1:], ys, ys[1:]))
     return area / (hi - lo)

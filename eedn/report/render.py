@@ -103,14 +103,14 @@ def anytime_lines(comparison: dict) -> list[str]:
     anytime = comparison.get("anytime") or {}
     lines = ["## Anytime score", ""]
     if not anytime.get("range"):
-        return lines + ["No cost range is covered by two or more operating points of every strategy with a curve, "
-                        "so there is no anytime score (set one with `--anytime-range LO,HI`).", ""]
+        return lines + [("No cost range is covered by two or more operating points of every strategy with a "
+                         "curve, so there is no anytime score (set one with `--anytime-range LO,HI`)."), ""]
     lo, hi = anytime["range"]
     how = "the range every strategy with a curve covers in every seed" if anytime["source"] == "shared" \
         else "the range asked for"
-    lines += [f"Area under the {anytime['metric']}–MACs curve over mean MACs fractions [{lo:.3f}, {hi:.3f}] "
-              f"({how}), divided by its width: the mean {anytime['metric']} over that range, per seed, then mean ± "
-              "std over seeds. — : the strategy's points do not span the range in some seed (no extrapolation).",
+    lines += [(f"Area under the {anytime['metric']}–MACs curve over mean MACs fractions [{lo:.3f}, {hi:.3f}] "
+               f"({how}), divided by its width: the mean {anytime['metric']} over that range, per seed, then mean "
+               "± std over seeds. — : the strategy's points do not span the range in some seed (no extrapolation)."),
               "", *_table(["strategy", f"anytime {anytime['metric']} % over [{lo:.3f}, {hi:.3f}]", "seeds"],
                           ([label, cell(score, 100, 2), f"{score.get('n', 0)} of {len(score.get('per_seed', {}))}"]
                            for label, score in anytime["scores"].items())), ""]
