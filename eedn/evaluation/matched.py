@@ -32,7 +32,8 @@ OWN_IMS_KEY = "threshold_on_own_ims"
 def own_ims_label(strategy_label: str, gate: str) -> str:
     """The comparison column of a learned-gate strategy's own IMs under the threshold gate swept on them, e.g.
     ``max_prob thresholds on jei's IMs``: what the learned gate is compared with, on the same IMs."""
-    return f"{gate} thresholds on {strategy_label}'s IMs"
+    name, bracket, cell = strategy_label.partition(" [")  # a sweep cell's "[key=value]" stays at the end
+    return f"{gate} thresholds on {name}'s IMs" + (f" [{cell}" if bracket else "")
 
 #: why a matched cell is empty: the cost lies outside the strategy's cost range, or it reports no such number
 OUTSIDE, MISSING = "outside", "missing"
