@@ -55,6 +55,9 @@ class Backbone(nn.Module, ABC):
     input_spec: InputSpec
     #: True for convolutional backbones that run faster on NHWC tensors (config ``channels_last: auto``)
     prefers_channels_last: bool = False
+    #: where the factory's initial weights came from when it loaded pretrained ones itself (a local file it
+    #: found), so a run records them and caches a fine-tuned backbone apart from a randomly initialised one
+    weights_source: str | None = None
 
     @abstractmethod
     def stem(self, x: Tensor) -> State:

@@ -191,21 +191,22 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     apply_memory_format(backbone, channels_last)
     rec = recipe(cfg.backbone_training.to_dict(), source.suggested_backbone_epochs)
     params = sum(p.numel() for p in backbone.parameters())
+    init = ckpt or backbone.weights_source  # a checkpoint, or weights the backbone's factory found itself
     info: dict[str, Any] = {"name": cfg.backbone, "display_name": backbone.display_name, "options": bb_opts,
-                            "recipe": rec, "parameters": params, "init_checkpoint": ckpt}
+                            "recipe": rec, "parameters": params, "init_checkpoint": init}
     progress.log(f"{cfg.backbone} -> {backbone.display_name}, {format_macs(params)} parameters, "
                  f"{backbone.num_stages} exits; data {cfg.dataset} at {image_size} px "
                  f"({', '.join(f'{k} {v}' for k, v in data.sizes().items())})")
     t1 = time.perf_counter()
-    if ckpt and not rec["epochs"]:
-        info["source"] = f"checkpoint {ckpt}"
+    if init and not rec["epochs"]:
+        info["source"] = f"checkpoint {init}"
     elif not rec["epochs"]:  # said plainly, and never cached as a trained backbone
         info["source"] = "untrained"
         warn("backbone_training.epochs is 0 and no checkpoint is given: the backbone keeps its random "
              "initialisation (give --backbone-checkpoint or epochs >= 1 for a trained one)")
     else:
         key = backbone_key(cfg.backbone, bb_opts, dataset_desc, image_size, cfg.seed,
-                           rec | {"init_checkpoint": str(ckpt) if ckpt else None}
+                           rec | {"init_checkpoint": str(init) if init else None}
                            | numerics_key(cfg.precision, channels_last))
         path = cfg.cache_root / "backbones" / f"{cfg.backbone}-{key}.pt"
         info["cache_path"] = str(path)
