@@ -83,7 +83,7 @@ def test_duplicate_operating_points_collapse_into_one_row():
     curve = [_pt("p=1", 200, 0.5), _pt("p=2", 200, 0.5), _pt("p=3", 200, 0.5), _pt("p=4", 600, 0.7)]
     runs = {"a": {0: _results("a", curve, _pt("p=3", 200, 0.5))}}
     rows = comparison_numbers(runs)["matched"]["rows"]
-    assert [r["setting"] for r in rows] == ["p=1, p=2, p=3", "p=4"]
+    assert [r["setting"] for r in rows] == ["p=1 … p=3 (3 settings)", "p=4"]
     assert [r["policy"] for r in rows] == [True, False]
     assert rows[0]["settings"] == ["p=1", "p=2", "p=3"]
     # the same numbers in another strategy, or different numbers at the same cost, stay separate rows

@@ -236,6 +236,14 @@ def _row_numbers(row: dict) -> str:
     return json.dumps(rounded({k: row[k] for k in (*COST_KEYS, "values", "seeds")}), sort_keys=True)
 
 
+def settings_text(settings: Sequence[str]) -> str:
+    """The settings of one collapsed row: ``a, b`` for two, ``first … last (n settings)`` for more (all of them
+    stay in the row's ``settings``)."""
+    if len(settings) <= 2:
+        return ", ".join(settings)
+    return f"{settings[0]} … {settings[-1]} ({len(settings)} settings)"
+
+
 def collapse_duplicate_rows(rows: list[dict]) -> list[dict]:
     """Operating points of one strategy that reach the same numbers (a threshold sweep often lands on the same
     exit decisions for several settings) become one row listing every setting; the row is the reported policy
@@ -250,7 +258,7 @@ def collapse_duplicate_rows(rows: list[dict]) -> list[dict]:
             continue
         kept = out[index[key]]
         kept["settings"].append(row["setting"])
-        kept["setting"] = ", ".join(kept["settings"])
+        kept["setting"] = settings_text(kept["settings"])
         kept["policy"] = kept["policy"] or row["policy"]
     return out
 
