@@ -155,3 +155,30 @@ def test_bench_timings_appear_beside_the_macs(tmp_path):
     table = exits_table(results, latency)
     assert "latency ms/image (batch 1, eedn bench)" in table[0]
     assert table[2] == "| 0 | 300 | 0.300 | 2.000 | 0.5000 |"
+
+
+def test_eedn_bench_leaves_timings_that_the_run_report_shows(tiny_config, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from eedn.cli.deploy_commands import bench
+    from eedn.cli.report import report_command
+    from eedn.pipeline.run import run_pipeline
+
+    run_dir = tmp_path / "run"
+    run_pipeline(tiny_config | {"out": str(run_dir), "strategy": "im-only", "strategy_options": {"epochs": 1},
+                                "evaluators": []})
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray((rng.random((16, 16)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    res = CliRunner().invoke(bench, [str(run_dir), "--input", str(images), "--batch-sizes", "1,3", "--repeats", "1",
+                                     "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    batch, ms = exit_latencies(run_dir)
+    assert batch == 1 and len(ms) == 3 and all(t > 0 for t in ms) and ms == sorted(ms)  # cumulative per exit
+    res = CliRunner().invoke(report_command, [str(run_dir)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "ms/image (b1)" in res.output
+    assert "latency ms/image (batch 1, eedn bench)" in (run_dir / "summary.md").read_text()
