@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eedn.contracts import Backbone, InputSpec, State
-from eedn.errors import EednError
-from eedn.options import option, options_instance, resolve_options
+from eedn.core.contracts import Backbone, InputSpec, State
+from eedn.runtime.errors import EednError
+from eedn.core.options import option, options_instance, resolve_options
 
 PAPER_WIDTHS = [64, 256, 256]
 SMALL_WIDTHS = [32, 128, 128]

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 import eedn
-from eedn.build import create_model
-from eedn.cost import count_macs, measure_exit_macs
-from eedn.errors import EednError
+from eedn.core.build import create_model
+from eedn.core.cost import count_macs, measure_exit_macs
+from eedn.runtime.errors import EednError
 
 
 def make(name: str = "fast_cifar", num_classes: int = 5, image_size: int = 16, in_channels: int = 3,
