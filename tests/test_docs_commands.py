@@ -98,7 +98,7 @@ def test_compressed_mnist_files_get_eedns_advice_not_download_true(tmp_path, mon
     assert "gunzip -k data/FashionMNIST/raw/*.gz" in res.output
 
 
-@pytest.mark.parametrize("name", ["cifar10_resnet20.yaml", "cifar10_t2t7_32.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "examples" / "configs").glob("*.yaml")))
 def test_example_configs_point_at_no_data_file_and_ask_for_data_dir(name, tmp_path):
     path = ROOT / "examples" / "configs" / name
     config = yaml.safe_load(path.read_text())
