@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def bash_blocks(path: Path) -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", path.read_text(), re.S)
+    return re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL)
 
 
 def eedn_args(command: str) -> list[str]:
@@ -104,7 +104,7 @@ def test_example_configs_point_at_no_data_file_and_ask_for_data_dir(name, tmp_pa
     config = yaml.safe_load(path.read_text())
     assert "data_dir" not in (config.get("dataset_options") or {})
     header = "\n".join(line[1:] for line in path.read_text().splitlines() if line.startswith("#"))
-    commands = [c.strip() for c in re.findall(r"^\s+(eedn .*?(?:\\\n.*?)*)$", header, re.M)]
+    commands = [c.strip() for c in re.findall(r"^\s+(eedn .*?(?:\\\n.*?)*)$", header, re.MULTILINE)]
     assert commands
     for command in commands:  # each documented command, run without its data: one line saying what to give
         args = eedn_args(command)

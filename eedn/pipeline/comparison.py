@@ -310,7 +310,7 @@ def run_sweep(cells: Sequence[SweepCell], specs: Sequence[StrategySpec], seeds: 
         "eedn_version": __version__, "kind": "comparison", "created": created_now(),
         "config": {k: v for k, v in first.to_dict().items()
                    if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
-        "backbone": ", ".join(dict.fromkeys(cell.cfg.backbone for cell in cells)), "seeds": list(seeds),
+        "backbone": ", ".join(dict.fromkeys(str(cell.cfg.backbone) for cell in cells)), "seeds": list(seeds),
         "strategies": [{"label": cell.label(s), "strategy": s.name, "gate_requested": s.gate,
                         "options": cell.options.get(s.label, {}), "sweep": list(cell.assignments),
                         "runs": {str(seed): cell.run_name(s, seed) for seed in seeds}}
