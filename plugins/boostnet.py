@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, cosine_schedule,
-                           sgd, train_heads)
+from eedn.train.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy,
+                                 cosine_schedule, sgd, train_heads)
 
 
 class BoostNetEnsemble(nn.Module):

@@ -437,7 +437,8 @@ class JeiStrategy(TrainingStrategy):
                                                  costs, pos_weight)
                 else:
                     im = model.im_logits(feats)
-                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))
+                    # the lambda is called (or dropped) within this iteration, so the late binding of `im` is harmless
+                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))  # noqa: B023
                 value = loss.item()
                 check_finite(value, f"jei λ={lam:g}", epoch)
                 # zero to None (as the official torch versions do): a shared optimiser then leaves the idle
@@ -499,8 +500,10 @@ class JeiStrategy(TrainingStrategy):
                 else:
                     im = stack.im_logits(feats)
                     ce = _stacked_cross_entropy(im, y)
-                    gate_logits = _Lazy(lambda: stack.gate_logits(im))  # only exit_weighted reads it
-                    losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k]) for k in range(k_count)]
+                    # only exit_weighted reads it, within this iteration (so late binding is harmless)
+                    gate_logits = _Lazy(lambda: stack.gate_logits(im))  # noqa: B023
+                    losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k])  # noqa: B023
+                              for k in range(k_count)]
                 loss = torch.stack(losses)
                 values = loss.tolist()
                 for k, value in enumerate(values):

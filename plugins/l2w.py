@@ -30,8 +30,8 @@ from torch.func import functional_call
 from eedn.runtime.errors import EednError
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy, sgd,
-                           train_heads)
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy,
+                                 sgd, train_heads)
 
 
 class WeightNet(nn.Module):

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite, cosine_schedule,
-                           per_exit_cross_entropy, selection_metric, sgd, train_heads, val_exit_accuracy)
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite,
+                                 cosine_schedule, per_exit_cross_entropy, selection_metric, sgd, train_heads,
+                                 val_exit_accuracy)
 
 
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:

@@ -420,8 +420,9 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _backbone_state(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The backbone weights inside a checkpoint (:func:`eedn.core.transfer.read_state_dict`: EMA weights first, they are
-    the released ones); a whole :class:`~eedn.core.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
+    """The backbone weights inside a checkpoint (:func:`eedn.core.transfer.read_state_dict`: EMA weights first, they
+    are the released ones); a whole :class:`~eedn.core.model.EarlyExitModel` state dict contributes its
+    ``backbone.`` part."""
     cleaned = read_state_dict(path)
     if not any(k.startswith("blocks.") for k in cleaned) and any(k.startswith("backbone.blocks.") for k in cleaned):
         cleaned = {k[len("backbone."):]: v for k, v in cleaned.items() if k.startswith("backbone.")}

@@ -53,8 +53,8 @@ def compare_command(strategies_text, num_seeds, seed_list, out, quiet, debug, co
     strategy and seed, comparison.json, comparison.md and the figures; `--resume` keeps finished runs of the
     same config.
     """
-    from eedn.pipeline.comparison import (check_shared_options, default_out_dir, parse_seeds, parse_strategies, run_compare,
-                                 strategy_options_for)
+    from eedn.pipeline.comparison import (check_shared_options, default_out_dir, parse_seeds, parse_strategies,
+                                          run_compare, strategy_options_for)
     from eedn.runtime.progress import Progress
     from eedn.report.terminal import print_comparison
 

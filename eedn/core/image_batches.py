@@ -34,7 +34,7 @@ class LoaderOptions:
     persistent_workers: bool = True
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "LoaderOptions":
+    def from_config(cls, cfg: Config) -> LoaderOptions:
         return cls(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
 
 
@@ -83,7 +83,8 @@ class InMemoryImages(Dataset):
                  std: Sequence[float] | None = None, augment: RandomCropFlip | None = None,
                  samples: list[tuple[str, int]] | None = None):
         self.pixels = pixels
-        #: where each image came from, ``(path, label)``, when decoded from files (as an image folder's file view has them)
+        #: where each image came from, ``(path, label)``, when decoded from files (as an image folder's file view has
+        #: them)
         self.samples = samples
         self.labels = torch.as_tensor(labels).long()
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -91,7 +92,7 @@ class InMemoryImages(Dataset):
         self.augment = augment
         self._on_device: dict[torch.device, Tensor] = {}
 
-    def view(self, augment: RandomCropFlip | None) -> "InMemoryImages":
+    def view(self, augment: RandomCropFlip | None) -> InMemoryImages:
         """The same pixels (shared, not copied) with another augmentation."""
         other = InMemoryImages.__new__(InMemoryImages)
         other.__dict__.update(self.__dict__)

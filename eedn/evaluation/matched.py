@@ -95,7 +95,7 @@ class RunPoints:
     policy: dict
 
     @classmethod
-    def of(cls, results: dict) -> "RunPoints":
+    def of(cls, results: dict) -> RunPoints:
         return cls(list(results.get("curve") or []), results["policy"])
 
     @property

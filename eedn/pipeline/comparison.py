@@ -4,7 +4,8 @@ on one shared backbone per seed, and a comparison (re)built from its run directo
 A comparison trains one backbone per seed (or loads it from the cache) and fits every strategy on it, so every
 strategy sees the same backbone, the same data split and the same feature cache. Its numbers come only from the
 run directories (results.json and run.json), read back from disk even right after the runs: one path for
-`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluation.matched`, the writing in :mod:`eedn.report.render`.
+`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluation.matched`, the writing in
+:mod:`eedn.report.render`.
 """
 from __future__ import annotations
 

@@ -225,7 +225,8 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     return Prepared(cfg, data, dataset_desc, image_size, source.channels, backbone, info, cache, progress, timings)
 
 
-def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True, mode: str = "eval") -> FeatureSource:
+def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True,
+                   mode: str = "eval") -> FeatureSource:
     cfg = prep.cfg
     return FeatureSource(model, prep.data, device=cfg.device, cache=prep.cache, cacheable=cacheable,
                          backbone_mode=mode, batch_size=cfg.eval_batch_size, dataset_key=prep.dataset_desc,
@@ -260,7 +261,8 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
 
     cacheable = strategy.uses_fixed_features
     if not cacheable:
-        progress.log(f"strategy '{cfg.strategy}' trains on {'augmented images' if strategy.head_augment else 'a train-mode backbone'}: "
+        trains_on = "augmented images" if strategy.head_augment else "a train-mode backbone"
+        progress.log(f"strategy '{cfg.strategy}' trains on {trains_on}: "
                      "features cannot be cached, running uncached")
     train_source = feature_source(prep, model, cacheable=cacheable, mode=strategy.backbone_mode)
     ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=cfg.seed,
@@ -359,7 +361,8 @@ def assemble_results(cfg: Config, prep: Prepared, strategy: TrainingStrategy, ga
                   | policy.point | {"details": policy.details},
         "curve": curve,
         "strategy": {"name": cfg.strategy, "options": strategy.describe(), "history": history},
-        "evaluators": {name: {"options": ev.options.as_dict(), "rows": policy.rows[name]} for name, ev in evaluators.items()},
+        "evaluators": {name: {"options": ev.options.as_dict(), "rows": policy.rows[name]}
+                       for name, ev in evaluators.items()},
     }
     for name, rows in policy.rows.items():
         if rows and name not in CORE_RESULT_KEYS:

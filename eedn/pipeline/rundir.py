@@ -194,7 +194,7 @@ def publish(staging: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, "ExitOutputs"]]:
+def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]]:
     """A finished run directory's stored outputs (``outputs.pt``): trained setting → split (``val``, ``cal``,
     ``test``) → :class:`ExitOutputs`. The reported policy's setting is ``run.json``'s
     ``policy.trained_setting`` (:func:`eedn.load_run` returns that manifest). No network pass, no dataset."""

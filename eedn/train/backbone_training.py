@@ -91,9 +91,10 @@ def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, dev
     return correct / max(total, 1)
 
 
-def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str, checkpoint_path: Path | None,
-                   resume: bool = False, progress: Progress | None = None, num_workers: int = 0,
-                   precision: str = "fp32", channels_last: bool = False, loader: LoaderOptions | None = None) -> dict:
+def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str,
+                   checkpoint_path: Path | None, resume: bool = False, progress: Progress | None = None,
+                   num_workers: int = 0, precision: str = "fp32", channels_last: bool = False,
+                   loader: LoaderOptions | None = None) -> dict:
     """Train ``backbone`` in place with ``rec``; return a summary (best val accuracy, epochs run).
 
     ``precision`` runs forward and loss under :func:`eedn.runtime.precision.autocast` (fp16 with a GradScaler);
