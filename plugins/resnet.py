@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from eedn.core.contracts import Backbone, InputSpec, State
 from eedn.runtime.errors import EednError
-from eedn.core.options import option
+from eedn.core.options import declares, option
 from eedn.core.transfer import load_pretrained_weights
 
 EXIT_MODES = ("block", "stage")
@@ -226,23 +226,23 @@ def build_torchvision_resnet(
 def _cifar_factory(depth: int) -> Callable[..., ResNetBackbone]:
     n = (depth - 2) // 6
 
+    @declares(ResNetOptions)
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
         return build_cifar_resnet(n, (16, 32, 64), num_classes, image_size, in_channels,
                                   display_name=f"ResNet-{depth}", **options)
 
     factory.__name__ = f"resnet{depth}"
     factory.__doc__ = f"CIFAR ResNet-{depth} ({n} basic blocks per stage, widths 16/32/64)."
-    factory.Options = ResNetOptions
     return factory
 
 
 def _torchvision_factory(arch: str) -> Callable[..., ResNetBackbone]:
+    @declares(ResNetOptions)
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
         return build_torchvision_resnet(arch, num_classes, image_size, in_channels, **options)
 
     factory.__name__ = arch
     factory.__doc__ = f"torchvision {arch} with eedn stages at its four layers."
-    factory.Options = ResNetOptions
     return factory
 
 
@@ -254,13 +254,13 @@ resnet18 = _torchvision_factory("resnet18")
 resnet50 = _torchvision_factory("resnet50")
 
 
+@declares(ResNetOptions)
 def resnet_tiny(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
     """CIFAR-style ResNet-8 with widths 8/16/32: three stages in block mode, for fast tests."""
     return build_cifar_resnet(1, (8, 16, 32), num_classes, image_size, in_channels, display_name="ResNet-8 (tiny)",
                               **options)
 
 
-resnet_tiny.Options = ResNetOptions
 SIZES: dict[str, Callable[..., ResNetBackbone]] = {"tiny": resnet_tiny, "20": resnet20, "32": resnet32,
                                                    "56": resnet56, "110": resnet110, "18": resnet18, "50": resnet50}
 
@@ -272,6 +272,7 @@ class ResNetFamilyOptions(ResNetOptions):
                        choices=("auto", *SIZES))
 
 
+@declares(ResNetFamilyOptions)
 def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str = "auto",
            **options: Any) -> ResNetBackbone:
     """The family by ``size``; ``auto`` picks tiny for digits-like data (1 channel, <= 32 px), as the
@@ -280,6 +281,3 @@ def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str = 
         tiny = in_channels == 1 and image_size <= 32
         size = "tiny" if tiny else "20" if image_size <= SMALL_IMAGE_SIZE else "18"
     return SIZES[size](num_classes, image_size, in_channels, **options)
-
-
-resnet.Options = ResNetFamilyOptions

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from eedn.core.contracts import Backbone, InputSpec
 from eedn.runtime.errors import EednError
 from eedn.core.transfer import read_state_dict
-from eedn.core.options import option
+from eedn.core.options import declares, option
 
 #: side of the patch grid cell: the three soft splits have strides 4, 2 and 2.
 TOTAL_STRIDE = 16
@@ -465,12 +465,12 @@ def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: 
 
 
 def _factory_for(variant: str) -> Callable[..., T2TViT]:
+    @declares(TinyOptions if variant == "t2t_vit_tiny" else T2TOptions)
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> T2TViT:
         return build_t2t_vit(variant, num_classes, image_size, in_channels, **options)
 
     factory.__name__ = variant
     factory.__doc__ = f"Build {variant}; see build_t2t_vit for the options."
-    factory.Options = TinyOptions if variant == "t2t_vit_tiny" else T2TOptions
     return factory
 
 
@@ -480,6 +480,7 @@ t2t_vit_24 = _factory_for("t2t_vit_24")
 t2t_vit_tiny = _factory_for("t2t_vit_tiny")
 
 
+@declares(FamilyOptions)
 def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str = "auto", **options: Any) -> T2TViT:
     """The family by ``size``. ``auto`` is tiny for single-channel inputs of at most 32 px (the embedded
     digits, MNIST-like data: a 1 797-image set needs no T2T-ViT-7) and T2T-ViT-7, the JEI-DNN backbone,
@@ -487,6 +488,3 @@ def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str =
     if size == "auto":
         size = "tiny" if in_channels == 1 and image_size <= 32 else "7"
     return build_t2t_vit(SIZE_ALIASES[size], num_classes, image_size, in_channels, **options)
-
-
-t2t_vit.Options = FamilyOptions

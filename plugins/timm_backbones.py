@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from eedn.core.contracts import Backbone, InputSpec, State
 from eedn.runtime.errors import EednError
-from eedn.core.options import option
+from eedn.core.options import declares, option
 from eedn.core.transfer import fit_pretrained, read_state_dict
 
 #: feature points at this stride or finer are part of the stem (ResNet's act1, EfficientNet's first block)
@@ -211,6 +211,7 @@ class TimmBackbone(Backbone):
                               first_conv, adapt_input_channels)
 
 
+@declares(TimmOptions)
 def timm_backbone(variant: str, num_classes: int, image_size: int, in_channels: int = 3,
                   **options: Any) -> TimmBackbone:
     """``timm:<model_name>``: any timm model split into stages (see the module docstring)."""
@@ -220,6 +221,3 @@ def timm_backbone(variant: str, num_classes: int, image_size: int, in_channels: 
     opts = TimmOptions(**options)  # validated by the registry; typed from here on
     model = _create(variant, num_classes, image_size, in_channels, opts)
     return TimmBackbone(model, variant, num_classes, InputSpec(in_channels, image_size), opts.every)
-
-
-timm_backbone.Options = TimmOptions

@@ -23,11 +23,22 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from eedn.runtime.errors import EednError
 
 _MISSING = dataclasses.MISSING
+_Factory = TypeVar("_Factory", bound=Callable[..., Any])
+
+
+def declares(options: type) -> Callable[[_Factory], _Factory]:
+    """``@declares(MyOptions)`` above a registered function (or a class defined elsewhere) sets its ``Options``:
+    what ``my_factory.Options = MyOptions`` does, in a form type checkers accept on a function."""
+    def attach(factory: _Factory) -> _Factory:
+        # a function object's __dict__ holds its attributes; writing there is what the attribute assignment does
+        factory.__dict__["Options"] = options
+        return factory
+    return attach
 
 
 def option(default: Any, help: str = "", *, choices: Sequence[Any] | None = None, min: float | None = None,

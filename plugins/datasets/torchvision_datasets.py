@@ -62,6 +62,8 @@ class TorchvisionOptions:
 class TorchvisionSource(DatasetSource):
     """``torchvision:<ClassName>`` (see the module docstring)."""
 
+    Options = TorchvisionOptions
+
     def __init__(self, variant: str, **options: Any):
         super().__init__(**options)
         self.variant = variant
@@ -171,5 +173,3 @@ class TorchvisionSource(DatasetSource):
                   "test_from": "official test split" if self.test_base is not None else f"{test_f:g} of train"},
         )
 
-
-TorchvisionSource.Options = TorchvisionOptions
