@@ -13,7 +13,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 from eedn.core.options import parse_number_list
 from eedn.runtime.errors import EednError
@@ -24,6 +24,7 @@ from eedn.pipeline.rundir import MANIFEST, RESULTS, created_now, read_manifest, 
 
 if TYPE_CHECKING:
     from eedn.core.config import Config
+    from eedn.train.strategy import TrainingStrategy
 
 COMPARISON = "comparison.json"
 #: config keys that may differ between a finished run and a rerun without making the run stale
@@ -54,6 +55,7 @@ def parse_strategies(text: str) -> list[StrategySpec]:
     from eedn.core.plugins import registry
 
     specs = []
+    gate: str | None
     for item in (t.strip() for t in (text or "").split(",")):
         if not item:
             continue
@@ -117,7 +119,7 @@ def strategy_options_for(spec: StrategySpec, shared: dict, per_strategy: dict[st
         opts = deep_merge(opts, per_strategy.get(spec.text, {}))
     if cli.get("epochs") is not None:
         opts["epochs"] = cli["epochs"]
-    tradeoff_option = entry.factory.tradeoff_option
+    tradeoff_option = cast("type[TrainingStrategy]", entry.factory).tradeoff_option
     if cli.get("tradeoff") is not None and tradeoff_option is not None:
         opts[tradeoff_option] = cli["tradeoff"]
     return opts

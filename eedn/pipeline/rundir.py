@@ -92,7 +92,7 @@ def read_results(run_dir: str | Path) -> dict:
     return read_json(Path(run_dir) / RESULTS, "results file")
 
 
-def load_model(run_dir: str | Path, setting: str = POLICY_HEADS, device: str = "cpu"):
+def load_model(run_dir: str | os.PathLike, setting: str = POLICY_HEADS, device: str = "cpu"):
     """The trained model of a run directory in eval mode (backbone, IMs, gate in ``setting``; default the
     reported policy) and its manifest. Built from ``run.json`` alone: no dataset is needed."""
     from eedn.core.build import build_backbone, build_model
