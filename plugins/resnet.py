@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -77,7 +77,7 @@ def _out_width(module: nn.Module) -> int:
     """Output channels of a residual block (BasicBlock or torchvision Bottleneck) or a layer of them."""
     if isinstance(module, nn.Sequential):
         return _out_width(module[-1])
-    last_bn = getattr(module, "bn3", None) or module.bn2
+    last_bn = cast(nn.BatchNorm2d, getattr(module, "bn3", None) or module.bn2)
     return last_bn.num_features
 
 
@@ -130,7 +130,7 @@ class ResNetBackbone(Backbone):
 
     def exit_features(self, index: int, state: State) -> Tensor:
         """Global average pool of the stage's map: ``[B, C_index]``."""
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(state, 1), 1)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(cast(Tensor, state), 1), 1)  # one map per stage
 
     def head(self, features: Tensor) -> Tensor:
         return self.fc(features)
