@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -258,7 +258,7 @@ class T2TViT(Backbone):
             # embed_dim^-0.5 overall and keeps the fused kernel (q_norm runs on q before the product)
             ratio = (config.embed_dim / (config.embed_dim // config.num_heads)) ** -0.5
             for block in self.blocks:
-                block.attn.q_norm = QueryScale(ratio)
+                cast(Block, block).attn.q_norm = QueryScale(ratio)
         self.norm = nn.LayerNorm(config.embed_dim)
         # Registered under the official key "head"; the contract's head() method shadows attribute
         # access, so the layer itself is reached through ``classifier``.
@@ -286,10 +286,11 @@ class T2TViT(Backbone):
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 
-    def stage(self, index: int, state: Tensor) -> Tensor:
+    # T2T-ViT's state is always one token tensor [B, N, D], narrower than the contract's State
+    def stage(self, index: int, state: Tensor) -> Tensor:  # type: ignore[override]
         return self.blocks[index](state)
 
-    def exit_features(self, index: int, state: Tensor) -> Tensor:
+    def exit_features(self, index: int, state: Tensor) -> Tensor:  # type: ignore[override]
         return self.norm(state[:, 0])
 
     def head(self, features: Tensor) -> Tensor:
@@ -454,7 +455,7 @@ def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: 
     """``variant`` is a key of :data:`VARIANTS`; ``shape`` holds the tiny size's :class:`TinyOptions`
     (None: keep the size's own value)."""
     config = VARIANTS[variant]
-    given = {k: v for k, v in shape.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in shape.items() if v is not None}
     if given:
         if variant != "t2t_vit_tiny":
             raise EednError(f"backbone {variant}: the tiny-only option(s) {', '.join(given)} need size=tiny; "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,8 @@ def _is_token_model(model: nn.Module) -> bool:
 class TimmBackbone(Backbone):
     """A timm model run as stem + stages (see the module docstring). Its weights live under ``model.``."""
 
-    def __init__(self, model: nn.Module, variant: str, num_classes: int, input_spec: InputSpec, every: int):
+    # `model` is any timm model: forward_features, forward_head, blocks or norm depend on its family (duck-typed)
+    def __init__(self, model: Any, variant: str, num_classes: int, input_spec: InputSpec, every: int):
         super().__init__()
         self.model = model
         self.variant = variant
@@ -85,7 +86,7 @@ class TimmBackbone(Backbone):
         self._nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
         if self.tokens:
             blocks = list(model.blocks)
-            groups = [nn.Sequential(*blocks[i : i + every]) for i in range(0, len(blocks), every)]
+            groups: list[nn.Module] = [nn.Sequential(*blocks[i : i + every]) for i in range(0, len(blocks), every)]
             # plain lists (not registered) so the state dict keeps timm's own key names under model.
             self._stages: list[nn.Module] = groups
             self._stem_parts: list[nn.Module] = []
@@ -188,7 +189,7 @@ class TimmBackbone(Backbone):
             for module in self._trailing:
                 state = module(state)
             return self.model.forward_head(state, pre_logits=True)
-        return state.mean(dim=(1, 2) if self._nhwc else (2, 3))
+        return cast(Tensor, state).mean(dim=(1, 2) if self._nhwc else (2, 3))  # a CNN's state is one map
 
     def head(self, features: Tensor) -> Tensor:
         return self.model.get_classifier()(features)

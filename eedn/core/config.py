@@ -218,7 +218,8 @@ def key_specs(cls: type) -> list[tuple[OptionSpec, str, dataclasses.Field]]:
             meta = f.metadata
             # every key has a default or a default factory
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
-            specs.append((OptionSpec(cast("type[Section]", cls).PREFIX + f.name, hints[f.name], default, meta.get("help", ""),
+            prefix = cast("type[Section]", cls).PREFIX
+            specs.append((OptionSpec(prefix + f.name, hints[f.name], default, meta.get("help", ""),
                                      meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("above")),
                           meta.get("kind", "value"), f))
         _SPECS[cls] = specs
