@@ -70,7 +70,9 @@ def _hwc_uint8(array: np.ndarray, image_size: int) -> Tensor:
         return pixels
     from PIL import Image
 
-    return _resized_uint8((Image.fromarray(a) for a in array), len(array), image_size)
+    out = _resized_uint8((Image.fromarray(a) for a in array), len(array), image_size)
+    assert out is not None, "a non-square [N, H, W, C] array"  # square images stay square when resized
+    return out
 
 
 def cifar_transforms(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
