@@ -75,6 +75,8 @@ class TimmBackbone(Backbone):
     """A timm model run as stem + stages (see the module docstring). Its weights live under ``model.``."""
 
     # `model` is any timm model: forward_features, forward_head, blocks or norm depend on its family (duck-typed)
+    _stem_view: Any  # the token model without its blocks (set in __init__, not registered)
+
     def __init__(self, model: Any, variant: str, num_classes: int, input_spec: InputSpec, every: int):
         super().__init__()
         self.model = model
@@ -102,7 +104,7 @@ class TimmBackbone(Backbone):
         self.feature_dims = self._check_split()
 
     # ----------------------------------------------------------------------------------- split
-    def _split_hierarchical(self, model: nn.Module) -> None:
+    def _split_hierarchical(self, model: Any) -> None:
         info = getattr(model, "feature_info", None)
         if not info:
             raise EednError(f"timm model {self.variant} has no feature_info, so eedn cannot find its stages")

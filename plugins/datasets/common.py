@@ -173,7 +173,7 @@ class _ArraySource(_Source):
     channels = 3
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
-    data_key = ("val_size", "cal_fraction")
+    data_key: tuple[str, ...] = ("val_size", "cal_fraction")
 
     Options = ArrayOptions
     options: ArrayOptions
