@@ -309,8 +309,8 @@ class JeiStrategy(TrainingStrategy):
             logits, scores = val.outputs(model)
             im_acc = (logits[:, :g].argmax(-1) == val.labels[:, None]).float().mean(0).tolist()
             entry: dict[str, Any] = {"phase": "warmup", "epoch": epoch, "lambda": None, "loss": total / max(count, 1),
-                     "val_im_accuracy": im_acc,
-                     "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
+                                     "val_im_accuracy": im_acc,
+                                     "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
             if converge:
                 im_ce = per_exit_cross_entropy(logits[:, :g], val.labels).mean(0).tolist()
                 entry["val_im_loss"] = im_ce
