@@ -13,6 +13,9 @@ from eedn.runtime.errors import EednError
 if TYPE_CHECKING:
     from eedn.core.config import Config
 
+if TYPE_CHECKING:
+    from eedn.core.config import Config
+
 METRICS_HELP = (
     "The numbers matched at equal cost and drawn against MACs are accuracy and every evaluator's headline "
     "metrics. An evaluator chooses its headline numbers through its own options, e.g. "
