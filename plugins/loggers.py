@@ -44,6 +44,10 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 class CsvLogger(Logger):
     """One tidy CSV per run (columns stage, metric, step, value, time) and the config as JSON beside it.
 
@@ -73,6 +77,15 @@ class CsvLogger(Logger):
             stage, _, metric = key.rpartition("/")
             self.rows.append((stage, metric, step, float(value), now))
         self._write()
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        """``<run>.<name>.csv`` beside the run's CSV, one row per entry."""
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path.with_suffix(f".{name}.csv"), buffer.getvalue())
 
     def _write(self) -> None:
         buffer = io.StringIO()
@@ -122,6 +135,12 @@ class TensorBoardLogger(Logger):
         image = imread(str(path))  # float RGBA in [0, 1], height x width x channels
         self.writer.add_image(f"figures/{Path(path).stem}", image[..., :3], 0, dataformats="HWC")
 
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+        lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in fields) + " |" for row in rows]
+        self.writer.add_text(name, "\n".join(lines))
+
     def close(self, status: str = "finished") -> None:
         self.writer.add_text("status", status)
         self.writer.close()
@@ -135,7 +154,8 @@ class MlflowLogger(Logger):
 
     @dataclass
     class Options:
-        tracking_uri: str | None = option(None, "MLflow tracking URI (None: the file store <tracking_dir>/mlruns)")
+        tracking_uri: str | None = option(None, "MLflow tracking URI, e.g. sqlite:///mlflow.db (None: the local file "
+                                                "store <tracking_dir>/mlruns)")
         experiment: str = option("eedn", "MLflow experiment the runs go to (created when missing)")
 
     options: MlflowLogger.Options
@@ -147,7 +167,10 @@ class MlflowLogger(Logger):
         self.check()
         from mlflow.tracking import MlflowClient
 
-        uri = self.options.tracking_uri or (Path(tracking_dir) / "mlruns").absolute().as_uri()
+        uri = self.options.tracking_uri
+        if uri is None:  # the local file store, which MLflow >= 3.7 keeps only on request (docs/usage.md)
+            uri = (Path(tracking_dir) / "mlruns").absolute().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(self.options.experiment)
         experiment_id = (experiment.experiment_id if experiment is not None
@@ -178,6 +201,9 @@ class MlflowLogger(Logger):
 
     def log_figure(self, path: os.PathLike[str] | str) -> None:
         self.client.log_artifact(self.run_id, str(path), "figures")
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        self.client.log_dict(self.run_id, rows, f"{name}.json")
 
     def close(self, status: str = "finished") -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")

@@ -229,7 +229,7 @@ class Logger(ABC):
     Per run the pipeline calls :meth:`check` before stage 0 (a missing library stops the run there, in one
     line), :meth:`start` once, :meth:`log_config`, :meth:`log_metrics` for every finished epoch of every stage
     (names ``"<stage>/<metric>"``, step = epoch), for every operating point and for the final numbers,
-    :meth:`log_figure` for each figure of the run directory, and :meth:`close` at the end, also when the run
+    :meth:`log_table` for the operating points with their settings, :meth:`log_figure` for each figure of the run directory, and :meth:`close` at the end, also when the run
     fails. Loggers write under ``tracking_dir`` (beside the run directories, never inside one, so a run
     directory stays complete-or-absent) unless their options say otherwise.
     """
@@ -258,6 +258,10 @@ class Logger(ABC):
 
     def log_figure(self, path: "os.PathLike[str] | str") -> None:
         """A PNG of the run directory; default: not kept (the run directory has it)."""
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        """Rows of one table (``operating_points``: every trained setting and budget with its numbers); default:
+        not kept (results.json has it)."""
 
     @abstractmethod
     def close(self, status: str = "finished") -> None:

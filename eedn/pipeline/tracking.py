@@ -3,7 +3,8 @@
 Opened when the strategy starts (the run directory's name is the tracker run's name): the config, then stage 0's
 epochs from the backbone's history (trained just before, or kept with the cached backbone), then every epoch of
 the strategy's stages live (as :class:`eedn.runtime.progress.Progress` reports them), and after the run directory
-is written every operating point (step: its mean MACs in ‰ of the full backbone), the final numbers (step 0) and
+is written every operating point (step: its mean MACs in ‰ of the full backbone; also as one table with
+the settings), the final numbers (step 0) and
 the figures. A failed run closes its trackers as failed.
 """
 from __future__ import annotations
@@ -86,9 +87,13 @@ class Tracking:
         """Operating points, final numbers and figures of a written run; then close as finished."""
         if not self.loggers:
             return
-        for point in results.get("curve", []):
+        points = results.get("curve") or [results["policy"]]
+        for point in points:
             step = round(1000 * float(point["macs_fraction"]))
             self.log({f"operating_points/{k}": v for k, v in numbers(point).items()}, step)
+        rows = [{"setting": p.get("setting"), **numbers(p)} for p in points]
+        for logger in self.loggers.values():
+            logger.log_table("operating_points", rows)
         final = {f"final/{k}": v for k, v in numbers(results["policy"]).items()}
         final |= {f"final/exit_{e['index']}_accuracy": e["accuracy"] for e in results.get("exits", [])}
         final["final/backbone_test_accuracy"] = results["backbone"].get("test_accuracy")

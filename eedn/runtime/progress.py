@@ -37,7 +37,7 @@ def format_metrics(metrics: dict[str, float | None]) -> str:
 
 def format_duration(seconds: float) -> str:
     """``0:01:05`` (hours:minutes:seconds)."""
-    seconds = max(int(round(seconds)), 0)
+    seconds = max(round(seconds), 0)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
@@ -52,16 +52,17 @@ class Progress:
 
     ``enabled=False`` prints nothing. Otherwise ``live`` picks rich bars (default: when the console is a
     terminal) or plain lines. Output goes to stderr, so a command's result on stdout stays clean. Plain lines
-    inside an epoch come every ``interval`` seconds of ``clock`` (injectable, so tests need no real minute).
+    inside an epoch come every ``interval`` seconds of ``clock`` (default ``time.monotonic``; injectable, so tests
+    need no real minute).
     """
 
     def __init__(self, enabled: bool = False, console: "Console | None" = None, live: bool | None = None, *,
-                 interval: float = PLAIN_INTERVAL, clock: Callable[[], float] = time.monotonic):
+                 interval: float = PLAIN_INTERVAL, clock: Callable[[], float] | None = None):
         self.enabled = enabled
         self._console = console
         self._live = live
         self.interval = interval
-        self.clock = clock
+        self.clock = clock or time.monotonic
         self._bars: Any = None  # the rich Progress while a live session runs
         self._stages: dict[str, dict[str, Any]] = {}  # stage -> {"task", "epoch", "metrics", "running"}
         self._running: dict[str, list[float]] = {}  # stage -> [loss sum, steps] of the current epoch
