@@ -104,9 +104,9 @@ def test_a_missing_library_is_one_line_naming_the_extra(tmp_path, monkeypatch, n
     out = tmp_path / "run"
     res = invoke(*RUN, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--logger", name)
     assert res.exit_code == 1
-    assert res.stderr.strip().splitlines() == [
-        f"error: logger '{name}' needs the {name} package, which is not installed: pip install 'eedn[{extra}]' "
-        f"(or pip install {name})"]
+    line = (f"error: logger '{name}' needs the {name} package, which is not installed: pip install 'eedn[{extra}]' "
+            f"(or pip install {name})")
+    assert res.stderr.strip().splitlines() == [line]
     assert not (tmp_path / "cache").exists() and not out.exists()  # refused before stage 0
 
 
