@@ -130,7 +130,7 @@ class Progress:
         for key in ("epoch", "running", "metrics"):
             if key in update:
                 state[key] = update.pop(key)
-        last = f"last epoch: {state['metrics']}" if state["metrics"] and state["epoch"] else state["metrics"]
+        last = f"last epoch: {state['metrics']}" if state["metrics"] and state["running"] else state["metrics"]
         status = " · ".join(t for t in (state["epoch"], state["running"], last) if t)
         if "task" not in state:
             state["task"] = self._bars.add_task(stage, status=status, **update)
