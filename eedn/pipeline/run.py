@@ -267,7 +267,8 @@ def _run_strategy(prep: Prepared, strategy_name: str | None, strategy_options: d
     run_dir = broadcast_object(run_directory(cfg))  # rank 0's name and time stamp on every rank
     if world().main:
         tracking.open(checked.loggers, run_dir, cfg, progress, prep.backbone_info.get("history"))
-    seed_everything(cfg.seed)
+    head_seed = cfg.seed if cfg.head_seed is None else cfg.head_seed
+    seed_everything(head_seed)
     strategy, gate_name, evaluators = checked.strategy, checked.gate, checked.evaluators
     backbone = copy.deepcopy(prep.backbone) if strategy.trains_backbone else prep.backbone
     model = build_model(backbone, gate=gate_name, inference_module=cfg.inference_module,
@@ -282,7 +283,7 @@ def _run_strategy(prep: Prepared, strategy_name: str | None, strategy_options: d
         progress.log(f"strategy '{cfg.strategy}' trains on {'augmented images' if strategy.head_augment else 'a train-mode backbone'}: "
                      "features cannot be cached, running uncached")
     train_source = feature_source(prep, model, cacheable=cacheable, mode=strategy.backbone_mode)
-    ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=cfg.seed,
+    ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=head_seed,
                      device=cfg.device, progress=progress, precision=cfg.precision)
     t0 = time.perf_counter()
     result = strategy.fit(model, ctx)
