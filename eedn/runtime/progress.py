@@ -56,8 +56,12 @@ class Progress:
     need no real minute).
     """
 
+<<<<<<< HEAD
     def __init__(self, enabled: bool = False, console: "Console | None" = None, live: bool | None = None, *,
                  interval: float = PLAIN_INTERVAL, clock: Callable[[], float] | None = None):
+=======
+    def __init__(self, enabled: bool = False, console: Console | None = None, live: bool | None = None):
+>>>>>>> main
         self.enabled = enabled
         self._console = console
         self._live = live
@@ -91,7 +95,7 @@ class Progress:
         return run[0] / run[1] if run and run[1] else None
 
     @property
-    def console(self) -> "Console":
+    def console(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
@@ -104,7 +108,7 @@ class Progress:
         return self.console.is_terminal if self._live is None else self._live
 
     @contextmanager
-    def session(self) -> Iterator["Progress"]:
+    def session(self) -> Iterator[Progress]:
         """Keep the live bars on screen for the duration of a command (re-entrant; a no-op when plain)."""
         if not self.enabled or not self.live or self._bars is not None:
             yield self
