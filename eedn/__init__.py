@@ -25,14 +25,9 @@ _EXPORTS: dict[str, str] = {
     # contracts a plugin implements
     "Backbone": "eedn.core.contracts", "InferenceModule": "eedn.core.contracts", "Gate": "eedn.core.contracts",
     "Evaluator": "eedn.core.contracts", "DatasetSource": "eedn.core.contracts", "InputSpec": "eedn.core.contracts",
-<<<<<<< HEAD
     "Metric": "eedn.core.contracts", "select_rows": "eedn.core.contracts", "Logger": "eedn.core.contracts",
-    "TrainingStrategy": "eedn.train.strategy", "StrategyResult": "eedn.train.strategy", "FitContext": "eedn.train.strategy",
-=======
-    "Metric": "eedn.core.contracts", "select_rows": "eedn.core.contracts",
     "TrainingStrategy": "eedn.train.strategy", "StrategyResult": "eedn.train.strategy",
     "FitContext": "eedn.train.strategy",
->>>>>>> main
     # declared plugin options
     "option": "eedn.core.options", "resolve_options": "eedn.core.options",
     # a calibratable confidence-threshold gate to subclass, and its budget helpers

@@ -56,12 +56,8 @@ class Progress:
     need no real minute).
     """
 
-<<<<<<< HEAD
-    def __init__(self, enabled: bool = False, console: "Console | None" = None, live: bool | None = None, *,
+    def __init__(self, enabled: bool = False, console: Console | None = None, live: bool | None = None, *,
                  interval: float = PLAIN_INTERVAL, clock: Callable[[], float] | None = None):
-=======
-    def __init__(self, enabled: bool = False, console: Console | None = None, live: bool | None = None):
->>>>>>> main
         self.enabled = enabled
         self._console = console
         self._live = live

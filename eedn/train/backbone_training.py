@@ -195,15 +195,9 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
     if best_state is not None:
         backbone.load_state_dict(best_state)
     summary = {"val_accuracy": best_acc, "epochs": epochs, "history": history}
-<<<<<<< HEAD
     if checkpoint_path is not None and w.main:  # the history travels with the cache: a later run still draws it
         atomic_torch_save({"model": backbone.state_dict(), "summary": summary}, checkpoint_path)
-=======
-    if checkpoint_path is not None and w.main:
-        atomic_torch_save({"model": backbone.state_dict(), "summary": {"val_accuracy": best_acc, "epochs": epochs}},
-                          checkpoint_path)
         assert partial is not None  # set whenever checkpoint_path is
->>>>>>> main
         partial.unlink(missing_ok=True)
     barrier()
     return summary
