@@ -156,7 +156,7 @@ def test_a_60_s_epoch_prints_progress_lines_in_a_log(tiny_config, tmp_path, caps
 def test_interim_lines_come_at_most_every_interval():
     progress = Progress(enabled=True, live=False, clock=FakeClock(1.0))
     logged: list[str] = []
-    progress.log = logged.append  # type: ignore[method-assign]
+    progress.log = logged.append
     for _ in progress.track(range(100), "stage", epoch=0, epochs=1):
         progress.step("stage", 0.5)
     assert [line.split(": ")[1].split(",")[0] for line in logged] == ["30/100 steps", "60/100 steps", "90/100 steps"]
