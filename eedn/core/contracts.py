@@ -230,8 +230,9 @@ class Logger(ABC):
     line), :meth:`start` once, :meth:`log_config`, :meth:`log_metrics` for every finished epoch of every stage
     (names ``"<stage>/<metric>"``, step = epoch), for every operating point and for the final numbers,
     :meth:`log_table` for the operating points with their settings, :meth:`log_figure` for each figure of the
-    run directory, and :meth:`close` at the end, also when the run fails. Loggers write under ``tracking_dir`` (beside the run directories, never inside one, so a run
-    directory stays complete-or-absent) unless their options say otherwise.
+    run directory, and :meth:`close` at the end, also when the run fails. Loggers write under ``tracking_dir``
+    (beside the run directories, never inside one, so a run directory stays complete-or-absent) unless their
+    options say otherwise.
     """
 
     name: str = "logger"
