@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     # contracts a plugin implements
     "Backbone": "eedn.core.contracts", "InferenceModule": "eedn.core.contracts", "Gate": "eedn.core.contracts",
     "Evaluator": "eedn.core.contracts", "DatasetSource": "eedn.core.contracts", "InputSpec": "eedn.core.contracts",
-    "Metric": "eedn.core.contracts", "select_rows": "eedn.core.contracts",
+    "Metric": "eedn.core.contracts", "select_rows": "eedn.core.contracts", "Logger": "eedn.core.contracts",
     "TrainingStrategy": "eedn.train.strategy", "StrategyResult": "eedn.train.strategy",
     "FitContext": "eedn.train.strategy",
     # declared plugin options

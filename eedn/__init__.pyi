@@ -19,6 +19,7 @@ from eedn.core.contracts import Evaluator as Evaluator
 from eedn.core.contracts import Gate as Gate
 from eedn.core.contracts import InferenceModule as InferenceModule
 from eedn.core.contracts import InputSpec as InputSpec
+from eedn.core.contracts import Logger as Logger
 from eedn.core.contracts import Metric as Metric
 from eedn.core.contracts import select_rows as select_rows
 from eedn.core.cost import measure_exit_macs as measure_exit_macs
@@ -60,7 +61,7 @@ __version__: str
 
 __all__ = [
     "EednError", "UnknownNameError", "hookimpl", "__version__", "Backbone", "InferenceModule", "Gate", "Evaluator",
-    "DatasetSource", "InputSpec", "Metric", "select_rows", "TrainingStrategy", "StrategyResult", "FitContext",
+    "DatasetSource", "InputSpec", "Metric", "Logger", "select_rows", "TrainingStrategy", "StrategyResult", "FitContext",
     "option", "resolve_options", "ThresholdGate", "DataSplits", "TensorImages", "stratified_holdout", "hold_out",
     "subset", "channel_statistics", "dataset_labels", "MappedDataset", "ExitOutputs", "read_outputs", "EarlyExitModel",
     "build_model", "create_model", "build_backbone", "create", "list_names", "register_plugin", "registry", "Config",

@@ -127,3 +127,16 @@ def register_risks(register):
     register("miscoverage_gap", f"{rk}:MiscoverageGap",
              description="1{y not in C_exit} - 1{y not in C_final} of conformal sets (needs the conformal "
                          "evaluator); in [-1, 1]")
+
+
+@hookimpl
+def register_loggers(register):
+    lg = "eedn_plugins.loggers"
+    register("csv", f"{lg}:CsvLogger", description="one tidy CSV per run (stage, metric, step, value) and the config "
+                                                   "as JSON beside it; no extra library")
+    register("tensorboard", f"{lg}:TensorBoardLogger",
+             description="TensorBoard event files (torch.utils.tensorboard): scalars per epoch, operating points, "
+                         "config, figures; pip install 'eedn[tensorboard]'")
+    register("mlflow", f"{lg}:MlflowLogger",
+             description="an MLflow run in a local file store (or tracking_uri): params, metrics, figures; "
+                         "pip install 'eedn[mlflow]'")

@@ -199,5 +199,5 @@ def test_run_in_a_log_prints_one_plain_line_per_epoch(tiny_config, tmp_path):
     assert res.exit_code == 0, res.output
     assert "\x1b" not in res.output and "\r" not in res.output  # no control characters in a log
     assert re.search(r"^resnet_tiny -> .+ parameters, \d+ exits", res.stderr, re.M)
-    assert re.search(r"^im-only epoch 1/1: loss [0-9.e-]+, val accuracy [0-9.]+$", res.stderr, re.M)
+    assert re.search(r"^im-only epoch 1/1: loss [0-9.e-]+, IM val accuracy [0-9.]+$", res.stderr, re.M)
     assert f"run directory: {out}" in res.stderr and re.search(r"exits of im-only\s*$", res.stdout, re.M)

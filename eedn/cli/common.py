@@ -109,6 +109,9 @@ def common_run_options(fn: Callable) -> Callable:
         key_flag("--precision"),
         key_flag("--cache-dir", type=click.Path()),
         key_flag("--resume"),
+        click.option("--logger", "loggers", multiple=True, metavar="NAME",
+                     help="log to an experiment tracker: tensorboard, mlflow or csv (`eedn plugins` lists them); "
+                          "repeat for several"),
         click.option("--quiet", is_flag=True, help="no progress: print only the final table and directory"),
         click.option("--debug", is_flag=True, help="show tracebacks"),
     ]
@@ -119,7 +122,7 @@ def common_run_options(fn: Callable) -> Callable:
 
 def build_config(config_file: str | None = None, sets: Sequence[str] = (), data_dir: str | None = None,
                  epochs: int | None = None, lambdas: str | None = None, budget: float | None = None,
-                 base: dict | None = None, **flags: Any) -> Config:
+                 base: dict | None = None, loggers: Sequence[str] = (), **flags: Any) -> Config:
     """CLI options → resolved config (CLI wins over the file or ``base``, --set wins over both). ``flags`` are
     the key flags by parameter name (``backbone_epochs=3``); None means not given."""
     from eedn.core.config import BUDGET_KEYS, config_key, flag_keys, load_config_file, resolve_config
@@ -129,7 +132,7 @@ def build_config(config_file: str | None = None, sets: Sequence[str] = (), data_
         base = load_config_file(config_file) if config_file else {}
     base = dict(base)
     by_param = {flag[2:].replace("-", "_"): (flag, dotted) for flag, dotted in flag_keys().items()}
-    overrides: dict[str, Any] = {"tradeoff": parse_lambdas(lambdas)}
+    overrides: dict[str, Any] = {"tradeoff": parse_lambdas(lambdas), "loggers": list(loggers) or None}
     for param, value in flags.items():
         if value is None:
             continue

@@ -189,6 +189,10 @@ class Config(Section):
     channels_last: str | bool = key("auto", "NHWC images and weights: auto (when the backbone prefers it), true "
                                             "or false")
     progress: bool = key(True, "live progress lines")
+    loggers: list[str] = key([], "experiment trackers the run logs to (--logger, repeatable; `eedn plugins` lists "
+                                 "them), e.g. [tensorboard, csv]")
+    logger_options: dict[str, Any] = key({}, "each logger's options, by logger name", kind="open")
+    tracking_dir: str | None = key(None, "where loggers write (None: a 'tracking' folder beside the run directory)")
     resume: bool = key(False, "continue an interrupted backbone training", flag="--resume")
     risk_control: RiskControl = section(RiskControl, "risk-controlled exits (--risk/--epsilon/--delta/--controller)")
 

@@ -226,6 +226,52 @@ class Evaluator(ABC):
         return []
 
 
+class Logger(ABC):
+    """An experiment tracker (TensorBoard, MLflow, a CSV file): gets one run's numbers as they are made.
+
+    Per run the pipeline calls :meth:`check` before stage 0 (a missing library stops the run there, in one
+    line), :meth:`start` once, :meth:`log_config`, :meth:`log_metrics` for every finished epoch of every stage
+    (names ``"<stage>/<metric>"``, step = epoch), for every operating point and for the final numbers,
+    :meth:`log_table` for the operating points with their settings, :meth:`log_figure` for each figure of the
+    run directory, and :meth:`close` at the end, also when the run fails. Loggers write under ``tracking_dir``
+    (beside the run directories, never inside one, so a run directory stays complete-or-absent) unless their
+    options say otherwise.
+    """
+
+    name: str = "logger"
+
+    def __init__(self, **options: Any):
+        #: the logger's declared options, validated (see :mod:`eedn.core.options`)
+        self.options = declared_options(f"logger '{self.name}'", type(self), options)
+
+    def check(self) -> None:
+        """Raise :class:`eedn.runtime.errors.EednError` when this logger cannot run here (its library is not
+        installed); called before anything is trained. Default: nothing to check."""
+
+    @abstractmethod
+    def start(self, run_name: str, tracking_dir: os.PathLike[str] | str) -> str:
+        """Open the run's record; return where it is (a path or URI, recorded in results.json)."""
+
+    @abstractmethod
+    def log_config(self, config: dict) -> None:
+        """The resolved config (config.json's content)."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Numbers at one step (an epoch, an operating point's cost in ‰ of full MACs, or 0 for final ones)."""
+
+    def log_figure(self, path: os.PathLike[str] | str) -> None:
+        """A PNG of the run directory; default: not kept (the run directory has it)."""
+
+    def log_table(self, name: str, rows: list[dict]) -> None:
+        """Rows of one table (``operating_points``: every trained setting and budget with its numbers); default:
+        not kept (results.json has it)."""
+
+    @abstractmethod
+    def close(self, status: str = "finished") -> None:
+        """Flush and end the record; ``status`` is ``finished`` or ``failed``."""
+
+
 class DatasetSource(ABC):
     """Yields train / val / cal / test splits; never downloads."""
 

@@ -54,5 +54,11 @@ def register_risks(register):
 
 
 @hookspec
+def register_loggers(register):
+    """Register experiment trackers: ``register(name, cls)``; ``cls(**options) -> eedn.core.contracts.Logger``
+    (``--logger NAME``)."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the ``eedn`` click group: ``cli.add_command(my_command)``."""

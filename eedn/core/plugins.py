@@ -35,7 +35,7 @@ BUILTINS_ONLY_ENV = "EEDN_BUILTINS_ONLY"
 #: the distribution whose entry points are the built-ins
 CORE_DISTRIBUTION = "eedn"
 
-KINDS = ("backbone", "inference_module", "gate", "strategy", "evaluator", "dataset", "risk")
+KINDS = ("backbone", "inference_module", "gate", "strategy", "evaluator", "dataset", "risk", "logger")
 _HOOK_FOR_KIND = {
     "backbone": "register_backbones",
     "inference_module": "register_inference_modules",
@@ -44,6 +44,7 @@ _HOOK_FOR_KIND = {
     "evaluator": "register_evaluators",
     "dataset": "register_datasets",
     "risk": "register_risks",
+    "logger": "register_loggers",
 }
 
 

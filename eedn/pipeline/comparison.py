@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 COMPARISON = "comparison.json"
 #: config keys that may differ between a finished run and a rerun without making the run stale
-RUNTIME_KEYS = ("out", "resume", "progress", "cache_dir", "device", "num_workers", "eval_batch_size")
+RUNTIME_KEYS = ("out", "resume", "progress", "cache_dir", "device", "num_workers", "eval_batch_size", "loggers",
+                "logger_options", "tracking_dir")
 #: comparison.json keys that describe how it was made (kept when `eedn report` re-renders it)
 META_KEYS = ("eedn_version", "kind", "created", "config", "backbone", "seeds", "strategies", "anytime_range",
              "sweep")

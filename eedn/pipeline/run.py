@@ -43,6 +43,7 @@ from eedn.pipeline.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESUL
                          created_now, environment, staged_run_dir, unique_run_name)
 from eedn.pipeline.risk_run import check_risk_config, risk_control_block
 from eedn.train.strategy import FitContext, TrainingStrategy
+from eedn.pipeline.tracking import Tracking, build_loggers
 from eedn.core.transfer import transfer_summary
 
 SPLITS = ("val", "cal", "test")
@@ -50,7 +51,7 @@ SPLITS = ("val", "cal", "test")
 #: ``evaluators``
 CORE_RESULT_KEYS = ("eedn_version", "config", "dataset", "input", "backbone", "full_macs", "exits", "metrics",
                     "policy", "curve", "strategy", "evaluators", "timings", "environment", "run_dir",
-                    "risk_control", OWN_IMS_KEY)
+                    "risk_control", "tracking", OWN_IMS_KEY)
 
 
 def seed_everything(seed: int) -> None:
@@ -86,6 +87,8 @@ class CheckedPlugins:
     strategy_options: dict[str, Any]
     gate_options: dict[str, Any]
     im_options: dict[str, Any]
+    #: the experiment trackers (``--logger``), built and checked, not started
+    loggers: dict[str, Any] = field(default_factory=dict)
 
 
 def check_plugins(cfg: Config) -> CheckedPlugins:
@@ -121,7 +124,8 @@ def check_plugins(cfg: Config) -> CheckedPlugins:
         backbone_options=registry("backbone").get(cfg.backbone).resolve(cfg.backbone_options),
         strategy_options=strategy.options.as_dict(),
         gate_options=gate_options,
-        im_options=registry("inference_module").get(cfg.inference_module).resolve(cfg.inference_module_options))
+        im_options=registry("inference_module").get(cfg.inference_module).resolve(cfg.inference_module_options),
+        loggers=build_loggers(cfg))
 
 
 def _with_strategy_gate_options(cfg: Config, gate_entry: Any, resolved: dict, implied: dict) -> dict:
@@ -225,7 +229,8 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
                                      resume=cfg.resume, progress=progress,
                                      precision=cfg.precision, channels_last=channels_last,
                                      loader=LoaderOptions.from_config(cfg))
-            info |= {"source": "trained", "val_accuracy": summary["val_accuracy"], "epochs": summary["epochs"]}
+            info |= {"source": "trained", "val_accuracy": summary["val_accuracy"], "epochs": summary["epochs"],
+                     "history": summary["history"]}
     timings["backbone_s"] = time.perf_counter() - t1
     cache = FeatureCache(cfg.cache_root / "features", fp16=cfg.cache_fp16)
     return Prepared(cfg, data, dataset_desc, image_size, source.channels, backbone, info, cache, progress, timings)
@@ -244,7 +249,18 @@ def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = T
 
 def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_options: dict | None = None,
                  gate: str | None = None, out: str | Path | None = None) -> dict:
-    """Fit one strategy on the prepared backbone, evaluate every setting, write the run directory."""
+    """Fit one strategy on the prepared backbone, evaluate every setting, write the run directory (and tell
+    the run's experiment trackers, closed as failed when the run fails)."""
+    tracking = Tracking()
+    try:
+        return _run_strategy(prep, strategy_name, strategy_options, gate, out, tracking)
+    except BaseException:
+        tracking.close("failed")
+        raise
+
+
+def _run_strategy(prep: Prepared, strategy_name: str | None, strategy_options: dict | None, gate: str | None,
+                  out: str | Path | None, tracking: Tracking) -> dict:
     cfg = copy.deepcopy(prep.cfg)
     if strategy_name is not None:  # a comparison gives each strategy its complete options (no tradeoff)
         cfg = cfg.replace(strategy=strategy_name, strategy_options=copy.deepcopy(strategy_options or {}), gate=gate,
@@ -256,6 +272,9 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     if cfg.out:
         check_out_dir(cfg.out, cfg.overwrite)
     progress = prep.progress
+    run_dir = broadcast_object(run_directory(cfg))  # rank 0's name and time stamp on every rank
+    if world().main:
+        tracking.open(checked.loggers, run_dir, cfg, progress, prep.backbone_info.get("history"))
     head_seed = cfg.seed if cfg.head_seed is None else cfg.head_seed
     seed_everything(head_seed)
     strategy, gate_name, evaluators = checked.strategy, checked.gate, checked.evaluators
@@ -337,12 +356,14 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
                                          "own_ims_thresholds_s": time.perf_counter() - t2}
     manifest = build_manifest(cfg, prep, checked, model, test, policy, chosen, labels, exit_macs, full_macs)
     results["environment"] = manifest["environment"]
-    run_dir = broadcast_object(run_directory(cfg))  # rank 0's time stamp on every rank
+    if tracking.locations:
+        results["tracking"] = tracking.locations
     if world().main:
         write_run(run_dir, cfg, results, manifest, model, outputs,
                   {label: s for label, s in result.settings} | {POLICY_HEADS: policy_heads})
     barrier()
     results["run_dir"] = str(run_dir)
+    tracking.finish(results, run_dir)
     progress.log(f"run directory: {run_dir}")
     return results
 

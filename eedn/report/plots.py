@@ -203,3 +203,44 @@ def plot_reliability(bins: dict[str, dict], path: str | os.PathLike, *, title: s
     bottom.grid(alpha=0.3)
     return _save(fig, path)
 
+
+
+def plot_training_curves(stages: dict[str, dict], path: str | os.PathLike, *, title: str) -> Path:
+    """Loss (left, log scale) and val accuracy (right) of every training stage, stages one after another on one
+    epoch axis, so stage 0, a warm-up and each λ read as one training history.
+
+    ``stages[name] = {"loss": [...], "accuracy": [...], "accuracy_label": str}`` per epoch (None where missing).
+    """
+    fig, axes = _figure(1, 2, figsize=(10.0, 4.0))
+    loss_ax, acc_ax = axes[0, 0], axes[0, 1]
+    start = 0
+    for i, (name, stage) in enumerate(stages.items()):
+        n = max(len(stage.get("loss", [])), len(stage.get("accuracy", [])))
+        xs = np.arange(start + 1, start + n + 1)
+        color = f"C{i % 10}"
+        for ax, key, label in ((loss_ax, "loss", name), (acc_ax, "accuracy",
+                                                        f"{name} ({stage.get('accuracy_label', 'val accuracy')})")):
+            ys = np.array([np.nan if v is None else float(v) for v in stage.get(key, [])], dtype=np.float64)
+            if ys.size and not np.isnan(ys).all():
+                ax.plot(xs[:len(ys)], ys, color=color, marker="o", ms=2.5, lw=1.3, label=label)
+        if start:
+            for ax in (loss_ax, acc_ax):
+                ax.axvline(start + 0.5, color="0.8", lw=0.8)
+        start += n
+    loss_ax.set_ylabel("training loss (each stage its own loss)")
+    acc_ax.set_ylabel("val accuracy")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch (stages in training order)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
+    losses = [v for s in stages.values() for v in s.get("loss", []) if v is not None]
+    if losses and min(losses) > 0:
+        loss_ax.set_yscale("log")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)

@@ -22,6 +22,8 @@ EXIT_SHARES, RELIABILITY = "exit_shares.png", "reliability.png"
 SUMMARY = "summary.md"
 #: what `eedn bench` leaves in a run directory: its rows, with each exit's measured time when stage-profiled
 BENCH = "bench.json"
+#: every run directory's loss and val accuracy per epoch of every training stage
+TRAINING_CURVES = "training_curves.png"
 
 
 def format_macs(macs: float) -> str:
@@ -357,12 +359,47 @@ def write_comparison(out_dir: Path, comparison: dict, manifests: dict[str, list[
     return comparison
 
 
+def training_stages(results: dict) -> dict[str, dict]:
+    """Per training stage (stage 0, then each phase of the strategy's history in order; a λ per stage), its loss
+    and val accuracy per epoch. Head-training stages show their IMs' mean accuracy (the final head is frozen);
+    stages that measure the gated prediction show that."""
+    stages: dict[str, dict] = {}
+    for record in results.get("backbone", {}).get("history") or []:
+        stage = stages.setdefault("backbone", {"loss": [], "accuracy": [], "accuracy_label": "val accuracy"})
+        stage["loss"].append(record.get("train_loss"))
+        stage["accuracy"].append(record.get("val_accuracy"))
+    for record in results.get("strategy", {}).get("history") or []:
+        if "epoch" not in record or not any(k in record for k in ("loss", "im_loss", "gate_loss")):
+            continue  # a bookkeeping record (e.g. which λ was selected)
+        name = str(record.get("phase", "strategy"))
+        if record.get("lambda") is not None:
+            name += f" λ={record['lambda']:g}"
+        loss = next((record[k] for k in ("loss", "im_loss", "gate_loss") if record.get(k) is not None), None)
+        if "val_gated_accuracy" in record:
+            acc, label = record["val_gated_accuracy"], "val gated accuracy"
+        elif isinstance(record.get("val_accuracy"), list) and len(record["val_accuracy"]) > 1:
+            ims = record["val_accuracy"][:-1]
+            acc, label = sum(ims) / len(ims), "IMs' mean val accuracy"
+        else:
+            value = record.get("val_accuracy")
+            acc, label = (value[-1] if isinstance(value, list) and value else value), "val accuracy"
+        stage = stages.setdefault(name, {"loss": [], "accuracy": [], "accuracy_label": label})
+        stage["loss"].append(loss)
+        stage["accuracy"].append(acc)
+    return stages
+
+
 def render_run(run_dir: Path, results: dict, manifest: dict | None = None) -> list[str]:
     """summary.md and every figure of one run directory (what `eedn run` writes after a run and `eedn report`
     rewrites). Returns the file names written."""
+    from eedn.report import plots
+
     run_dir = Path(run_dir)
     comparison = run_comparison(results, manifest)
     files = [SUMMARY, *draw_figures(run_dir, comparison, exits=results["exits"])]
+    plots.plot_training_curves(training_stages(results), run_dir / TRAINING_CURVES,
+                               title=f"training: {results['policy']['name']}, {title(comparison)}")
+    files.append(TRAINING_CURVES)
     risk_figure = write_risk_figure(run_dir, results)
     files += [risk_figure] if risk_figure else []
     atomic_write_text(run_dir / SUMMARY, run_markdown(results, comparison, files, exit_latencies(run_dir)))

@@ -175,6 +175,7 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
                 if partial is not None and partial.exists():
                     partial.unlink()
                 check_finite_loss(value, epoch, epochs, rec)
+            progress.step("backbone", value)
             total_loss += value * len(y)
             n += len(y)
             fault_point("backbone-batch")
@@ -194,9 +195,8 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
     if best_state is not None:
         backbone.load_state_dict(best_state)
     summary = {"val_accuracy": best_acc, "epochs": epochs, "history": history}
-    if checkpoint_path is not None and w.main:
-        atomic_torch_save({"model": backbone.state_dict(), "summary": {"val_accuracy": best_acc, "epochs": epochs}},
-                          checkpoint_path)
+    if checkpoint_path is not None and w.main:  # the history travels with the cache: a later run still draws it
+        atomic_torch_save({"model": backbone.state_dict(), "summary": summary}, checkpoint_path)
         assert partial is not None  # set whenever checkpoint_path is
         partial.unlink(missing_ok=True)
     barrier()

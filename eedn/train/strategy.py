@@ -205,6 +205,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> Callable[[
     return end_epoch
 
 
+def epoch_accuracies(val_accuracy: Tensor) -> dict[str, Any]:
+    """What an epoch of head training shows: the IMs' mean val accuracy (the final head is often frozen, so
+    its accuracy says nothing about training); ``record`` keeps every exit's for the trackers."""
+    acc = [float(a) for a in val_accuracy]
+    shown = {"IM_val_accuracy": sum(acc[:-1]) / len(acc[:-1])} if len(acc) > 1 else {"val_accuracy": acc[-1]}
+    return shown | {"record": {f"val_accuracy_exit_{i}": a for i, a in enumerate(acc)}}
+
+
 def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs: int, batch_size: int,
                 step: Callable[[list[Tensor], Tensor, int], float], select: str = "last", augmented: bool = False,
                 end_epoch: Callable[[int], dict | None] | None = None,
@@ -234,6 +242,7 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
             with context.head_autocast():
                 loss = float(step(feats, y, epoch))
             check_finite(loss, name, epoch)
+            context.progress.step(name, loss)
             total, count = total + loss * len(y), count + len(y)
         extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
         val_acc = validate()
@@ -243,7 +252,7 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
         record = {"phase": name, "epoch": epoch, "loss": total / max(count, 1), **extra,
                   "val_accuracy": val_acc.tolist()}
         history.append(record)
-        context.progress.epoch(name, epoch, epochs, loss=record["loss"], val_accuracy=float(val_acc[-1]))
+        context.progress.epoch(name, epoch, epochs, loss=record["loss"], **epoch_accuracies(val_acc))
         fault_point("head-epoch")
     if best_state is not None:
         model.load_heads_state_dict(best_state)
