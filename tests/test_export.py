@@ -229,11 +229,13 @@ def test_safetensors_reader_matches_the_library(clean_export):
         assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in ours)
 
 
-def test_export_embeds_no_path_of_this_machine(clean_export, trained_run):
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_export_embeds_no_path_of_this_machine(clean_export, trained_run, tmp_path):
     run_dir = trained_run[0]
+    export_run(run_dir, "torchscript", tmp_path / "ts")
     needles = {str(run_dir.resolve()).encode(), str(Path(eedn.__file__).resolve().parents[1]).encode(),
-               str(Path.home()).encode() + b"/"}
-    for path in clean_export.iterdir():
+               str(Path.home()).encode() + b"/", str(tmp_path).encode()}
+    for path in [*clean_export.iterdir(), *(tmp_path / "ts").iterdir()]:
         data = path.read_bytes()
         assert not [n for n in needles if n in data], path.name
 

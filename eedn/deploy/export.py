@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import io
 import json
 import math
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -188,12 +190,26 @@ def _save(module: nn.Module, example: Tensor, root: Path, stem: str, fmt: str,
     path = root / f"{stem}{FORMATS[fmt]}"
     if fmt == "torchscript":
         traced = torch.jit.trace(module, example, check_trace=False)
-        torch.jit.save(traced, str(path))
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+        path.write_bytes(_without_debug_info(buffer.getvalue()))
     else:
         torch.onnx.export(module, (example,), str(path), input_names=inputs, output_names=outputs,
                           dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
                           external_data=False)  # one file per segment (fine below ONNX's 2 GB limit)
     return {"module": path.name}
+
+
+def _without_debug_info(archive: bytes) -> bytes:
+    """A TorchScript archive without its ``.debug_pkl`` entries: they hold the exporting machine's source paths and
+    are optional for loading (same outputs, checked in tests/test_export.py)."""
+    source = zipfile.ZipFile(io.BytesIO(archive))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            if not info.filename.endswith(".debug_pkl"):
+                target.writestr(info, source.read(info.filename))
+    return out.getvalue()
 
 
 # ------------------------------------------------------------------------------- the target folder

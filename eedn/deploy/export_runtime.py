@@ -78,16 +78,18 @@ def _plain_name(name: Any) -> str:
     return name
 
 
-def read_decision(root: Path, expect_sha256: str | None = None) -> dict:
-    """``decision.json``, after checking every file it lists against its SHA-256 (and, when given,
-    ``decision.json`` itself against ``expect_sha256``)."""
+def read_decision(root: Path, expect_sha256: str | None = None) -> tuple[dict, dict[str, bytes]]:
+    """``decision.json`` and the bytes of every module file it names, each checked against its SHA-256 (and,
+    when given, ``decision.json`` itself against ``expect_sha256``). The loaders parse these checked bytes, never
+    the files again, so a file swapped after the check is not read."""
     path = root / DECISION_FILE
     if not path.is_file():
         raise ExportError(f"{root} is not an eedn export (no {DECISION_FILE}); give the directory eedn export wrote")
-    if expect_sha256 is not None and sha256_file(path) != expect_sha256.lower():
+    raw = path.read_bytes()
+    if expect_sha256 is not None and hashlib.sha256(raw).hexdigest() != expect_sha256.lower():
         raise ExportError(f"{path} does not have the SHA-256 you expected; do not run this export")
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ExportError(f"{path} is not valid JSON ({exc}); re-export the run") from None
     if not isinstance(spec, dict) or spec.get("eedn_export") != EXPORT_VERSION:
@@ -96,25 +98,30 @@ def read_decision(root: Path, expect_sha256: str | None = None) -> dict:
     files = spec.get("files")
     if not isinstance(files, dict) or not files:
         raise ExportError(f"{path} records no file hashes; re-export the run")
-    for name, digest in files.items():
+    for name in files:
         file = root / _plain_name(name)
         if not file.is_file() or file.is_symlink():
             raise ExportError(f"export file {file} is missing; re-export the run")
-        if sha256_file(file) != digest:
-            raise ExportError(f"export file {file} does not match the SHA-256 in {DECISION_FILE} (changed or "
-                              "corrupted after export, or a mix of two exports); re-export the run")
-    for module in [*spec.get("segments", []), *spec.get("rules", [])]:
-        names = module.values() if isinstance(module, dict) else [module]
-        for name in names:
-            if _plain_name(name) not in files:
-                raise ExportError(f"{DECISION_FILE} lists {name} without a SHA-256; re-export the run")
-    return spec
+    modules = [*spec.get("segments", []), *spec.get("rules", [])]
+    if not modules or not all(isinstance(m, dict) for m in modules):
+        raise ExportError(f"{path} lists no modules; re-export the run")
+    blobs: dict[str, bytes] = {}
+    for name in sorted({n for m in modules for n in m.values()} | {"runner.py"} & set(files)):
+        if _plain_name(name) not in files:
+            raise ExportError(f"{DECISION_FILE} lists {name} without a SHA-256; re-export the run")
+        data = (root / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != files[name]:
+            raise ExportError(f"export file {root / name} does not match the SHA-256 in {DECISION_FILE} (changed "
+                              "or corrupted after export, or a mix of two exports); re-export the run")
+        blobs[name] = data
+    return spec, blobs
 
 
 # ------------------------------------------------------------------------------------ safe loaders
-def load_safetensors(path: Path) -> dict[str, Tensor]:
-    """A safetensors file as CPU tensors, parsed here: a length, a JSON header, raw little-endian bytes."""
-    data = path.read_bytes()
+def load_safetensors(path: Path, data: bytes | None = None) -> dict[str, Tensor]:
+    """A safetensors file (its checked ``data``, else read from ``path``) as CPU tensors, parsed here: a length, a
+    JSON header, raw little-endian bytes."""
+    data = path.read_bytes() if data is None else data
     if len(data) < 8:
         raise ExportError(f"{path} is not a safetensors file; re-export the run")
     (size,) = struct.unpack("<Q", data[:8])
@@ -204,14 +211,14 @@ def _decode(value: Any, env: dict[str, Any]) -> Any:
 class GraphModule:
     """One exported module: a JSON list of ATen calls over named values, run by a small interpreter."""
 
-    def __init__(self, graph_path: Path, weights_path: Path):
+    def __init__(self, graph_path: Path, weights_path: Path, graph_data: bytes, weights_data: bytes):
         try:
-            graph = json.loads(graph_path.read_text())
+            graph = json.loads(graph_data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ExportError(f"{graph_path} is not valid JSON ({exc}); re-export the run") from None
         if not isinstance(graph, dict) or graph.get("version") != GRAPH_VERSION:
             raise ExportError(f"{graph_path} is not a graph this runner reads (version {GRAPH_VERSION}); re-export")
-        weights = load_safetensors(weights_path)
+        weights = load_safetensors(weights_path, weights_data)
         try:
             self.inputs: list[str] = [str(i) for i in graph["inputs"]]
             self.weights = {str(k): weights[str(k)] for k in graph["weights"]}
@@ -233,24 +240,26 @@ class GraphModule:
         return _decode(self.output, env)
 
 
-def _exported_program(root: Path, files: dict, trust_code: bool) -> Callable:
-    return GraphModule(root / files["graph"], root / files["weights"])
+def _exported_program(root: Path, files: dict, blobs: dict[str, bytes], trust_code: bool) -> Callable:
+    return GraphModule(root / files["graph"], root / files["weights"], blobs[files["graph"]], blobs[files["weights"]])
 
 
-def _torchscript(root: Path, files: dict, trust_code: bool) -> Callable:
+def _torchscript(root: Path, files: dict, blobs: dict[str, bytes], trust_code: bool) -> Callable:
     if not trust_code:
         raise ExportError("this export is TorchScript, which can run code when loaded; run it only if you trust the "
                           "directory like code (--trust-code), or re-export with the default format")
-    return torch.jit.load(str(root / files["module"]), map_location="cpu")
+    import io
+
+    return torch.jit.load(io.BytesIO(blobs[files["module"]]), map_location="cpu")
 
 
-def _onnx(root: Path, files: dict, trust_code: bool) -> Callable:
+def _onnx(root: Path, files: dict, blobs: dict[str, bytes], trust_code: bool) -> Callable:
     try:
         import numpy as np
         import onnxruntime
     except ImportError:
         raise ExportError("this export is ONNX: pip install onnxruntime numpy") from None
-    session = onnxruntime.InferenceSession(str(root / files["module"]), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(blobs[files["module"]], providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 
     def run(x: Tensor):
@@ -260,7 +269,7 @@ def _onnx(root: Path, files: dict, trust_code: bool) -> Callable:
     return run
 
 
-LOADERS: dict[str, Callable[[Path, dict, bool], Callable]] = {
+LOADERS: dict[str, Callable[[Path, dict, dict[str, bytes], bool], Callable]] = {
     "exported-program": _exported_program, "torchscript": _torchscript, "onnx": _onnx}
 
 
@@ -327,12 +336,15 @@ class ExportedEarlyExit:
 
     def __init__(self, export_dir: str | os.PathLike, expect_sha256: str | None = None, trust_code: bool = False):
         root = Path(export_dir)
-        self.spec = read_decision(root, expect_sha256)
+        self.spec, blobs = read_decision(root, expect_sha256)
         load = LOADERS.get(self.spec.get("format"))  # type: ignore[arg-type]
         if load is None:
             raise ExportError(f"unknown export format {self.spec.get('format')!r}; re-export the run")
-        self.segments = [load(root, files, trust_code) for files in self.spec["segments"]]
-        self.rules = [load(root, files, trust_code) for files in self.spec["rules"]]
+        try:
+            self.segments = [load(root, files, blobs, trust_code) for files in self.spec["segments"]]
+            self.rules = [load(root, files, blobs, trust_code) for files in self.spec["rules"]]
+        except KeyError as exc:
+            raise ExportError(f"{DECISION_FILE} names a module without its {exc} file; re-export the run") from None
         self.preprocess_spec = self.spec["preprocess"]
         self.class_names = [str(c) for c in self.spec.get("class_names") or []]
 
