@@ -105,6 +105,7 @@ def test_default_export_classifies_image_files_without_eedn(trained_run, tmp_pat
     result = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "decision.json").read_text())["format"] == "exported-program"
+    assert f"SHA-256 {sha256_file(out / 'decision.json')}" in result.output
     no_eedn = subprocess.run([sys.executable, "-S", "-c", "import eedn"], cwd=out, env=_no_eedn_env(),
                              capture_output=True, text=True, check=False, timeout=120)
     assert no_eedn.returncode != 0 and "No module named 'eedn'" in no_eedn.stderr
@@ -279,6 +280,32 @@ def test_export_target_is_checked_and_replaced_in_one_step(trained_run, tmp_path
     assert (empty / "decision.json").stat().st_ino != before and not (empty / "stale.txt").exists()
     ExportedEarlyExit(empty)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "model.bin", "photos"]
+
+
+def test_replacing_without_an_atomic_exchange(trained_run, tmp_path, monkeypatch):
+    """Where renameat2 is missing the old export is renamed aside first: the result is still the new export alone."""
+    from eedn.deploy import export as export_module
+
+    out = tmp_path / "deploy"
+    export_run(trained_run[0], "exported-program", out)
+    (out / "extra.txt").write_text("old")
+    monkeypatch.setattr(export_module, "_exchange", lambda a, b: False)
+    export_run(trained_run[0], "exported-program", out)
+    assert not (out / "extra.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["deploy"]
+    ExportedEarlyExit(out)
+
+
+def test_runner_and_dataset_read_wide_images_alike():
+    """The runner's copy of the 16-bit conversion matches the datasets' (eedn.runtime.image_io)."""
+    from eedn.deploy.export_runtime import to_eight_bit as runner_version
+    from eedn.runtime.image_io import to_eight_bit as dataset_version
+
+    rng = np.random.default_rng(0)
+    for mode, values in (("I;16", rng.integers(0, 65536, (9, 7), dtype=np.uint16)),
+                         ("I", rng.integers(0, 2**31 - 1, (9, 7)).astype(np.int32)),
+                         ("L", rng.integers(0, 256, (9, 7), dtype=np.uint8))):
+        image = Image.fromarray(values, mode=mode) if mode != "I;16" else Image.fromarray(values)
+        assert np.array_equal(np.asarray(runner_version(image)), np.asarray(dataset_version(image))), mode
 
 
 @pytest.mark.parametrize("point", ["export-segment@2", "export-before-publish"])
