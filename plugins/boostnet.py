@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, cosine_schedule,
-                           sgd, train_heads)
+from eedn.train.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy,
+                                 cosine_schedule, sgd, train_heads)
 
 
 class BoostNetEnsemble(nn.Module):
@@ -35,6 +35,8 @@ class BoostNetEnsemble(nn.Module):
 
     Causal: on a prefix ``[B, l+1, C]`` (exits 0..l, as a real early-exit engine has them) it gives
     ``F_0..F_l``, the same values as on the full tensor."""
+
+    decay: Tensor  # a registered buffer
 
     def __init__(self, decay: float = 0.5):
         super().__init__()

@@ -1,5 +1,5 @@
-"""Inference modules (exit classifiers) and the `im-only` strategy: IMs trained alone on the frozen backbone with the JEI warm-up loss, paired with a
-threshold gate calibrated on val."""
+"""Inference modules (exit classifiers) and the `im-only` strategy: IMs trained alone on the frozen backbone with the
+JEI warm-up loss, paired with a threshold gate calibrated on val."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,7 @@ class _Validation:
             feats = [f[start : start + self.chunk] for f in self.feats]
             im = model.im_logits(feats)
             logits.append(torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1).float())
-            scores.append(torch.sigmoid(model.gate.gate_logits(im)))
+            scores.append(torch.sigmoid(cast(JeiGate, model.gate).gate_logits(im)))  # fit() checked the gate
         return torch.cat(logits), torch.cat(scores)
 
     @torch.no_grad()
@@ -150,7 +151,24 @@ class JeiStrategy(TrainingStrategy):
                                     "(one λ after another) or auto (stacked when the features are cached)",
                             choices=SWEEP_MODES)
 
-    options: JeiStrategy.Options
+    class Resolved(Options):
+        """What ``self.options`` holds once ``__init__`` has filled the per-profile options (and ``fit`` the
+        warm-up length): the declared dataclass with those fields never None. A type for checkers, never built."""
+
+        warmup: str
+        warmup_epochs: int
+        alternation: str
+        gate_cost: str
+        im_loss: str
+        targets: str
+        exit_rule: str
+        pos_weight_counts: str
+        optimizers: str
+        select: str
+        backbone_mode: str
+        head_augment: bool
+
+    options: JeiStrategy.Resolved
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -290,9 +308,9 @@ class JeiStrategy(TrainingStrategy):
             run += 1
             logits, scores = val.outputs(model)
             im_acc = (logits[:, :g].argmax(-1) == val.labels[:, None]).float().mean(0).tolist()
-            entry = {"phase": "warmup", "epoch": epoch, "lambda": None, "loss": total / max(count, 1),
-                     "val_im_accuracy": im_acc,
-                     "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
+            entry: dict[str, Any] = {"phase": "warmup", "epoch": epoch, "lambda": None, "loss": total / max(count, 1),
+                                     "val_im_accuracy": im_acc,
+                                     "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
             if converge:
                 im_ce = per_exit_cross_entropy(logits[:, :g], val.labels).mean(0).tolist()
                 entry["val_im_loss"] = im_ce
@@ -388,7 +406,7 @@ class JeiStrategy(TrainingStrategy):
         pos_weight = pos_weights(best_exit, g, self.options.pos_weight_counts).to(context.device)
         exit_index = gate.decide(scores)
         acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == labels).float().mean())
-        entry = {
+        entry: dict[str, Any] = {
             "phase": "main", "epoch": epoch, "lambda": lam,
             "gate_loss": sums["gate"] / counts["gate"] if counts["gate"] else None,
             "im_loss": sums["ims"] / counts["ims"] if counts["ims"] else None,
@@ -409,7 +427,7 @@ class JeiStrategy(TrainingStrategy):
         """One λ on the live model (the per-λ loop path)."""
         opts = self.options
         torch.manual_seed(context.seed)  # every λ starts from the same state, as if run alone
-        gate, g = model.gate, len(model.ims)
+        gate, g = cast(JeiGate, model.gate), len(model.ims)  # fit() checked the gate
         bs, total_epochs, nb, block, gates_only = self._epoch_shape(context)
         optimizers = self._make_optimizers(list(model.ims.parameters()), list(gate.parameters()))
         for name, p in model.ims.named_parameters():
@@ -437,7 +455,8 @@ class JeiStrategy(TrainingStrategy):
                                                  costs, pos_weight)
                 else:
                     im = model.im_logits(feats)
-                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))
+                    # the lambda is called (or dropped) within this iteration, so the late binding of `im` is harmless
+                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))  # noqa: B023
                 value = loss.item()
                 check_finite(value, f"jei λ={lam:g}", epoch)
                 # zero to None (as the official torch versions do): a shared optimiser then leaves the idle
@@ -467,7 +486,7 @@ class JeiStrategy(TrainingStrategy):
         opts = self.options
         torch.manual_seed(context.seed)
         lambdas, k_count = self.lambdas, len(self.lambdas)
-        gate, g = model.gate, len(model.ims)
+        gate, g = cast(JeiGate, model.gate), len(model.ims)  # fit() checked the gate
         bs, total_epochs, nb, block, gates_only = self._epoch_shape(context)
         stack = StackedHeads(model, [snapshot] * k_count)
         optimizers = self._make_optimizers(stack.group("ims."), stack.group("gate."))
@@ -499,8 +518,11 @@ class JeiStrategy(TrainingStrategy):
                 else:
                     im = stack.im_logits(feats)
                     ce = _stacked_cross_entropy(im, y)
-                    gate_logits = _Lazy(lambda: stack.gate_logits(im))  # only exit_weighted reads it
-                    losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k]) for k in range(k_count)]
+                    # only exit_weighted reads it, within this iteration (so late binding is harmless); mypy
+                    # cannot infer a lambda with a default argument
+                    gate_logits = _Lazy(lambda: stack.gate_logits(im))  # noqa: B023
+                    losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k])  # type: ignore[misc]  # noqa: B023
+                              for k in range(k_count)]
                 loss = torch.stack(losses)
                 values = loss.tolist()
                 for k, value in enumerate(values):
@@ -517,19 +539,21 @@ class JeiStrategy(TrainingStrategy):
                 pos_weight[k], entry = self._after_epoch(context, gate, logits[k], scores[k], val.labels, lam,
                                                          costs, macs, epoch, lrs, sums[k], counts)
                 records[k].append(entry)
-                selections[k].update(entry, epoch, lambda k=k: stack.state(k))
+                selections[k].update(entry, epoch, functools.partial(stack.state, k))
             for s in schedulers:
                 s.step()
         states = []
         for k, selection in enumerate(selections):
             history.extend(records[k])
-            states.append(selection.finish(history, lambda k=k: stack.state(k), total_epochs))
+            states.append(selection.finish(history, functools.partial(stack.state, k), total_epochs))
         return states
 
 
 class _Selection:
     """Which epoch's heads a λ keeps (``select``): the last, the best val accuracy − λ·cost, or the
     paper-time rule."""
+
+    epoch: int | None
 
     def __init__(self, select: str, lam: float, warmup_best: float, initial: dict[str, Tensor]):
         self.select, self.lam, self.warmup_best = select, lam, warmup_best
@@ -558,7 +582,8 @@ class _Lazy:
     """A value computed on first use, then reused."""
 
     def __init__(self, make: Callable[[], Tensor]):
-        self.make, self.value = make, None
+        self.make: Callable[[], Tensor] = make
+        self.value: Tensor | None = None
 
     def __call__(self) -> Tensor:
         if self.value is None:
@@ -580,7 +605,7 @@ def official_counter_costs(model: EarlyExitModel) -> Tensor:
     if counter is None:
         raise EednError(f"strategy 'jei': gate_cost=official_counter needs a backbone with the official op counter "
                         f"(t2t_vit), not {type(model.backbone).__name__}; use gate_cost=uniform_index or measured")
-    muladds = torch.tensor(counter(list(model.ims), model.gate.official_muladds()), dtype=torch.float64)
+    muladds = torch.tensor(counter(list(model.ims), cast(JeiGate, model.gate).official_muladds()), dtype=torch.float64)
     return (muladds / muladds[-1]).float()
 
 

@@ -30,8 +30,8 @@ from torch.func import functional_call
 from eedn.runtime.errors import EednError
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy, sgd,
-                           train_heads)
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy,
+                                 sgd, train_heads)
 
 
 class WeightNet(nn.Module):
@@ -151,7 +151,7 @@ class L2WStrategy(TrainingStrategy):
         """One look-ahead SGD step of the IMs on A, meta loss on B, one Adam step of the weight net."""
         o = self.options
         g = len(model.ims)
-        params = dict(model.ims.named_parameters())
+        params: dict[str, Tensor] = dict(model.ims.named_parameters())
 
         def logits_with(p: dict[str, Tensor], feats: list[Tensor]) -> Tensor:
             cols = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -22,8 +23,9 @@ from torch.utils.data import DataLoader
 
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite, cosine_schedule,
-                           per_exit_cross_entropy, selection_metric, sgd, train_heads, val_exit_accuracy)
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite,
+                                 cosine_schedule, per_exit_cross_entropy, selection_metric, sgd, train_heads,
+                                 val_exit_accuracy)
 
 
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:
@@ -97,7 +99,8 @@ class SDNStrategy(TrainingStrategy):
         opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
         schedule = cosine_schedule(opt, o.epochs)
         history: list[dict] = []
-        best_metric, best_state = None, None
+        best_metric: float | None = None
+        best_state: dict[str, Any] | None = None
         for epoch in range(o.epochs):
             tau = sdn_weights(positions, epoch, o.epochs, o.weight_start)
             loss = self._backbone_epoch(model, context, opt, tau, epoch)
@@ -105,10 +108,12 @@ class SDNStrategy(TrainingStrategy):
             record = {"phase": "sdn", "epoch": epoch, "loss": loss, **schedule(epoch), "weights": tau.tolist(),
                       "val_accuracy": val_acc.tolist()}
             metric = selection_metric(val_acc, o.select)
-            if best_state is None or metric is None or metric > best_metric:
+            # metric and best_metric are None together (whether selection_metric gives one depends on `select` only)
+            if best_state is None or metric is None or metric > cast(float, best_metric):
                 best_metric, best_state = metric, copy.deepcopy(model.state_dict())
             history.append(record)
             context.progress.epoch("sdn (backbone)", epoch, o.epochs, loss=loss, val_accuracy=float(val_acc[-1]))
+        assert best_state is not None  # epochs >= 1
         model.load_state_dict(best_state)
         model.freeze_backbone()
         return history

@@ -23,14 +23,14 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from eedn.core.contracts import Backbone, InputSpec, State
 from eedn.runtime.errors import EednError
-from eedn.core.options import option
+from eedn.core.options import declares, option
 from eedn.core.transfer import fit_pretrained, read_state_dict
 
 #: feature points at this stride or finer are part of the stem (ResNet's act1, EfficientNet's first block)
@@ -74,7 +74,10 @@ def _is_token_model(model: nn.Module) -> bool:
 class TimmBackbone(Backbone):
     """A timm model run as stem + stages (see the module docstring). Its weights live under ``model.``."""
 
-    def __init__(self, model: nn.Module, variant: str, num_classes: int, input_spec: InputSpec, every: int):
+    # `model` is any timm model: forward_features, forward_head, blocks or norm depend on its family (duck-typed)
+    _stem_view: Any  # the token model without its blocks (set in __init__, not registered)
+
+    def __init__(self, model: Any, variant: str, num_classes: int, input_spec: InputSpec, every: int):
         super().__init__()
         self.model = model
         self.variant = variant
@@ -85,7 +88,7 @@ class TimmBackbone(Backbone):
         self._nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
         if self.tokens:
             blocks = list(model.blocks)
-            groups = [nn.Sequential(*blocks[i : i + every]) for i in range(0, len(blocks), every)]
+            groups: list[nn.Module] = [nn.Sequential(*blocks[i : i + every]) for i in range(0, len(blocks), every)]
             # plain lists (not registered) so the state dict keeps timm's own key names under model.
             self._stages: list[nn.Module] = groups
             self._stem_parts: list[nn.Module] = []
@@ -101,7 +104,7 @@ class TimmBackbone(Backbone):
         self.feature_dims = self._check_split()
 
     # ----------------------------------------------------------------------------------- split
-    def _split_hierarchical(self, model: nn.Module) -> None:
+    def _split_hierarchical(self, model: Any) -> None:
         info = getattr(model, "feature_info", None)
         if not info:
             raise EednError(f"timm model {self.variant} has no feature_info, so eedn cannot find its stages")
@@ -188,7 +191,7 @@ class TimmBackbone(Backbone):
             for module in self._trailing:
                 state = module(state)
             return self.model.forward_head(state, pre_logits=True)
-        return state.mean(dim=(1, 2) if self._nhwc else (2, 3))
+        return cast(Tensor, state).mean(dim=(1, 2) if self._nhwc else (2, 3))  # a CNN's state is one map
 
     def head(self, features: Tensor) -> Tensor:
         return self.model.get_classifier()(features)
@@ -211,6 +214,7 @@ class TimmBackbone(Backbone):
                               first_conv, adapt_input_channels)
 
 
+@declares(TimmOptions)
 def timm_backbone(variant: str, num_classes: int, image_size: int, in_channels: int = 3,
                   **options: Any) -> TimmBackbone:
     """``timm:<model_name>``: any timm model split into stages (see the module docstring)."""
@@ -220,6 +224,3 @@ def timm_backbone(variant: str, num_classes: int, image_size: int, in_channels: 
     opts = TimmOptions(**options)  # validated by the registry; typed from here on
     model = _create(variant, num_classes, image_size, in_channels, opts)
     return TimmBackbone(model, variant, num_classes, InputSpec(in_channels, image_size), opts.every)
-
-
-timm_backbone.Options = TimmOptions

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from eedn.cli.common import build_config, common_run_options, friendly_errors, parse_lambdas
+
+if TYPE_CHECKING:
+    from eedn.core.config import Config
 
 METRICS_HELP = (
     "The numbers matched at equal cost and drawn against MACs are accuracy and every evaluator's headline "
@@ -16,7 +20,7 @@ METRICS_HELP = (
 )
 
 
-def resolve_compare_config(config_file, sets, epochs, lambdas, kw) -> tuple[dict, dict[str, dict], dict]:
+def resolve_compare_config(config_file, sets, epochs, lambdas, kw) -> tuple[Config, dict[str, dict], dict]:
     """The shared resolved config, the per-strategy option blocks (``strategies:`` in the file, plus
     ``--set strategies.NAME.KEY=VALUE``) and the command-line strategy options."""
     from eedn.pipeline.comparison import split_strategies_key
@@ -53,8 +57,8 @@ def compare_command(strategies_text, num_seeds, seed_list, out, quiet, debug, co
     strategy and seed, comparison.json, comparison.md and the figures; `--resume` keeps finished runs of the
     same config.
     """
-    from eedn.pipeline.comparison import (check_shared_options, default_out_dir, parse_seeds, parse_strategies, run_compare,
-                                 strategy_options_for)
+    from eedn.pipeline.comparison import (check_shared_options, default_out_dir, parse_seeds, parse_strategies,
+                                          run_compare, strategy_options_for)
     from eedn.runtime.progress import Progress
     from eedn.report.terminal import print_comparison
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from eedn.core.data import DataSplits
 from eedn.core.options import declared_options
 from eedn.core.outputs import ExitOutputs
 
-State = Union[Tensor, tuple]
+State = Tensor | tuple
 """A backbone's running state: a tensor or tuple of tensors, batch first, so rows can be dropped."""
 
 
@@ -161,7 +161,7 @@ class Gate(nn.Module, ABC):
         return {}
 
     # Budget calibration (only for ``calibratable`` gates). It reads stored validation outputs only.
-    def calibrate(self, val: "ExitOutputs", target: dict) -> None:
+    def calibrate(self, val: ExitOutputs, target: dict) -> None:
         """Set the gate's thresholds on ``val`` so that it meets ``target``: one of
         ``{"exit_shares": [E floats]}``, ``{"p": float}`` (MSDNet geometric budget),
         ``{"macs_fraction": float}`` or ``{"accuracy_drop": float}``."""
@@ -238,7 +238,7 @@ class DatasetSource(ABC):
     suggested_backbone_epochs: int = 30
 
     @abstractmethod
-    def splits(self, image_size: int, seed: int, augment: bool = True) -> "DataSplits":
+    def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         """Build the four splits; val/cal/test use evaluation transforms."""
 
     def describe(self) -> dict:

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from eedn.core.contracts import Gate
 from eedn.core.model import EarlyExitModel
 from eedn.deploy.export_runtime import (
     DECISION_FILE,
@@ -80,7 +81,7 @@ class Segment(nn.Module):
 class Rule(nn.Module):
     """The gate's decision at exit ``prefix.shape[1] - 1``, as a bool ``[b]``."""
 
-    gate: Any
+    gate: Gate
 
     def __init__(self, model: EarlyExitModel):
         super().__init__()

@@ -142,11 +142,14 @@ def _display_path(path: str) -> str:
 def print_predictions(rows: list[dict], full_macs: float | None = None, num_exits: int | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.console import JustifyMethod
     from rich.text import Text
 
     table = Table(title="early-exit predictions")
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("class", "left"), ("confidence", "right"), ("exit", "right"),
+                                                      ("MACs", "right"))
     table.add_column("file", overflow="fold")  # never cut a path short
-    for col, justify in (("class", "left"), ("confidence", "right"), ("exit", "right"), ("MACs", "right")):
+    for col, justify in columns:
         table.add_column(col, justify=justify, no_wrap=True)
     for r in rows:
         exit_label = str(r["exit"]) + (" (head)" if num_exits is not None and r["exit"] == num_exits - 1 else "")

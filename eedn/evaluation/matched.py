@@ -95,7 +95,7 @@ class RunPoints:
     policy: dict
 
     @classmethod
-    def of(cls, results: dict) -> "RunPoints":
+    def of(cls, results: dict) -> RunPoints:
         return cls(list(results.get("curve") or []), results["policy"])
 
     @property
@@ -129,7 +129,7 @@ def aggregate_points(points: Sequence[dict], metrics: Sequence[str]) -> dict:
     out: dict[str, Any] = {"setting": points[0]["setting"], "n_seeds": len(points)}
     for key in (*COST_KEYS, *metrics):
         out[key] = mean_std([p.get(key) for p in points])
-    shares = [p.get("exit_fractions") for p in points]
+    shares: list[Any] = [p.get("exit_fractions") for p in points]
     if all(s is not None for s in shares) and len({len(s) for s in shares}) == 1:
         out["exit_fractions"] = [mean_std([s[i] for s in shares]) for i in range(len(shares[0]))]
     return out
@@ -162,6 +162,7 @@ def _cell(a: dict[int, RunPoints], at: dict[int, dict], metric: str, own: bool) 
     if not seeds:
         return {"mean": None, "std": None, "n": 0, "empty": MISSING}
     values, reasons = [], set()
+    why: str | None
     for s in seeds:
         if own:
             value, why = at[s].get(metric), MISSING

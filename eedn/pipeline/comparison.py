@@ -4,7 +4,8 @@ on one shared backbone per seed, and a comparison (re)built from its run directo
 A comparison trains one backbone per seed (or loads it from the cache) and fits every strategy on it, so every
 strategy sees the same backbone, the same data split and the same feature cache. Its numbers come only from the
 run directories (results.json and run.json), read back from disk even right after the runs: one path for
-`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluation.matched`, the writing in :mod:`eedn.report.render`.
+`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluation.matched`, the writing in
+:mod:`eedn.report.render`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 from eedn.core.options import parse_number_list
 from eedn.runtime.errors import EednError
@@ -23,6 +24,7 @@ from eedn.pipeline.rundir import MANIFEST, RESULTS, created_now, read_manifest, 
 
 if TYPE_CHECKING:
     from eedn.core.config import Config
+    from eedn.train.strategy import TrainingStrategy
 
 COMPARISON = "comparison.json"
 #: config keys that may differ between a finished run and a rerun without making the run stale
@@ -53,6 +55,7 @@ def parse_strategies(text: str) -> list[StrategySpec]:
     from eedn.core.plugins import registry
 
     specs = []
+    gate: str | None
     for item in (t.strip() for t in (text or "").split(",")):
         if not item:
             continue
@@ -116,7 +119,7 @@ def strategy_options_for(spec: StrategySpec, shared: dict, per_strategy: dict[st
         opts = deep_merge(opts, per_strategy.get(spec.text, {}))
     if cli.get("epochs") is not None:
         opts["epochs"] = cli["epochs"]
-    tradeoff_option = entry.factory.tradeoff_option
+    tradeoff_option = cast("type[TrainingStrategy]", entry.factory).tradeoff_option
     if cli.get("tradeoff") is not None and tradeoff_option is not None:
         opts[tradeoff_option] = cli["tradeoff"]
     return opts

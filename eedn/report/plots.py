@@ -111,9 +111,9 @@ def plot_exit_shares(shares: dict[str, dict], path: str | os.PathLike, *, title:
     top = 1.0
     for entry in shares.values():
         mean = 100 * np.asarray(entry["mean"], dtype=np.float64)
-        std = 0 if entry.get("std") is None else 100 * np.nan_to_num(np.asarray(entry["std"], dtype=np.float64))
+        spread = 0 if entry.get("std") is None else 100 * np.nan_to_num(np.asarray(entry["std"], dtype=np.float64))
         if mean.size:
-            top = max(top, float(np.nanmax(mean + std)))
+            top = max(top, float(np.nanmax(mean + spread)))
     for i, (label, entry) in enumerate(shares.items()):
         ax = axes[i // ncols, i % ncols]
         mean = 100 * np.asarray(entry["mean"], dtype=np.float64)

@@ -1,6 +1,7 @@
 """Reports of run and comparison directories: Markdown and figures, from saved numbers only.
 
-A single run is rendered as a one-strategy comparison: the same numbers (:func:`eedn.evaluation.matched.comparison_numbers`),
+A single run is rendered as a one-strategy comparison: the same numbers
+(:func:`eedn.evaluation.matched.comparison_numbers`),
 the same policy and operating-point tables and the same figures, plus the run's own exits and evaluator rows.
 The metrics shown are ``accuracy`` and every headline metric results.json declares, each with its own label,
 scale and digits; nothing here knows any evaluator. The terminal tables are in :mod:`eedn.report.terminal`.

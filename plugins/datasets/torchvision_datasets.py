@@ -62,6 +62,8 @@ class TorchvisionOptions:
 class TorchvisionSource(DatasetSource):
     """``torchvision:<ClassName>`` (see the module docstring)."""
 
+    Options = TorchvisionOptions
+
     def __init__(self, variant: str, **options: Any):
         super().__init__(**options)
         self.variant = variant
@@ -95,12 +97,13 @@ class TorchvisionSource(DatasetSource):
                      and issubclass(getattr(datasets, n), datasets.VisionDataset) and n != "VisionDataset"]
             close = [n for n in known if n.lower().startswith(self.variant.lower()[:3])] or known[:12]
             raise EednError(f"torchvision has no dataset class '{self.variant}'; e.g. {', '.join(close)}")
+        vision_class: Any = cls  # a VisionDataset subclass (torchvision is untyped)
         params = inspect.signature(cls.__init__).parameters
         base = {"download": False} if "download" in params else {}
 
         def build(**kwargs: Any) -> Dataset:
             try:
-                return cls(str(self.root), **base, **kwargs)
+                return vision_class(str(self.root), **base, **kwargs)
             except TypeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - torchvision's own message says which files are missing
@@ -158,6 +161,7 @@ class TorchvisionSource(DatasetSource):
         train_tf, eval_tf, used = self._transforms(int(image_size), mean, std, augment)
         train_view = MappedDataset(self.train_base, self.train_targets, train_tf)
         eval_view = MappedDataset(self.train_base, self.train_targets, eval_tf)
+        test: Dataset
         if self.test_base is None:
             test = subset(eval_view, parts["test"])
         else:
@@ -171,5 +175,3 @@ class TorchvisionSource(DatasetSource):
                   "test_from": "official test split" if self.test_base is not None else f"{test_f:g} of train"},
         )
 
-
-TorchvisionSource.Options = TorchvisionOptions
