@@ -94,7 +94,8 @@ def _no_eedn_env() -> dict:
 
 def _run_runner(export_dir, *args, cwd=None):
     return subprocess.run([sys.executable, "-S", str(export_dir / "runner.py"), str(export_dir), *map(str, args)],
-                          cwd=cwd or export_dir, env=_no_eedn_env(), capture_output=True, text=True, check=False, timeout=300)
+                          cwd=cwd or export_dir, env=_no_eedn_env(), capture_output=True, text=True, check=False,
+                          timeout=300)
 
 
 def test_default_export_classifies_image_files_without_eedn(trained_run, tmp_path):
@@ -252,7 +253,8 @@ def test_runner_bad_inputs_are_one_line_errors(clean_export, tmp_path):
         assert ran.returncode == 1 and ran.stderr.startswith("error: ") and message in ran.stderr, ran.stderr
         assert len(ran.stderr.strip().splitlines()) == 1
     not_export = subprocess.run([sys.executable, "-S", str(clean_export / "runner.py"), str(tmp_path),
-                                 str(tmp_path / "notes.txt")], env=_no_eedn_env(), capture_output=True, text=True, check=False,
+                                 str(tmp_path / "notes.txt")], env=_no_eedn_env(), capture_output=True, text=True,
+                                check=False,
                                 timeout=300)
     assert not_export.returncode == 1 and "is not an eedn export" in not_export.stderr
 

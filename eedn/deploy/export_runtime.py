@@ -143,7 +143,8 @@ def load_safetensors(path: Path, data: bytes | None = None) -> dict[str, Tensor]
         except (KeyError, TypeError, ValueError):
             raise ExportError(f"{path}: tensor {name!r} has a broken header entry; re-export the run") from None
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= start <= end <= len(body) or end - start != math.prod(shape) * itemsize or min(shape, default=0) < 0:
+        fits = 0 <= start <= end <= len(body) and min(shape, default=0) >= 0
+        if not fits or end - start != math.prod(shape) * itemsize:
             raise ExportError(f"{path}: tensor {name!r} lies outside the file; re-export the run")
         raw = bytearray(body[start:end])
         flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
