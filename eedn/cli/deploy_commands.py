@@ -8,8 +8,13 @@ import click
 
 from eedn.cli.common import friendly_errors
 from eedn.deploy.bench import benchmark, parse_batch_sizes, print_benchmark
-from eedn.deploy.export import FORMATS, export_run
-from eedn.deploy.predict import predict_files, print_predictions
+from eedn.deploy.export import DEFAULT_FORMAT, FORMATS, export_run
+from eedn.deploy.predict import (
+    OUTPUT_FORMATS,
+    predict_files,
+    print_predictions,
+    write_predictions,
+)
 from eedn.pipeline.rundir import read_manifest
 from eedn.runtime.errors import EednError
 
@@ -22,15 +27,21 @@ from eedn.runtime.errors import EednError
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--compile", "compile_", is_flag=True, help="run the exits through torch.compile (slow first batch; "
                                                            "docs/inference.md)")
+@click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS), default="table", show_default=True,
+              help="a table, or one JSON list / CSV with a header on stdout (file, class_index, class, confidence, "
+                   "exit, macs)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
-def predict(run_dir, inputs, batch_size, device, compile_, debug) -> None:
+def predict(run_dir, inputs, batch_size, device, compile_, out_format, debug) -> None:
     """Classify images with a trained run (real early exits): class, confidence, exit, MACs per file.
 
     Needs only the run directory: the training data may be gone."""
     spec = read_manifest(run_dir)["model"]
     rows = predict_files(run_dir, inputs, batch_size=batch_size, device=device, compile=compile_)
-    print_predictions(rows, spec["full_macs"], spec["num_exits"])
+    if out_format == "table":
+        print_predictions(rows, spec["full_macs"], spec["num_exits"])
+    else:
+        write_predictions(rows, out_format)
 
 
 @click.command("bench")
@@ -74,20 +85,30 @@ def bench(run_dir, inputs, batch_sizes, max_samples, threads, repeats, stage_pro
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="torchscript", show_default=True,
-              help="torchscript and exported-program need torch only; onnx needs pip install 'eedn[export]'")
-@click.option("--out", required=True, type=click.Path(), help="directory to write the segments and runner.py to")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=DEFAULT_FORMAT, show_default=True,
+              help="exported-program: torch only, loaded without running code; torchscript: deprecated by torch "
+                   "(torch.jit), its runner needs --trust-code; onnx: pip install 'eedn[export]'")
+@click.option("--out", required=True, type=click.Path(), help="a new or empty directory, or an earlier export to "
+                                                               "replace (never anything else)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @friendly_errors
 def export_command(run_dir, fmt, out, debug) -> None:
     """Export a trained run as per-exit segments with a small runner (no eedn needed).
 
-    Writes the reported policy's segments (one module per exit), one module per exit rule, decision.json and
-    runner.py, which chains them with real early exits (docs/deploy.md)."""
+    Writes the reported policy's segments (one module per exit), one module per exit rule, decision.json (with
+    every file's SHA-256 and the preprocessing) and runner.py, which classifies image files with real early
+    exits (docs/deploy.md). The export appears at --out in one step."""
     import warnings
 
+    from eedn.deploy.export_runtime import DECISION_FILE, sha256_file
+
+    if fmt == "torchscript":
+        click.echo("note: torch deprecates TorchScript (torch.jit.trace/save/load); the runner loads it only with "
+                   "--trust-code, since loading it can run code. The default format has neither problem.", err=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and exporter chatter; the result is checked in the tests
         decision = export_run(run_dir, fmt, out)
+    digest = sha256_file(Path(out) / DECISION_FILE)
     click.echo(f"wrote {len(decision['segments'])} segments and {len(decision['rules'])} exit rules ({fmt}) to "
-               f"{out}; run them with: python {Path(out) / 'runner.py'} {out} IMAGES.pt")
+               f"{out}\n{DECISION_FILE} SHA-256 {digest}\nrun them with: python {Path(out) / 'runner.py'} {out} "
+               f"IMAGES_OR_FOLDERS... [--expect-sha256 {digest}]")

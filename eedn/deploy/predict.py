@@ -9,19 +9,20 @@ the MACs it cost.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import IO, TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from eedn.runtime.errors import EednError
-from eedn.runtime.image_io import IMAGE_EXTENSIONS, to_eight_bit
+from eedn.deploy.export_runtime import preprocess_image
 from eedn.deploy.inference import EarlyExitEngine
-from eedn.report.render import format_macs
 from eedn.pipeline.rundir import MANIFEST, load_model, read_manifest
+from eedn.report.render import format_macs
+from eedn.runtime.errors import EednError
+from eedn.runtime.image_io import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -55,31 +56,11 @@ class InputRecipe:
 
 
 def preprocessor(recipe: InputRecipe) -> Callable[[Image], Tensor]:
-    """PIL image -> ``[C, S, S]`` tensor like the dataset's evaluation split: grayscale/RGB, centre-cropped
-    to a square, resized to S with bilinear interpolation (anti-aliased when shrinking), scaled to
-    ``[0, 1]``, normalised with the recorded mean/std (none recorded: no normalisation)."""
-    import numpy as np
-
-    mode = "L" if recipe.channels == 1 else "RGB"
-    size = recipe.image_size
-    mean = None if recipe.mean is None else torch.tensor(recipe.mean).view(-1, 1, 1)
-    std = None if recipe.std is None else torch.tensor(recipe.std).view(-1, 1, 1)
+    """PIL image -> ``[C, S, S]`` tensor like the dataset's evaluation split. The exported runner's own function
+    (:func:`eedn.deploy.export_runtime.preprocess_image`), so an export classifies image files as this does."""
 
     def preprocess(image: Image) -> Tensor:
-        image = to_eight_bit(image).convert(mode)  # 16-bit PNGs scaled, never clipped
-        w, h = image.size
-        side = min(w, h)
-        if w != h:
-            left, top = (w - side) // 2, (h - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()) / 255.0
-        x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        if side != size:
-            x = F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=side > size).squeeze(0)
-        if mean is not None and std is not None:
-            x = (x - mean) / std
-        return x
+        return preprocess_image(image, recipe.channels, recipe.image_size, recipe.mean, recipe.std)
 
     return preprocess
 
@@ -179,3 +160,26 @@ def print_predictions(rows: list[dict], full_macs: float | None = None, num_exit
     if rows and full_macs:
         mean = sum(r["macs"] for r in rows) / len(rows)
         console.print(f"{len(rows)} images, mean {format_macs(mean)} MACs = {mean / full_macs:.3f} of the full network")
+
+
+#: ``eedn predict --format``: a table, or machine-readable rows
+OUTPUT_FORMATS = ("table", "json", "csv")
+
+
+def write_predictions(rows: list[dict], fmt: str, stream: IO[str] | None = None) -> None:
+    """``rows`` as JSON (a list of objects, strict JSON) or CSV (with a header) on ``stream`` (stdout)."""
+    import csv
+    import json
+    import sys
+
+    stream = stream or sys.stdout
+    if fmt == "json":
+        json.dump(rows, stream, indent=1, allow_nan=False)
+        stream.write("\n")
+    elif fmt == "csv":
+        writer = csv.DictWriter(stream, fieldnames=["file", "class_index", "class", "confidence", "exit", "macs"],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        raise EednError(f"unknown output format '{fmt}'; known: {', '.join(OUTPUT_FORMATS)}")
