@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from click.testing import CliRunner
 
 import eedn
 from eedn.pipeline import run as pipeline
-from eedn.core.cache import FeatureCache, FeatureSet
+from eedn.core.cache import FeatureCache, FeatureSet, cache_key
 from eedn.cli.main import cli
 from eedn.runtime.errors import EednError
 from eedn.runtime.io import atomic_write_text, clean_stale_temps, load_checkpoint, temp_prefix
@@ -39,7 +41,15 @@ def test_non_empty_out_is_refused_before_stage_0_and_overwrite_replaces_it_whole
     cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "fresh"), "out": str(out)}
     with pytest.raises(EednError, match=r"--out .*run already holds files; pass --overwrite"):
         eedn.run_pipeline(cfg)
+    # --overwrite replaces an eedn run only, never a folder of something else
+    with pytest.raises(EednError, match=r"--out .*run is not an eedn run directory \(no run.json\); --overwrite "):
+        eedn.run_pipeline(cfg | {"overwrite": True})
+    assert (out / "stale.txt").read_text() == "from an older run"
     monkeypatch.undo()
+    (out / "stale.txt").unlink()
+    (out / "results.json").unlink()
+    eedn.run_pipeline(tiny_config | FAST | {"out": str(out)})
+    (out / "stale.txt").write_text("from an older run")
     results = eedn.run_pipeline(tiny_config | FAST | {"out": str(out), "overwrite": True})
     assert results["run_dir"] == str(out)
     assert not (out / "stale.txt").exists()  # replaced whole, never mixed with the old run's files
@@ -117,14 +127,53 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
 def test_feature_cache_entry_of_another_shape_or_row_count_is_a_miss(tmp_path):
     cache = FeatureCache(tmp_path)
     fs = FeatureSet([torch.ones(5, 3), torch.ones(5, 4)], torch.arange(5))
-    assert cache.save("k", fs, meta={"what": "test"})
-    assert cache.load("k", rows=5, dims=[3, 4]) is not None
-    assert cache.load("k", rows=6, dims=[3, 4]) is None
-    assert cache.load("k", rows=5, dims=[3, 8]) is None
-    assert cache.load("k", rows=5, dims=[3]) is None
-    assert torch.load(cache.path("k"), weights_only=True)["meta"] == {"what": "test"}
-    cache.path("k").write_bytes(cache.path("k").read_bytes()[:100])  # truncated: a miss, never an error
-    assert cache.load("k", rows=5, dims=[3, 4]) is None
+    k = cache_key(what="test")
+    assert cache.save(k, fs, meta={"what": "test"})
+    assert cache.load(k, rows=5, dims=[3, 4]) is not None
+    assert cache.load(k, rows=6, dims=[3, 4]) is None
+    assert cache.load(k, rows=5, dims=[3, 8]) is None
+    assert cache.load(k, rows=5, dims=[3]) is None
+    assert torch.load(cache.path(k), weights_only=True)["meta"] == {"what": "test"}
+    cache.path(k).write_bytes(cache.path(k).read_bytes()[:100])  # truncated: a miss, never an error
+    assert cache.load(k, rows=5, dims=[3, 4]) is None
+
+
+def flip_tensor_bytes(path: Path, value: float, other: float) -> None:
+    """Change one stored float32 ``value`` inside a torch file into ``other``, in place: the zip stays valid
+    and the weights-only loader reads it without complaint (as a disk or copy error would leave it)."""
+    data = path.read_bytes()
+    old, new = struct.pack("<f", value), struct.pack("<f", other)
+    assert old in data
+    path.write_bytes(data.replace(old, new, 1))
+    torch.load(path, weights_only=True)  # still loads: only the hash can tell
+
+
+def test_cache_entries_are_checked_against_their_hash_meta_and_labels(tmp_path, capsys):
+    """Finding 2: flipped tensor bytes, an entry copied under another key, labels that differ from the
+    dataset's, and an entry without a hash are each a miss with one warning line naming the file."""
+    cache = FeatureCache(tmp_path)
+    labels = torch.arange(5)
+    fs = FeatureSet([torch.full((5, 3), 1.5), torch.ones(5, 4)], labels)
+    meta = {"what": "test"}
+    k = cache_key(**meta)
+    assert cache.save(k, fs, meta=meta)
+    assert cache.load(k, rows=5, dims=[3, 4], labels=labels) is not None
+    assert capsys.readouterr().err == ""
+    assert cache.load(k, rows=5, dims=[3, 4], labels=torch.zeros(5, dtype=torch.long)) is None
+    assert "holds other labels than the dataset" in capsys.readouterr().err
+    other = cache_key(what="another")
+    shutil.copy(cache.path(k), cache.path(other))
+    assert cache.load(other, rows=5, dims=[3, 4]) is None
+    assert "holds meta that does not give its key" in capsys.readouterr().err
+    flip_tensor_bytes(cache.path(k), 1.5, 1.25)
+    assert cache.load(k, rows=5, dims=[3, 4], labels=labels) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"feature cache entry {cache.path(k)} does not match its recorded sha256" in err
+    blob = torch.load(cache.path(other), weights_only=True)
+    del blob["sha256"]
+    torch.save(blob, cache.path(other))
+    assert cache.load(other, rows=5, dims=[3, 4]) is None
+    assert "has no recorded sha256" in capsys.readouterr().err
 
 
 def test_same_weights_with_another_exit_layout_get_their_own_features(tiny_config, tmp_path):

@@ -158,7 +158,7 @@ def check_run_dirs(cfg: Config, specs: Sequence[StrategySpec], seeds: Sequence[i
         for spec in specs:
             run_dir = out_dir / f"{spec.label}-s{seed}"
             if not (reuse_finished and finished_run(run_dir, run_config(cfg, spec, options.get(spec.label, {}), seed))):
-                check_out_dir(run_dir, cfg.overwrite, what="run directory")
+                check_out_dir(run_dir, cfg.overwrite, what="run directory", cache_root=cfg.cache_root)
 
 
 def default_out_dir(cfg: Config) -> Path:

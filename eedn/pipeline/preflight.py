@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from eedn.core.cache import entry_problem
 from eedn.runtime.errors import EednError, warn
 from eedn.runtime.io import clean_stale_temps, load_checkpoint, load_state_dict_strict, writable_dir
 from eedn.pipeline.rundir import check_out_dir
@@ -34,7 +35,7 @@ def check_before_stage_0(cfg: Config, cache_root: Path) -> bool:
     can be written (a read-only cache is read, with a warning, and the run goes on uncached)."""
     check_device(cfg.device)
     if cfg.out:
-        check_out_dir(cfg.out, cfg.overwrite)
+        check_out_dir(cfg.out, cfg.overwrite, cache_root=cache_root)
     elif not writable_dir(Path("runs")):
         raise EednError(f"the default run directory {Path('runs').absolute()} cannot be written; give --out")
     if writable_dir(cache_root):
@@ -46,18 +47,22 @@ def check_before_stage_0(cfg: Config, cache_root: Path) -> bool:
     return False
 
 
-def load_cached_backbone(path: Path, backbone: torch.nn.Module) -> dict | None:
+def load_cached_backbone(path: Path, backbone: torch.nn.Module, key: str | None = None) -> dict | None:
     """The summary of a cached backbone loaded into ``backbone``, or None (a miss) when the entry is absent,
-    corrupt or does not fit this backbone: it is then trained again and the entry replaced."""
+    corrupt, fails its integrity checks (content hash; the meta it stores against ``key``) or does not fit this
+    backbone: it is then trained again and the entry replaced (one warning line)."""
     if not path.exists():
         return None
     try:
         blob = load_checkpoint(path)
         if not isinstance(blob, dict) or "model" not in blob:
             raise EednError(f"{path} holds no backbone weights")
+        problem = entry_problem(blob, key)
+        if problem is not None:
+            raise EednError(f"{path} {problem}")
         load_state_dict_strict(backbone, blob["model"], str(path))
     except EednError as exc:
-        warn(f"ignoring the cached backbone: {exc}")
+        warn(f"ignoring the cached backbone: {exc}; training it again")
         return None
     return dict(blob.get("summary", {}))
 
