@@ -39,7 +39,8 @@ from eedn.evaluation.policy import EvaluatedPoint, calibrated_copy, evaluate_poi
 from eedn.runtime.precision import apply_memory_format, check_precision, numerics_key, use_channels_last
 from eedn.runtime.progress import Progress
 from eedn.report.render import format_macs, render_run
-from eedn.pipeline.preflight import check_before_stage_0, check_classes, dataset_options, load_cached_backbone
+from eedn.pipeline.preflight import (check_before_stage_0, check_classes, check_exits, check_splits, dataset_options,
+                                     load_cached_backbone)
 from eedn.pipeline.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, check_out_dir,
                          created_now, environment, file_hashes, staged_run_dir, unique_run_name)
 from eedn.pipeline.risk_run import check_risk_config, risk_control_block
@@ -176,11 +177,13 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     check_classes(cfg.dataset, source.num_classes)
     image_size = cfg.image_size or source.default_image_size
     data = source.splits(image_size, seed=cfg.seed, augment=cfg.backbone_training.augment)
+    check_splits(cfg.dataset, data)
     dataset_desc = {"name": cfg.dataset, **source.describe(), "image_size": image_size, "seed": cfg.seed}
     timings = {"data_s": time.perf_counter() - t0}
 
     bb_opts = checked.backbone_options
     backbone = build_backbone(cfg.backbone, source.num_classes, image_size, source.channels, bb_opts)
+    check_exits(cfg.backbone, backbone.num_stages)
     ckpt = cfg.backbone_training.checkpoint
     if ckpt:
         adapt = cfg.backbone_training.adapt_input_channels
