@@ -119,7 +119,7 @@ class TorchvisionSource(DatasetSource):
                 return cls(str(self.root), **base, **kwargs)
             except Exception as exc:  # noqa: BLE001 - torchvision's own message says which files are missing
                 raise EednError(f"dataset '{self.name}': torchvision cannot read it from {self.root} "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); put its files there in "
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200] or 'no message'}); put its files there in "
                                 "torchvision's layout (eedn never downloads)") from None
 
         if "train" in params:
