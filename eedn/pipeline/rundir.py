@@ -328,6 +328,7 @@ def publish(staging: Path, final: Path, overwrite: bool) -> None:
         try:
             if overwrite and now is not None:
                 if _exchange(staging, final):
+                    fault_point("publish-swapped")
                     shutil.rmtree(staging, ignore_errors=True)  # the old run, now at the staging name
                 else:
                     old = final.parent / f"{temp_prefix(final.name)}{secrets.token_hex(3)}.tmpdir"
