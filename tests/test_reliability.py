@@ -668,7 +668,7 @@ def test_concurrent_overwrite_never_gives_two_successes(tiny_config, tmp_path, m
                 [sys.executable, "-m", "eedn", "run", "--backbone", "resnet_tiny", "--image-size", "16",
                  "--backbone-epochs", "3", "--strategy", "im-only", "--epochs", "2", "--set", "evaluators=[]",
                  "--set", "backbone_training.batch_size=64", "--cache-dir", cfg["cache_dir"], "--out", str(out),
-                 "--overwrite", "--quiet", "--threads", "1"], capture_output=True, text=True, timeout=300,
+                 "--overwrite", "--quiet", "--threads", "1"], capture_output=True, text=True, timeout=300, check=False,
                 env=dict(os.environ, PYTHONPATH=str(Path(eedn.__file__).resolve().parent.parent)))
         real(name)
 

@@ -16,15 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from eedn.runtime.errors import warn
-from eedn.runtime.io import atomic_torch_save, clean_stale_temps, content_sha256, writable_dir
+from eedn.runtime.io import (
+    atomic_torch_save,
+    clean_stale_temps,
+    content_sha256,
+    writable_dir,
+)
 
 
 @dataclass

@@ -128,7 +128,7 @@ def record_failure(message: str) -> None:
         return
     try:
         store.set(f"eedn/error/{_world.rank}", message[:300])
-    except Exception:  # noqa: BLE001 - the store (rank 0 or the agent) may be gone already
+    except Exception:  # noqa: BLE001, S110 - the store (rank 0 or the agent) may be gone already
         pass
 
 
@@ -162,7 +162,7 @@ def explain_failure(exc: BaseException, wait_s: float = 2.0) -> EednError | None
         return EednError(f"rank {_world.rank}: lost contact with rank 0, which holds the process group's store (it "
                          f"died or was killed; {text}); see rank 0's output for why")
     if errors:
-        r, why = sorted(errors.items())[0]
+        r, why = min(errors.items())
         return EednError(f"rank {_world.rank}: stopped because rank {r} failed ({why.splitlines()[0]})")
     if silent:
         names = ", ".join(str(r) for r in silent)

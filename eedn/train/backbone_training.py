@@ -62,8 +62,7 @@ def save_entry(blob: dict, path: Path) -> None:
 def load_resume_checkpoint(partial: Path) -> dict:
     """The resumable checkpoint of an interrupted training, verified against its recorded hash; a corrupt one
     stops with the fix (delete it, or run without --resume, which starts over)."""
-    fix = (f"delete it (eedn cache prune --kind partial) or run without --resume to train from the first "
-           "epoch")
+    fix = "delete it (eedn cache prune --kind partial) or run without --resume to train from the first epoch"
     try:
         ck = load_checkpoint(partial)
     except EednError as exc:
