@@ -592,6 +592,7 @@ def test_run_files_are_hashed_in_run_json_and_every_load_checks_hash_and_finiten
     assert sorted(hashes) == ["config.json", "model.pt", "outputs.pt", "results.json"]
     assert all(file_sha256(out / name) == digest for name, digest in hashes.items())
     eedn.load_run(out)
+    eedn.load_run(out, setting=manifest["policy"]["trained_setting"])  # uncalibrated: inf thresholds are no NaN
     for name, load in (("outputs.pt", read_outputs), ("results.json", read_results)):
         original = (out / name).read_bytes()
         (out / name).write_bytes(original.replace(b"0", b"1", 1))
@@ -772,3 +773,28 @@ def test_json_files_are_strict(tmp_path):
     text = (tmp_path / "c.json").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c}")) == {"a": None, "b": [1.0, None],
                                                                                            "t": None}
+
+
+@pytest.mark.parametrize("strategy", ["boostnet", "jei"])
+def test_cal_and_test_outputs_are_exchangeable(tiny_config, tmp_path, strategy):
+    """Conformal coverage needs cal and test exchangeable: disjoint from train, the same preprocessing, and the
+    same model state. The stored cal and test outputs equal those the saved model gives on the images now."""
+    from eedn.core.cost import measure_exit_macs
+    from eedn.pipeline.rundir import read_outputs
+    from eedn.train.features import FeatureSource, compute_split_outputs
+
+    out = tmp_path / "run"
+    options = {"epochs": 2} | ({"warmup_epochs": 1} if strategy == "jei" else {})
+    eedn.run_pipeline(tiny_config | {"strategy": strategy, "strategy_options": options, "evaluators": ["conformal"]})
+    setting = json.loads((out / "run.json").read_text())["policy"]["trained_setting"]
+    model, _ = eedn.load_run(out, setting=setting)
+    data = eedn.load_dataset("digits", image_size=16, seed=0, augment=False)
+    train, cal = set(map(int, data.train.indices)), set(map(int, data.cal.indices))
+    assert not train & cal and not set(map(int, data.val.indices)) & cal
+    stored = read_outputs(out)[setting]
+    exit_macs, full_macs = measure_exit_macs(model)
+    source = FeatureSource(model, data, cache=None)  # live images, no cache
+    for split in ("cal", "test"):
+        now = compute_split_outputs(model, source, split, exit_macs, full_macs)
+        torch.testing.assert_close(now.logits, stored[split].logits, rtol=0, atol=1e-5)
+        assert torch.equal(now.labels, stored[split].labels)

@@ -152,7 +152,9 @@ def check_finite_weights(model: Any, source: Path) -> None:
     (predict, bench, export, load_run), as `eedn run` refuses to write one."""
     import torch
 
-    bad = [k for k, v in model.state_dict().items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    # learned weights and the backbone's buffers (batch-norm statistics); a gate's thresholds may be inf by design
+    tensors = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()} | dict(model.named_parameters())
+    bad = [k for k, v in tensors.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
     if bad:
         shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
         raise EednError(f"{source} holds non-finite (NaN / inf) weights in {shown}; the file is corrupt or the model "
