@@ -79,8 +79,8 @@ def cached_weights(name: str) -> Path | None:
         from huggingface_hub import constants, try_to_load_from_cache
 
         cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-        filenames = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else \
-            ["model.safetensors", "pytorch_model.bin"]
+        hub_filename: str | None = getattr(cfg, "hf_hub_filename", None)
+        filenames = [hub_filename] if hub_filename else ["model.safetensors", "pytorch_model.bin"]
         for filename in filenames:
             found = try_to_load_from_cache(hub_id, filename, cache_dir=cache_dir)
             if isinstance(found, str) and os.path.isfile(found):

@@ -140,3 +140,78 @@ def test_nccl_stage0_equals_one_gpu(tmp_path):
     ranks = [torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in range(2)]
     for key, value in single["state"].items():
         torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- failing instead of hanging (issue 23, finding 3)
+
+RANK_RUN = ["run", "--backbone", "resnet_tiny", "--image-size", "16", "--backbone-epochs", "2", "--strategy", "im-only",
+            "--epochs", "1", "--set", "evaluators=[]", "--set", "backbone_training.batch_size=64", "--quiet",
+            "--threads", "1", "--cache-dir", "cache", "--out", "run"]
+
+
+def run_ranks(cwds: list[Path], extra_env: list[dict], timeout: float = 240) -> list[tuple[int, str]]:
+    """Two eedn ranks started as torchrun would start them (RANK, WORLD_SIZE, MASTER_*), each in its own working
+    directory, with a short group timeout; a hang fails the test instead of waiting for gloo's 30 minutes."""
+    port = free_port()
+    procs = []
+    for rank, (cwd, extra) in enumerate(zip(cwds, extra_env)):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), EEDN_DIST_TIMEOUT="60",
+                   PYTHONPATH=str(REPO), **extra)
+        if "EEDN_FAULT_POINT" not in extra:
+            env.pop("EEDN_FAULT_POINT", None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "eedn", *RANK_RUN], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.communicate()
+        pytest.fail(f"the ranks hung for {timeout} s")
+    return results
+
+
+def test_ranks_agree_on_the_backbone_cache_before_stage_0(tmp_path):
+    """A node-local cache: rank 0 finds the trained backbone, rank 1 does not. Before, rank 0 skipped stage 0
+    while rank 1 waited in DDP, forever. Now both train it (one warning) and the run finishes."""
+    from eedn.pipeline.run import run_pipeline
+
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir()
+    node1.mkdir()
+    run_pipeline({"backbone": "resnet_tiny", "image_size": 16, "backbone_training": {"epochs": 2, "batch_size": 64},
+                  "strategy": "im-only", "strategy_options": {"epochs": 1}, "evaluators": [], "threads": 1,
+                  "progress": False, "cache_dir": str(node0 / "cache"), "out": str(tmp_path / "warm")})
+    assert list((node0 / "cache" / "backbones").glob("*.pt"))
+    (rc0, err0), (rc1, err1) = run_ranks([node0, node1], [{}, {}])
+    assert (rc0, rc1) == (0, 0), err0[-2000:] + err1[-2000:]
+    assert "is valid on rank 0 but not on rank 1" in err0
+    assert (node0 / "run" / "run.json").exists() and not (node1 / "run").exists()  # rank 0 alone writes
+    manifest = json.loads((node0 / "run" / "run.json").read_text())
+    assert manifest["environment"]["world_size"] == 2
+
+
+def test_a_dead_rank_stops_the_others_with_one_line_naming_it(tmp_path):
+    """Rank 1 is SIGKILLed in its second stage-0 batch; rank 0 stops at once with one line naming rank 1."""
+    (rc0, err0), (rc1, _) = run_ranks([tmp_path, tmp_path], [{}, {"EEDN_FAULT_POINT": "backbone-batch@2"}])
+    assert rc1 == -9
+    assert rc0 == 1
+    lines = [line for line in err0.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: rank 1 died or was killed"), err0[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_group_timeout_is_configurable_and_checked(monkeypatch):
+    from eedn.runtime import distributed
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.timeout_s() == 600.0
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "45")
+    assert distributed.timeout_s() == 45.0
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(EednError, match="EEDN_DIST_TIMEOUT must be a number of seconds"):
+        distributed.timeout_s()

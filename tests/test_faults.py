@@ -122,3 +122,28 @@ def test_concurrent_runs_never_share_a_run_directory(reference, tmp_path):
         assert comparable(json.loads((run_dir / "results.json").read_text())) == expected
     assert json.loads((defaults[1] / "run.json").read_text())["model"]["strategy"]["options"]["epochs"] == 1
     assert leftovers(cache, tmp_path) == []
+
+
+def test_a_kill_while_overwriting_leaves_the_old_or_the_new_run(reference, tmp_path):
+    """Finding 4: `--overwrite` swaps the new run in with one atomic exchange. A kill before it leaves the old
+    run; a kill right after it leaves the new run, complete (the old one is a dead temporary, removed by the next
+    run). Before, a kill between its two renames left nothing at --out."""
+    import shutil
+
+    import eedn as api
+
+    cache, out = reference["root"] / "cache", tmp_path / "run"
+    shutil.copytree(reference["root"] / "run", out)
+    old = (out / "run.json").read_bytes()
+    args = [*RUN, "--cache-dir", str(cache), "--out", str(out), "--overwrite", "--epochs", "1"]
+    killed = eedn(*args, cwd=tmp_path, fault="publish-run-dir")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "run.json").read_bytes() == old
+    killed = eedn(*args, cwd=tmp_path, fault="publish-swapped")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert json.loads((out / "results.json").read_text())["config"]["strategy_options"]["epochs"] == 1
+    api.load_run(out)  # complete: every hash in run.json matches, weights finite
+    assert leftovers(tmp_path)  # the old run, under a dead writer's temporary name
+    done = eedn(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert leftovers(tmp_path) == []

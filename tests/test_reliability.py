@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from click.testing import CliRunner
 
 import eedn
 from eedn.pipeline import run as pipeline
-from eedn.core.cache import FeatureCache, FeatureSet
+from eedn.core.cache import FeatureCache, FeatureSet, cache_key
 from eedn.cli.main import cli
 from eedn.runtime.errors import EednError
 from eedn.runtime.io import atomic_write_text, clean_stale_temps, load_checkpoint, temp_prefix
@@ -39,7 +41,15 @@ def test_non_empty_out_is_refused_before_stage_0_and_overwrite_replaces_it_whole
     cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "fresh"), "out": str(out)}
     with pytest.raises(EednError, match=r"--out .*run already holds files; pass --overwrite"):
         eedn.run_pipeline(cfg)
+    # --overwrite replaces an eedn run only, never a folder of something else
+    with pytest.raises(EednError, match=r"--out .*run is not an eedn run directory \(no run.json\); --overwrite "):
+        eedn.run_pipeline(cfg | {"overwrite": True})
+    assert (out / "stale.txt").read_text() == "from an older run"
     monkeypatch.undo()
+    (out / "stale.txt").unlink()
+    (out / "results.json").unlink()
+    eedn.run_pipeline(tiny_config | FAST | {"out": str(out)})
+    (out / "stale.txt").write_text("from an older run")
     results = eedn.run_pipeline(tiny_config | FAST | {"out": str(out), "overwrite": True})
     assert results["run_dir"] == str(out)
     assert not (out / "stale.txt").exists()  # replaced whole, never mixed with the old run's files
@@ -117,14 +127,53 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
 def test_feature_cache_entry_of_another_shape_or_row_count_is_a_miss(tmp_path):
     cache = FeatureCache(tmp_path)
     fs = FeatureSet([torch.ones(5, 3), torch.ones(5, 4)], torch.arange(5))
-    assert cache.save("k", fs, meta={"what": "test"})
-    assert cache.load("k", rows=5, dims=[3, 4]) is not None
-    assert cache.load("k", rows=6, dims=[3, 4]) is None
-    assert cache.load("k", rows=5, dims=[3, 8]) is None
-    assert cache.load("k", rows=5, dims=[3]) is None
-    assert torch.load(cache.path("k"), weights_only=True)["meta"] == {"what": "test"}
-    cache.path("k").write_bytes(cache.path("k").read_bytes()[:100])  # truncated: a miss, never an error
-    assert cache.load("k", rows=5, dims=[3, 4]) is None
+    k = cache_key(what="test")
+    assert cache.save(k, fs, meta={"what": "test"})
+    assert cache.load(k, rows=5, dims=[3, 4]) is not None
+    assert cache.load(k, rows=6, dims=[3, 4]) is None
+    assert cache.load(k, rows=5, dims=[3, 8]) is None
+    assert cache.load(k, rows=5, dims=[3]) is None
+    assert torch.load(cache.path(k), weights_only=True)["meta"] == {"what": "test"}
+    cache.path(k).write_bytes(cache.path(k).read_bytes()[:100])  # truncated: a miss, never an error
+    assert cache.load(k, rows=5, dims=[3, 4]) is None
+
+
+def flip_tensor_bytes(path: Path, value: float, other: float) -> None:
+    """Change one stored float32 ``value`` inside a torch file into ``other``, in place: the zip stays valid
+    and the weights-only loader reads it without complaint (as a disk or copy error would leave it)."""
+    data = path.read_bytes()
+    old, new = struct.pack("<f", value), struct.pack("<f", other)
+    assert old in data
+    path.write_bytes(data.replace(old, new, 1))
+    torch.load(path, weights_only=True)  # still loads: only the hash can tell
+
+
+def test_cache_entries_are_checked_against_their_hash_meta_and_labels(tmp_path, capsys):
+    """Finding 2: flipped tensor bytes, an entry copied under another key, labels that differ from the
+    dataset's, and an entry without a hash are each a miss with one warning line naming the file."""
+    cache = FeatureCache(tmp_path)
+    labels = torch.arange(5)
+    fs = FeatureSet([torch.full((5, 3), 1.5), torch.ones(5, 4)], labels)
+    meta = {"what": "test"}
+    k = cache_key(**meta)
+    assert cache.save(k, fs, meta=meta)
+    assert cache.load(k, rows=5, dims=[3, 4], labels=labels) is not None
+    assert capsys.readouterr().err == ""
+    assert cache.load(k, rows=5, dims=[3, 4], labels=torch.zeros(5, dtype=torch.long)) is None
+    assert "holds other labels than the dataset" in capsys.readouterr().err
+    other = cache_key(what="another")
+    shutil.copy(cache.path(k), cache.path(other))
+    assert cache.load(other, rows=5, dims=[3, 4]) is None
+    assert "holds meta that does not give its key" in capsys.readouterr().err
+    flip_tensor_bytes(cache.path(k), 1.5, 1.25)
+    assert cache.load(k, rows=5, dims=[3, 4], labels=labels) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"feature cache entry {cache.path(k)} does not match its recorded sha256" in err
+    blob = torch.load(cache.path(other), weights_only=True)
+    del blob["sha256"]
+    torch.save(blob, cache.path(other))
+    assert cache.load(other, rows=5, dims=[3, 4]) is None
+    assert "has no recorded sha256" in capsys.readouterr().err
 
 
 def test_same_weights_with_another_exit_layout_get_their_own_features(tiny_config, tmp_path):
@@ -443,3 +492,309 @@ def test_compare_checks_every_run_directory_before_stage_0(tmp_path, monkeypatch
     (tmp_path / "cmp" / "im-only-s1" / "results.json").write_text("{}")
     with pytest.raises(EednError, match=r"run directory .*im-only-s1 already holds files; pass --overwrite"):
         run_compare(cfg, specs, [0, 1], {}, tmp_path / "cmp")
+
+
+# ------------------------------------------------------------------------------------------ integrity (issue 23)
+
+
+def test_flipped_bytes_in_a_cached_backbone_are_caught_and_it_is_retrained(tiny_config, tmp_path, capsys):
+    """Finding 2: bytes changed inside a cached backbone's tensors pass torch.load; its recorded sha256 does not."""
+    cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "cache")}
+    first = eedn.run_pipeline(cfg | {"out": str(tmp_path / "a")})
+    entry = Path(first["backbone"]["cache_path"])
+    blob = torch.load(entry, weights_only=True)
+    assert blob["sha256"] and blob["meta"]["backbone"] == "resnet_tiny"
+    weight = next(v for v in blob["model"].values() if v.is_floating_point() and v.numel() > 8)
+    flip_tensor_bytes(entry, float(weight.flatten()[3]), 7.0)
+    capsys.readouterr()
+    second = eedn.run_pipeline(cfg | {"out": str(tmp_path / "b")})
+    err = capsys.readouterr().err
+    assert f"ignoring the cached backbone: {entry} does not match its recorded sha256" in err
+    assert second["backbone"]["source"] == "trained"  # retrained, never trusted
+    assert second["backbone"]["test_accuracy"] == first["backbone"]["test_accuracy"]
+
+
+def test_feature_entry_with_other_labels_is_recomputed_not_trusted(tiny_config, tmp_path, capsys):
+    """Finding 2: a feature entry whose labels differ from the dataset's (hash and meta made consistent, as a
+    deliberate edit would) is recomputed; the results are those of the clean run."""
+    cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "cache")}
+    clean = eedn.run_pipeline(cfg | {"out": str(tmp_path / "a")})
+    from eedn.runtime.io import content_sha256
+
+    entries = sorted((tmp_path / "cache" / "features").glob("features-*.pt"))
+    assert entries
+    for entry in entries:
+        blob = torch.load(entry, weights_only=True)
+        blob["labels"] = (blob["labels"] + 1) % 10
+        del blob["sha256"]
+        torch.save(blob | {"sha256": content_sha256(blob)}, entry)
+    capsys.readouterr()
+    again = eedn.run_pipeline(cfg | {"out": str(tmp_path / "b")})
+    assert "holds other labels than the dataset; ignoring it and recomputing" in capsys.readouterr().err
+    assert again["exits"] == clean["exits"] and again["policy"]["accuracy"] == clean["policy"]["accuracy"]
+
+
+def test_corrupt_resume_checkpoint_stops_with_the_fix_and_a_plain_rerun_warns(tmp_path, monkeypatch, capsys):
+    """Finding 2 and 8: a resume checkpoint with changed bytes is never resumed; a corrupt one says to delete
+    it (not 'pass a different path'); a plain rerun says it replaces a resumable checkpoint."""
+    from eedn.train import backbone_training
+
+    data = eedn.load_dataset("digits", image_size=8, seed=0, augment=False)
+    rec = {"epochs": 2, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "batch_size": 256,
+           "label_smoothing": 0.0, "warmup_epochs": 0, "augment": False}
+
+    def model():
+        torch.manual_seed(0)
+        return eedn.create("backbone", "resnet_tiny", num_classes=10, image_size=8, in_channels=1)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_epoch(name):
+        if name == "backbone-epoch":
+            raise Killed
+
+    monkeypatch.setattr(backbone_training, "fault_point", kill_after_epoch)
+    ckpt = tmp_path / "bb.pt"
+    with pytest.raises(Killed):
+        backbone_training.train_backbone(model(), data, dict(rec), seed=0, device="cpu", checkpoint_path=ckpt)
+    monkeypatch.undo()
+    partial = ckpt.with_suffix(".partial.pt")
+    good = partial.read_bytes()
+    ck = torch.load(partial, weights_only=True)
+    flip_tensor_bytes(partial, float(next(v for v in ck["model"].values() if v.is_floating_point()).flatten()[2]), 9.0)
+    with pytest.raises(EednError, match=r"resume checkpoint .*bb.partial.pt does not match its recorded sha256 .*; "
+                                        r"delete it \(eedn cache prune --kind partial\) or run without --resume"):
+        backbone_training.train_backbone(model(), data, dict(rec), seed=0, device="cpu", checkpoint_path=ckpt,
+                                         resume=True)
+    partial.write_bytes(good[:200])
+    with pytest.raises(EednError, match=r"resume checkpoint .* is corrupt .*; delete it") as info:
+        backbone_training.train_backbone(model(), data, dict(rec), seed=0, device="cpu", checkpoint_path=ckpt,
+                                         resume=True)
+    assert "pass a different path" not in str(info.value) and "\n" not in str(info.value)
+    partial.write_bytes(good)
+    capsys.readouterr()
+    backbone_training.train_backbone(model(), data, dict(rec), seed=0, device="cpu", checkpoint_path=ckpt)
+    assert "a resumable checkpoint of this backbone's training exists" in capsys.readouterr().err
+
+
+def test_run_files_are_hashed_in_run_json_and_every_load_checks_hash_and_finiteness(tiny_config, tmp_path):
+    """Findings 2 and 7: run.json records the SHA-256 of config.json, model.pt, outputs.pt and results.json; a
+    changed file is refused on load; a model.pt with NaN weights (hash made consistent) is refused by load_run,
+    predict and bench in one line."""
+    from eedn.pipeline.rundir import read_outputs, read_results
+    from eedn.runtime.io import file_sha256
+
+    out = tmp_path / "run"
+    eedn.run_pipeline(tiny_config | FAST | {"out": str(out)})
+    manifest = json.loads((out / "run.json").read_text())
+    hashes = manifest["files"]["sha256"]
+    assert sorted(hashes) == ["config.json", "model.pt", "outputs.pt", "results.json"]
+    assert all(file_sha256(out / name) == digest for name, digest in hashes.items())
+    eedn.load_run(out)
+    eedn.load_run(out, setting=manifest["policy"]["trained_setting"])  # uncalibrated: inf thresholds are no NaN
+    for name, load in (("outputs.pt", read_outputs), ("results.json", read_results)):
+        original = (out / name).read_bytes()
+        (out / name).write_bytes(original.replace(b"0", b"1", 1))
+        with pytest.raises(EednError, match=rf"{name} does not match the sha256 recorded in .*run.json"):
+            load(out)
+        (out / name).write_bytes(original)
+    blob = torch.load(out / "model.pt", weights_only=True)
+    first = next(k for k, v in blob["backbone"].items() if v.is_floating_point())
+    blob["backbone"][first] = torch.full_like(blob["backbone"][first], float("nan"))
+    torch.save(blob, out / "model.pt")
+    with pytest.raises(EednError, match=r"model.pt does not match the sha256"):
+        eedn.load_run(out)
+    manifest["files"]["sha256"]["model.pt"] = file_sha256(out / "model.pt")
+    (out / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(EednError, match=rf"model.pt holds non-finite \(NaN / inf\) weights in backbone.{first}"):
+        eedn.load_run(out)
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("L", (16, 16), 128).save(image)
+    for args in (["predict", str(out), "--input", str(image)], ["bench", str(out), "--input", str(image)]):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 1 and res.output.count("\n") == 1 and "non-finite (NaN / inf) weights" in res.output, \
+            res.output
+
+
+def test_overwrite_refuses_the_current_directory_and_a_cache_inside_out(tiny_config, tmp_path, monkeypatch):
+    """Findings 4 and 8: `--out . --overwrite` and a --cache-dir inside --out are refused before stage 0."""
+    monkeypatch.setattr(pipeline, "train_backbone", no_stage_0)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "something.txt").write_text("kept")
+    cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "fresh")}
+    with pytest.raises(EednError, match=r"--out \. is the current directory or holds it"):
+        eedn.run_pipeline(cfg | {"out": ".", "overwrite": True})
+    with pytest.raises(EednError, match=r"--out \.\. is the current directory or holds it"):
+        eedn.run_pipeline(cfg | {"out": "..", "overwrite": True})
+    with pytest.raises(EednError, match=r"the cache directory .*run/cache is inside --out .*run, which is replaced"):
+        eedn.run_pipeline(cfg | {"out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "run" / "cache")})
+    assert (tmp_path / "something.txt").read_text() == "kept"
+
+
+def test_publish_errors_say_what_happened(tmp_path, monkeypatch):
+    """Finding 8: a run directory that cannot be written is not reported as 'written by another run'."""
+    from eedn.pipeline import rundir
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(rundir.os, "rename", refused)
+    with pytest.raises(EednError, match=r"cannot write run directory .*out \(Permission denied\); give a writable"):
+        rundir.publish(staging, tmp_path / "out", overwrite=False)
+
+
+def test_concurrent_overwrite_never_gives_two_successes(tiny_config, tmp_path, monkeypatch):
+    """Finding 4: while this run is about to publish with --overwrite, another process publishes its own
+    --overwrite run there. This run must not replace it: it stops with one line, the other run stays whole."""
+    import subprocess
+    import sys
+
+    from eedn.runtime import io as runtime_io
+
+    out = tmp_path / "run"
+    cfg = tiny_config | FAST
+    eedn.run_pipeline(cfg)  # the run both replace
+    real = runtime_io.fault_point
+    other = {}
+
+    def interloper(name):
+        if name == "publish-run-dir" and not other:
+            other["proc"] = subprocess.run(
+                [sys.executable, "-m", "eedn", "run", "--backbone", "resnet_tiny", "--image-size", "16",
+                 "--backbone-epochs", "3", "--strategy", "im-only", "--epochs", "2", "--set", "evaluators=[]",
+                 "--set", "backbone_training.batch_size=64", "--cache-dir", cfg["cache_dir"], "--out", str(out),
+                 "--overwrite", "--quiet", "--threads", "1"], capture_output=True, text=True, timeout=300, check=False,
+                env=dict(os.environ, PYTHONPATH=str(Path(eedn.__file__).resolve().parent.parent)))
+        real(name)
+
+    monkeypatch.setattr(runtime_io, "fault_point", interloper)
+    with pytest.raises(EednError, match=r"run directory .*run was written by another run meanwhile; nothing was "
+                                        r"replaced"):
+        eedn.run_pipeline(cfg | {"overwrite": True, "strategy_options": {"epochs": 1}})
+    assert other["proc"].returncode == 0, other["proc"].stderr
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["strategy_options"]["epochs"] == 2  # the other run's, whole
+    eedn.load_run(out)  # hashes and weights intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def write_idx(path: Path, array) -> None:
+    """MNIST's idx format (ubyte)."""
+    import numpy as np
+
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + np.asarray(array).astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one-class", r"every label of the train split is 0; a classifier needs at least two classes"),
+    ("out-of-range", r"the test split has label 12, outside 0\.\.9 \(10 classes\)"),
+    ("random-bytes", r"dataset 'torchvision:MNIST': (torchvision cannot read it|cannot read class labels)"),
+])
+def test_torchvision_data_is_checked_before_stage_0(tiny_config, tmp_path, monkeypatch, case, message):
+    """Finding 6: an MNIST whose labels are all one class, one with out-of-range labels and one of random bytes
+    each stop before stage 0 with one line (not 100 % accuracy, an IndexError mid-training or a raw error)."""
+    import numpy as np
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 200), ("t10k", 40)):
+        labels = np.arange(n) % 10
+        if case == "one-class":
+            labels[:] = 0
+        if case == "out-of-range" and prefix == "t10k":
+            labels[5] = 12
+        if case == "random-bytes":
+            (raw / f"{prefix}-images-idx3-ubyte").write_bytes(rng.bytes(5000))
+            (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(rng.bytes(300))
+            continue
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, size=(n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    monkeypatch.setattr(pipeline, "train_backbone", no_stage_0)
+    cfg = tiny_config | FAST | {"dataset": "torchvision:MNIST", "dataset_options": {"data_dir": str(tmp_path)},
+                                "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(EednError, match=message) as info:
+        eedn.run_pipeline(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_non_classification_torchvision_classes_are_refused_in_one_line(tmp_path):
+    res = CliRunner().invoke(cli, ["run", "--dataset", "torchvision:CocoDetection", "--data-dir", str(tmp_path),
+                                   "--quiet"])
+    assert res.exit_code == 1 and res.output.count("\n") == 1
+    assert "torchvision:CocoDetection needs annFile besides a root folder: it is not an image classification" \
+        in res.output
+
+
+def test_one_exit_backbone_and_risk_options_without_a_risk_fail_before_stage_0(tiny_config, tmp_path, monkeypatch):
+    """Finding 8: `timm:... every=100` (one stage) is refused before stage 0, not after it with 'optimizer got an
+    empty parameter list'; --epsilon / --controller without --risk are refused, not silently ignored."""
+    monkeypatch.setattr(pipeline, "train_backbone", no_stage_0)
+    cfg = tiny_config | FAST | {"cache_dir": str(tmp_path / "fresh")}
+    with pytest.raises(EednError, match=r"backbone 'timm:vit_tiny_patch16_224' has 1 exit; an early-exit network "
+                                        r"needs at least two"):
+        eedn.run_pipeline(cfg | {"backbone": "timm:vit_tiny_patch16_224", "image_size": 32,
+                                 "backbone_options": {"every": 100}})
+    for flag in (["--epsilon", "0.1"], ["--controller", "crc"]):
+        res = CliRunner().invoke(cli, ["run", "--backbone", "resnet_tiny", "--quiet", "--out",
+                                       str(tmp_path / "r"), *flag])
+        assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+        assert "is set but no risk is (--risk)" in res.output
+
+
+def test_prune_all_removes_symlinked_entries_without_following_them(tmp_path):
+    """Finding 8: `cache prune --all` with a symlinked entry unlinks the link and leaves its target alone."""
+    cache = tmp_path / "cache"
+    (cache / "datasets").mkdir(parents=True)
+    (cache / "features").mkdir()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("not the cache's")
+    (cache / "datasets" / "abc").symlink_to(target)
+    (cache / "features" / "features-dead.pt").symlink_to(tmp_path / "missing.pt")
+    res = CliRunner().invoke(cli, ["cache", "prune", "--all", "--cache-dir", str(cache)])
+    assert res.exit_code == 0, res.output
+    assert list((cache / "datasets").iterdir()) == [] and list((cache / "features").iterdir()) == []
+    assert (target / "keep.txt").read_text() == "not the cache's"
+
+
+def test_json_files_are_strict(tmp_path):
+    """Finding 8: comparison.json (and every JSON eedn writes) is strict JSON: NaN and inf become null."""
+    from eedn.runtime.io import atomic_write_json
+
+    atomic_write_json(tmp_path / "c.json", {"a": float("nan"), "b": [1.0, float("inf")], "t": torch.tensor(float("nan"))})
+    text = (tmp_path / "c.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict {c}")) == {"a": None, "b": [1.0, None],
+                                                                                           "t": None}
+
+
+@pytest.mark.parametrize("strategy", ["boostnet", "jei"])
+def test_cal_and_test_outputs_are_exchangeable(tiny_config, tmp_path, strategy):
+    """Conformal coverage needs cal and test exchangeable: disjoint from train, the same preprocessing, and the
+    same model state. The stored cal and test outputs equal those the saved model gives on the images now."""
+    from eedn.core.cost import measure_exit_macs
+    from eedn.pipeline.rundir import read_outputs
+    from eedn.train.features import FeatureSource, compute_split_outputs
+
+    out = tmp_path / "run"
+    options = {"epochs": 2} | ({"warmup_epochs": 1} if strategy == "jei" else {})
+    eedn.run_pipeline(tiny_config | {"strategy": strategy, "strategy_options": options, "evaluators": ["conformal"]})
+    setting = json.loads((out / "run.json").read_text())["policy"]["trained_setting"]
+    model, _ = eedn.load_run(out, setting=setting)
+    data = eedn.load_dataset("digits", image_size=16, seed=0, augment=False)
+    train, cal = set(map(int, data.train.indices)), set(map(int, data.cal.indices))
+    assert not train & cal and not set(map(int, data.val.indices)) & cal
+    stored = read_outputs(out)[setting]
+    exit_macs, full_macs = measure_exit_macs(model)
+    source = FeatureSource(model, data, cache=None)  # live images, no cache
+    for split in ("cal", "test"):
+        now = compute_split_outputs(model, source, split, exit_macs, full_macs)
+        torch.testing.assert_close(now.logits, stored[split].logits, rtol=0, atol=1e-5)
+        assert torch.equal(now.labels, stored[split].labels)

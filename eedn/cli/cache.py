@@ -30,9 +30,23 @@ class Entry:
 
 
 def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-    return path.stat().st_size
+    """Bytes the entry itself holds: a symbolic link counts as the link, never what it points to."""
+    try:
+        if path.is_symlink():
+            return path.lstat().st_size
+        if path.is_dir():
+            return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def remove_entry(path: Path) -> None:
+    """Remove one entry: a symbolic link is unlinked (what it points to is left alone), a folder removed whole."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
 
 
 def _describe(path: Path, kind: str) -> str:
@@ -74,7 +88,7 @@ def cache_entries(root: Path) -> list[Entry]:
         if folder.is_dir():
             found += [("temp", p) for p in sorted(folder.iterdir()) if is_stale_temp(p)]
     now = time.time()
-    entries = [Entry(kind, p, _size(p), now - p.stat().st_mtime, _describe(p, kind)) for kind, p in found]
+    entries = [Entry(kind, p, _size(p), now - p.lstat().st_mtime, _describe(p, kind)) for kind, p in found]
     return sorted(entries, key=lambda e: -e.age_s)
 
 
@@ -142,7 +156,10 @@ def prune_command(cache_dir, kinds, older_than, everything, dry_run, debug) -> N
                   and (older_than is None or e.age_s > older_than * 86400))]
     for e in chosen:
         if not dry_run:
-            shutil.rmtree(e.path) if e.path.is_dir() else e.path.unlink(missing_ok=True)
+            try:
+                remove_entry(e.path)
+            except OSError as exc:
+                raise EednError(f"cannot remove {e.path} ({exc.strerror}); check its permissions") from None
         click.echo(f"{'would remove' if dry_run else 'removed'} {e.kind} {e.path.relative_to(root)} "
                    f"({human_size(e.size)})")
     freed = human_size(sum(e.size for e in chosen))

@@ -36,6 +36,7 @@ def friendly_errors(fn: Callable) -> Callable:
         except Exception as exc:  # noqa: BLE001 - the CLI boundary
             if debug:
                 raise
+            exc = distributed_view(exc)
             msg = first_line(exc)
             prefix = "error" if isinstance(exc, EednError) else f"error ({type(exc).__name__})"
             click.echo(f"{prefix}: {msg}" + ("" if isinstance(exc, EednError) else " — rerun with --debug for details"),
@@ -43,6 +44,20 @@ def friendly_errors(fn: Callable) -> Callable:
             sys.exit(1)
 
     return wrapper
+
+
+def distributed_view(exc: Exception) -> Exception:
+    """Under torchrun: a failed collective becomes one line naming the rank that is gone, and this rank's own
+    error is left where the other ranks can read it (eedn.runtime.distributed). Otherwise ``exc`` itself."""
+    if "eedn.runtime.distributed" not in sys.modules:  # never imported: not a distributed command
+        return exc
+    from eedn.runtime.distributed import explain_failure, record_failure
+
+    explained = explain_failure(exc)
+    if explained is not None:
+        return explained
+    record_failure(first_line(exc))
+    return exc
 
 
 def first_line(exc: BaseException) -> str:

@@ -4,23 +4,32 @@ When the backbone is frozen and in eval mode, the per-exit features of a split n
 are computed once, saved under the cache directory and reused by every strategy, λ and seed. The key
 hashes everything that defines an entry: the backbone's name, resolved options, feature dims and weights,
 the dataset description, the split, its transform and the stored precision. A load also checks the row
-count and every exit's shape: an entry that does not fit is a miss, never a silently wrong input. A
-cache directory that cannot be written is read, with a warning, and the run continues uncached.
+count and every exit's shape: an entry that does not fit is a miss, never a silently wrong input. Each entry
+also stores the SHA-256 of its content and the ``meta`` its key was made from; an entry whose content does
+not match its hash, whose meta does not hash to its key, or whose labels differ from the dataset's is a miss
+with a one-line warning, recomputed and replaced (cache entries are derived data that eedn rebuilds exactly,
+so recomputing is the fix; stopping the run would only make the user delete the file by hand). A cache
+directory that cannot be written is read, with a warning, and the run continues uncached.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from eedn.runtime.errors import warn
-from eedn.runtime.io import atomic_torch_save, clean_stale_temps, writable_dir
+from eedn.runtime.io import (
+    atomic_torch_save,
+    clean_stale_temps,
+    content_sha256,
+    writable_dir,
+)
 
 
 @dataclass
@@ -62,6 +71,19 @@ def fits(fs: FeatureSet, rows: int | None, dims: Sequence[int] | None) -> bool:
     return dims is None or [f.shape[-1] for f in fs.feats] == list(dims)
 
 
+def entry_problem(blob: dict, key: str | None = None) -> str | None:
+    """What is wrong with a loaded cache entry (``blob`` with its ``sha256`` and, for a keyed entry, the
+    ``meta`` its key was made from), or None when its content matches the recorded hash."""
+    recorded = blob.get("sha256")
+    if not isinstance(recorded, str):
+        return "has no recorded sha256 (written by an older eedn, or not by eedn)"
+    if content_sha256({k: v for k, v in blob.items() if k != "sha256"}) != recorded:
+        return "does not match its recorded sha256 (changed or corrupt since it was written)"
+    if key is not None and cache_key(**blob.get("meta", {})) != key:
+        return "holds meta that does not give its key (renamed or copied from another entry)"
+    return None
+
+
 class FeatureCache:
     """A directory of ``features-<key>.pt`` files, each one FeatureSet with what defines it (``meta``)."""
 
@@ -80,9 +102,11 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.directory / f"features-{key}.pt"
 
-    def load(self, key: str, rows: int | None = None, dims: Sequence[int] | None = None) -> FeatureSet | None:
-        """The entry under ``key``, or None when it is absent, unreadable or does not have the expected
-        shape (``rows`` samples, ``dims[l]`` features at exit ``l``)."""
+    def load(self, key: str, rows: int | None = None, dims: Sequence[int] | None = None,
+             labels: Tensor | None = None) -> FeatureSet | None:
+        """The entry under ``key``, or None when it is absent, unreadable, does not have the expected shape
+        (``rows`` samples, ``dims[l]`` features at exit ``l``), fails its integrity checks (content hash,
+        meta against the key) or holds other ``labels`` than the dataset's."""
         p = self.path(key)
         if not p.exists():
             return None
@@ -94,6 +118,12 @@ class FeatureCache:
             return None
         if not ok:
             return None
+        problem = entry_problem(blob, key)
+        if problem is None and labels is not None and not torch.equal(fs.labels.long(), labels.long().cpu()):
+            problem = "holds other labels than the dataset"
+        if problem is not None:
+            warn(f"feature cache entry {p} {problem}; ignoring it and recomputing the features")
+            return None
         self.hits += 1
         return fs
 
@@ -103,8 +133,9 @@ class FeatureCache:
         if not self.writable:
             return False
         feats = [f.half() if self.fp16 else f for f in fs.feats]
+        blob = {"feats": feats, "labels": fs.labels, "meta": meta or {}}
         try:
-            atomic_torch_save({"feats": feats, "labels": fs.labels, "meta": meta or {}}, self.path(key))
+            atomic_torch_save(blob | {"sha256": content_sha256(blob)}, self.path(key))
         except OSError as exc:
             self.writable = False
             warn(f"cannot write the feature cache ({exc}); continuing uncached")

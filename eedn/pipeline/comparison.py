@@ -233,7 +233,7 @@ def check_run_dirs(cells: Sequence[SweepCell], specs: Sequence[StrategySpec], se
                 run_dir = out_dir / cell.run_name(spec, seed)
                 expected = run_config(cell.cfg, spec, cell.options.get(spec.label, {}), seed)
                 if not (reuse_finished and finished_run(run_dir, expected)):
-                    check_out_dir(run_dir, cell.cfg.overwrite, what="run directory")
+                    check_out_dir(run_dir, cell.cfg.overwrite, what="run directory", cache_root=cell.cfg.cache_root)
 
 
 def default_out_dir(cfg: Config) -> Path:

@@ -22,6 +22,11 @@ def check_risk_config(cfg: Config, evaluators: dict) -> None:
 
     rc = cfg.risk_control
     if not rc.risk:
+        unused = [k for k, v in rc.to_dict().items() if k != "risk" and v != getattr(type(rc)(), k)]
+        if unused:
+            flags = ", ".join(f"risk_control.{k}" for k in unused)
+            raise EednError(f"{flags} is set but no risk is (--risk): it applies to risk-controlled exits only and "
+                            "would be ignored; add --risk NAME or drop it")
         return
     if rc.controller not in CONTROLLERS:
         raise EednError(f"unknown risk controller '{rc.controller}'; use one of: {', '.join(CONTROLLERS)}")

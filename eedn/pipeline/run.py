@@ -17,14 +17,15 @@ import numpy as np
 import torch
 
 from eedn.runtime.version import __version__
-from eedn.train.backbone_training import backbone_key, recipe, train_backbone
+from eedn.train.backbone_training import backbone_meta, recipe, train_backbone
 from eedn.core.build import build_backbone, build_model
-from eedn.core.cache import FeatureCache
+from eedn.core.cache import FeatureCache, cache_key
 from eedn.core.config import Config, resolve_config
 from eedn.core.contracts import Backbone, Evaluator
 from eedn.core.cost import measure_exit_macs
 from eedn.core.data import DataSplits
-from eedn.runtime.distributed import barrier, broadcast_object, check_same_config, init_from_env, world
+from eedn.runtime.distributed import (agree, barrier, broadcast_object, check_same_config, gather_object,
+                                      init_from_env, world)
 from eedn.runtime.errors import EednError, warn
 from eedn.train.features import FeatureSource, compute_split_outputs
 from eedn.core.image_batches import LoaderOptions
@@ -38,9 +39,10 @@ from eedn.evaluation.policy import EvaluatedPoint, calibrated_copy, evaluate_poi
 from eedn.runtime.precision import apply_memory_format, check_precision, numerics_key, use_channels_last
 from eedn.runtime.progress import Progress
 from eedn.report.render import format_macs, render_run
-from eedn.pipeline.preflight import check_before_stage_0, check_classes, dataset_options, load_cached_backbone
+from eedn.pipeline.preflight import (check_before_stage_0, check_classes, check_exits, check_splits, dataset_options,
+                                     load_cached_backbone)
 from eedn.pipeline.rundir import (CONFIG, MANIFEST, OUTPUTS, POLICY_HEADS, RESULTS, RUN_FORMAT, WEIGHTS, check_out_dir,
-                         created_now, environment, staged_run_dir, unique_run_name)
+                         created_now, environment, file_hashes, staged_run_dir, unique_run_name)
 from eedn.pipeline.risk_run import check_risk_config, risk_control_block
 from eedn.train.strategy import FitContext, TrainingStrategy
 from eedn.pipeline.tracking import Tracking, build_loggers
@@ -184,11 +186,13 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     check_classes(cfg.dataset, source.num_classes)
     image_size = cfg.image_size or source.default_image_size
     data = source.splits(image_size, seed=cfg.seed, augment=cfg.backbone_training.augment)
+    check_splits(cfg.dataset, data)
     dataset_desc = {"name": cfg.dataset, **source.describe(), "image_size": image_size, "seed": cfg.seed}
     timings = {"data_s": time.perf_counter() - t0}
 
     bb_opts = checked.backbone_options
     backbone = build_backbone(cfg.backbone, source.num_classes, image_size, source.channels, bb_opts)
+    check_exits(cfg.backbone, backbone.num_stages)
     ckpt = cfg.backbone_training.checkpoint
     if ckpt:
         adapt = cfg.backbone_training.adapt_input_channels
@@ -214,12 +218,14 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
         warn("backbone_training.epochs is 0 and no checkpoint is given: the backbone keeps its random "
              "initialisation (give --backbone-checkpoint or epochs >= 1 for a trained one)")
     else:
-        key = backbone_key(cfg.backbone, bb_opts, dataset_desc, image_size, cfg.seed,
-                           rec | {"init_checkpoint": str(init) if init else None}
-                           | numerics_key(cfg.precision, channels_last))
+        meta = backbone_meta(cfg.backbone, bb_opts, dataset_desc, image_size, cfg.seed,
+                             rec | {"init_checkpoint": str(init) if init else None}
+                             | numerics_key(cfg.precision, channels_last))
+        key = cache_key(**meta)
+        agree(key, "backbone cache key")  # under torchrun: the same data and recipe on every rank
         path = cfg.cache_root / "backbones" / f"{cfg.backbone}-{key}.pt"
         info["cache_path"] = str(path)
-        summary = load_cached_backbone(path, backbone)
+        summary = cached_backbone_on_every_rank(path, backbone, key)
         if summary is not None:
             info |= {"source": "cache", **summary}
             progress.log(f"backbone loaded from cache: {path}")
@@ -228,12 +234,33 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
                                      checkpoint_path=path if cache_writable else None,
                                      resume=cfg.resume, progress=progress,
                                      precision=cfg.precision, channels_last=channels_last,
-                                     loader=LoaderOptions.from_config(cfg))
+                                     loader=LoaderOptions.from_config(cfg), cache_meta=meta)
             info |= {"source": "trained", "val_accuracy": summary["val_accuracy"], "epochs": summary["epochs"],
                      "history": summary["history"]}
     timings["backbone_s"] = time.perf_counter() - t1
     cache = FeatureCache(cfg.cache_root / "features", fp16=cfg.cache_fp16)
     return Prepared(cfg, data, dataset_desc, image_size, source.channels, backbone, info, cache, progress, timings)
+
+
+def cached_backbone_on_every_rank(path: Path, backbone: Backbone, key: str) -> dict | None:
+    """The cached backbone's summary when every rank has a valid entry (loaded into ``backbone``), else None on
+    every rank: the ranks agree on hit or miss before stage 0, so none skips the training the others wait in
+    (a node-local cache may hold the entry on some nodes only). A rank that loaded it goes back to the initial
+    weights, which every rank shares."""
+    initial = {k: v.detach().clone() for k, v in backbone.state_dict().items()} if world().active else None
+    summary = load_cached_backbone(path, backbone, key)
+    hits = gather_object(summary is not None)
+    if all(hits):
+        return summary
+    if any(hits):
+        have = ", ".join(str(r) for r, h in enumerate(hits) if h)
+        lack = ", ".join(str(r) for r, h in enumerate(hits) if not h)
+        if world().main:
+            warn(f"the cached backbone {path.name} is valid on rank {have} but not on rank {lack} (a cache that is "
+                 "not shared between nodes?); every rank trains it again")
+        if initial is not None:
+            backbone.load_state_dict(initial)
+    return None
 
 
 def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True,
@@ -270,7 +297,7 @@ def _run_strategy(prep: Prepared, strategy_name: str | None, strategy_options: d
     checked = check_plugins(cfg)
     assert cfg.strategy is not None  # resolve_config names every plugin
     if cfg.out:
-        check_out_dir(cfg.out, cfg.overwrite)
+        check_out_dir(cfg.out, cfg.overwrite, cache_root=cfg.cache_root)
     progress = prep.progress
     run_dir = broadcast_object(run_directory(cfg))  # rank 0's name and time stamp on every rank
     if world().main:
@@ -460,8 +487,10 @@ def write_run(run_dir: Path, cfg: Config, results: dict, manifest: dict, model: 
         atomic_torch_save({"backbone": model.backbone.state_dict(), "heads": heads}, staging / WEIGHTS)
         atomic_torch_save({label: {s: o.to_dict() for s, o in outs.items()} for label, outs in outputs.items()},
                           staging / OUTPUTS)
-        atomic_write_json(staging / MANIFEST, manifest)
         atomic_write_json(staging / RESULTS, results)
+        # run.json last: it records the SHA-256 of every file a reader loads (checked by every later load)
+        manifest["files"] = dict(manifest["files"], sha256=file_hashes(staging))
+        atomic_write_json(staging / MANIFEST, manifest)
         render_run(staging, results, manifest)
 
 

@@ -9,6 +9,7 @@ re-made.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -74,6 +75,31 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+#: the run files whose SHA-256 run.json records (``files.sha256``); summary.md and figures are re-rendered by
+#: `eedn report` and are not part of what a reader trusts
+HASHED = (CONFIG, WEIGHTS, OUTPUTS, RESULTS)
+
+
+def file_hashes(run_dir: Path) -> dict[str, str]:
+    """The SHA-256 of each of a run directory's :data:`HASHED` files (those present)."""
+    from eedn.runtime.io import file_sha256
+
+    return {name: file_sha256(run_dir / name) for name in HASHED if (run_dir / name).is_file()}
+
+
+def verify_file(run_dir: Path, name: str, manifest: dict) -> None:
+    """``name`` must have the SHA-256 that run.json records for it (runs of an eedn that recorded none pass)."""
+    from eedn.runtime.io import file_sha256
+
+    recorded = (manifest.get("files") or {}).get("sha256", {}).get(name)
+    path = run_dir / name
+    if recorded is None or not path.is_file():
+        return
+    if file_sha256(path) != recorded:
+        raise EednError(f"{path} does not match the sha256 recorded in {run_dir / MANIFEST} (changed or corrupt since "
+                        "the run wrote it); restore it from a copy or run the run again")
+
+
 def read_manifest(run_dir: str | Path) -> dict:
     """``run.json`` of a finished run directory, checked for its format."""
     run_dir = Path(run_dir)
@@ -88,7 +114,8 @@ def read_manifest(run_dir: str | Path) -> dict:
 
 def read_results(run_dir: str | Path) -> dict:
     """``results.json`` of a finished run directory."""
-    read_manifest(run_dir)
+    manifest = read_manifest(run_dir)
+    verify_file(Path(run_dir), RESULTS, manifest)
     return read_json(Path(run_dir) / RESULTS, "results file")
 
 
@@ -107,6 +134,7 @@ def load_model(run_dir: str | os.PathLike, setting: str = POLICY_HEADS, device: 
     model = build_model(backbone, gate=spec["gate"]["name"], inference_module=spec["inference_module"]["name"],
                         gate_options=spec["gate"]["options"], im_options=spec["inference_module"]["options"])
     create("strategy", spec["strategy"]["name"], **spec["strategy"]["options"]).prepare_model(model)
+    verify_file(run_dir, WEIGHTS, manifest)
     blob = load_checkpoint(run_dir / WEIGHTS)
     if not isinstance(blob, dict) or "backbone" not in blob or "heads" not in blob:
         raise EednError(f"{run_dir / WEIGHTS} is not an eedn run's weights file (no backbone/heads)")
@@ -115,7 +143,22 @@ def load_model(run_dir: str | os.PathLike, setting: str = POLICY_HEADS, device: 
         raise EednError(f"setting '{setting}' not in {run_dir}; saved: {', '.join(blob['heads'])}")
     load_state_dict_strict(model.heads(), blob["heads"][setting], f"{run_dir / WEIGHTS} [{setting}]")
     model.freeze_backbone()
+    check_finite_weights(model, run_dir / WEIGHTS)
     return model.to(device).eval(), manifest
+
+
+def check_finite_weights(model: Any, source: Path) -> None:
+    """A model with NaN / inf weights gives NaN confidences, never a usable prediction: refused on every load
+    (predict, bench, export, load_run), as `eedn run` refuses to write one."""
+    import torch
+
+    # learned weights and the backbone's buffers (batch-norm statistics); a gate's thresholds may be inf by design
+    tensors = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()} | dict(model.named_parameters())
+    bad = [k for k, v in tensors.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise EednError(f"{source} holds non-finite (NaN / inf) weights in {shown}; the file is corrupt or the model "
+                        "diverged: run the run again")
 
 
 def created_now() -> str:
@@ -137,20 +180,69 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_out_dir(path: str | Path, overwrite: bool, what: str = "--out") -> None:
-    """Before anything is trained: a non-empty run directory is refused unless ``overwrite``, and the place
-    it will be written must be writable."""
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds an eedn run (run.json of this format) or an eedn comparison (comparison.json)."""
+    try:
+        if (path / "comparison.json").is_file():
+            return True
+        return json.loads((path / MANIFEST).read_text()).get("format") == RUN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def fingerprint(path: Path) -> str | None:
+    """What is at a run directory now: None when absent or empty, else its run.json's (or comparison.json's)
+    SHA-256. A run replaces with --overwrite only what it saw there when it started."""
+    from eedn.runtime.io import file_sha256
+
+    try:
+        if not path.is_dir() or not any(path.iterdir()):
+            return None
+        for name in (MANIFEST, "comparison.json"):
+            if (path / name).is_file():
+                return file_sha256(path / name)
+    except OSError:
+        pass
+    return "not-a-run"
+
+
+#: each run directory's fingerprint when this process first checked it (:func:`check_out_dir`)
+_SEEN: dict[Path, str | None] = {}
+
+
+def check_out_dir(path: str | Path, overwrite: bool, what: str = "--out", cache_root: str | Path | None = None) -> None:
+    """Before anything is trained: a non-empty run directory is refused unless ``overwrite``, and then only an
+    eedn run (or comparison) is replaced; the current directory (or one holding it) and a run directory that
+    holds the cache are refused; the place it will be written must be writable."""
+    from eedn.runtime.io import writable_dir
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise EednError(f"{what} {path} is a file, not a directory; give a directory path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise EednError(f"{what} {path} already holds files; pass --overwrite (config overwrite: true) to replace "
-                        "them or give another directory")
-    from eedn.runtime.io import writable_dir
-
+    resolved = path.resolve()
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise EednError(f"{what} {path} is the current directory or holds it, and a run directory is replaced "
+                        f"whole when it is published; give a new subdirectory, e.g. {what} runs/NAME")
+    if cache_root is not None:
+        cache = Path(cache_root).resolve()
+        if cache == resolved or resolved in cache.parents:
+            raise EednError(f"the cache directory {cache_root} is inside {what} {path}, which is replaced whole when "
+                            "the run is published; give a --cache-dir outside it")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise EednError(f"{what} {path} already holds files; pass --overwrite (config overwrite: true) to replace "
+                            "them or give another directory")
+        if not is_run_dir(path):
+            raise EednError(f"{what} {path} is not an eedn run directory (no run.json); --overwrite replaces only eedn "
+                            "runs: give another directory, or empty it yourself")
     if not writable_dir(path.parent):
         raise EednError(f"{what} {path} cannot be written ({nearest_existing(path.parent)} is not writable); give "
                         "a writable directory")
+    if path.is_dir() and (os.path.ismount(path) or not writable_dir(path)):
+        raise EednError(f"{what} {path} cannot be replaced (a mount point, or not writable); give a directory "
+                        "inside it or another one")
+    _SEEN.setdefault(resolved, fingerprint(path))
 
 
 @contextmanager
@@ -171,27 +263,88 @@ def staged_run_dir(final: str | Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        _SEEN.pop(final.resolve(), None)  # the next run into ``final`` checks it afresh
+
+
+@contextmanager
+def publish_lock(final: Path) -> Iterator[None]:
+    """Serialise the runs publishing into one directory (``flock`` on a lock file beside it, released by the
+    kernel when a holder is killed; the file is removed by the holder on the way out)."""
+    import fcntl
+
+    lock_path = final.parent / f".{final.name}.publish-lock"
+    while True:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o666)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this file system cannot; use two renames
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def publish(staging: Path, final: Path, overwrite: bool) -> None:
-    """Rename a finished staging directory to ``final``. An existing non-empty ``final`` is moved aside
-    first with ``overwrite``; without it (another run wrote there meanwhile), this run stops with an error."""
+    """Rename a finished staging directory to ``final``. With ``overwrite`` an existing run is swapped with the
+    staging directory in one atomic step (a kill leaves the old run or the new one, never neither), and only
+    when it is the run that was there when this run started: a run another one published meanwhile is never
+    replaced (it gets a clear error instead). Without ``overwrite`` a directory that appeared meanwhile stops
+    this run with an error."""
     from eedn.runtime.io import fault_point, temp_prefix
 
     fault_point("publish-run-dir")
-    old = None
-    if final.exists() and overwrite:
-        old = final.parent / f"{temp_prefix(final.name)}{secrets.token_hex(3)}.tmpdir"
-        os.rename(final, old)
-    try:
-        os.rename(staging, final)  # atomic; fails if another run filled ``final`` meanwhile
-    except OSError:
-        if old is not None:
-            os.rename(old, final)
-        raise EednError(f"run directory {final} was written by another run meanwhile; nothing was replaced. "
-                        "Give another --out, or --overwrite to replace it") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    seen = _SEEN.get(final.resolve(), fingerprint(final))
+    with publish_lock(final):
+        now = fingerprint(final)
+        if overwrite and now is not None and now != seen:
+            raise EednError(f"run directory {final} was written by another run meanwhile; nothing was replaced. "
+                            "Give another --out, or run again to replace it")
+        try:
+            if overwrite and now is not None:
+                if _exchange(staging, final):
+                    fault_point("publish-swapped")
+                    shutil.rmtree(staging, ignore_errors=True)  # the old run, now at the staging name
+                else:
+                    old = final.parent / f"{temp_prefix(final.name)}{secrets.token_hex(3)}.tmpdir"
+                    os.rename(final, old)
+                    fault_point("publish-between-renames")
+                    os.rename(staging, final)
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(staging, final)  # atomic; fails if another run filled ``final`` meanwhile
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise EednError(f"run directory {final} was written by another run meanwhile; nothing was replaced. "
+                                "Give another --out, or --overwrite to replace it") from None
+            raise EednError(f"cannot write run directory {final} ({exc.strerror}); give a writable --out") from None
 
 
 def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]]:
@@ -199,7 +352,7 @@ def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]
     ``test``) → :class:`ExitOutputs`. The reported policy's setting is ``run.json``'s
     ``policy.trained_setting`` (:func:`eedn.load_run` returns that manifest). No network pass, no dataset."""
     run_dir = Path(run_dir)
-    read_manifest(run_dir)  # a clear error for a directory that is not a finished run
+    manifest = read_manifest(run_dir)  # a clear error for a directory that is not a finished run
     path = run_dir / OUTPUTS
     if not path.is_file():
         raise EednError(f"{run_dir} has no {OUTPUTS} (stored outputs); it was written by an eedn that did not "
@@ -207,6 +360,7 @@ def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]
     from eedn.core.outputs import ExitOutputs
     from eedn.runtime.io import load_checkpoint
 
+    verify_file(run_dir, OUTPUTS, manifest)
     blob = load_checkpoint(path)
     keys = ("logits", "labels", "gate_scores", "exit_macs", "full_macs")
     ok = isinstance(blob, dict) and all(isinstance(splits, dict) and all(

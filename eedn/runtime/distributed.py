@@ -13,12 +13,20 @@ joins the process group (gloo on CPU, NCCL on CUDA) and pins each rank to its GP
 * the run directory (and a comparison's) is written by rank 0 only.
 
 Without ``WORLD_SIZE`` (or with 1) nothing here does anything: a plain single process.
+
+Failing instead of hanging: the process group gets a timeout (``EEDN_DIST_TIMEOUT`` seconds, default 600, not
+torch's 30 minutes), the ranks agree on the backbone cache's state before stage 0, and a rank whose collective
+fails (another rank died or stopped) stops with one line naming the rank that is gone
+(:func:`explain_failure`), using the process group's store, where every rank that stops with an error leaves it.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -81,10 +89,105 @@ def init_from_env(device: str) -> tuple[World, str]:
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s()))
     _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local,
                    backend=dist.get_backend())
     return _world, device
+
+
+#: environment variable: seconds a collective (or joining the group) may wait for the other ranks
+TIMEOUT_ENV = "EEDN_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def timeout_s() -> float:
+    """How long a rank waits for the others (``EEDN_DIST_TIMEOUT``, default 10 minutes): long enough for rank 0 to
+    write a checkpoint or a run directory while the others wait, short enough that a lost rank is noticed."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise EednError(f"environment variable {TIMEOUT_ENV} must be a number of seconds, got {value!r}") from None
+    if not seconds > 0:
+        raise EednError(f"environment variable {TIMEOUT_ENV} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def _store() -> Any:
+    """The process group's key-value store (None when unreachable)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no group, or a torch without it: nothing to name ranks with
+        return None
+
+
+def record_failure(message: str) -> None:
+    """Leave this rank's error in the group's store, so the ranks it leaves waiting can name it and say why."""
+    store = _store() if _world.active else None
+    if store is None:
+        return
+    try:
+        store.set(f"eedn/error/{_world.rank}", message[:300])
+    except Exception:  # noqa: BLE001, S110 - the store (rank 0 or the agent) may be gone already
+        pass
+
+
+_COLLECTIVE_WORDS = ("gloo", "NCCL", "nccl", "Connection", "connection", "timed out", "Timed out", "c10d")
+
+
+def explain_failure(exc: BaseException, wait_s: float = 2.0) -> EednError | None:
+    """One line for a failed collective (None when ``exc`` is not one, or not under torchrun): which rank is gone
+    and, when it said so, why. Every surviving rank marks itself alive in the store, waits ``wait_s`` for the others
+    to do the same, and names the ranks that did neither that nor leave an error."""
+    if not _world.active or isinstance(exc, EednError) or not isinstance(exc, RuntimeError):
+        return None
+    raw = " ".join(str(exc).split())
+    if not isinstance(exc, dist.DistError) and not any(w in raw for w in _COLLECTIVE_WORDS):
+        return None
+    text = re.sub(r"^\[[^\]]*\] ", "", raw).split(". ")[0][:160]  # gloo's source location and advice dropped
+    store = _store()
+    try:
+        if store is None:
+            raise RuntimeError("no store")
+        store.set(f"eedn/alive/{_world.rank}", "1")
+        deadline = time.monotonic() + wait_s
+        others = [r for r in range(_world.size) if r != _world.rank]
+        while True:
+            errors = {r: store.get(f"eedn/error/{r}").decode() for r in others if store.check([f"eedn/error/{r}"])}
+            silent = [r for r in others if r not in errors and not store.check([f"eedn/alive/{r}"])]
+            if not silent or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - the store itself is gone: it lived with rank 0 (or the launcher)
+        return EednError(f"rank {_world.rank}: lost contact with rank 0, which holds the process group's store (it "
+                         f"died or was killed; {text}); see rank 0's output for why")
+    if errors:
+        r, why = min(errors.items())
+        return EednError(f"rank {_world.rank}: stopped because rank {r} failed ({why.splitlines()[0]})")
+    if silent:
+        names = ", ".join(str(r) for r in silent)
+        return EednError(f"rank {_world.rank}: rank {names} died or was killed (no answer, no error left; {text}); "
+                         f"see rank {names}'s output")
+    return EednError(f"rank {_world.rank}: the ranks waited for each other in different places and gave up ({text}); "
+                     f"raise {TIMEOUT_ENV} if a rank needs longer, or run with --debug")
+
+
+def gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (``[value]`` for a single process)."""
+    if not _world.active:
+        return [value]
+    everyone: list[Any] = [None] * _world.size
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def agree(value: Any, what: str) -> None:
+    """Every rank must hold the same ``value`` (e.g. a cache key); otherwise one line naming the ranks."""
+    everyone = gather_object(value)
+    differ = [r for r, v in enumerate(everyone) if v != everyone[0]]
+    if differ:
+        raise EednError(f"rank {', '.join(map(str, differ))} has another {what} than rank 0 ({everyone[differ[0]]!r} "
+                        f"vs {everyone[0]!r}); give every rank the same data and options")
 
 
 def launched_rank() -> int:

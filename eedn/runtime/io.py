@@ -1,6 +1,7 @@
 """Atomic file writes: a file is either complete or absent, never half-written."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,42 @@ STALE_AFTER_S = 24 * 3600
 def json_float(value: float | None) -> float | None:
     """``value`` as a JSON-safe number: None for missing, NaN and infinite values (JSON has no NaN)."""
     return None if value is None or not math.isfinite(value) else float(value)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_sha256(obj: Any) -> str:
+    """SHA-256 (hex) of a nested structure of dicts, lists, tensors and plain values, in a fixed order: what a
+    cache entry holds. Stored inside the entry and recomputed on load, it catches bytes changed inside the
+    tensors, which the weights-only loader cannot see."""
+    h = hashlib.sha256()
+    _digest_into(h, obj)
+    return h.hexdigest()
+
+
+def _digest_into(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=str):
+            h.update(f"K{k!s}".encode())
+            _digest_into(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest_into(h, v)
+    else:
+        h.update(f"V{type(obj).__name__}:{obj!r}".encode())
 
 
 def temp_prefix(name: str) -> str:
@@ -135,7 +172,27 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON (RFC 8259): NaN and infinite numbers are written as null, which every JSON reader accepts."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (and tensor / numpy scalar) replaced by None, so it is strict JSON."""
+    if isinstance(obj, float):
+        return json_float(obj)
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return strict_json(obj.tolist())
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            return strict_json(obj.item())
+        except (TypeError, ValueError):
+            return obj
+    return obj
 
 
 def _json_default(o: Any) -> Any:

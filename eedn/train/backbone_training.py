@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from eedn.core.cache import cache_key
+from eedn.core.cache import cache_key, entry_problem
 from eedn.core.contracts import Backbone
 from eedn.core.data import DataSplits, subset
 from eedn.runtime.distributed import all_reduce_sum, barrier, shard_rows, world
 from eedn.runtime.errors import EednError, warn
 from eedn.core.image_batches import ImageBatches, LoaderOptions
-from eedn.runtime.io import atomic_torch_save, fault_point, load_checkpoint
+from eedn.runtime.io import atomic_torch_save, content_sha256, fault_point, load_checkpoint
 from eedn.runtime.precision import autocast, grad_scaler, to_memory_format
 from eedn.runtime.progress import Progress
 
@@ -43,10 +43,38 @@ def recipe(cfg_training: dict, suggested_epochs: int) -> dict:
     return r
 
 
+def backbone_meta(backbone_name: str, backbone_options: dict, dataset: dict, image_size: int, seed: int,
+                  rec: dict) -> dict:
+    """What defines a trained backbone: its cache key is the hash of this, and the entry stores it."""
+    return {"backbone": backbone_name, "options": backbone_options, "dataset": dataset, "image_size": image_size,
+            "seed": seed, "recipe": rec}
+
+
 def backbone_key(backbone_name: str, backbone_options: dict, dataset: dict, image_size: int, seed: int,
                  rec: dict) -> str:
-    return cache_key(backbone=backbone_name, options=backbone_options, dataset=dataset, image_size=image_size,
-                     seed=seed, recipe=rec)
+    return cache_key(**backbone_meta(backbone_name, backbone_options, dataset, image_size, seed, rec))
+
+
+def save_entry(blob: dict, path: Path) -> None:
+    """A cache entry with the SHA-256 of its content beside it (:func:`eedn.core.cache.entry_problem`)."""
+    atomic_torch_save(blob | {"sha256": content_sha256(blob)}, path)
+
+
+def load_resume_checkpoint(partial: Path) -> dict:
+    """The resumable checkpoint of an interrupted training, verified against its recorded hash; a corrupt one
+    stops with the fix (delete it, or run without --resume, which starts over)."""
+    fix = "delete it (eedn cache prune --kind partial) or run without --resume to train from the first epoch"
+    try:
+        ck = load_checkpoint(partial)
+    except EednError as exc:
+        raise EednError(f"resume checkpoint {partial} is corrupt or not a weights-only file ({exc.__cause__ or exc}); "
+                        f"{fix}") from None
+    problem = entry_problem(ck) if isinstance(ck, dict) else "is not a checkpoint dict"
+    if problem is None and not all(k in ck for k in ("model", "optimizer", "scheduler", "epoch", "history")):
+        problem = "lacks the training state (model, optimizer, scheduler, epoch)"
+    if problem is not None:
+        raise EednError(f"resume checkpoint {partial} {problem}; {fix}")
+    return ck
 
 
 def rng_states(loader_generator: torch.Generator) -> dict:
@@ -96,14 +124,15 @@ def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, dev
 def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str,
                    checkpoint_path: Path | None, resume: bool = False, progress: Progress | None = None,
                    num_workers: int = 0, precision: str = "fp32", channels_last: bool = False,
-                   loader: LoaderOptions | None = None) -> dict:
+                   loader: LoaderOptions | None = None, cache_meta: dict | None = None) -> dict:
     """Train ``backbone`` in place with ``rec``; return a summary (best val accuracy, epochs run).
 
     ``precision`` runs forward and loss under :func:`eedn.runtime.precision.autocast` (fp16 with a GradScaler);
     ``channels_last`` feeds NHWC images to a backbone whose weights were put in that format. Without
     ``checkpoint_path`` (a read-only cache) nothing is saved. Under torchrun the backbone trains with
     DistributedDataParallel, ``batch_size`` is the global batch (each rank takes its slice) and rank 0 alone
-    writes checkpoints (:mod:`eedn.runtime.distributed`).
+    writes checkpoints (:mod:`eedn.runtime.distributed`). ``cache_meta`` (what the entry's key was made from)
+    is stored in the cached entry, so a load can check it against the key.
     """
     w = world()
     if w.active and int(rec["batch_size"]) % w.size:
@@ -143,8 +172,11 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     start, best_acc, best_state, history = 0, -1.0, None, []
+    if not resume and partial is not None and partial.exists() and w.main:
+        warn(f"a resumable checkpoint of this backbone's training exists ({partial}); training starts over and "
+             "replaces it (pass --resume to continue it instead)")
     if resume and partial is not None and partial.exists():
-        ck = load_checkpoint(partial)
+        ck = load_resume_checkpoint(partial)
         backbone.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -187,16 +219,16 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
             best_acc = acc
             best_state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
         if partial is not None and w.main:
-            atomic_torch_save({"model": backbone.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "rng": rng_states(g), "epoch": epoch,
-                               "scaler": scaler.state_dict(),
-                               "best_acc": best_acc, "best_state": best_state, "history": history}, partial)
+            save_entry({"model": backbone.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "rng": rng_states(g), "epoch": epoch,
+                        "scaler": scaler.state_dict(),
+                        "best_acc": best_acc, "best_state": best_state, "history": history}, partial)
         fault_point("backbone-epoch")
     if best_state is not None:
         backbone.load_state_dict(best_state)
     summary = {"val_accuracy": best_acc, "epochs": epochs, "history": history}
     if checkpoint_path is not None and w.main:  # the history travels with the cache: a later run still draws it
-        atomic_torch_save({"model": backbone.state_dict(), "summary": summary}, checkpoint_path)
+        save_entry({"model": backbone.state_dict(), "summary": summary, "meta": cache_meta or {}}, checkpoint_path)
         assert partial is not None  # set whenever checkpoint_path is
         partial.unlink(missing_ok=True)
     barrier()

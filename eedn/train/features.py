@@ -82,7 +82,8 @@ class FeatureSource:
                      "split": split, "transform": "eval", "fp16": self.cache.fp16,
                      **numerics_key(self.precision, False)}
             key = cache_key(**parts)
-            fs = self.cache.load(key, rows=self.num_samples(split), dims=parts["feature_dims"])
+            fs = self.cache.load(key, rows=self.num_samples(split), dims=parts["feature_dims"],
+                                 labels=dataset_labels(self.dataset(split)))
             if all_reduce_sum([fs is None])[0] == 0:  # under DDP: a hit only when every rank has the file
                 assert fs is not None  # this rank's hit included
                 self._memory[split] = fs

@@ -78,12 +78,23 @@ class TorchvisionSource(DatasetSource):
             raise EednError(f"dataset '{self.name}': data_dir {self.root} is not a directory; give --data-dir ROOT "
                             "holding the files torchvision reads (eedn never downloads)")
         self.train_base, self.test_base = self._load()
-        self.train_targets = dataset_labels(self.train_base).tolist()
+        try:
+            self.train_targets = dataset_labels(self.train_base).tolist()
+            first, target = self.train_base[0]
+        except Exception as exc:  # noqa: BLE001 - torchvision's reader on damaged files, or non-class targets
+            raise EednError(f"dataset '{self.name}': cannot read class labels and images from {self.root} "
+                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); eedn needs a classification "
+                            "dataset (one class index per image) with undamaged files") from None
+        if not isinstance(target, int) and not (hasattr(target, "ndim") and target.ndim == 0):
+            raise EednError(f"dataset '{self.name}' is not a classification dataset: its targets are "
+                            f"{type(target).__name__}, not one class index per image; eedn trains classifiers")
+        if not hasattr(first, "mode") or not hasattr(first, "size"):
+            raise EednError(f"dataset '{self.name}' gives {type(first).__name__} samples, not images; eedn reads "
+                            "image classification datasets")
         classes = getattr(self.train_base, "classes", None)
         self.class_names = [str(c) for c in classes] if classes else [str(c) for c in
                                                                       range(max(self.train_targets) + 1)]
         self.num_classes = len(self.class_names)
-        first, _ = self.train_base[0]
         self.channels = 1 if getattr(first, "mode", "RGB") in ("L", "1", "I", "I;16", "F") else 3
         self.default_image_size = max(first.size)
         self.suggested_backbone_epochs = 30
@@ -99,6 +110,11 @@ class TorchvisionSource(DatasetSource):
             raise EednError(f"torchvision has no dataset class '{self.variant}'; e.g. {', '.join(close)}")
         vision_class: Any = cls  # a VisionDataset subclass (torchvision is untyped)
         params = inspect.signature(cls.__init__).parameters
+        required = [n for n, p in list(params.items())[2:] if p.default is inspect.Parameter.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if required:
+            raise EednError(f"torchvision:{self.variant} needs {', '.join(required)} besides a root folder: it is not "
+                            "an image classification dataset eedn can read (e.g. torchvision:MNIST, CIFAR10, GTSRB)")
         base = {"download": False} if "download" in params else {}
 
         def build(**kwargs: Any) -> Dataset:
