@@ -93,8 +93,8 @@ def check_splits(dataset: str, data: DataSplits) -> None:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= c:
             bad = low if low < 0 else high
-            raise EednError(f"dataset '{dataset}': the {split} split has label {bad}, outside 0..{c - 1} ({c} classes); "
-                            "the label files are damaged or do not match the class list")
+            raise EednError(f"dataset '{dataset}': the {split} split has label {bad}, outside 0..{c - 1} "
+                            f"({c} classes); the label files are damaged or do not match the class list")
         present = torch.unique(labels)
         if split in ("train", "test") and len(present) < 2:
             raise EednError(f"dataset '{dataset}': every label of the {split} split is {int(present[0])}; a classifier "

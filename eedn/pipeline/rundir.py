@@ -10,6 +10,7 @@ re-made.
 from __future__ import annotations
 
 import errno
+import contextlib
 import json
 import os
 import platform
@@ -287,10 +288,8 @@ def publish_lock(final: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(lock_path)
-        except OSError:
-            pass
         os.close(fd)
 
 

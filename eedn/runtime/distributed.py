@@ -21,6 +21,8 @@ fails (another rank died or stopped) stops with one line naming the rank that is
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -126,10 +128,8 @@ def record_failure(message: str) -> None:
     store = _store() if _world.active else None
     if store is None:
         return
-    try:
+    with contextlib.suppress(Exception):  # the store (rank 0 or the agent) may be gone already
         store.set(f"eedn/error/{_world.rank}", message[:300])
-    except Exception:  # noqa: BLE001, S110 - the store (rank 0 or the agent) may be gone already
-        pass
 
 
 _COLLECTIVE_WORDS = ("gloo", "NCCL", "nccl", "Connection", "connection", "timed out", "Timed out", "c10d")
