@@ -316,16 +316,21 @@ class Checkpoint:
     After each epoch ``update(record, epoch)`` scores the epoch (``score(record)``: a float, one float per part,
     or None for "keep the last epoch"); per part (``parts``: state-dict key prefixes, e.g. one per IM; None:
     the whole heads) the state of the best-scoring epoch is kept, higher being better. With ``baseline`` an
-    epoch must beat it to be kept; ``fixed_baseline`` never raises the bar (the official code's rule: the last
-    epoch beating the warm-up wins). With ``patience`` a part that has not improved for that many epochs is
-    restored to its best state and frozen (``modules[i]``). ``finish()`` loads the kept state and returns it.
+    epoch must beat it to be kept (``initial`` stands otherwise); ``fixed_baseline`` never raises the bar (the
+    official code's rule: the last epoch beating the warm-up wins). With ``patience`` a part that has not
+    improved for that many epochs is restored to its best state and frozen (``modules[i]``); ``record_key``
+    writes the parts' stopped flags into the epoch's record. ``finish()`` loads the kept state (with ``load``)
+    and returns it (also as ``result``).
     """
 
     def __init__(self, state: Callable[[], dict[str, Tensor]], score: Callable[[dict], Any],
                  load: Callable[[dict[str, Tensor]], None] | None = None, parts: list[str] | None = None,
                  modules: list[nn.Module] | None = None, patience: int = 0, baseline: float = -math.inf,
-                 fixed_baseline: bool = False, initial: dict[str, Tensor] | None = None):
+                 fixed_baseline: bool = False, initial: dict[str, Tensor] | None = None,
+                 record_key: str | None = None):
         self.state, self.score, self.load = state, score, load
+        self.record_key = record_key
+        self.result: dict[str, Tensor] | None = None
         self.parts = parts
         self.modules = modules
         n = len(parts) if parts is not None else 1
@@ -368,6 +373,8 @@ class Checkpoint:
                 self.stale[i] += 1
                 if self.patience and self.stale[i] >= self.patience:
                     self._stop(i)
+        if self.record_key is not None:
+            record[self.record_key] = list(self.stopped)
 
     def _stop(self, i: int) -> None:
         self.stopped[i] = True
@@ -394,7 +401,26 @@ class Checkpoint:
         if self.modules is not None:
             for m in self.modules:
                 m.requires_grad_(True)
+        self.result = state
         return state
+
+
+class CheckpointGroup:
+    """One :class:`Checkpoint` per trained copy (a stacked λ sweep): copy k reads ``record[key][k]``."""
+
+    def __init__(self, members: list[Checkpoint], key: str):
+        self.members, self.key = members, key
+
+    @property
+    def all_stopped(self) -> bool:
+        return all(m.all_stopped for m in self.members)
+
+    def update(self, record: dict, epoch: int) -> None:
+        for k, member in enumerate(self.members):
+            member.update(record[self.key][k], epoch)
+
+    def finish(self) -> list[dict[str, Tensor]]:
+        return [m.finish() for m in self.members]
 
 
 def select_checkpoint(model: EarlyExitModel, select: str, patience: int = 0) -> Checkpoint:
@@ -462,7 +488,8 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
                 step: Callable[[list[Tensor], Tensor, int], float], select: str = "last", augmented: bool = False,
                 end_epoch: Callable[[int], dict | None] | None = None,
                 validate: Callable[[], dict] | None = None, first_epoch: int = 0,
-                checkpoint: Checkpoint | None = None, patience: int = 0, standardize: bool = False,
+                checkpoint: Checkpoint | CheckpointGroup | None = None, patience: int = 0,
+                standardize: bool = False,
                 epoch_metrics: Callable[[dict], dict | None] = _default_epoch_metrics,
                 phase: str | None = None) -> list[dict]:
     """The epoch loop every head-training strategy shares (JEI's warm-up and alternations included).
@@ -495,7 +522,8 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
 def _epoch_loop(model: EarlyExitModel, context: FitContext, name: str, epochs: int, batch_size: int,
                 step: Callable[[list[Tensor], Tensor, int], float], augmented: bool,
                 end_epoch: Callable[[int], dict | None] | None, validate: Callable[[], dict], first_epoch: int,
-                checkpoint: Checkpoint, epoch_metrics: Callable[[dict], dict | None], phase: str) -> list[dict]:
+                checkpoint: Checkpoint | CheckpointGroup, epoch_metrics: Callable[[dict], dict | None],
+                phase: str) -> list[dict]:
     source = context.features
     history: list[dict] = []
     total_batches = source.num_batches("train", batch_size)
