@@ -130,9 +130,10 @@ class JeiStrategy(TrainingStrategy):
         pos_weight_counts: str | None = option(None, "gate pos-weights from exact-exit, cumulative or survivor "
                                                      "counts (default: the ones matching targets and exit_rule)",
                                                choices=("exact", "cumulative", "survivors"))
-        im_training: str = option("alternate", "alternate (official: IM blocks between gate blocks) or converge "
-                                               "(IMs first, per-head mean CE with early stopping on val, then "
-                                               "gates only)", choices=("alternate", "converge"))
+        im_training: str | None = _per_profile("alternate (official: IM blocks between gate blocks) or converge "
+                                               "(IMs first, trained to convergence by the shared head training of "
+                                               "the same profile, then frozen while the gates learn)",
+                                               ("alternate", "converge"))
         max_im_epochs: int = option(50, "most IM epochs with im_training=converge", min=1)
         optimizers: str | None = _per_profile("one SGD per phase (separate) or one for both (shared)",
                                               ("separate", "shared"))
@@ -180,8 +181,9 @@ class JeiStrategy(TrainingStrategy):
             raise EednError(f"strategy 'jei': epochs={o.epochs} counts warm-up plus main epochs and must "
                             f"exceed warmup_epochs={o.warmup_epochs}")
         if o.im_training == "converge" and o.optimizers == "shared":
-            raise EednError("strategy 'jei': im_training=converge keeps the trained IMs fixed, but a shared optimiser "
-                            "moves them during gate batches (weight decay, momentum); set optimizers=separate")
+            raise EednError("strategy 'jei': im_training=converge (the clean profile's default) keeps the trained IMs "
+                            "fixed, but a shared optimiser moves them during gate batches (weight decay, momentum); "
+                            "set optimizers=separate, or im_training=alternate")
         if o.warmup == "early_stop" and o.epochs < 2:
             raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
 
@@ -270,10 +272,11 @@ class JeiStrategy(TrainingStrategy):
         early = opts.warmup == "early_stop" or converge
         # early stopping may end sooner; leave at least one main epoch either way
         epochs = min(opts.max_warmup_epochs, opts.epochs - 1) if early else int(opts.warmup_epochs or 0)
-        standardize, patience = False, opts.warmup_patience
+        standardize, patience, score_start = False, opts.warmup_patience, False
         if converge:
             head = self._im_head_options()
             epochs, standardize, patience = opts.max_im_epochs, bool(head.standardize), int(head.patience or 0)
+            score_start = head.init == "probe"  # the probe's heads stand unless an epoch beats them on val CE
             if head.init == "probe":
                 init_ims_from_probe(model, context, weight_decay=float(head.weight_decay or 0.0))
             opt = head_optimizer(model.ims.parameters(), head)
@@ -314,7 +317,7 @@ class JeiStrategy(TrainingStrategy):
                                 record_key="frozen" if early else None)
         records = train_heads(model, context, name="jei warm-up", epochs=epochs, batch_size=opts.batch_size,
                               step=step, augmented=self.head_augment, validate=validate, checkpoint=checkpoint,
-                              standardize=standardize, phase="warmup",
+                              standardize=standardize, score_start=score_start, phase="warmup",
                               epoch_metrics=lambda r: {"loss": r["loss"], "val_gated_accuracy": r["val_gated_accuracy"]})
         history.extend(records)
         momentum = {}

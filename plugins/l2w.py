@@ -153,7 +153,7 @@ class L2WStrategy(TrainingStrategy):
 
         history = train_heads(model, context, name="l2w", epochs=o.epochs, batch_size=o.batch_size, step=step,
                               select=str(o.select), patience=int(o.patience or 0), standardize=bool(o.standardize),
-                              augmented=self.head_augment, end_epoch=end_epoch)
+                              score_start=o.init == "probe", augmented=self.head_augment, end_epoch=end_epoch)
         return StrategyResult(settings=[("l2w", model.heads_state_dict())], history=history)
 
     def _meta_step(self, model: EarlyExitModel, wnet: WeightNet, opt: torch.optim.Optimizer, meta_opt: torch.optim.Adam,

@@ -99,7 +99,7 @@ class SDNStrategy(TrainingStrategy):
 
         history = train_heads(model, context, name="sdn", epochs=o.epochs, batch_size=o.batch_size, step=step,
                               select=str(o.select), patience=int(o.patience or 0), standardize=bool(o.standardize),
-                              augmented=self.head_augment, end_epoch=end_epoch)
+                              score_start=o.init == "probe", augmented=self.head_augment, end_epoch=end_epoch)
         return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
 
     def _fit_with_backbone(self, model: EarlyExitModel, context: FitContext, positions: Tensor) -> list[dict]:

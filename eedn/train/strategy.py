@@ -216,11 +216,12 @@ def resolve_head_profile(options: HeadTrainingOptions, compat_select: str = "las
 
 
 def head_optimizer(params: Iterable[Tensor], options: HeadTrainingOptions) -> torch.optim.Optimizer:
-    """The IMs' optimiser from the resolved options: SGD (momentum, L2 weight decay) or Adam (decoupled decay)."""
+    """The IMs' optimiser from the resolved options: SGD (momentum) or Adam, both with L2 weight decay (the
+    linear probe's objective, so a probe start is its optimum)."""
     trainable = [p for p in params if p.requires_grad]
     lr, wd = float(options.lr or 0.0), float(options.weight_decay or 0.0)
     if options.optimizer == "adam":
-        return torch.optim.AdamW(trainable, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(trainable, lr=lr, weight_decay=wd)
     return torch.optim.SGD(trainable, lr=lr, momentum=options.momentum, weight_decay=wd)
 
 
@@ -489,7 +490,7 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
                 end_epoch: Callable[[int], dict | None] | None = None,
                 validate: Callable[[], dict] | None = None, first_epoch: int = 0,
                 checkpoint: Checkpoint | CheckpointGroup | None = None, patience: int = 0,
-                standardize: bool = False,
+                standardize: bool = False, score_start: bool = False,
                 epoch_metrics: Callable[[dict], dict | None] = _default_epoch_metrics,
                 phase: str | None = None) -> list[dict]:
     """The epoch loop every head-training strategy shares (JEI's warm-up and alternations included).
@@ -501,7 +502,9 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
     hands the epoch's record to the ``checkpoint`` rule (default: :func:`select_checkpoint` of ``select``),
     which keeps the chosen heads and loads them back at the end. The loop ends early when every part of the
     checkpoint has stopped (``patience``). With ``standardize`` the IMs train on standardised features and are
-    folded back at the end (:class:`StandardizedIM`). Returns one history record per epoch.
+    folded back at the end (:class:`StandardizedIM`). With ``score_start`` the heads as they start (e.g. a
+    probe's) are scored first, as epoch -1, so training keeps them unless an epoch beats them on val. Returns
+    one history record per epoch.
     """
     if select not in SELECT_CHOICES:
         raise EednError(f"{name}: select must be one of {', '.join(SELECT_CHOICES)}, got {select!r}")
@@ -510,6 +513,8 @@ def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs
     try:
         checkpoint = checkpoint or select_checkpoint(model, select, patience)
         validate = validate or (lambda: val_exit_metrics(model, context))
+        if score_start:
+            checkpoint.update(validate(), -1)
         history = _epoch_loop(model, context, name, epochs, batch_size, step, augmented, end_epoch, validate,
                               first_epoch, checkpoint, epoch_metrics, phase or name)
         checkpoint.finish()
@@ -571,4 +576,4 @@ def train_heads_warmup(model: EarlyExitModel, context: FitContext, *, epochs: in
 
     return train_heads(model, context, name=name, epochs=epochs, batch_size=batch_size, step=step,
                        select=str(o.select), patience=int(o.patience or 0), standardize=bool(o.standardize),
-                       augmented=augmented)
+                       score_start=o.init == "probe", augmented=augmented)
