@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -308,7 +308,7 @@ class JeiStrategy(TrainingStrategy):
             return entry
 
         if converge:  # lowest val CE per head
-            score: Callable[[dict], Any] = lambda r: [-c for c in r["val_im_loss"]]  # noqa: E731
+            score: Callable[[dict], Any] = lambda r: [-c for c in r["val_im_loss"]]
         else:  # warmup=early_stop: best val accuracy per head; fixed: the last epoch
             score = (lambda r: r["val_im_accuracy"]) if early else (lambda r: None)
         checkpoint = Checkpoint(model.heads_state_dict, score, model.load_heads_state_dict,
@@ -369,7 +369,7 @@ class JeiStrategy(TrainingStrategy):
         gates_only = self.options.im_training == "converge"
         return bs, self.options.epochs, nb, alternation_block(self.options.alternation, nb), gates_only
 
-    def _schedulers(self, optimizers: dict[str, torch.optim.SGD]) -> list:
+    def _schedulers(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> list:
         """Cosine schedules of the optimisers that step (with im_training=converge only the gates' does)."""
         skip_ims = self.options.im_training == "converge"
         unique = list({id(o): o for name, o in optimizers.items() if not (skip_ims and name == "ims")}.values())
@@ -415,14 +415,14 @@ class JeiStrategy(TrainingStrategy):
                               fixed_baseline=True)
         return Checkpoint(state, lambda r: None, initial=initial)
 
-    def _alternation(self, context: FitContext, optimizers: dict[str, torch.optim.Optimizer],
+    def _alternation(self, context: FitContext, optimizers: Mapping[str, torch.optim.Optimizer],
                      train_batch: Callable[[list[Tensor], Tensor, str, int], list[float]],
                      validate: Callable[[int, dict[str, float], list[dict[str, float]], dict[str, int]], Any],
                      k_count: int) -> tuple[Callable, Callable, Callable]:
         """The ``step`` / ``end_epoch`` / ``validate`` hooks of the shared head-training loop for the gate/IM
         alternation of ``k_count`` λ (one, or a stacked sweep): phase blocks by batch index, per-phase loss sums,
         the lr of the epoch, then the cosine schedule."""
-        bs, total_epochs, nb, block, gates_only = self._epoch_shape(context)
+        _, _, _, block, gates_only = self._epoch_shape(context)
         schedulers = self._schedulers(optimizers)
         state: dict[str, Any] = {"epoch": None, "batch": 0, "lrs": {}}
         sums = [{"gate": 0.0, "ims": 0.0} for _ in range(k_count)]

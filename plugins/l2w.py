@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ class L2WStrategy(TrainingStrategy):
     compat_select = "last_im"
     #: the meta step differentiates through one SGD step of the IMs, so the clean profile keeps SGD (on
     #: standardised features, where lr 0.1 converges)
-    profile_overrides = {"clean": {"optimizer": "sgd", "lr": 0.1}}
+    profile_overrides: ClassVar[dict[str, dict[str, Any]]] = {"clean": {"optimizer": "sgd", "lr": 0.1}}
 
     @dataclass
     class Options(SGDHeadOptions):

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,7 @@ class TrainingStrategy(ABC):
     #: the checkpoint rule of this strategy's head training under ``profile=paper-compat``
     compat_select: str = "last"
     #: per head-training profile, what this strategy sets differently from :data:`HEAD_PROFILES`
-    profile_overrides: dict[str, dict[str, Any]] = {}
+    profile_overrides: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, **options: Any):
         self.options = declared_options(f"strategy {type(self).__name__}", type(self), options)
