@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = len(probe_model.ims)
     probes = probe_exits(train.feats[:g], train.labels, backbone.num_classes,
                          val=(val.feats[:g], val.labels))
-    timings["probe"] = time.perf_counter() - t0
+    timings["linear probe"] = time.perf_counter() - t0
     rows["linear probe"] = [100 * pr.accuracy(test.feats[l], test.labels) for l, pr in enumerate(probes)]
     for label, name, opts in parse_runs(args.runs):
         if name == "jei":
