@@ -26,13 +26,15 @@ _EXPORTS: dict[str, str] = {
     "Backbone": "eedn.core.contracts", "InferenceModule": "eedn.core.contracts", "Gate": "eedn.core.contracts",
     "Evaluator": "eedn.core.contracts", "DatasetSource": "eedn.core.contracts", "InputSpec": "eedn.core.contracts",
     "Metric": "eedn.core.contracts", "select_rows": "eedn.core.contracts",
-    "TrainingStrategy": "eedn.train.strategy", "StrategyResult": "eedn.train.strategy", "FitContext": "eedn.train.strategy",
+    "TrainingStrategy": "eedn.train.strategy", "StrategyResult": "eedn.train.strategy",
+    "FitContext": "eedn.train.strategy",
     # declared plugin options
     "option": "eedn.core.options", "resolve_options": "eedn.core.options",
     # a calibratable confidence-threshold gate to subclass, and its budget helpers
     "ThresholdGate": "eedn.core.budgets",
     # data and stored outputs
-    "DataSplits": "eedn.core.data", "TensorImages": "eedn.core.data", "stratified_holdout": "eedn.core.data", "hold_out": "eedn.core.data",
+    "DataSplits": "eedn.core.data", "TensorImages": "eedn.core.data", "stratified_holdout": "eedn.core.data",
+    "hold_out": "eedn.core.data",
     "subset": "eedn.core.data", "channel_statistics": "eedn.core.data", "dataset_labels": "eedn.core.data",
     "MappedDataset": "eedn.core.data",
     "ExitOutputs": "eedn.core.outputs", "read_outputs": "eedn.pipeline.rundir",
@@ -46,10 +48,12 @@ _EXPORTS: dict[str, str] = {
     "Config": "eedn.core.config", "resolve_config": "eedn.core.config",
     "run_pipeline": "eedn.pipeline.run", "load_run": "eedn.pipeline.api", "measure_exit_macs": "eedn.core.cost",
     "split_outputs": "eedn.pipeline.api", "fit_strategy": "eedn.pipeline.api", "apply_gate": "eedn.evaluation.policy",
-    "calibrate_gate": "eedn.pipeline.api", "evaluate": "eedn.pipeline.api", "load_dataset": "eedn.pipeline.api", "train_backbone": "eedn.pipeline.api",
+    "calibrate_gate": "eedn.pipeline.api", "evaluate": "eedn.pipeline.api", "load_dataset": "eedn.pipeline.api",
+    "train_backbone": "eedn.pipeline.api",
     "read_results": "eedn.pipeline.rundir", "Progress": "eedn.runtime.progress",
     # real early-exit inference
-    "EarlyExitEngine": "eedn.deploy.inference", "InferenceResult": "eedn.deploy.inference", "predict_files": "eedn.deploy.predict",
+    "EarlyExitEngine": "eedn.deploy.inference", "InferenceResult": "eedn.deploy.inference",
+    "predict_files": "eedn.deploy.predict",
     "read_images": "eedn.deploy.predict", "benchmark": "eedn.deploy.bench",
 }
 

@@ -61,7 +61,8 @@ def register_inference_modules(register):
 @hookimpl
 def register_gates(register):
     th = "eedn_plugins.thresholds"
-    register("max_prob", f"{th}:MaxProbGate", default=True, description="max softmax probability thresholds (MSDNet budgets)")
+    register("max_prob", f"{th}:MaxProbGate", default=True,
+             description="max softmax probability thresholds (MSDNet budgets)")
     register("entropy", f"{th}:EntropyGate", description="negative-entropy thresholds (MSDNet budgets)")
     register("margin", f"{th}:MarginGate", description="top-1 minus top-2 probability thresholds (MSDNet budgets)")
     register("patience", f"{th}:PatienceGate", description="exit after k consecutive agreeing predictions")

@@ -37,6 +37,8 @@ class BoostNetEnsemble(nn.Module):
     Causal: on a prefix ``[B, l+1, C]`` (exits 0..l, as a real early-exit engine has them) it gives
     ``F_0..F_l``, the same values as on the full tensor."""
 
+    decay: Tensor  # a registered buffer
+
     def __init__(self, decay: float = 0.5):
         super().__init__()
         self.register_buffer("decay", torch.tensor(float(decay)))

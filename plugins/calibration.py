@@ -248,6 +248,7 @@ class CalibrationEvaluator(Evaluator):
         test.check_exit_index(exit_test, "test")
         if self.temperatures is None:
             self.fit(cal)
+        assert self.temperatures is not None  # fit() sets them
         temperatures = list(self.temperatures)
         exit_test = exit_test.long().cpu()
         logits = test.logits.detach().double().cpu()

@@ -37,7 +37,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -224,8 +224,9 @@ class ConformalEvaluator(Evaluator):
         for alpha in [*o.alphas, o.headline_alpha]:
             _check_alpha(alpha)
         self.alphas, self.methods, self.variants = o.alphas, o.methods, o.variants
-        self.min_per_exit, self.fallback = o.min_per_exit, o.fallback
-        self.score_options = {"lam_reg": o.lam_reg, "k_reg": o.k_reg}
+        # both filled from the profile above, so never None
+        self.min_per_exit, self.fallback = cast(int, o.min_per_exit), cast(str, o.fallback)
+        self.score_options: dict[str, Any] = {"lam_reg": o.lam_reg, "k_reg": o.k_reg}
         self.randomized, self.seed = o.randomized, o.seed
         self._warned_fallback = False
 
@@ -272,7 +273,7 @@ class ConformalEvaluator(Evaluator):
             per_exit = []
             for l, (q, source, n_used) in enumerate(per_exit_q):
                 mine = exit_test == l
-                entry = {"index": l, "count": int(mine.sum())}
+                entry: dict[str, Any] = {"index": l, "count": int(mine.sum())}
                 entry |= set_metrics(sets[mine], labels_test[mine])
                 if variant != "general":
                     entry |= {"qhat": json_float(q), "calibrated_on": source, "cal_count": n_used}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from eedn.core.contracts import Backbone, InputSpec, State
 from eedn.runtime.errors import EednError
-from eedn.core.options import option, options_instance, resolve_options
+from eedn.core.options import declares, option, options_instance, resolve_options
 
 PAPER_WIDTHS = [64, 256, 256]
 SMALL_WIDTHS = [32, 128, 128]
@@ -66,7 +66,7 @@ class BiasOnlyBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, self.training,
-                            self.momentum, self.eps)
+                            cast(float, self.momentum), self.eps)  # set in __init__, never None
 
 
 class ConvLayer(nn.Module):
@@ -87,6 +87,8 @@ class ConvLayer(nn.Module):
 class WhiteningStem(nn.Module):
     """2x2 convolution without padding, then GELU. When ``frozen`` the kernel is a buffer (set by
     :meth:`set_whitening`), so no optimiser or ``requires_grad_`` can train it; the bias always trains."""
+
+    ready: Tensor  # a registered buffer
 
     def __init__(self, in_channels: int, frozen: bool):
         super().__init__()
@@ -165,8 +167,8 @@ class FastCifarBackbone(Backbone):
     def exit_features(self, index: int, state: State) -> Tensor:
         """Global max (or average, ``exit_pool``) of the stage's map: ``[B, C_index]``."""
         if self.options.exit_pool == "max":
-            return torch.amax(state, dim=(2, 3))
-        return state.mean(dim=(2, 3))
+            return torch.amax(cast(Tensor, state), dim=(2, 3))  # one map per stage
+        return cast(Tensor, state).mean(dim=(2, 3))
 
     def head(self, features: Tensor) -> Tensor:
         return self.classifier(features) * self.options.head_scale
@@ -203,6 +205,7 @@ def _factory(default_widths: list[int], name: str, doc: str):
 
     Options.__name__ = Options.__qualname__ = f"{name.title().replace('_', '')}Options"
 
+    @declares(Options)
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> FastCifarBackbone:
         # the registry has resolved the options already; resolving again (idempotent) serves direct calls
         values = resolve_options(f"backbone '{name}'", factory, options)
@@ -210,7 +213,6 @@ def _factory(default_widths: list[int], name: str, doc: str):
 
     factory.__name__ = name
     factory.__doc__ = doc
-    factory.Options = Options
     return factory
 
 

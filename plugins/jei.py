@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class _Validation:
             feats = [f[start : start + self.chunk] for f in self.feats]
             im = model.im_logits(feats)
             logits.append(torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1).float())
-            scores.append(torch.sigmoid(model.gate.gate_logits(im)))
+            scores.append(torch.sigmoid(cast(JeiGate, model.gate).gate_logits(im)))  # fit() checked the gate
         return torch.cat(logits), torch.cat(scores)
 
     @torch.no_grad()
@@ -151,7 +151,24 @@ class JeiStrategy(TrainingStrategy):
                                     "(one λ after another) or auto (stacked when the features are cached)",
                             choices=SWEEP_MODES)
 
-    options: JeiStrategy.Options
+    class Resolved(Options):
+        """What ``self.options`` holds once ``__init__`` has filled the per-profile options (and ``fit`` the
+        warm-up length): the declared dataclass with those fields never None. A type for checkers, never built."""
+
+        warmup: str
+        warmup_epochs: int
+        alternation: str
+        gate_cost: str
+        im_loss: str
+        targets: str
+        exit_rule: str
+        pos_weight_counts: str
+        optimizers: str
+        select: str
+        backbone_mode: str
+        head_augment: bool
+
+    options: JeiStrategy.Resolved
 
     def __init__(self, **options: Any):
         super().__init__(**options)
@@ -307,10 +324,12 @@ class JeiStrategy(TrainingStrategy):
                 entry["val_im_loss"] = per_exit_cross_entropy(logits[:, :g], val.labels).mean(0).tolist()
             return entry
 
-        if converge:  # lowest val CE per head
-            score: Callable[[dict], Any] = lambda r: [-c for c in r["val_im_loss"]]
-        else:  # warmup=early_stop: best val accuracy per head; fixed: the last epoch
-            score = (lambda r: r["val_im_accuracy"]) if early else (lambda r: None)
+        def score(record: dict) -> Any:
+            """converge: lowest val CE per head; warmup=early_stop: best val accuracy per head; fixed: the last."""
+            if converge:
+                return [-c for c in record["val_im_loss"]]
+            return record["val_im_accuracy"] if early else None
+
         checkpoint = Checkpoint(model.heads_state_dict, score, model.load_heads_state_dict,
                                 parts=[f"ims.{l}." for l in range(g)] if early else None,
                                 modules=list(model.ims) if early else None, patience=patience if early else 0,
@@ -318,7 +337,8 @@ class JeiStrategy(TrainingStrategy):
         records = train_heads(model, context, name="jei warm-up", epochs=epochs, batch_size=opts.batch_size,
                               step=step, augmented=self.head_augment, validate=validate, checkpoint=checkpoint,
                               standardize=standardize, score_start=score_start, phase="warmup",
-                              epoch_metrics=lambda r: {"loss": r["loss"], "val_gated_accuracy": r["val_gated_accuracy"]})
+                              epoch_metrics=lambda r: {"loss": r["loss"],
+                                                       "val_gated_accuracy": r["val_gated_accuracy"]})
         history.extend(records)
         momentum = {}
         for name, p in model.ims.named_parameters():
@@ -386,7 +406,7 @@ class JeiStrategy(TrainingStrategy):
         pos_weight = pos_weights(best_exit, g, self.options.pos_weight_counts).to(context.device)
         exit_index = gate.decide(scores)
         acc = float((logits[torch.arange(len(exit_index)), exit_index].argmax(-1) == labels).float().mean())
-        entry = {
+        entry: dict[str, Any] = {
             "phase": "main", "epoch": epoch, "lambda": lam,
             "gate_loss": sums["gate"] / counts["gate"] if counts["gate"] else None,
             "im_loss": sums["ims"] / counts["ims"] if counts["ims"] else None,
@@ -459,7 +479,7 @@ class JeiStrategy(TrainingStrategy):
                    macs: Tensor, first_epoch: int, history: list[dict], momentum: dict[str, Tensor]) -> dict:
         """One λ on the live model (the per-λ loop path), in the shared head-training loop."""
         torch.manual_seed(context.seed)  # every λ starts from the same state, as if run alone
-        gate, g = model.gate, len(model.ims)
+        gate, g = cast(JeiGate, model.gate), len(model.ims)  # fit() checked the gate
         bs, total_epochs, _, _, _ = self._epoch_shape(context)
         optimizers = self._make_optimizers(list(model.ims.parameters()), list(gate.parameters()))
         for name, p in model.ims.named_parameters():
@@ -515,7 +535,7 @@ class JeiStrategy(TrainingStrategy):
         Returns one state per λ."""
         torch.manual_seed(context.seed)
         lambdas, k_count = self.lambdas, len(self.lambdas)
-        gate, g = model.gate, len(model.ims)
+        gate, g = cast(JeiGate, model.gate), len(model.ims)  # fit() checked the gate
         bs, total_epochs, _, _, _ = self._epoch_shape(context)
         stack = StackedHeads(model, [snapshot] * k_count)
         optimizers = self._make_optimizers(stack.group("ims."), stack.group("gate."))
@@ -578,7 +598,8 @@ class _Lazy:
     """A value computed on first use, then reused."""
 
     def __init__(self, make: Callable[[], Tensor]):
-        self.make, self.value = make, None
+        self.make: Callable[[], Tensor] = make
+        self.value: Tensor | None = None
 
     def __call__(self) -> Tensor:
         if self.value is None:
@@ -600,7 +621,7 @@ def official_counter_costs(model: EarlyExitModel) -> Tensor:
     if counter is None:
         raise EednError(f"strategy 'jei': gate_cost=official_counter needs a backbone with the official op counter "
                         f"(t2t_vit), not {type(model.backbone).__name__}; use gate_cost=uniform_index or measured")
-    muladds = torch.tensor(counter(list(model.ims), model.gate.official_muladds()), dtype=torch.float64)
+    muladds = torch.tensor(counter(list(model.ims), cast(JeiGate, model.gate).official_muladds()), dtype=torch.float64)
     return (muladds / muladds[-1]).float()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -151,13 +151,14 @@ class JeiGate(Gate):
 
     def gate_logit(self, exit_index: int, logits: Tensor) -> Tensor:
         """Pre-sigmoid score ``[B]`` of exit ``exit_index`` (what the BCE gate loss reads)."""
-        lin = self.linears[exit_index]
+        lin = cast(nn.Linear, self.linears[exit_index])
         return lin(gate_statistics(logits).to(lin.weight.dtype)).squeeze(-1)
 
     def gate_logits(self, im_logits: Tensor) -> Tensor:
         """``[B, G]`` pre-sigmoid scores of all gates from the IM logits ``[B, G, C]`` in one pass."""
-        weight = torch.cat([lin.weight for lin in self.linears], 0)  # [G, 4]
-        bias = torch.cat([lin.bias for lin in self.linears], 0)  # [G]
+        linears = cast(list[nn.Linear], list(self.linears))
+        weight = torch.cat([lin.weight for lin in linears], 0)  # [G, 4]
+        bias = torch.cat([lin.bias for lin in linears], 0)  # [G]
         stats = gate_statistics(im_logits).to(weight.dtype)  # [B, G, 4]
         return (stats * weight).sum(-1) + bias
 

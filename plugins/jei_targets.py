@@ -150,9 +150,9 @@ _ALTERNATION = re.compile(r"^(auto|batches:(\d+)|fraction:([0-9.eE+-]+))$")
 def _check_alternation(value: str) -> None:
     m = _ALTERNATION.match(value)
     ok = m is not None
-    if ok and m.group(2) is not None:
+    if m is not None and ok and m.group(2) is not None:
         ok = int(m.group(2)) >= 1
-    if ok and m.group(3) is not None:
+    if m is not None and ok and m.group(3) is not None:
         try:
             ok = 0 < float(m.group(3)) <= 1
         except ValueError:

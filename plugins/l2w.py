@@ -162,7 +162,7 @@ class L2WStrategy(TrainingStrategy):
         """One look-ahead SGD step of the IMs on A, meta loss on B, one Adam step of the weight net."""
         o = self.options
         g = len(model.ims)
-        params = dict(model.ims.named_parameters())
+        params: dict[str, Tensor] = dict(model.ims.named_parameters())
 
         def logits_with(p: dict[str, Tensor], feats: list[Tensor]) -> Tensor:
             cols = []

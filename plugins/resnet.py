@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
 
 from eedn.core.contracts import Backbone, InputSpec, State
 from eedn.runtime.errors import EednError
-from eedn.core.options import option
+from eedn.core.options import declares, option
 from eedn.core.transfer import load_pretrained_weights
 
 EXIT_MODES = ("block", "stage")
@@ -77,7 +77,7 @@ def _out_width(module: nn.Module) -> int:
     """Output channels of a residual block (BasicBlock or torchvision Bottleneck) or a layer of them."""
     if isinstance(module, nn.Sequential):
         return _out_width(module[-1])
-    last_bn = getattr(module, "bn3", None) or module.bn2
+    last_bn = cast(nn.BatchNorm2d, getattr(module, "bn3", None) or module.bn2)
     return last_bn.num_features
 
 
@@ -130,7 +130,7 @@ class ResNetBackbone(Backbone):
 
     def exit_features(self, index: int, state: State) -> Tensor:
         """Global average pool of the stage's map: ``[B, C_index]``."""
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(state, 1), 1)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(cast(Tensor, state), 1), 1)  # one map per stage
 
     def head(self, features: Tensor) -> Tensor:
         return self.fc(features)
@@ -226,23 +226,23 @@ def build_torchvision_resnet(
 def _cifar_factory(depth: int) -> Callable[..., ResNetBackbone]:
     n = (depth - 2) // 6
 
+    @declares(ResNetOptions)
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
         return build_cifar_resnet(n, (16, 32, 64), num_classes, image_size, in_channels,
                                   display_name=f"ResNet-{depth}", **options)
 
     factory.__name__ = f"resnet{depth}"
     factory.__doc__ = f"CIFAR ResNet-{depth} ({n} basic blocks per stage, widths 16/32/64)."
-    factory.Options = ResNetOptions
     return factory
 
 
 def _torchvision_factory(arch: str) -> Callable[..., ResNetBackbone]:
+    @declares(ResNetOptions)
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
         return build_torchvision_resnet(arch, num_classes, image_size, in_channels, **options)
 
     factory.__name__ = arch
     factory.__doc__ = f"torchvision {arch} with eedn stages at its four layers."
-    factory.Options = ResNetOptions
     return factory
 
 
@@ -254,13 +254,13 @@ resnet18 = _torchvision_factory("resnet18")
 resnet50 = _torchvision_factory("resnet50")
 
 
+@declares(ResNetOptions)
 def resnet_tiny(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> ResNetBackbone:
     """CIFAR-style ResNet-8 with widths 8/16/32: three stages in block mode, for fast tests."""
     return build_cifar_resnet(1, (8, 16, 32), num_classes, image_size, in_channels, display_name="ResNet-8 (tiny)",
                               **options)
 
 
-resnet_tiny.Options = ResNetOptions
 SIZES: dict[str, Callable[..., ResNetBackbone]] = {"tiny": resnet_tiny, "20": resnet20, "32": resnet32,
                                                    "56": resnet56, "110": resnet110, "18": resnet18, "50": resnet50}
 
@@ -272,6 +272,7 @@ class ResNetFamilyOptions(ResNetOptions):
                        choices=("auto", *SIZES))
 
 
+@declares(ResNetFamilyOptions)
 def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str = "auto",
            **options: Any) -> ResNetBackbone:
     """The family by ``size``; ``auto`` picks tiny for digits-like data (1 channel, <= 32 px), as the
@@ -280,6 +281,3 @@ def resnet(num_classes: int, image_size: int, in_channels: int = 3, size: str = 
         tiny = in_channels == 1 and image_size <= 32
         size = "tiny" if tiny else "20" if image_size <= SMALL_IMAGE_SIZE else "18"
     return SIZES[size](num_classes, image_size, in_channels, **options)
-
-
-resnet.Options = ResNetFamilyOptions

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -113,7 +114,8 @@ class SDNStrategy(TrainingStrategy):
                               weight_decay=float(o.weight_decay or 0.0))
         schedule = cosine_schedule(opt, o.epochs)
         history: list[dict] = []
-        best_metric, best_state = None, None
+        best_metric: float | None = None
+        best_state: dict[str, Any] | None = None
         for epoch in range(o.epochs):
             tau = sdn_weights(positions, epoch, o.epochs, o.weight_start)
             loss = self._backbone_epoch(model, context, opt, tau, epoch)
@@ -121,10 +123,12 @@ class SDNStrategy(TrainingStrategy):
             record = {"phase": "sdn", "epoch": epoch, "loss": loss, **schedule(epoch), "weights": tau.tolist(),
                       "val_accuracy": val_acc.tolist()}
             metric = selection_metric(val_acc, "last_im" if o.select == "exit_ce" else str(o.select))
-            if best_state is None or metric is None or metric > best_metric:
+            # metric and best_metric are None together (whether selection_metric gives one depends on `select` only)
+            if best_state is None or metric is None or metric > cast(float, best_metric):
                 best_metric, best_state = metric, copy.deepcopy(model.state_dict())
             history.append(record)
             context.progress.epoch("sdn (backbone)", epoch, o.epochs, loss=loss, val_accuracy=float(val_acc[-1]))
+        assert best_state is not None  # epochs >= 1
         model.load_state_dict(best_state)
         model.freeze_backbone()
         return history

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from eedn.core.contracts import Backbone, InputSpec
 from eedn.runtime.errors import EednError
 from eedn.core.transfer import read_state_dict
-from eedn.core.options import option
+from eedn.core.options import declares, option
 
 #: side of the patch grid cell: the three soft splits have strides 4, 2 and 2.
 TOTAL_STRIDE = 16
@@ -258,7 +258,7 @@ class T2TViT(Backbone):
             # embed_dim^-0.5 overall and keeps the fused kernel (q_norm runs on q before the product)
             ratio = (config.embed_dim / (config.embed_dim // config.num_heads)) ** -0.5
             for block in self.blocks:
-                block.attn.q_norm = QueryScale(ratio)
+                cast(Block, block).attn.q_norm = QueryScale(ratio)
         self.norm = nn.LayerNorm(config.embed_dim)
         # Registered under the official key "head"; the contract's head() method shadows attribute
         # access, so the layer itself is reached through ``classifier``.
@@ -286,10 +286,11 @@ class T2TViT(Backbone):
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 
-    def stage(self, index: int, state: Tensor) -> Tensor:
+    # T2T-ViT's state is always one token tensor [B, N, D], narrower than the contract's State
+    def stage(self, index: int, state: Tensor) -> Tensor:  # type: ignore[override]
         return self.blocks[index](state)
 
-    def exit_features(self, index: int, state: Tensor) -> Tensor:
+    def exit_features(self, index: int, state: Tensor) -> Tensor:  # type: ignore[override]
         return self.norm(state[:, 0])
 
     def head(self, features: Tensor) -> Tensor:
@@ -420,8 +421,9 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def _backbone_state(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The backbone weights inside a checkpoint (:func:`eedn.core.transfer.read_state_dict`: EMA weights first, they are
-    the released ones); a whole :class:`~eedn.core.model.EarlyExitModel` state dict contributes its ``backbone.`` part."""
+    """The backbone weights inside a checkpoint (:func:`eedn.core.transfer.read_state_dict`: EMA weights first, they
+    are the released ones); a whole :class:`~eedn.core.model.EarlyExitModel` state dict contributes its
+    ``backbone.`` part."""
     cleaned = read_state_dict(path)
     if not any(k.startswith("blocks.") for k in cleaned) and any(k.startswith("backbone.blocks.") for k in cleaned):
         cleaned = {k[len("backbone."):]: v for k, v in cleaned.items() if k.startswith("backbone.")}
@@ -453,7 +455,7 @@ def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: 
     """``variant`` is a key of :data:`VARIANTS`; ``shape`` holds the tiny size's :class:`TinyOptions`
     (None: keep the size's own value)."""
     config = VARIANTS[variant]
-    given = {k: v for k, v in shape.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in shape.items() if v is not None}
     if given:
         if variant != "t2t_vit_tiny":
             raise EednError(f"backbone {variant}: the tiny-only option(s) {', '.join(given)} need size=tiny; "
@@ -464,12 +466,12 @@ def build_t2t_vit(variant: str, num_classes: int, image_size: int, in_channels: 
 
 
 def _factory_for(variant: str) -> Callable[..., T2TViT]:
+    @declares(TinyOptions if variant == "t2t_vit_tiny" else T2TOptions)
     def factory(num_classes: int, image_size: int, in_channels: int = 3, **options: Any) -> T2TViT:
         return build_t2t_vit(variant, num_classes, image_size, in_channels, **options)
 
     factory.__name__ = variant
     factory.__doc__ = f"Build {variant}; see build_t2t_vit for the options."
-    factory.Options = TinyOptions if variant == "t2t_vit_tiny" else T2TOptions
     return factory
 
 
@@ -479,6 +481,7 @@ t2t_vit_24 = _factory_for("t2t_vit_24")
 t2t_vit_tiny = _factory_for("t2t_vit_tiny")
 
 
+@declares(FamilyOptions)
 def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str = "auto", **options: Any) -> T2TViT:
     """The family by ``size``. ``auto`` is tiny for single-channel inputs of at most 32 px (the embedded
     digits, MNIST-like data: a 1 797-image set needs no T2T-ViT-7) and T2T-ViT-7, the JEI-DNN backbone,
@@ -486,6 +489,3 @@ def t2t_vit(num_classes: int, image_size: int, in_channels: int = 3, size: str =
     if size == "auto":
         size = "tiny" if in_channels == 1 and image_size <= 32 else "7"
     return build_t2t_vit(SIZE_ALIASES[size], num_classes, image_size, in_channels, **options)
-
-
-t2t_vit.Options = FamilyOptions

@@ -86,6 +86,7 @@ class PatienceGate(Gate):
         k: int = option(3, "consecutive agreeing exits needed to leave (calibration may choose another)", min=1)
 
     options: PatienceGate.Options
+    k: Tensor  # a registered buffer
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)

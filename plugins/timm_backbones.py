@@ -17,20 +17,27 @@ Either way the split is checked once at construction: the staged forward must eq
 batch, else one error says this model cannot be split (e.g. blocks that take extra arguments). MACs are
 counted exactly like the built-ins' (:mod:`eedn.core.cost`). ``--backbone-checkpoint`` takes a local timm / Hugging
 Face weight file (``.safetensors``, ``.pth``, ``.bin``, a timm-trainer checkpoint).
+
+Pretrained tags: ``timm:<model_name>.<tag>`` (``timm:resnet10t.c3_in1k``) resolves like
+``timm.create_model("resnet10t.c3_in1k")``: the architecture of ``resnet10t`` with that tag's configuration. Its
+weights come from ``--backbone-checkpoint`` when given, else from the local Hugging Face / torch-hub cache when
+the tag's file is there (``backbone_options.pretrained=cache``, the default). eedn never downloads; only
+``--set backbone_options.pretrained=download`` lets timm fetch them.
 """
 from __future__ import annotations
 
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from eedn.core.contracts import Backbone, InputSpec, State
-from eedn.runtime.errors import EednError
-from eedn.core.options import option
+from eedn.runtime.errors import EednError, warn
+from eedn.core.options import declares, option
 from eedn.core.transfer import fit_pretrained, read_state_dict
 
 #: feature points at this stride or finer are part of the stem (ResNet's act1, EfficientNet's first block)
@@ -46,23 +53,69 @@ class TimmOptions:
     every: int = option(1, "ViT family: blocks per stage (an exit after every k blocks)", min=1)
     global_pool: str | None = option(None, "timm's global_pool argument (ViT: token, avg; default: the model's)")
     drop_path_rate: float = option(0.0, "stochastic depth rate passed to timm.create_model", min=0.0, max=1.0)
+    pretrained: str = option("cache", "weights of a tagged name (timm:NAME.TAG): cache = the local Hugging Face / "
+                             "torch-hub cache when present, download = let timm download them (opt-in), none = "
+                             "random initialisation", choices=("cache", "download", "none"))
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``resnet10t.c3_in1k`` → ``("resnet10t", "c3_in1k")`` the way timm splits a pretrained tag off a name."""
+    from timm.models import split_model_name_tag
+
+    return split_model_name_tag(name)
+
+
+def cached_weights(name: str) -> Path | None:
+    """The local file of a tagged model's pretrained weights, if timm's sources for it are already cached: the
+    Hugging Face hub cache (``$HF_HUB_CACHE``) or torch hub's checkpoints folder (``$TORCH_HOME``). Never
+    downloads."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+        filenames = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else \
+            ["model.safetensors", "pytorch_model.bin"]
+        for filename in filenames:
+            found = try_to_load_from_cache(hub_id, filename, cache_dir=cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found)
+    url = getattr(cfg, "url", None)
+    if url:
+        from urllib.parse import urlparse
+
+        local = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        if local.is_file():
+            return local
+    return None
 
 
 def _create(variant: str, num_classes: int, image_size: int, in_channels: int, options: TimmOptions) -> nn.Module:
     import timm
 
-    if variant not in timm.list_models():
-        close = timm.list_models(f"*{variant.split('_')[0]}*")[:8]
+    arch, tag = split_name(variant)
+    if arch not in timm.list_models():
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         hint = f"; e.g. {', '.join(close)}" if close else "; `python -c \"import timm; print(timm.list_models())\"`"
-        raise EednError(f"timm has no model '{variant}'{hint}")
+        raise EednError(f"timm has no model '{arch}'{hint}")
+    if tag and variant not in timm.list_pretrained(f"{arch}.*"):
+        tags = timm.list_pretrained(f"{arch}.*")[:8]
+        hint = f"; its tags: {', '.join(tags)}" if tags else f"; timm has no pretrained tag for {arch}"
+        raise EednError(f"timm has no pretrained tag '{tag}' for {arch}{hint}")
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_channels,
                               "drop_path_rate": options.drop_path_rate}
     if options.global_pool is not None:
         kwargs["global_pool"] = options.global_pool
+    download = bool(tag) and options.pretrained == "download"  # the only way timm may reach the network
     try:  # transformers take the image size; convolutional models do not
-        return timm.create_model(variant, pretrained=False, img_size=image_size, **kwargs)
+        return timm.create_model(variant, pretrained=download, img_size=image_size, **kwargs)
     except TypeError:
-        return timm.create_model(variant, pretrained=False, **kwargs)
+        return timm.create_model(variant, pretrained=download, **kwargs)
 
 
 def _is_token_model(model: nn.Module) -> bool:
@@ -74,7 +127,10 @@ def _is_token_model(model: nn.Module) -> bool:
 class TimmBackbone(Backbone):
     """A timm model run as stem + stages (see the module docstring). Its weights live under ``model.``."""
 
-    def __init__(self, model: nn.Module, variant: str, num_classes: int, input_spec: InputSpec, every: int):
+    # `model` is any timm model: forward_features, forward_head, blocks or norm depend on its family (duck-typed)
+    _stem_view: Any  # the token model without its blocks (set in __init__, not registered)
+
+    def __init__(self, model: Any, variant: str, num_classes: int, input_spec: InputSpec, every: int):
         super().__init__()
         self.model = model
         self.variant = variant
@@ -85,7 +141,7 @@ class TimmBackbone(Backbone):
         self._nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
         if self.tokens:
             blocks = list(model.blocks)
-            groups = [nn.Sequential(*blocks[i : i + every]) for i in range(0, len(blocks), every)]
+            groups: list[nn.Module] = [nn.Sequential(*blocks[i : i + every]) for i in range(0, len(blocks), every)]
             # plain lists (not registered) so the state dict keeps timm's own key names under model.
             self._stages: list[nn.Module] = groups
             self._stem_parts: list[nn.Module] = []
@@ -101,7 +157,7 @@ class TimmBackbone(Backbone):
         self.feature_dims = self._check_split()
 
     # ----------------------------------------------------------------------------------- split
-    def _split_hierarchical(self, model: nn.Module) -> None:
+    def _split_hierarchical(self, model: Any) -> None:
         info = getattr(model, "feature_info", None)
         if not info:
             raise EednError(f"timm model {self.variant} has no feature_info, so eedn cannot find its stages")
@@ -188,7 +244,7 @@ class TimmBackbone(Backbone):
             for module in self._trailing:
                 state = module(state)
             return self.model.forward_head(state, pre_logits=True)
-        return state.mean(dim=(1, 2) if self._nhwc else (2, 3))
+        return cast(Tensor, state).mean(dim=(1, 2) if self._nhwc else (2, 3))  # a CNN's state is one map
 
     def head(self, features: Tensor) -> Tensor:
         return self.model.get_classifier()(features)
@@ -211,6 +267,7 @@ class TimmBackbone(Backbone):
                               first_conv, adapt_input_channels)
 
 
+@declares(TimmOptions)
 def timm_backbone(variant: str, num_classes: int, image_size: int, in_channels: int = 3,
                   **options: Any) -> TimmBackbone:
     """``timm:<model_name>``: any timm model split into stages (see the module docstring)."""
@@ -219,7 +276,21 @@ def timm_backbone(variant: str, num_classes: int, image_size: int, in_channels: 
                         f"{num_classes}, {in_channels}, {image_size}")
     opts = TimmOptions(**options)  # validated by the registry; typed from here on
     model = _create(variant, num_classes, image_size, in_channels, opts)
-    return TimmBackbone(model, variant, num_classes, InputSpec(in_channels, image_size), opts.every)
+    backbone = TimmBackbone(model, variant, num_classes, InputSpec(in_channels, image_size), opts.every)
+    _, tag = split_name(variant)
+    if tag and opts.pretrained == "download":
+        backbone.weights_source = f"timm pretrained {variant}"
+    elif tag and opts.pretrained == "cache":
+        found = cached_weights(variant)
+        if found is None:
+            from huggingface_hub import constants
 
+            hf_cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+            warn(f"no local weights for timm:{variant} (looked in {hf_cache} and {torch.hub.get_dir()}): it starts "
+                 "from random initialisation unless --backbone-checkpoint FILE gives them; --set "
+                 "backbone_options.pretrained=download lets timm fetch them")
+        else:
+            backbone.load_pretrained(found, adapt_input_channels=in_channels != 3)
+            backbone.weights_source = str(found)
+    return backbone
 
-timm_backbone.Options = TimmOptions

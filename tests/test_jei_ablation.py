@@ -30,6 +30,6 @@ def test_ablation_benchmark_writes_curves_and_table(eedn_cache, tmp_path):
         assert row["collapse"]["rule_share_final"] == smallest["exit_fractions"][-1]
         assert row["at_gate_cost"] == results["threshold_on_own_ims"]["at_gate_cost"]
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["matched"]["columns"] == ["jei-official", "jei-official IMs + max_prob thresholds", "jei-hazard",
-                                                "jei-hazard IMs + max_prob thresholds", "im-only"]
+    assert comparison["matched"]["columns"] == ["jei-official", "max_prob thresholds on jei-official's IMs", "jei-hazard",
+                                                "max_prob thresholds on jei-hazard's IMs", "im-only"]
     assert "| official |" in (out / "ablation.md").read_text()

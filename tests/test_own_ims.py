@@ -52,8 +52,8 @@ def test_threshold_curve_on_own_ims_and_the_gate_at_its_own_cost():
     results = {"policy": {"strategy": "jei", "gate": "jei", "mean_macs": expected["mean_macs"], "setting": "lambda=1"},
                "curve": [], "metrics": {"ece": {}}, "threshold_on_own_ims": own}
     runs = own_im_threshold_runs({"jei": {0: results}, "im-only": {0: {"policy": {}, "curve": []}}})
-    assert list(runs) == ["jei", "jei IMs + max_prob thresholds", "im-only"]
-    column = runs["jei IMs + max_prob thresholds"][0]
+    assert list(runs) == ["jei", "max_prob thresholds on jei's IMs", "im-only"]
+    column = runs["max_prob thresholds on jei's IMs"][0]
     assert column["curve"] == curve and column["metrics"] == {} and column["policy"]["gate"] == "max_prob"
     nearest = min(curve, key=lambda p: abs(p["mean_macs"] - expected["mean_macs"]))
     assert column["policy"]["setting"] == nearest["setting"]

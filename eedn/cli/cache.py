@@ -117,7 +117,8 @@ def list_command(cache_dir, debug) -> None:
     entries = cache_entries(root)
     click.echo(f"{root}: {len(entries)} entries, {human_size(sum(e.size for e in entries))}")
     for e in entries:
-        click.echo(f"{e.kind:<9} {human_size(e.size):>10} {human_age(e.age_s):>7}  {e.path.relative_to(root)}  {e.what}")
+        click.echo(f"{e.kind:<9} {human_size(e.size):>10} {human_age(e.age_s):>7}  "
+                   f"{e.path.relative_to(root)}  {e.what}")
 
 
 @cache_command.command("prune")

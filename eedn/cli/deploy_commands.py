@@ -59,10 +59,17 @@ def bench(run_dir, inputs, batch_sizes, max_samples, threads, repeats, stage_pro
     rows = benchmark(run_dir, images, batch_sizes=sizes, repeats=repeats, threads=threads,
                      stage_profile=stage_profile, device=device)
     print_benchmark(rows, title=f"early-exit inference vs full network: {run_dir}")
-    if json_out:
-        from eedn.runtime.io import atomic_write_json
+    from eedn.runtime.io import atomic_write_json
 
+    if json_out:
         atomic_write_json(Path(json_out), rows)
+    if stage_profile:  # the run's reports show each exit's measured time beside its MACs (`eedn report` re-renders)
+        from eedn.report.render import BENCH
+
+        try:
+            atomic_write_json(Path(run_dir) / BENCH, rows)
+        except OSError as exc:
+            click.echo(f"warning: could not save the timings to {Path(run_dir) / BENCH}: {exc}", err=True)
 
 
 @click.command("export")

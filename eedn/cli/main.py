@@ -29,9 +29,11 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
                            "Compare strategies on one backbone, dataset and seed list at matched compute."),
     "report": LazyCommand("eedn.cli.report:report_command",
                           "Re-render the report and figures of a run or comparison directory."),
-    "predict": LazyCommand("eedn.cli.deploy_commands:predict", "Classify images with a trained run (real early exits)."),
+    "predict": LazyCommand("eedn.cli.deploy_commands:predict",
+                           "Classify images with a trained run (real early exits)."),
     "bench": LazyCommand("eedn.cli.deploy_commands:bench", "Time early-exit inference against the full network."),
-    "cache": LazyCommand("eedn.cli.cache:cache_command", "Show and remove cached backbones, features and extracted datasets."),
+    "cache": LazyCommand("eedn.cli.cache:cache_command",
+                         "Show and remove cached backbones, features and extracted datasets."),
     "export": LazyCommand("eedn.cli.deploy_commands:export_command",
                           "Export a trained run as per-exit segments with a small runner (no eedn needed)."),
 }

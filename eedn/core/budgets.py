@@ -180,6 +180,8 @@ def check_val(gate: Gate, val: ExitOutputs) -> None:
 class ThresholdGate(Gate):
     """Exit at the first IM whose confidence score clears its threshold (``+inf`` until calibrated)."""
 
+    thresholds: Tensor  # a registered buffer ``[G]``
+
     calibratable = True
     score_name = "confidence"
 

@@ -34,7 +34,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, cast
 
 from eedn.runtime.errors import EednError
 from eedn.core.options import OptionSpec, coerce, option
@@ -219,8 +219,10 @@ def key_specs(cls: type) -> list[tuple[OptionSpec, str, dataclasses.Field]]:
         specs = []
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            specs.append((OptionSpec(cls.PREFIX + f.name, hints[f.name], default, meta.get("help", ""),
+            # every key has a default or a default factory
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+            prefix = cast("type[Section]", cls).PREFIX
+            specs.append((OptionSpec(prefix + f.name, hints[f.name], default, meta.get("help", ""),
                                      meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("above")),
                           meta.get("kind", "value"), f))
         _SPECS[cls] = specs
@@ -407,7 +409,8 @@ def fill_plugin_defaults(cfg: Config) -> Config:
     """Plugin names left unset become the registered defaults, so the saved config names what ran."""
     from eedn.core.plugins import registry
 
-    names = {kind: registry(kind).default() for kind in ("backbone", "strategy", "dataset", "inference_module")
+    names: dict[str, Any] = {kind: registry(kind).default() for kind in ("backbone", "strategy", "dataset",
+                                                                         "inference_module")
              if getattr(cfg, kind) is None}
     if cfg.evaluators is None:
         names["evaluators"] = registry("evaluator").defaults()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from eedn.core.data import DataSplits
 from eedn.core.options import declared_options
 from eedn.core.outputs import ExitOutputs
 
-State = Union[Tensor, tuple]
+State = Tensor | tuple
 """A backbone's running state: a tensor or tuple of tensors, batch first, so rows can be dropped."""
 
 
@@ -55,6 +55,9 @@ class Backbone(nn.Module, ABC):
     input_spec: InputSpec
     #: True for convolutional backbones that run faster on NHWC tensors (config ``channels_last: auto``)
     prefers_channels_last: bool = False
+    #: where the factory's initial weights came from when it loaded pretrained ones itself (a local file it
+    #: found), so a run records them and caches a fine-tuned backbone apart from a randomly initialised one
+    weights_source: str | None = None
 
     @abstractmethod
     def stem(self, x: Tensor) -> State:
@@ -161,7 +164,7 @@ class Gate(nn.Module, ABC):
         return {}
 
     # Budget calibration (only for ``calibratable`` gates). It reads stored validation outputs only.
-    def calibrate(self, val: "ExitOutputs", target: dict) -> None:
+    def calibrate(self, val: ExitOutputs, target: dict) -> None:
         """Set the gate's thresholds on ``val`` so that it meets ``target``: one of
         ``{"exit_shares": [E floats]}``, ``{"p": float}`` (MSDNet geometric budget),
         ``{"macs_fraction": float}`` or ``{"accuracy_drop": float}``."""
@@ -238,7 +241,7 @@ class DatasetSource(ABC):
     suggested_backbone_epochs: int = 30
 
     @abstractmethod
-    def splits(self, image_size: int, seed: int, augment: bool = True) -> "DataSplits":
+    def splits(self, image_size: int, seed: int, augment: bool = True) -> DataSplits:
         """Build the four splits; val/cal/test use evaluation transforms."""
 
     def describe(self) -> dict:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, Sized, cast
 
 import numpy as np
 import torch
@@ -130,21 +130,22 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
             return torch.as_tensor(getattr(dataset, attr)).long()
     if hasattr(dataset, "samples"):
         return torch.tensor([s[1] for s in dataset.samples], dtype=torch.long)
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(cast(Sized, dataset)))], dtype=torch.long)
 
 
 def channel_statistics(images: Iterable[torch.Tensor]) -> tuple[list[float], list[float]]:
     """Per-channel mean and std over ``[C, H, W]`` images (every pixel weighs the same; images may differ in
     size): the normalisation a source computes on its train split instead of borrowing CIFAR-10's. A constant
     channel gets std 1."""
-    total = total_sq = None
+    total: torch.Tensor | None = None
+    total_sq: torch.Tensor | None = None
     count = 0
     for x in images:
         x = x.double().flatten(1)
         s, sq = x.sum(1), (x * x).sum(1)
-        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        total, total_sq = (s, sq) if total is None or total_sq is None else (total + s, total_sq + sq)
         count += x.shape[1]
-    if total is None or count == 0:
+    if total is None or total_sq is None or count == 0:
         raise ValueError("channel_statistics needs at least one image")
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()

@@ -49,7 +49,8 @@ def register_datasets(register):
 
 @hookspec
 def register_risks(register):
-    """Register risks for risk-controlled exits: ``register(name, cls)``; ``cls(**options) -> eedn.evaluation.risk.Risk``."""
+    """Register risks for risk-controlled exits: ``register(name, cls)``;
+    ``cls(**options) -> eedn.evaluation.risk.Risk``."""
 
 
 @hookspec

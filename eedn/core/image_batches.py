@@ -12,7 +12,7 @@ black (raw 0) before normalisation as there; tests/test_image_batches.py checks 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, Sized, cast
 
 import torch
 from torch import Tensor
@@ -34,7 +34,7 @@ class LoaderOptions:
     persistent_workers: bool = True
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "LoaderOptions":
+    def from_config(cls, cfg: Config) -> LoaderOptions:
         return cls(cfg.num_workers, cfg.pin_memory, cfg.persistent_workers)
 
 
@@ -83,7 +83,8 @@ class InMemoryImages(Dataset):
                  std: Sequence[float] | None = None, augment: RandomCropFlip | None = None,
                  samples: list[tuple[str, int]] | None = None):
         self.pixels = pixels
-        #: where each image came from, ``(path, label)``, when decoded from files (as an image folder's file view has them)
+        #: where each image came from, ``(path, label)``, when decoded from files (as an image folder's file view has
+        #: them)
         self.samples = samples
         self.labels = torch.as_tensor(labels).long()
         self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -91,7 +92,7 @@ class InMemoryImages(Dataset):
         self.augment = augment
         self._on_device: dict[torch.device, Tensor] = {}
 
-    def view(self, augment: RandomCropFlip | None) -> "InMemoryImages":
+    def view(self, augment: RandomCropFlip | None) -> InMemoryImages:
         """The same pixels (shared, not copied) with another augmentation."""
         other = InMemoryImages.__new__(InMemoryImages)
         other.__dict__.update(self.__dict__)
@@ -112,7 +113,7 @@ class InMemoryImages(Dataset):
         return self._on_device[device]
 
     def batch(self, idx: Tensor, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu", draws: tuple[Tensor, Tensor, Tensor] | None = None
+              device: torch.device | str = "cpu", draws: tuple[Tensor, ...] | None = None
               ) -> tuple[Tensor, Tensor]:
         """Normalised float images ``[B, C, H, W]`` and labels of rows ``idx``, augmented if this view is (with
         ``draws`` from :meth:`RandomCropFlip.sample` when given, else fresh ones from ``generator``)."""
@@ -173,7 +174,7 @@ class ImageBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _count(self) -> int:
-        return len(self.dataset) if self.order is None else len(self.order)
+        return len(cast(Sized, self.dataset)) if self.order is None else len(self.order)
 
     def _global_order(self) -> Tensor:
         """Positions (into the dataset) in this pass's order: given, seeded shuffle or natural."""
@@ -201,13 +202,14 @@ class ImageBatches:
         return self._in_memory()
 
     def _in_memory(self) -> Iterator[tuple[Tensor, Tensor]]:
+        assert self.rows is not None  # __iter__ comes here only for rows held in memory
         store, rows = self.rows
         for chunk in self._batches():
             if self.world_size == 1:
                 yield store.batch(rows[chunk], self.generator, self.device)
                 continue
             part = self._slice(chunk)
-            draws = None
+            draws: tuple[Tensor, ...] | None = None
             if store.augment is not None:  # drawn for the whole global batch, as one process would
                 draws = tuple(d[part] for d in store.augment.sample(len(chunk), self.generator))
             yield store.batch(rows[chunk[part]], self.generator, self.device, draws)

@@ -23,11 +23,22 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar, cast
 
 from eedn.runtime.errors import EednError
 
 _MISSING = dataclasses.MISSING
+_Factory = TypeVar("_Factory", bound=Callable[..., Any])
+
+
+def declares(options: type) -> Callable[[_Factory], _Factory]:
+    """``@declares(MyOptions)`` above a registered function (or a class defined elsewhere) sets its ``Options``:
+    what ``my_factory.Options = MyOptions`` does, in a form type checkers accept on a function."""
+    def attach(factory: _Factory) -> _Factory:
+        # a function object's __dict__ holds its attributes; writing there is what the attribute assignment does
+        factory.__dict__["Options"] = options
+        return factory
+    return attach
 
 
 def option(default: Any, help: str = "", *, choices: Sequence[Any] | None = None, min: float | None = None,
@@ -37,7 +48,7 @@ def option(default: Any, help: str = "", *, choices: Sequence[Any] | None = None
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max,
             "above": above}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -86,7 +97,7 @@ def option_specs(factory: Callable[..., Any]) -> list[OptionSpec] | None:
             name = f.name[:-1] if f.name.endswith("_") and keyword.iskeyword(f.name[:-1]) else f.name
             default = f.default if f.default is not _MISSING else (
                 f.default_factory() if f.default_factory is not _MISSING else _MISSING)
-            meta = f.metadata or {}
+            meta: Mapping[str, Any] = f.metadata or {}
             specs.append(OptionSpec(name, hints.get(f.name, Any), default, meta.get("help", ""),
                                     meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("above")))
         return specs
@@ -226,7 +237,7 @@ def declared_options(owner: str, cls: type, options: dict[str, Any]) -> Any:
     ``__init__`` parameters hold them)."""
     declared = getattr(cls, "Options", None)
     if declared is not None and dataclasses.is_dataclass(declared):
-        return options_instance(declared, resolve_options(owner, cls, options))
+        return options_instance(cast(type, declared), resolve_options(owner, cls, options))
     return FreeOptions(**options)
 
 

@@ -70,14 +70,15 @@ class ExitOutputs:
             "exit_fractions": shares.tolist(),
         }
 
-    def subset(self, rows: Tensor) -> "ExitOutputs":
+    def subset(self, rows: Tensor) -> ExitOutputs:
         return ExitOutputs(self.logits[rows], self.labels[rows], self.gate_scores[rows], self.exit_macs, self.full_macs)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("logits", "labels", "gate_scores", "exit_macs")} | {"full_macs": self.full_macs}
+        return ({k: getattr(self, k) for k in ("logits", "labels", "gate_scores", "exit_macs")}
+                | {"full_macs": self.full_macs})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExitOutputs":
+    def from_dict(cls, d: dict) -> ExitOutputs:
         return cls(d["logits"], d["labels"], d["gate_scores"], d["exit_macs"], float(d["full_macs"]))
 
 

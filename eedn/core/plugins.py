@@ -75,6 +75,7 @@ class Entry:
             except (ImportError, AttributeError) as exc:
                 raise EednError(f"{self.label} from {self.origin} cannot be loaded ({self.target}): {exc}") from exc
             self.target = obj
+            return obj
         return self.target
 
     def options(self) -> list[OptionSpec] | None:
@@ -214,7 +215,7 @@ class PluginManager:
     def register(self, plugin: Any, name: str | None = None, origin: str | None = None) -> None:
         """Add a plugin object; registering the same object again is a no-op, another one under a taken name an
         error naming both origins."""
-        origin = origin or getattr(plugin, "__name__", repr(plugin))
+        origin = origin or str(getattr(plugin, "__name__", repr(plugin)))
         if name is not None and self.pm.has_plugin(name):
             held = self.pm.get_plugin(name)
             if held is plugin:

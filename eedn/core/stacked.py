@@ -8,7 +8,7 @@ which is how a single λ trains too (the equality is tested).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,7 @@ class StackedHeads:
         for l, (im, f) in enumerate(zip(self.model.ims, feats)):
             prefix = f"ims.{l}."
             if hasattr(im, "forward_stacked"):
-                cols.append(im.forward_stacked(self._sub(prefix), f))
+                cols.append(cast(Any, im).forward_stacked(self._sub(prefix), f))  # duck-typed, like the gate's
             else:
                 cols.append(self._vmapped(im, prefix, im.forward, False, f))
         return torch.stack(cols, dim=2)
@@ -81,7 +81,7 @@ class StackedHeads:
     def gate_logits(self, im_logits: Tensor) -> Tensor:
         """``[K, B, G]``: copy k's gate on copy k's IM logits ``im_logits[k]`` (``gate_logits_stacked`` when
         the gate has it, else :func:`torch.func.vmap` over ``gate_logits``)."""
-        gate = self.model.gate
+        gate: Any = self.model.gate  # a gate that trains has gate_logits (and may have gate_logits_stacked)
         if hasattr(gate, "gate_logits_stacked"):
             return gate.gate_logits_stacked(self._sub("gate."), im_logits)
         return self._vmapped(gate, "gate.", gate.gate_logits, True, im_logits)

@@ -20,7 +20,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Sized, cast
 
 import torch
 from torch import Tensor
@@ -53,7 +53,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def stack_images(dataset: Dataset, max_samples: int | None = None, batch_size: int = 256) -> Tensor:
     """The first ``max_samples`` images of a dataset as one ``[N, C, H, W]`` tensor."""
-    n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
+    size = len(cast(Sized, dataset))
+    n = size if max_samples is None else min(size, max_samples)
     if n == 0:
         raise EednError("the benchmark data holds no samples")
     chunks, seen = [], 0
@@ -119,13 +120,14 @@ def profile_exit_costs(model: EarlyExitModel, batches: list[Tensor], repeats: in
     """The time analogue of ``exit_macs``: per-sample seconds to reach and evaluate each exit
     (``[E]``, cumulative like the MACs) and of the plain backbone, from each part's best of
     ``repeats`` all-stage passes at these batch sizes."""
-    best = [None] * len(batches)
+    best: list[Tensor | None] = [None] * len(batches)
     for _ in range(repeats):
         for i, xb in enumerate(batches):
             parts = _profile_pass(model, xb)
-            best[i] = parts if best[i] is None else torch.minimum(best[i], parts)
+            prev = best[i]
+            best[i] = parts if prev is None else torch.minimum(prev, parts)
     n = sum(len(xb) for xb in batches)
-    total = torch.stack(best).sum(0) / n  # [1 + 2E]
+    total = torch.stack(cast("list[Tensor]", best)).sum(0) / n  # [1 + 2E]; repeats >= 1 filled every entry
     stem, stages, exits = total[0], total[1::2], total[2::2]
     cumulative = stem + stages.cumsum(0) + exits.cumsum(0)
     full = float(stem + stages.sum() + exits[-1])

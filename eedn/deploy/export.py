@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from eedn.runtime.errors import EednError
 from eedn.deploy.export_runtime import DECISION_FILE
 from eedn.runtime.io import atomic_write_json
+from eedn.core.contracts import Gate
 from eedn.core.model import EarlyExitModel
 
 FORMATS = {"torchscript": ".pt", "exported-program": ".pt2", "onnx": ".onnx"}
@@ -30,6 +31,8 @@ EXAMPLE_BATCH = 2
 
 class Segment(nn.Module):
     """Exit ``index``'s part of the network (see the module docstring)."""
+
+    net: EarlyExitModel
 
     def __init__(self, model: EarlyExitModel, index: int):
         super().__init__()
@@ -48,6 +51,8 @@ class Segment(nn.Module):
 
 class Rule(nn.Module):
     """The gate's decision at exit ``prefix.shape[1] - 1``, as a bool ``[b]``."""
+
+    gate: Gate
 
     def __init__(self, model: EarlyExitModel):
         super().__init__()

@@ -19,7 +19,7 @@ engine keeps the raw per-exit logits of the running rows and applies the combine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -172,7 +172,7 @@ class EarlyExitEngine:
             def make(index: int):
                 def segment(state: State):
                     if index == 0:
-                        state = bb.stem(state)
+                        state = bb.stem(cast(Tensor, state))  # exit 0's segment takes the images
                     state = bb.stage(index, state)
                     feats = bb.exit_features(index, state)
                     return state, feats, model.exit_logits(index, feats)

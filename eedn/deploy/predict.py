@@ -41,7 +41,7 @@ class InputRecipe:
     class_names: list[str]
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "InputRecipe":
+    def from_manifest(cls, manifest: dict) -> InputRecipe:
         spec = manifest.get("input")
         if not isinstance(spec, dict) or "channels" not in spec or "image_size" not in spec:
             raise EednError(f"the run's {MANIFEST} has no input section (channels, image_size); re-run it with "
@@ -54,7 +54,7 @@ class InputRecipe:
         return self.class_names[index] if index < len(self.class_names) else str(index)
 
 
-def preprocessor(recipe: InputRecipe) -> Callable[["Image"], Tensor]:
+def preprocessor(recipe: InputRecipe) -> Callable[[Image], Tensor]:
     """PIL image -> ``[C, S, S]`` tensor like the dataset's evaluation split: grayscale/RGB, centre-cropped
     to a square, resized to S with bilinear interpolation (anti-aliased when shrinking), scaled to
     ``[0, 1]``, normalised with the recorded mean/std (none recorded: no normalisation)."""
@@ -65,7 +65,7 @@ def preprocessor(recipe: InputRecipe) -> Callable[["Image"], Tensor]:
     mean = None if recipe.mean is None else torch.tensor(recipe.mean).view(-1, 1, 1)
     std = None if recipe.std is None else torch.tensor(recipe.std).view(-1, 1, 1)
 
-    def preprocess(image: "Image") -> Tensor:
+    def preprocess(image: Image) -> Tensor:
         image = to_eight_bit(image).convert(mode)  # 16-bit PNGs scaled, never clipped
         w, h = image.size
         side = min(w, h)
@@ -104,7 +104,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def load_image(path: Path, preprocess: Callable[["Image"], Tensor]) -> Tensor:
+def load_image(path: Path, preprocess: Callable[[Image], Tensor]) -> Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -161,11 +161,14 @@ def _display_path(path: str) -> str:
 def print_predictions(rows: list[dict], full_macs: float | None = None, num_exits: int | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.console import JustifyMethod
     from rich.text import Text
 
     table = Table(title="early-exit predictions")
+    columns: tuple[tuple[str, JustifyMethod], ...] = (("class", "left"), ("confidence", "right"), ("exit", "right"),
+                                                      ("MACs", "right"))
     table.add_column("file", overflow="fold")  # never cut a path short
-    for col, justify in (("class", "left"), ("confidence", "right"), ("exit", "right"), ("MACs", "right")):
+    for col, justify in columns:
         table.add_column(col, justify=justify, no_wrap=True)
     for r in rows:
         exit_label = str(r["exit"]) + (" (head)" if num_exits is not None and r["exit"] == num_exits - 1 else "")

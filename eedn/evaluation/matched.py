@@ -12,9 +12,12 @@ reason recorded: there is no extrapolation.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+from eedn.runtime.errors import EednError
 
 #: relative tolerance when deciding whether a cost lies inside a curve's range (and when merging equal costs)
 COST_RTOL = 1e-9
@@ -27,8 +30,10 @@ OWN_IMS_KEY = "threshold_on_own_ims"
 
 
 def own_ims_label(strategy_label: str, gate: str) -> str:
-    """The comparison column of a learned-gate strategy's own IMs under the threshold gate swept on them."""
-    return f"{strategy_label} IMs + {gate} thresholds"
+    """The comparison column of a learned-gate strategy's own IMs under the threshold gate swept on them, e.g.
+    ``max_prob thresholds on jei's IMs``: what the learned gate is compared with, on the same IMs."""
+    name, bracket, cell = strategy_label.partition(" [")  # a sweep cell's "[key=value]" stays at the end
+    return f"{gate} thresholds on {name}'s IMs" + (f" [{cell}" if bracket else "")
 
 #: why a matched cell is empty: the cost lies outside the strategy's cost range, or it reports no such number
 OUTSIDE, MISSING = "outside", "missing"
@@ -95,7 +100,7 @@ class RunPoints:
     policy: dict
 
     @classmethod
-    def of(cls, results: dict) -> "RunPoints":
+    def of(cls, results: dict) -> RunPoints:
         return cls(list(results.get("curve") or []), results["policy"])
 
     @property
@@ -129,7 +134,7 @@ def aggregate_points(points: Sequence[dict], metrics: Sequence[str]) -> dict:
     out: dict[str, Any] = {"setting": points[0]["setting"], "n_seeds": len(points)}
     for key in (*COST_KEYS, *metrics):
         out[key] = mean_std([p.get(key) for p in points])
-    shares = [p.get("exit_fractions") for p in points]
+    shares: list[Any] = [p.get("exit_fractions") for p in points]
     if all(s is not None for s in shares) and len({len(s) for s in shares}) == 1:
         out["exit_fractions"] = [mean_std([s[i] for s in shares]) for i in range(len(shares[0]))]
     return out
@@ -162,6 +167,7 @@ def _cell(a: dict[int, RunPoints], at: dict[int, dict], metric: str, own: bool) 
     if not seeds:
         return {"mean": None, "std": None, "n": 0, "empty": MISSING}
     values, reasons = [], set()
+    why: str | None
     for s in seeds:
         if own:
             value, why = at[s].get(metric), MISSING
@@ -203,6 +209,7 @@ def matched_cost_table(points: dict[str, dict[int, RunPoints]], metrics: Sequenc
             })
     rows.sort(key=lambda r: (labels.index(r["strategy"]),
                              math.inf if r["mean_macs"]["mean"] is None else r["mean_macs"]["mean"]))
+    rows = collapse_duplicate_rows(rows)
     return {
         "x": "mean_macs",
         "metrics": list(metrics),
@@ -210,9 +217,112 @@ def matched_cost_table(points: dict[str, dict[int, RunPoints]], metrics: Sequenc
         "cost_ranges": cost_ranges(points),
         "method": "per seed: linear interpolation in mean MACs on each strategy's points (sorted by cost, equal "
                   "costs merged by their mean), no extrapolation; then mean ± sample std over seeds, empty if any "
-                  "seed is out of range",
+                  "seed is out of range; operating points of one strategy with identical numbers in every seed are "
+                  "one row (their settings listed together)",
         "rows": rows,
     }
+
+
+def _row_numbers(row: dict) -> str:
+    """Every number of a matched row (costs and cells, rounded to 12 significant digits), as one comparable key."""
+    def rounded(value: Any) -> Any:
+        if isinstance(value, float):
+            return float(f"{value:.12g}")
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rounded(v) for v in value]
+        return value
+
+    return json.dumps(rounded({k: row[k] for k in (*COST_KEYS, "values", "seeds")}), sort_keys=True)
+
+
+def settings_text(settings: Sequence[str]) -> str:
+    """The settings of one collapsed row: ``a, b`` for two, ``first … last (n settings)`` for more (all of them
+    stay in the row's ``settings``)."""
+    if len(settings) <= 2:
+        return ", ".join(settings)
+    return f"{settings[0]} … {settings[-1]} ({len(settings)} settings)"
+
+
+def collapse_duplicate_rows(rows: list[dict]) -> list[dict]:
+    """Operating points of one strategy that reach the same numbers (a threshold sweep often lands on the same
+    exit decisions for several settings) become one row listing every setting; the row is the reported policy
+    when any of them is."""
+    out: list[dict] = []
+    index: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = (row["strategy"], _row_numbers(row))
+        if key not in index:
+            index[key] = len(out)
+            out.append(dict(row, settings=[row["setting"]]))
+            continue
+        kept = out[index[key]]
+        kept["settings"].append(row["setting"])
+        kept["setting"] = settings_text(kept["settings"])
+        kept["policy"] = kept["policy"] or row["policy"]
+    return out
+
+
+def area_under(points: Iterable[tuple[float, float | None]], lo: float, hi: float,
+               rtol: float = COST_RTOL) -> float | None:
+    """Mean of ``y`` over the cost range ``[lo, hi]``: the area under the piecewise-linear curve through the
+    points (equal costs merged, as :func:`interpolate_at`) divided by ``hi - lo``. None when the points do not
+    cover the whole range (no extrapolation) or the range is empty."""
+    pts = [(float(x), float(y)) for x, y in points
+           if y is not None and math.isfinite(float(y)) and math.isfinite(float(x))]
+    if not pts or not (hi > lo):
+        return None
+    xs_all = sorted(x for x, _ in pts)
+    tol = rtol * max(abs(xs_all[0]), abs(xs_all[-1]), 1e-300)
+    if xs_all[0] > lo + tol or xs_all[-1] < hi - tol:
+        return None
+    knots = [lo, *sorted({x for x in xs_all if lo < x < hi}), hi]
+    found = [interpolate_at(pts, x, rtol) for x in knots]
+    ys = [y for y in found if y is not None]
+    if len(ys) < len(knots):
+        return None
+    area = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(knots, knots[1:], ys, ys[1:]))
+    return area / (hi - lo)
+
+
+def shared_cost_range(points: dict[str, dict[int, RunPoints]]) -> tuple[float, float] | None:
+    """The fraction-of-full-MACs range every strategy with a curve covers in every seed (strategies with a single
+    cost are left out: they have no area); None when there is no such range."""
+    ranges = [r.cost_range() for by_seed in points.values() for r in by_seed.values()
+              if len({p["macs_fraction"] for p in r.interpolation_points}) > 1]
+    if not ranges:
+        return None
+    lo, hi = max(a for a, _ in ranges), min(b for _, b in ranges)
+    return (lo, hi) if hi > lo else None
+
+
+def anytime_scores(points: dict[str, dict[int, RunPoints]], cost_range: Sequence[float] | None = None,
+                   metric: str = "accuracy") -> dict:
+    """The anytime score of every strategy: the mean of ``metric`` over a range of mean-MACs fractions, i.e. the
+    area under its metric-vs-MACs curve over ``[lo, hi]`` divided by ``hi - lo``, per seed, then mean ± std over
+    seeds. One number per strategy for the whole trade-off curve rather than one operating point.
+
+    ``cost_range`` defaults to the range every strategy with a curve covers in every seed
+    (:func:`shared_cost_range`); a strategy whose points do not span the range in some seed gets an empty score
+    (no extrapolation)."""
+    if cost_range is not None:
+        lo, hi = (float(v) for v in cost_range)
+        if not (0 <= lo < hi):
+            raise EednError(f"the anytime range must be two fractions of full MACs 0 <= LO < HI, got [{lo}, {hi}]; "
+                            "e.g. --anytime-range 0.5,1.0")
+        source = "given"
+    else:
+        shared = shared_cost_range(points)
+        if shared is None:
+            return {"metric": metric, "range": None, "source": "none", "scores": {}}
+        (lo, hi), source = shared, "shared"
+    scores = {}
+    for label, by_seed in points.items():
+        per_seed = {seed: area_under([(p["macs_fraction"], p.get(metric)) for p in r.interpolation_points], lo, hi)
+                    for seed, r in by_seed.items()}
+        scores[label] = mean_std(list(per_seed.values())) | {"per_seed": {str(s): v for s, v in per_seed.items()}}
+    return {"metric": metric, "range": [lo, hi], "source": source, "scores": scores}
 
 
 def own_im_threshold_runs(runs: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
@@ -239,9 +349,10 @@ def own_im_threshold_runs(runs: dict[str, dict[int, dict]]) -> dict[str, dict[in
     return out
 
 
-def comparison_numbers(runs: dict[str, dict[int, dict]]) -> dict:
+def comparison_numbers(runs: dict[str, dict[int, dict]], anytime_range: Sequence[float] | None = None) -> dict:
     """Every number of a comparison from its runs' results (``runs[label][seed]``): the metrics and how to show
-    them, the per-strategy summary of the reported policies, the aggregated curves and the matched table."""
+    them, the per-strategy summary of the reported policies, the aggregated curves, the matched table and the
+    anytime scores (over ``anytime_range``, default the cost range the strategies share)."""
     runs = own_im_threshold_runs(runs)  # a learned gate's IMs under max-prob thresholds: one more column
     metrics = metric_specs(res for by_seed in runs.values() for res in by_seed.values())
     keys = list(metrics)
@@ -259,4 +370,5 @@ def comparison_numbers(runs: dict[str, dict[int, dict]]) -> dict:
             "backbone_accuracy": mean_std([r["backbone"].get("test_accuracy") for r in by_seed.values()]),
             "full_macs": first["full_macs"],
         }
-    return {"metrics": metrics, "summary": summary, "curves": curves, "matched": matched_cost_table(points, keys)}
+    return {"metrics": metrics, "summary": summary, "curves": curves, "matched": matched_cost_table(points, keys),
+            "anytime": anytime_scores(points, anytime_range)}

@@ -3,9 +3,10 @@
 A learned gate (JEI) is trained together with its IMs, so its accuracy-vs-MACs curve mixes two things: how good the
 IMs are and how well the gate routes. Sweeping a plain max-probability threshold gate over the *same* stored exit
 outputs (the same IMs) separates them (the registered default gate, a rule-based threshold gate: ``eedn plugins``
-marks it; another calibratable gate may be named): at the learned gate's cost, the difference between the two curves is what the
-gate adds or loses. results.json keeps it under ``threshold_on_own_ims``; :func:`eedn.evaluation.matched.own_im_threshold_runs`
-turns it into one more column of a comparison, so every report of a learned-gate strategy shows both curves.
+marks it; another calibratable gate may be named): at the learned gate's cost, the difference between the two curves
+is what the gate adds or loses. results.json keeps it under ``threshold_on_own_ims``;
+:func:`eedn.evaluation.matched.own_im_threshold_runs` turns it into one more column of a comparison, so every report
+of a learned-gate strategy shows both curves.
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gat
                              "threshold_accuracy": threshold,
                              "gate_minus_threshold": None if threshold is None else own["accuracy"] - threshold})
     return {"gate": threshold_gate, "policy_setting": chosen, "curves": curves, "at_gate_cost": at_gate_cost,
-            "method": f"{threshold_gate} thresholds calibrated on val for each budget of the gate's sweep and a MACs-fraction "
-                      "grid from the first exit's cost to 1, applied to the "
+            "method": f"{threshold_gate} thresholds calibrated on val for each budget of the gate's sweep and a "
+                      "MACs-fraction grid from the first exit's cost to 1, applied to the "
                       "same stored IM outputs as the learned gate; threshold_accuracy is that curve interpolated "
                       "linearly in mean MACs at the learned gate's test cost (None outside its range)"}

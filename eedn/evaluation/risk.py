@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -255,7 +255,7 @@ def certify(controller: str, losses: np.ndarray, epsilon: float, delta: float, l
         # CRC needs losses that fall along λ; monotonise from the safe end (sup over safer settings) so it holds
         adjusted = n / (n + 1) * np.maximum.accumulate(losses, axis=0).mean(1) + upper / (n + 1)
         return _prefix(adjusted <= epsilon), adjusted, "CRC-adjusted cal risk"
-    unit = rb.rescale(losses, lower, upper)
+    unit = cast(np.ndarray, rb.rescale(losses, lower, upper))  # an array in, an array out
     unit_eps = float(rb.rescale(epsilon, lower, upper))
     if controller == "ucb-wsr":
         passed = rb.wsr_rejects(unit, delta, unit_eps)
@@ -294,7 +294,7 @@ def _reported_bound(controller: str, row: np.ndarray, index: int, stat: np.ndarr
     CRC-adjusted risk."""
     if controller in ("naive", "crc", "ltt"):
         return float(stat[index]), stat_name
-    unit = rb.rescale(row, lower, upper)
+    unit = cast(np.ndarray, rb.rescale(row, lower, upper))
     ucb = rb.wsr_ucb(unit, delta) if controller == "ucb-wsr" else rb.hb_ucb(float(unit.mean()), len(unit), delta)
     value = lower + ucb * (upper - lower)
     return float(value), f"{'WSR' if controller == 'ucb-wsr' else 'Hoeffding-Bentkus'} UCB of the risk at 1 - δ"

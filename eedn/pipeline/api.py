@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor
 
@@ -91,7 +91,7 @@ def _strategy_options(name: str, tradeoff: Any, strategy_options: dict[str, Any]
                         "give it once")
     merged |= options
     if tradeoff is not None:
-        option_name = registry("strategy").get(name).factory.tradeoff_option
+        option_name = cast("type[TrainingStrategy]", registry("strategy").get(name).factory).tradeoff_option
         if option_name is None:
             raise EednError(f"fit_strategy: strategy '{name}' has no cost trade-off, so tradeoff= has nothing to "
                             f"set; drop it (`eedn plugins {name}` lists the strategy's options)")
@@ -120,7 +120,8 @@ def fit_strategy(strategy: str | TrainingStrategy, model: EarlyExitModel, data: 
     The model ends holding the first trained setting's heads (the one ``eedn run`` reports by default); the
     result holds every setting's heads (``model.load_heads_state_dict(state)``)."""
     if isinstance(strategy, str):
-        strategy = create("strategy", strategy, **_strategy_options(strategy, tradeoff, strategy_options, options))
+        strategy = cast(TrainingStrategy, create("strategy", strategy,
+                                                 **_strategy_options(strategy, tradeoff, strategy_options, options)))
     elif options or strategy_options or tradeoff is not None:
         given = [*options, *(strategy_options or {}), *(["tradeoff"] if tradeoff is not None else [])]
         raise EednError(f"fit_strategy: options {', '.join(given)} go to the strategy's constructor, not here")
@@ -198,7 +199,7 @@ def evaluate(evaluator: str | Evaluator, test: ExitOutputs, cal: ExitOutputs, ex
     sample takes (:func:`eedn.apply_gate`). ``evaluator`` is a registered name (``options`` are its
     options) or an evaluator object; it is first fitted on ``cal``, as the pipeline does."""
     if isinstance(evaluator, str):
-        evaluator = create("evaluator", evaluator, **options)
+        evaluator = cast(Evaluator, create("evaluator", evaluator, **options))
     elif options:
         raise EednError(f"evaluate: options {', '.join(options)} go to the evaluator's constructor, not here")
     evaluator.fit(cal)

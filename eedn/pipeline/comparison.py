@@ -4,15 +4,17 @@ on one shared backbone per seed, and a comparison (re)built from its run directo
 A comparison trains one backbone per seed (or loads it from the cache) and fits every strategy on it, so every
 strategy sees the same backbone, the same data split and the same feature cache. Its numbers come only from the
 run directories (results.json and run.json), read back from disk even right after the runs: one path for
-`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluation.matched`, the writing in :mod:`eedn.report.render`.
+`eedn compare` and `eedn report`. The maths is in :mod:`eedn.evaluation.matched`, the writing in
+:mod:`eedn.report.render`.
 """
 from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, cast
 
 from eedn.core.options import parse_number_list
 from eedn.runtime.errors import EednError
@@ -23,12 +25,14 @@ from eedn.pipeline.rundir import MANIFEST, RESULTS, created_now, read_manifest, 
 
 if TYPE_CHECKING:
     from eedn.core.config import Config
+    from eedn.train.strategy import TrainingStrategy
 
 COMPARISON = "comparison.json"
 #: config keys that may differ between a finished run and a rerun without making the run stale
 RUNTIME_KEYS = ("out", "resume", "progress", "cache_dir", "device", "num_workers", "eval_batch_size")
 #: comparison.json keys that describe how it was made (kept when `eedn report` re-renders it)
-META_KEYS = ("eedn_version", "kind", "created", "config", "backbone", "seeds", "strategies")
+META_KEYS = ("eedn_version", "kind", "created", "config", "backbone", "seeds", "strategies", "anytime_range",
+             "sweep")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ def parse_strategies(text: str) -> list[StrategySpec]:
     from eedn.core.plugins import registry
 
     specs = []
+    gate: str | None
     for item in (t.strip() for t in (text or "").split(",")):
         if not item:
             continue
@@ -91,6 +96,73 @@ def parse_seeds(num_seeds: int | None, seed_list: str | None, seed: int | None, 
     return [seed if seed is not None else default_seed]
 
 
+@dataclass(frozen=True)
+class SweepCell:
+    """One point of a ``--sweep`` grid: its ``KEY=VALUE`` assignments, its resolved config and each strategy's
+    options. The cell of a plain comparison has no assignments."""
+
+    assignments: tuple[str, ...]
+    cfg: Config
+    options: dict[str, dict]
+
+    @property
+    def text(self) -> str:
+        return ", ".join(self.assignments)
+
+    def label(self, spec: StrategySpec) -> str:
+        """A strategy's column in the comparison: ``jei`` alone, ``jei [backbone=resnet_tiny]`` in a sweep."""
+        return spec.label if not self.assignments else f"{spec.label} [{self.text}]"
+
+    def run_name(self, spec: StrategySpec, seed: int) -> str:
+        """The run directory's name: ``jei-s0``, or ``jei-backbone=resnet_tiny-s0`` in a sweep."""
+        if not self.assignments:
+            return f"{spec.label}-s{seed}"
+        slug = re.sub(r"[^A-Za-z0-9_.=+-]+", "_", "-".join(self.assignments))
+        return f"{spec.label}-{slug}-s{seed}"
+
+
+def _split_values(text: str) -> list[str]:
+    """``a,b,[1,2]`` → ``["a", "b", "[1,2]"]``: commas inside brackets or braces belong to a value."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    values.append(current.strip())
+    return values
+
+
+def parse_sweeps(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``--sweep KEY=V1,V2`` (repeatable) → ``[(key, [values])]``: any config key (``backbone``,
+    ``dataset_options.val_fraction``, ``strategies.jei.epochs``, ``backbone_training.lr``) or ``seed``."""
+    sweeps: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        values = _split_values(text) if eq else []
+        if not key or not values or any(not v for v in values):
+            raise EednError(f"--sweep expects KEY=V1,V2,..., got '{item}'; e.g. --sweep backbone_training.lr=0.01,0.1")
+        if len(set(values)) != len(values):
+            raise EednError(f"--sweep {key} repeats a value: '{text}'")
+        if key in (k for k, _ in sweeps):
+            raise EednError(f"--sweep {key} is given twice; list all its values in one --sweep {key}=V1,V2")
+        sweeps.append((key, values))
+    return sweeps
+
+
+def sweep_grid(sweeps: Sequence[tuple[str, list[str]]]) -> list[tuple[str, ...]]:
+    """Every combination of the swept values (the seed excluded) as ``KEY=VALUE`` assignments, first key
+    slowest; one empty cell when nothing is swept."""
+    import itertools
+
+    keyed = [[f"{key}={v}" for v in values] for key, values in sweeps if key != "seed"]
+    return [tuple(cell) for cell in itertools.product(*keyed)]
+
+
 def split_strategies_key(base: dict) -> tuple[dict, dict[str, dict]]:
     """Take the compare-only ``strategies: {name: {option: value}}`` key out of a config dict."""
     base = copy.deepcopy(base)
@@ -116,7 +188,7 @@ def strategy_options_for(spec: StrategySpec, shared: dict, per_strategy: dict[st
         opts = deep_merge(opts, per_strategy.get(spec.text, {}))
     if cli.get("epochs") is not None:
         opts["epochs"] = cli["epochs"]
-    tradeoff_option = entry.factory.tradeoff_option
+    tradeoff_option = cast("type[TrainingStrategy]", entry.factory).tradeoff_option
     if cli.get("tradeoff") is not None and tradeoff_option is not None:
         opts[tradeoff_option] = cli["tradeoff"]
     return opts
@@ -148,17 +220,19 @@ def check_strategies(cfg: Config, specs: Sequence[StrategySpec], options: dict[s
         check_plugins(run_config(cfg, spec, options.get(spec.label, {}), cfg.seed))
 
 
-def check_run_dirs(cfg: Config, specs: Sequence[StrategySpec], seeds: Sequence[int], options: dict[str, dict],
-                   out_dir: Path, reuse_finished: bool) -> None:
+def check_run_dirs(cells: Sequence[SweepCell], specs: Sequence[StrategySpec], seeds: Sequence[int], out_dir: Path,
+                   reuse_finished: bool) -> None:
     """Before anything is trained: every run directory the comparison will write is new, empty or (with
     config ``overwrite``) replaceable, and writable; finished runs kept by ``reuse_finished`` are skipped."""
     from eedn.pipeline.rundir import check_out_dir
 
-    for seed in seeds:
-        for spec in specs:
-            run_dir = out_dir / f"{spec.label}-s{seed}"
-            if not (reuse_finished and finished_run(run_dir, run_config(cfg, spec, options.get(spec.label, {}), seed))):
-                check_out_dir(run_dir, cfg.overwrite, what="run directory")
+    for cell in cells:
+        for seed in seeds:
+            for spec in specs:
+                run_dir = out_dir / cell.run_name(spec, seed)
+                expected = run_config(cell.cfg, spec, cell.options.get(spec.label, {}), seed)
+                if not (reuse_finished and finished_run(run_dir, expected)):
+                    check_out_dir(run_dir, cell.cfg.overwrite, what="run directory")
 
 
 def default_out_dir(cfg: Config) -> Path:
@@ -187,44 +261,68 @@ def finished_run(run_dir: Path, expected_cfg: Config) -> bool:
 
 
 def run_compare(cfg: Config | dict, specs: Sequence[StrategySpec], seeds: Sequence[int], options: dict[str, dict],
-                out_dir: str | Path, progress=None, *, reuse_finished: bool = False) -> dict:
+                out_dir: str | Path, progress=None, *, reuse_finished: bool = False,
+                anytime_range: Sequence[float] | None = None) -> dict:
     """``eedn compare`` as a function: per seed, one prepared backbone and every strategy on it; then
     comparison.json, comparison.md and the figures in ``out_dir``. ``options[label]`` are each strategy's
     options. With ``reuse_finished``, runs whose results.json already holds the same config (strategy, gate,
-    options, seed, backbone, data ...) are kept instead of re-run. Returns the comparison dict."""
-    from eedn.runtime.version import __version__
-    from eedn.runtime.progress import Progress
-    from eedn.pipeline.run import prepare, run_strategy
-
+    options, seed, backbone, data ...) are kept instead of re-run. ``anytime_range`` (fractions of full MACs)
+    sets the range of the anytime score. Returns the comparison dict."""
     from eedn.core.config import Config, resolve_config
 
     cfg = cfg if isinstance(cfg, Config) else resolve_config(cfg)
+    return run_sweep([SweepCell((), cfg, options)], specs, seeds, out_dir, progress, reuse_finished=reuse_finished,
+                     anytime_range=anytime_range)
+
+
+def run_sweep(cells: Sequence[SweepCell], specs: Sequence[StrategySpec], seeds: Sequence[int], out_dir: str | Path,
+              progress=None, *, reuse_finished: bool = False, anytime_range: Sequence[float] | None = None) -> dict:
+    """Every strategy in every seed of every sweep cell, into one comparison: each (cell, strategy) is one column
+    (:meth:`SweepCell.label`), with its own run directories. Every cell's names and options are checked and every
+    run directory is checked before anything is trained. Returns the comparison dict."""
+    from eedn.pipeline.run import prepare, run_strategy
+    from eedn.runtime.progress import Progress
+    from eedn.runtime.version import __version__
+
     out_dir = Path(out_dir)
     progress = progress or Progress(enabled=False)
-    check_strategies(cfg, specs, options)
-    check_run_dirs(cfg, specs, seeds, options, out_dir, reuse_finished)
+    if anytime_range is not None:
+        from eedn.evaluation.matched import anytime_scores
+
+        anytime_scores({}, anytime_range)  # a bad range fails now, not after the training
+    for cell in cells:
+        check_strategies(cell.cfg, specs, cell.options)
+    check_run_dirs(cells, specs, seeds, out_dir, reuse_finished)
     with progress.session():
-        for seed in seeds:
-            prep = None
-            for spec in specs:
-                run_dir = out_dir / f"{spec.label}-s{seed}"
-                opts = options.get(spec.label, {})
-                if reuse_finished and finished_run(run_dir, run_config(cfg, spec, opts, seed)):
-                    progress.log(f"seed {seed}: {spec.label} already finished in {run_dir}, reusing it")
-                    continue
-                if prep is None:
-                    prep = prepare(run_config(cfg, spec, opts, seed), progress)
-                progress.log(f"seed {seed}: {spec.label}")
-                run_strategy(prep, spec.name, copy.deepcopy(opts), spec.gate, out=run_dir)
+        for cell in cells:
+            where = f" [{cell.text}]" if cell.assignments else ""
+            for seed in seeds:
+                prep = None
+                for spec in specs:
+                    run_dir = out_dir / cell.run_name(spec, seed)
+                    opts = cell.options.get(spec.label, {})
+                    if reuse_finished and finished_run(run_dir, run_config(cell.cfg, spec, opts, seed)):
+                        progress.log(f"seed {seed}{where}: {spec.label} already finished in {run_dir}, reusing it")
+                        continue
+                    if prep is None:
+                        prep = prepare(run_config(cell.cfg, spec, opts, seed), progress)
+                    progress.log(f"seed {seed}{where}: {spec.label}")
+                    run_strategy(prep, spec.name, copy.deepcopy(opts), spec.gate, out=run_dir)
+    first = cells[0].cfg
     meta = {
         "eedn_version": __version__, "kind": "comparison", "created": created_now(),
-        "config": {k: v for k, v in cfg.to_dict().items()
+        "config": {k: v for k, v in first.to_dict().items()
                    if k not in ("strategy", "strategy_options", "gate", "out", "seed")},
-        "backbone": cfg.backbone, "seeds": list(seeds),
-        "strategies": [{"label": s.label, "strategy": s.name, "gate_requested": s.gate,
-                        "options": options.get(s.label, {}),
-                        "runs": {str(seed): f"{s.label}-s{seed}" for seed in seeds}} for s in specs],
+        "backbone": ", ".join(dict.fromkeys(str(cell.cfg.backbone) for cell in cells)), "seeds": list(seeds),
+        "strategies": [{"label": cell.label(s), "strategy": s.name, "gate_requested": s.gate,
+                        "options": cell.options.get(s.label, {}), "sweep": list(cell.assignments),
+                        "runs": {str(seed): cell.run_name(s, seed) for seed in seeds}}
+                       for cell in cells for s in specs],
     }
+    if any(cell.assignments for cell in cells):
+        meta["sweep"] = [list(cell.assignments) for cell in cells]
+    if anytime_range is not None:
+        meta["anytime_range"] = [float(v) for v in anytime_range]
     from eedn.runtime.distributed import world
 
     if not world().main:
@@ -247,7 +345,10 @@ def render_comparison(out_dir: Path, meta: dict) -> dict:
             manifests[label].append(manifest)
         entry["gate"] = next(iter(runs[label].values()))["policy"]["gate"]
     first = next(iter(next(iter(runs.values())).values()))
-    comparison = {**meta, "dataset": first["dataset"], **comparison_numbers(runs)}
+    dataset = dict(first["dataset"])
+    names = list(dict.fromkeys(r["dataset"]["name"] for by_seed in runs.values() for r in by_seed.values()))
+    dataset["name"] = ", ".join(names)  # a sweep over datasets names them all
+    comparison = {**meta, "dataset": dataset, **comparison_numbers(runs, meta.get("anytime_range"))}
     comparison["risk_control"] = comparison_rows(runs)  # risk-controlled policies beside the others (if any)
     return write_comparison(out_dir, comparison, manifests)
 

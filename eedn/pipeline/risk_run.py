@@ -41,6 +41,7 @@ def risk_control_block(cfg: Config, gate: Any, outs: dict, evaluators: dict) -> 
     from eedn.evaluation.risk import CONTROLLERS, GUARANTEES, build_knob, loss_matrix, mean_macs, select
 
     rc = cfg.risk_control
+    assert rc.risk is not None  # called only when risk control is on
     risk = create("risk", rc.risk, **rc.risk_options)
     risk.fit(outs["val"], evaluators)
     knob = build_knob(gate, outs["val"], rc.knob, rc.grid_size)

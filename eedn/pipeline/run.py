@@ -11,7 +11,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -64,7 +64,8 @@ def strategy_options(cfg: Config) -> dict:
     the option the strategy names for it (its ``tradeoff_option``)."""
     options = dict(cfg.strategy_options)
     if cfg.tradeoff is not None:
-        name = registry("strategy").get(cfg.strategy).factory.tradeoff_option
+        assert cfg.strategy is not None  # resolve_config names every plugin
+        name = cast("type[TrainingStrategy]", registry("strategy").get(cfg.strategy).factory).tradeoff_option
         if name is None:
             raise EednError(f"--lambda sets a cost trade-off, but strategy '{cfg.strategy}' has none; drop it "
                             f"(`eedn plugins {cfg.strategy}` lists the strategy's options)")
@@ -91,6 +92,9 @@ def check_plugins(cfg: Config) -> CheckedPlugins:
     """Every plugin name and option of a config, validated before anything is trained: an unknown name, a
     typo in an option, options that contradict each other, or a learned gate without a strategy that trains
     it fail here, not after stage 0."""
+    # resolve_config names every plugin
+    assert cfg.strategy is not None and cfg.dataset is not None and cfg.backbone is not None
+    assert cfg.inference_module is not None and cfg.evaluators is not None
     strategy: TrainingStrategy = create("strategy", cfg.strategy, **strategy_options(cfg))
     gate = cfg.gate or strategy.default_gate or registry("gate").default()
     gate_entry = registry("gate").get(gate)
@@ -167,6 +171,7 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     cache_writable = check_before_stage_0(cfg, cfg.cache_root)
     check_precision(cfg.precision, cfg.device)
     cfg = join_ranks(cfg)
+    assert cfg.dataset is not None and cfg.backbone is not None  # resolve_config names every plugin
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -191,21 +196,22 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     apply_memory_format(backbone, channels_last)
     rec = recipe(cfg.backbone_training.to_dict(), source.suggested_backbone_epochs)
     params = sum(p.numel() for p in backbone.parameters())
+    init = ckpt or backbone.weights_source  # a checkpoint, or weights the backbone's factory found itself
     info: dict[str, Any] = {"name": cfg.backbone, "display_name": backbone.display_name, "options": bb_opts,
-                            "recipe": rec, "parameters": params, "init_checkpoint": ckpt}
+                            "recipe": rec, "parameters": params, "init_checkpoint": init}
     progress.log(f"{cfg.backbone} -> {backbone.display_name}, {format_macs(params)} parameters, "
                  f"{backbone.num_stages} exits; data {cfg.dataset} at {image_size} px "
                  f"({', '.join(f'{k} {v}' for k, v in data.sizes().items())})")
     t1 = time.perf_counter()
-    if ckpt and not rec["epochs"]:
-        info["source"] = f"checkpoint {ckpt}"
+    if init and not rec["epochs"]:
+        info["source"] = f"checkpoint {init}"
     elif not rec["epochs"]:  # said plainly, and never cached as a trained backbone
         info["source"] = "untrained"
         warn("backbone_training.epochs is 0 and no checkpoint is given: the backbone keeps its random "
              "initialisation (give --backbone-checkpoint or epochs >= 1 for a trained one)")
     else:
         key = backbone_key(cfg.backbone, bb_opts, dataset_desc, image_size, cfg.seed,
-                           rec | {"init_checkpoint": str(ckpt) if ckpt else None}
+                           rec | {"init_checkpoint": str(init) if init else None}
                            | numerics_key(cfg.precision, channels_last))
         path = cfg.cache_root / "backbones" / f"{cfg.backbone}-{key}.pt"
         info["cache_path"] = str(path)
@@ -225,7 +231,8 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     return Prepared(cfg, data, dataset_desc, image_size, source.channels, backbone, info, cache, progress, timings)
 
 
-def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True, mode: str = "eval") -> FeatureSource:
+def feature_source(prep: Prepared, model: EarlyExitModel, *, cacheable: bool = True,
+                   mode: str = "eval") -> FeatureSource:
     cfg = prep.cfg
     return FeatureSource(model, prep.data, device=cfg.device, cache=prep.cache, cacheable=cacheable,
                          backbone_mode=mode, batch_size=cfg.eval_batch_size, dataset_key=prep.dataset_desc,
@@ -245,6 +252,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     if out is not None:
         cfg = cfg.replace(out=str(out))
     checked = check_plugins(cfg)
+    assert cfg.strategy is not None  # resolve_config names every plugin
     if cfg.out:
         check_out_dir(cfg.out, cfg.overwrite)
     progress = prep.progress
@@ -261,7 +269,8 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
 
     cacheable = strategy.uses_fixed_features
     if not cacheable:
-        progress.log(f"strategy '{cfg.strategy}' trains on {'augmented images' if strategy.head_augment else 'a train-mode backbone'}: "
+        trains_on = "augmented images" if strategy.head_augment else "a train-mode backbone"
+        progress.log(f"strategy '{cfg.strategy}' trains on {trains_on}: "
                      "features cannot be cached, running uncached")
     train_source = feature_source(prep, model, cacheable=cacheable, mode=strategy.backbone_mode)
     ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=head_seed,
@@ -314,6 +323,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     if len(curve) < 2:
         curve = []
 
+    assert policy is not None and policy_heads is not None  # `chosen` is one of the settings
     test = outputs[chosen]["test"]
     results = assemble_results(cfg, prep, strategy, gate_name, model, test, policy, curve, result.history,
                                evaluators)
@@ -360,7 +370,8 @@ def assemble_results(cfg: Config, prep: Prepared, strategy: TrainingStrategy, ga
                   | policy.point | {"details": policy.details},
         "curve": curve,
         "strategy": {"name": cfg.strategy, "options": strategy.describe(), "history": history},
-        "evaluators": {name: {"options": ev.options.as_dict(), "rows": policy.rows[name]} for name, ev in evaluators.items()},
+        "evaluators": {name: {"options": ev.options.as_dict(), "rows": policy.rows[name]}
+                       for name, ev in evaluators.items()},
     }
     for name, rows in policy.rows.items():
         if rows and name not in CORE_RESULT_KEYS:

@@ -92,7 +92,7 @@ def read_results(run_dir: str | Path) -> dict:
     return read_json(Path(run_dir) / RESULTS, "results file")
 
 
-def load_model(run_dir: str | Path, setting: str = POLICY_HEADS, device: str = "cpu"):
+def load_model(run_dir: str | os.PathLike, setting: str = POLICY_HEADS, device: str = "cpu"):
     """The trained model of a run directory in eval mode (backbone, IMs, gate in ``setting``; default the
     reported policy) and its manifest. Built from ``run.json`` alone: no dataset is needed."""
     from eedn.core.build import build_backbone, build_model
@@ -194,7 +194,7 @@ def publish(staging: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, "ExitOutputs"]]:
+def read_outputs(run_dir: str | os.PathLike) -> dict[str, dict[str, ExitOutputs]]:
     """A finished run directory's stored outputs (``outputs.pt``): trained setting → split (``val``, ``cal``,
     ``test``) → :class:`ExitOutputs`. The reported policy's setting is ``run.json``'s
     ``policy.trained_setting`` (:func:`eedn.load_run` returns that manifest). No network pass, no dataset."""

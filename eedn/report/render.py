@@ -1,6 +1,7 @@
 """Reports of run and comparison directories: Markdown and figures, from saved numbers only.
 
-A single run is rendered as a one-strategy comparison: the same numbers (:func:`eedn.evaluation.matched.comparison_numbers`),
+A single run is rendered as a one-strategy comparison: the same numbers
+(:func:`eedn.evaluation.matched.comparison_numbers`),
 the same policy and operating-point tables and the same figures, plus the run's own exits and evaluator rows.
 The metrics shown are ``accuracy`` and every headline metric results.json declares, each with its own label,
 scale and digits; nothing here knows any evaluator. The terminal tables are in :mod:`eedn.report.terminal`.
@@ -19,6 +20,8 @@ from eedn.report.risk_report import comparison_table, risk_lines, write_risk_fig
 EXIT_SHARES, RELIABILITY = "exit_shares.png", "reliability.png"
 #: the run directory's Markdown report (a comparison's is comparison.md)
 SUMMARY = "summary.md"
+#: what `eedn bench` leaves in a run directory: its rows, with each exit's measured time when stage-profiled
+BENCH = "bench.json"
 
 
 def format_macs(macs: float) -> str:
@@ -28,6 +31,25 @@ def format_macs(macs: float) -> str:
         if macs >= div:
             return f"{macs / div:.3g}{unit}"
     return f"{macs:.0f}"
+
+
+def exit_latencies(run_dir: str | Path | None) -> tuple[int, list[float]] | None:
+    """``(batch size, ms per image to reach and evaluate each exit)`` as `eedn bench` measured it in this run
+    directory (its smallest stage-profiled batch size: the closest to per-request latency); None when not
+    measured."""
+    import json
+
+    if run_dir is None or not (Path(run_dir) / BENCH).is_file():
+        return None
+    try:
+        rows = json.loads((Path(run_dir) / BENCH).read_text())
+    except (OSError, ValueError):
+        return None
+    timed = [r for r in rows if isinstance(r, dict) and r.get("exit_seconds")] if isinstance(rows, list) else []
+    if not timed:
+        return None
+    row = min(timed, key=lambda r: r["batch_size"])
+    return int(row["batch_size"]), [1e3 * float(t) for t in row["exit_seconds"]]
 
 
 def metric_figure(key: str) -> str:
@@ -69,9 +91,36 @@ def cost_range_notes(comparison: dict) -> list[str]:
     return notes
 
 
+def run_label(results: dict) -> str:
+    """A run's strategy label, as `eedn compare` names it: the strategy, plus ``+gate`` only when a gate other
+    than the strategy's default was asked for (``jei``, ``im-only+entropy``; never ``jei+jei``)."""
+    requested = (results.get("config") or {}).get("gate")
+    strategy = results["policy"]["strategy"]
+    return strategy if not requested else f"{strategy}+{requested}"
+
+
+def anytime_lines(comparison: dict) -> list[str]:
+    """The anytime-score section: per strategy, mean accuracy over a stated MACs range (± std over seeds)."""
+    anytime = comparison.get("anytime") or {}
+    lines = ["## Anytime score", ""]
+    if not anytime.get("range"):
+        return lines + [("No cost range is covered by two or more operating points of every strategy with a "
+                         "curve, so there is no anytime score (set one with `--anytime-range LO,HI`)."), ""]
+    lo, hi = anytime["range"]
+    how = "the range every strategy with a curve covers in every seed" if anytime["source"] == "shared" \
+        else "the range asked for"
+    lines += [(f"Area under the {anytime['metric']}–MACs curve over mean MACs fractions [{lo:.3f}, {hi:.3f}] "
+               f"({how}), divided by its width: the mean {anytime['metric']} over that range, per seed, then mean "
+               "± std over seeds. — : the strategy's points do not span the range in some seed (no extrapolation)."),
+              "", *_table(["strategy", f"anytime {anytime['metric']} % over [{lo:.3f}, {hi:.3f}]", "seeds"],
+                          ([label, cell(score, 100, 2), f"{score.get('n', 0)} of {len(score.get('per_seed', {}))}"]
+                           for label, score in anytime["scores"].items())), ""]
+    return lines
+
+
 def run_comparison(results: dict, manifest: dict | None = None) -> dict:
     """One run as a one-strategy comparison (its reliability bins when ``manifest`` is given)."""
-    label = results["policy"]["name"]
+    label = run_label(results)
     seed = results["config"]["seed"]
     comparison = {"kind": "run", "backbone": results["config"]["backbone"], "dataset": results["dataset"],
                   "seeds": [seed], **comparison_numbers({label: {seed: results}}), "notes": []}
@@ -89,32 +138,45 @@ def title(comparison: dict) -> str:
 # --------------------------------------------------------------------------------------------------- figures
 
 
+def cost_axis(comparison: dict) -> tuple[str, float, str]:
+    """``(key, scale, label)`` of the figures' cost axis: the fraction of full MACs, or mean MACs in millions
+    when the strategies' full costs differ (a sweep over backbones), where fractions would not be comparable."""
+    fulls = {s["full_macs"] for s in comparison["summary"].values()}
+    if len(fulls) == 1:
+        return "macs_fraction", 1.0, f"mean MACs / full backbone MACs (full = {format_macs(next(iter(fulls)))})"
+    return "mean_macs", 1e-6, "mean MACs per image (millions)"
+
+
 def draw_figures(out_dir: Path, comparison: dict, exits: list[dict] | None = None) -> list[str]:
     """Every figure of a report; ``exits`` (a run's per-exit accuracies) adds the single exits to the accuracy
-    figure. Returns the file names written."""
+    figure. Every strategy keeps one colour in all of them. Returns the file names written."""
     from eedn.report import plots
 
     name = title(comparison)
     summary = comparison["summary"]
+    colors = plots.strategy_colors([*summary, *comparison.get("reliability", {})])
+    x, x_scale, xlabel = cost_axis(comparison)
     full = next(iter(summary.values()))["full_macs"]
-    xlabel = f"mean MACs / full backbone MACs (full = {format_macs(full)})"
     for key, spec in comparison["metrics"].items():
         better = "lower" if spec.get("lower_is_better") else "higher"
-        reference = {"single exits": [(e["macs"] / full, e["accuracy"]) for e in exits]} \
+        ref_x = (lambda e: e["macs"] / full) if x == "macs_fraction" else (lambda e: e["macs"])
+        reference = {"single exits": [(ref_x(e), e["accuracy"]) for e in exits]} \
             if exits and key == "accuracy" else None
         plots.plot_metric_vs_macs(comparison["curves"], key, out_dir / metric_figure(key), scale=spec["scale"],
                                   ylabel=f"{spec['label']}, {better} is better", xlabel=xlabel,
-                                  title=f"{spec['label']} vs compute: {name}", reference=reference)
+                                  title=f"{spec['label']} vs compute: {name}", reference=reference,
+                                  colors=colors, x=x, x_scale=x_scale, n_seeds=len(comparison["seeds"]))
     shares = {}
     for label, s in summary.items():
         fr = s.get("exit_fractions") or []
         shares[label] = {"mean": [c["mean"] for c in fr],
                          "std": None if any(c["std"] is None for c in fr) else [c["std"] for c in fr],
                          "subtitle": f"{', '.join(s['policy_setting'])}: {s['macs_fraction']['mean']:.3f} of full MACs"}
-    plots.plot_exit_shares(shares, out_dir / EXIT_SHARES, title=f"exit shares of the reported policies: {name}")
+    plots.plot_exit_shares(shares, out_dir / EXIT_SHARES, title=f"exit shares of the reported policies: {name}",
+                           colors=colors)
     if comparison.get("reliability"):
         plots.plot_reliability(comparison["reliability"], out_dir / RELIABILITY,
-                               title=f"reliability of the reported policies: {name}")
+                               title=f"reliability of the reported policies: {name}", colors=colors)
     return figure_names(comparison)
 
 
@@ -198,6 +260,7 @@ def comparison_markdown(comparison: dict) -> str:
     lines = [f"# eedn compare: {title(comparison)}", "",
              f"One backbone per seed ({spread}), shared by every strategy. Every number is measured on the test "
              "split.", "", "## Reported policies", "", *policies_table(comparison), ""]
+    lines += anytime_lines(comparison)
     lines += ["## Operating points", "", *points_table(comparison)] if one else matched_section(comparison)
     if comparison.get("risk_control"):
         lines += ["", *comparison_table(comparison["risk_control"])]
@@ -208,19 +271,34 @@ def comparison_markdown(comparison: dict) -> str:
     return "\n".join(lines + ["", "All numbers: `comparison.json`. Re-render with `eedn report <this directory>`.", ""])
 
 
-def run_markdown(results: dict, comparison: dict, files: list[str]) -> str:
+def exits_table(results: dict, latency: tuple[int, list[float]] | None = None) -> list[str]:
+    """The exits of a run: cumulative MACs, their fraction of the full network, accuracy and, where `eedn bench`
+    measured it, the time per image to reach each exit beside its MACs."""
+    full = results["full_macs"]
+    header = ["exit", "cumulative MACs", "fraction of full"]
+    header += [f"latency ms/image (batch {latency[0]}, eedn bench)"] if latency else []
+    rows = []
+    for e in results["exits"]:
+        row = [str(e["index"]), format_macs(e["macs"]), f"{e['macs'] / full:.3f}"]
+        if latency:
+            row.append(f"{latency[1][e['index']]:.3f}" if e["index"] < len(latency[1]) else "—")
+        rows.append(row + [f"{e['accuracy']:.4f}"])
+    return _table(header + ["accuracy"], rows)
+
+
+def run_markdown(results: dict, comparison: dict, files: list[str],
+                 latency: tuple[int, list[float]] | None = None) -> str:
     """summary.md of a run: backbone and exits, then the one-strategy comparison's tables, then every
     evaluator's rows for the reported policy."""
     full = results["full_macs"]
-    lines = [f"# eedn run: {results['policy']['name']}, {title(comparison)}", "",
+    lines = [f"# eedn run: {run_label(results)}, {title(comparison)}", "",
              f"Backbone {results['backbone'].get('display_name', results['backbone']['name'])}: test accuracy "
              f"{results['backbone']['test_accuracy']:.4f}; full MACs {format_macs(full)} per image. Every number is "
              "measured on the test split.", "", "## Exits (whole test split)", "",
-             *_table(["exit", "cumulative MACs", "fraction of full", "accuracy"],
-                     ([str(e["index"]), format_macs(e["macs"]), f"{e['macs'] / full:.3f}", f"{e['accuracy']:.4f}"]
-                      for e in results["exits"])),
+             *exits_table(results, latency),
              "", "## Reported policy", "", *policies_table(comparison), "",
              "Exit shares: " + ", ".join(f"{s:.3f}" for s in results["policy"]["exit_fractions"]), ""]
+    lines += anytime_lines(comparison)
     if len(comparison["matched"]["columns"]) == 1:
         lines += ["## Operating points", "", *points_table(comparison)]
     else:
@@ -287,6 +365,6 @@ def render_run(run_dir: Path, results: dict, manifest: dict | None = None) -> li
     files = [SUMMARY, *draw_figures(run_dir, comparison, exits=results["exits"])]
     risk_figure = write_risk_figure(run_dir, results)
     files += [risk_figure] if risk_figure else []
-    atomic_write_text(run_dir / SUMMARY, run_markdown(results, comparison, files))
+    atomic_write_text(run_dir / SUMMARY, run_markdown(results, comparison, files, exit_latencies(run_dir)))
     return files
 

@@ -99,13 +99,14 @@ def comparison_table(rows: list[dict]) -> list[str]:
         return []
 
     def cell(ms: dict, digits: int = 4) -> str:
-        return f"{ms['mean']:.{digits}f}" + ("" if ms["std"] is None or math.isnan(ms["std"]) else f" ± {ms['std']:.{digits}f}")
+        spread = "" if ms["std"] is None or math.isnan(ms["std"]) else f" ± {ms['std']:.{digits}f}"
+        return f"{ms['mean']:.{digits}f}" + spread
 
     r0 = rows[0]
     lines = ["## Risk-controlled policies", "",
              f"{r0['risk']} <= ε = {r0['epsilon']:g} with {r0['controller']} (δ = {r0['delta']:g}); knob fixed on "
              "val, chosen on cal, measured on test.", "",
              "| strategy | test risk | test accuracy | MACs fraction | fallbacks / seeds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['strategy']} | {cell(r['test_risk'])} | {cell(r['test_accuracy'])} | {cell(r['macs_fraction'], 3)} "
-              f"| {r['fallbacks']} / {r['seeds']} |" for r in rows]
+    lines += [f"| {r['strategy']} | {cell(r['test_risk'])} | {cell(r['test_accuracy'])} "
+              f"| {cell(r['macs_fraction'], 3)} | {r['fallbacks']} / {r['seeds']} |" for r in rows]
     return lines

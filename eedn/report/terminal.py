@@ -2,11 +2,28 @@
 (means only where several strategies must fit; the Markdown reports have every number)."""
 from __future__ import annotations
 
-from eedn.report.render import cell, format_macs, metric_cell, point_name, run_comparison, title
+import os
+import sys
+
+from eedn.report.render import (cell, exit_latencies, format_macs, metric_cell, point_name, run_comparison, run_label,
+                                title)
 from eedn.report.risk_report import comparison_table, risk_lines
 
 #: rows per strategy in the terminal's matched-cost table (the Markdown report has all of them)
 TERMINAL_ROWS_PER_STRATEGY = 8
+#: line width of the tables when stdout is no terminal (a log file, a pipe, CI): wide enough that no table is cut
+PIPE_WIDTH = 200
+
+
+def report_console(file=None):
+    """The console the tables go to: the terminal's width in a terminal; otherwise ``$COLUMNS`` or
+    :data:`PIPE_WIDTH` columns, where rich would assume 80 and fold every table into narrow columns."""
+    from rich.console import Console
+
+    stream = file or sys.stdout
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(file=file)
+    return Console(file=file, width=PIPE_WIDTH)
 
 
 def _thin(rows: list[dict], limit: int) -> list[dict]:
@@ -43,11 +60,10 @@ def _header(key: str, spec: dict) -> str:
 def print_comparison(comparison: dict, console=None) -> None:
     """The reported policies (mean ± std), then the accuracy at matched cost (means only, so that several
     strategies fit a terminal), or a one-strategy comparison's operating points."""
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = console or Console()
+    console = console or report_console()
     metrics, matched = _terminal_metrics(comparison["metrics"]), comparison["matched"]
     cols = matched["columns"]
     t = Table(title=escape(f"reported policies: {title(comparison)}"))
@@ -61,6 +77,11 @@ def print_comparison(comparison: dict, console=None) -> None:
     legend = [f"{key}: {spec['label']}" for key, spec in metrics.items() if key != "accuracy"]
     if legend:
         console.print(escape("; ".join(legend)))
+    anytime = comparison.get("anytime") or {}
+    if anytime.get("range"):
+        lo, hi = anytime["range"]
+        console.print(escape(f"anytime score (mean accuracy % over MACs fractions [{lo:.3f}, {hi:.3f}]): " + "; ".join(
+            f"{label} {cell(score, 100, 2, '±')}" for label, score in anytime["scores"].items())))
     one = len(cols) == 1
     acc = metrics["accuracy"]
     table = Table(title=f"operating points of {escape(cols[0])}" if one else
@@ -90,18 +111,23 @@ def print_comparison(comparison: dict, console=None) -> None:
 
 def print_run(results: dict, console=None) -> None:
     """What `eedn run` prints at the end: the exits, then the run's one-strategy comparison tables."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or report_console()
     full, shares = results["full_macs"], results["policy"]["exit_fractions"]
-    t = Table(title=f"exits of {results['policy']['name']}")
-    for col in ("exit", "MACs", "of full", "accuracy", "exit share"):
+    latency = exit_latencies(results.get("run_dir"))
+    t = Table(title=f"exits of {run_label(results)}")
+    cols = ["exit", "MACs", "of full", *([f"ms/image (b{latency[0]})"] if latency else []), "accuracy", "exit share"]
+    for col in cols:
         t.add_column(col, justify="right")
     for e in results["exits"]:
-        t.add_row(str(e["index"]), format_macs(e["macs"]), f"{e['macs'] / full:.3f}", f"{100 * e['accuracy']:.2f}%",
-                  f"{100 * shares[e['index']]:.1f}%")
+        ms = [f"{latency[1][e['index']]:.3f}" if e["index"] < len(latency[1]) else "—"] if latency else []
+        t.add_row(str(e["index"]), format_macs(e["macs"]), f"{e['macs'] / full:.3f}", *ms,
+                  f"{100 * e['accuracy']:.2f}%", f"{100 * shares[e['index']]:.1f}%")
     console.print(t)
+    if latency:
+        console.print(f"ms/image: time to reach and evaluate each exit, measured by `eedn bench` at batch "
+                      f"{latency[0]}")
     print_comparison(run_comparison(results), console)
     if results.get("risk_control"):
         console.print("\n".join(risk_lines(results["risk_control"])), markup=False, highlight=False)

@@ -17,7 +17,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".gif", ".t
 WIDE_INTEGER_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def to_eight_bit(image: "Image") -> "Image":
+def to_eight_bit(image: Image) -> Image:
     """A 16-bit (or 32-bit integer) grayscale image as 8-bit ``L``, scaled by its type's range; others as given."""
     if image.mode not in WIDE_INTEGER_MODES:
         return image
@@ -30,7 +30,7 @@ def to_eight_bit(image: "Image") -> "Image":
     return Image.fromarray(scaled, mode="L")
 
 
-def open_image(path: str | os.PathLike, mode: str) -> "Image":
+def open_image(path: str | os.PathLike, mode: str) -> Image:
     """The image at ``path`` decoded and converted to ``mode`` ("L" or "RGB")."""
     from PIL import Image, UnidentifiedImageError
 

@@ -57,7 +57,7 @@ def is_stale_temp(entry: Path) -> bool:
 
 def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Remove the stale temporaries (:func:`is_stale_temp`) in ``directory``; returns what went."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(Path(directory).iterdir())
     except OSError:

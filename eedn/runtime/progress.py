@@ -38,7 +38,7 @@ class Progress:
     terminal) or plain lines. Output goes to stderr, so a command's result on stdout stays clean.
     """
 
-    def __init__(self, enabled: bool = False, console: "Console | None" = None, live: bool | None = None):
+    def __init__(self, enabled: bool = False, console: Console | None = None, live: bool | None = None):
         self.enabled = enabled
         self._console = console
         self._live = live
@@ -46,7 +46,7 @@ class Progress:
         self._stages: dict[str, dict[str, Any]] = {}  # stage -> {"task", "epoch", "metrics"}
 
     @property
-    def console(self) -> "Console":
+    def console(self) -> Console:
         if self._console is None:
             from rich.console import Console
 
@@ -59,7 +59,7 @@ class Progress:
         return self.console.is_terminal if self._live is None else self._live
 
     @contextmanager
-    def session(self) -> Iterator["Progress"]:
+    def session(self) -> Iterator[Progress]:
         """Keep the live bars on screen for the duration of a command (re-entrant; a no-op when plain)."""
         if not self.enabled or not self.live or self._bars is not None:
             yield self

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
+from typing import Sized, cast
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ def backbone_key(backbone_name: str, backbone_options: dict, dataset: dict, imag
 
 def rng_states(loader_generator: torch.Generator) -> dict:
     """Every random state training draws from, as tensors and numbers (a weights-only checkpoint holds them)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(), "loader": loader_generator.get_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -81,7 +82,8 @@ def check_finite_loss(loss: float, epoch: int, epochs: int, rec: dict) -> None:
 def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, device: str, precision: str = "fp32",
                       channels_last: bool = False) -> float:
     backbone.eval()
-    correct = total = 0
+    correct: float = 0
+    total: float = 0
     for x, y in loader:
         with autocast(precision, device):
             pred = backbone(to_memory_format(x.to(device), channels_last)).argmax(-1)
@@ -91,9 +93,10 @@ def evaluate_accuracy(backbone: Backbone, loader: DataLoader | ImageBatches, dev
     return correct / max(total, 1)
 
 
-def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str, checkpoint_path: Path | None,
-                   resume: bool = False, progress: Progress | None = None, num_workers: int = 0,
-                   precision: str = "fp32", channels_last: bool = False, loader: LoaderOptions | None = None) -> dict:
+def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int, device: str,
+                   checkpoint_path: Path | None, resume: bool = False, progress: Progress | None = None,
+                   num_workers: int = 0, precision: str = "fp32", channels_last: bool = False,
+                   loader: LoaderOptions | None = None) -> dict:
     """Train ``backbone`` in place with ``rec``; return a summary (best val accuracy, epochs run).
 
     ``precision`` runs forward and loss under :func:`eedn.runtime.precision.autocast` (fp16 with a GradScaler);
@@ -114,16 +117,17 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
     g = torch.Generator().manual_seed(seed)
     loader = loader or LoaderOptions(num_workers=num_workers)
     train_loader = ImageBatches(data.train, int(rec["batch_size"]), shuffle=True, generator=g, loader=loader,
-                                drop_last=len(data.train) > int(rec["batch_size"]), device=device,
+                                drop_last=len(cast(Sized, data.train)) > int(rec["batch_size"]), device=device,
                                 shard=(w.rank, w.size))
-    val_set = subset(data.val, shard_rows(len(data.val)).numpy()) if w.active else data.val
+    val_set = subset(data.val, shard_rows(len(cast(Sized, data.val))).numpy()) if w.active else data.val
     val_loader = ImageBatches(val_set, 256, loader=loader, device=device)
-    model = backbone
+    model: torch.nn.Module = backbone
     if w.active:
         cuda = torch.device(device).type == "cuda"
         model = torch.nn.parallel.DistributedDataParallel(backbone, device_ids=[w.local_rank] if cuda else None)
     scaler = grad_scaler(precision, device)
     params = [p for p in backbone.parameters() if p.requires_grad]
+    opt: torch.optim.Optimizer
     if rec["optimizer"] == "adamw":
         opt = torch.optim.AdamW(params, lr=rec["lr"], weight_decay=rec["weight_decay"])
     else:
@@ -156,7 +160,7 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
         progress.log(f"resuming backbone training at epoch {start + 1}/{epochs}")
     for epoch in range(start, epochs):
         backbone.train()
-        total_loss, n = 0.0, 0
+        total_loss, n = 0.0, 0.0
         for x, y in progress.track(train_loader, "backbone", epoch=epoch, epochs=epochs):
             x, y = to_memory_format(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
             with autocast(precision, device):
@@ -193,6 +197,7 @@ def train_backbone(backbone: Backbone, data: DataSplits, rec: dict, *, seed: int
     if checkpoint_path is not None and w.main:
         atomic_torch_save({"model": backbone.state_dict(), "summary": {"val_accuracy": best_acc, "epochs": epochs}},
                           checkpoint_path)
+        assert partial is not None  # set whenever checkpoint_path is
         partial.unlink(missing_ok=True)
     barrier()
     return summary

@@ -3,7 +3,7 @@ stored outputs (:class:`~eedn.core.outputs.ExitOutputs`) computed from them."""
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Sized, cast
 
 import torch
 from torch import Tensor
@@ -84,10 +84,12 @@ class FeatureSource:
             key = cache_key(**parts)
             fs = self.cache.load(key, rows=self.num_samples(split), dims=parts["feature_dims"])
             if all_reduce_sum([fs is None])[0] == 0:  # under DDP: a hit only when every rank has the file
+                assert fs is not None  # this rank's hit included
                 self._memory[split] = fs
                 return fs
         fs = self._extract(split)
         if key is not None:
+            assert self.cache is not None  # a key is made only with a cache
             saved = self.cache.save(key, fs, meta=parts) if world().main else True  # rank 0 writes the file
             if saved and self.cache.fp16:  # what later runs will read back from the cache
                 fs = FeatureSet([f.half() for f in fs.feats], fs.labels)
@@ -99,7 +101,7 @@ class FeatureSource:
         gathered to every rank in order (:mod:`eedn.runtime.distributed`)."""
         ds = self.dataset(split)
         if world().active:
-            ds = subset(ds, shard_rows(len(ds)).numpy())
+            ds = subset(ds, shard_rows(len(cast(Sized, ds))).numpy())
         loader = ImageBatches(ds, self.batch_size, loader=self.loader, device=self.device)
         chunks: list[list[Tensor]] = []
         labels = [torch.zeros(0, dtype=torch.long)]
@@ -116,7 +118,7 @@ class FeatureSource:
         return dataset_labels(self.dataset(split))
 
     def num_samples(self, split: str) -> int:
-        return len(self.dataset(split))
+        return len(cast(Sized, self.dataset(split)))
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
                 augmented: bool = False) -> Iterator[tuple[list[Tensor], Tensor]]:

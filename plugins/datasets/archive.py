@@ -75,5 +75,6 @@ def _extract_regular_files(archive: Path, dest: Path) -> None:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 made.add(out.parent)
             source = tar.extractfile(member)
+            assert source is not None  # a regular file (the others were skipped above)
             with open(out, "wb") as sink:
                 shutil.copyfileobj(source, sink)

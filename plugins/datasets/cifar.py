@@ -38,7 +38,7 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int
     return [int(n_max * factor ** (c / (num_classes - 1.0))) for c in range(num_classes)]
 
 
-def long_tail_indices(targets: Sequence[int], counts: Sequence[int], seed: int = 0) -> np.ndarray:
+def long_tail_indices(targets: Sequence[int] | np.ndarray, counts: Sequence[int], seed: int = 0) -> np.ndarray:
     """Indices keeping the first ``counts[c]`` images of each class after a per-class shuffle.
 
     One ``RandomState(seed)`` shuffles the classes in order 0, 1, ... (as LDAM's ``np.random.seed(0)``
@@ -130,7 +130,7 @@ class Cifar100Source(CifarSource):
     mean, std = CIFAR100_MEAN, CIFAR100_STD
 
     @dataclass
-    class Options(CifarSource.Options):
+    class Options(ArrayOptions):  # CifarSource.Options
         val_size: int = option(10000, "images held out of the train split as the validation pool", min=1)
 
     options: Cifar100Source.Options
@@ -156,7 +156,7 @@ class LongTailCifarSource(CifarSource):
     data_key = ("imbalance", "val_size", "cal_fraction", "test_profile")
 
     @dataclass
-    class Options(CifarSource.Options):
+    class Options(ArrayOptions):  # CifarSource.Options
         val_size: int = option(1000, "images held out of the long-tailed train set as the validation pool", min=1)
         imbalance: float = option(100.0, "largest / smallest class size", min=1)
         test_profile: str = option("imbalanced", "test split: long-tailed like train (imbalanced) or the full "

@@ -70,7 +70,9 @@ def _hwc_uint8(array: np.ndarray, image_size: int) -> Tensor:
         return pixels
     from PIL import Image
 
-    return _resized_uint8((Image.fromarray(a) for a in array), len(array), image_size)
+    out = _resized_uint8((Image.fromarray(a) for a in array), len(array), image_size)
+    assert out is not None, "a non-square [N, H, W, C] array"  # square images stay square when resized
+    return out
 
 
 def cifar_transforms(image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
@@ -171,7 +173,7 @@ class _ArraySource(_Source):
     channels = 3
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
-    data_key = ("val_size", "cal_fraction")
+    data_key: tuple[str, ...] = ("val_size", "cal_fraction")
 
     Options = ArrayOptions
     options: ArrayOptions

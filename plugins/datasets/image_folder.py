@@ -53,7 +53,7 @@ def _open_rgb(paths: Iterable[str]) -> Iterator:
 
 
 def _image_files(folder: Path) -> list[str]:
-    files = []
+    files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(os.path.join(dirpath, f) for f in sorted(filenames)
@@ -221,8 +221,9 @@ class ImageFolderSource(_Source):
                            if test and pixels is not None else None)
             if pixels is not None and (not test or test_pixels is not None):
                 eval_view = InMemoryImages(pixels, torch.tensor([y for _, y in samples]), mean, std, samples=samples)
-                test_view = (InMemoryImages(test_pixels, torch.tensor([y for _, y in test]), mean, std, samples=test)
-                             if test else None)
+                test_view: Dataset | None = (
+                    InMemoryImages(test_pixels, torch.tensor([y for _, y in test]), mean, std, samples=test)
+                    if test and test_pixels is not None else None)
                 crop = RandomCropFlip(image_size // 8, flip=mode == "crop-flip") if augment else None
                 return eval_view.view(crop), eval_view, test_view
         train_tf, eval_tf = cifar_transforms(image_size, mean, std, augment, native_size=None, center_crop=True)

@@ -62,6 +62,8 @@ class TorchvisionOptions:
 class TorchvisionSource(DatasetSource):
     """``torchvision:<ClassName>`` (see the module docstring)."""
 
+    Options = TorchvisionOptions
+
     def __init__(self, variant: str, **options: Any):
         super().__init__(**options)
         self.variant = variant
@@ -95,24 +97,45 @@ class TorchvisionSource(DatasetSource):
                      and issubclass(getattr(datasets, n), datasets.VisionDataset) and n != "VisionDataset"]
             close = [n for n in known if n.lower().startswith(self.variant.lower()[:3])] or known[:12]
             raise EednError(f"torchvision has no dataset class '{self.variant}'; e.g. {', '.join(close)}")
+        vision_class: Any = cls  # a VisionDataset subclass (torchvision is untyped)
         params = inspect.signature(cls.__init__).parameters
         base = {"download": False} if "download" in params else {}
 
         def build(**kwargs: Any) -> Dataset:
             try:
-                return cls(str(self.root), **base, **kwargs)
+                return vision_class(str(self.root), **base, **kwargs)
             except TypeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - torchvision's own message says which files are missing
-                raise EednError(f"dataset '{self.name}': torchvision cannot read it from {self.root} "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); put its files there in "
-                                "torchvision's layout (eedn never downloads)") from None
+                raise EednError(self._unreadable(exc)) from None
 
         if "train" in params:
             return build(train=True), build(train=False)
         if "split" in params:
             return build(split="train"), build(split="test")
         return build(), None
+
+    def _unreadable(self, exc: Exception) -> str:
+        """What to do when torchvision cannot read the files. torchvision's own advice, "use download=True",
+        does not apply (eedn never downloads): compressed files it would have extracted itself are named, with
+        the command that extracts them; otherwise its message, without that advice, and the expected layout."""
+        packed = sorted(p for pattern in ("*.gz", "*.zip", "*.tar", "*.tgz", "*.tar.gz")
+                        for p in self.root.rglob(pattern) if p.is_file())
+        gz = [p for p in packed if p.name.endswith(".gz") and not p.name.endswith(".tar.gz")]
+        if gz:
+            folders = sorted({str(p.parent) for p in gz})
+            return (f"dataset '{self.name}': {self.root} holds compressed files ({', '.join(p.name for p in gz[:4])}"
+                    f"{', ...' if len(gz) > 4 else ''}) but torchvision reads them extracted; extract them in place, "
+                    f"e.g. `gunzip -k {' '.join(f + '/*.gz' for f in folders)}`, then run again")
+        if packed:
+            return (f"dataset '{self.name}': {self.root} holds archives ({', '.join(p.name for p in packed[:4])}) "
+                    "that torchvision did not accept as they are; extract them in place (e.g. `tar -xf FILE -C "
+                    f"{self.root}`) or check they are the files torchvision expects, then run again")
+        message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        message = message.replace(" You can use download=True to download it", "")
+        return (f"dataset '{self.name}': torchvision cannot read it from {self.root} ({message}); put its files "
+                f"there in torchvision's layout, e.g. {self.root}/{self.variant}/raw/ for MNIST-style sets (eedn "
+                "never downloads)")
 
     def describe(self) -> dict:
         keys = ("val_fraction", "cal_fraction", "test_fraction", "augment", "mean", "std", "stats_images")
@@ -158,6 +181,7 @@ class TorchvisionSource(DatasetSource):
         train_tf, eval_tf, used = self._transforms(int(image_size), mean, std, augment)
         train_view = MappedDataset(self.train_base, self.train_targets, train_tf)
         eval_view = MappedDataset(self.train_base, self.train_targets, eval_tf)
+        test: Dataset
         if self.test_base is None:
             test = subset(eval_view, parts["test"])
         else:
@@ -171,5 +195,3 @@ class TorchvisionSource(DatasetSource):
                   "test_from": "official test split" if self.test_base is not None else f"{test_f:g} of train"},
         )
 
-
-TorchvisionSource.Options = TorchvisionOptions
