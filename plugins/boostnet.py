@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eedn.core.model import EarlyExitModel
+from eedn.runtime.errors import EednError
 from eedn.core.options import option
 from eedn.train.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy,
-                                 cosine_schedule, sgd, train_heads)
+                                cosine_schedule, head_optimizer, init_ims_from_probe, train_heads)
 
 
 class BoostNetEnsemble(nn.Module):
@@ -70,7 +71,9 @@ class BoostNetStrategy(TrainingStrategy):
     class Options(SGDHeadOptions):
         decay: float = option(0.5, "weight of the previous ensemble: F_s = o_s + decay·F_{s−1}", min=0, max=1)
         select: str = option("final", "checkpoint: best val accuracy of the final exit's ensemble (final), of "
-                                      "the last IM's (last_im), or the last epoch (last)", choices=SELECT_CHOICES)
+                                      "the last IM's (last_im), or the last epoch (last); exit_ce does not apply "
+                                      "(each exit reports an ensemble of the IMs before it)",
+                             choices=SELECT_CHOICES)
 
     options: BoostNetStrategy.Options
 
@@ -87,7 +90,12 @@ class BoostNetStrategy(TrainingStrategy):
         self.prepare_model(model)
         model.backbone.requires_grad_(False)
         g = len(model.ims)
-        opt = sgd(model.ims.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        if o.select == "exit_ce":
+            raise EednError("strategy 'boostnet': select=exit_ce picks each IM's epoch alone, but BoostNet's exits "
+                            "report ensembles of all earlier IMs; use select=final, last_im or last")
+        if o.init == "probe":  # IM 0's optimum; later IMs start from their own exit's probe
+            init_ims_from_probe(model, context, weight_decay=float(o.weight_decay or 0.0))
+        opt = head_optimizer(model.ims.parameters(), o)
 
         def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
             ims = [model.ims[l](feats[l]) for l in range(g)]
@@ -100,6 +108,7 @@ class BoostNetStrategy(TrainingStrategy):
             return float(loss.detach())
 
         history = train_heads(model, context, name="boostnet", epochs=o.epochs, batch_size=o.batch_size,
-                              step=step, select=o.select, augmented=self.head_augment,
+                              step=step, select=o.select, standardize=bool(o.standardize),
+                              augmented=self.head_augment,
                               end_epoch=cosine_schedule(opt, o.epochs))
         return StrategyResult(settings=[("boostnet", model.heads_state_dict())], history=history)

@@ -1,5 +1,5 @@
-"""Inference modules (exit classifiers) and the `im-only` strategy: IMs trained alone on the frozen backbone with the
-JEI warm-up loss, paired with a threshold gate calibrated on val."""
+"""Inference modules (exit classifiers) and the `im-only` strategy: IMs trained alone on the frozen backbone with
+the JEI warm-up loss, paired with a threshold gate calibrated on val."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +19,11 @@ class LinearIM(InferenceModule):
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
         self.fc = nn.Linear(in_features, num_classes)
+
+    @property
+    def input_linear(self) -> nn.Linear:
+        """The layer standardised training folds its feature scaling into (eedn.train.strategy.StandardizedIM)."""
+        return self.fc
 
     def forward(self, features: Tensor) -> Tensor:
         return self.fc(features)
@@ -44,6 +49,11 @@ class MLPIM(InferenceModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
 
+    @property
+    def input_linear(self) -> nn.Linear:
+        """The layer standardised training folds its feature scaling into."""
+        return self.net[0]
+
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features)
 
@@ -52,9 +62,10 @@ class MLPIM(InferenceModule):
 
 
 class IMOnlyStrategy(TrainingStrategy):
-    """The warm-up loss Σ (G+1−l)·CE(IM_l) of JEI-DNN alone, at a constant lr, for ``epochs`` epochs
-    (docs/usage.md, "Baselines"); exits are then chosen by a calibrated threshold gate (max probability
-    by default)."""
+    """The warm-up loss Σ (G+1−l)·CE(IM_l) of JEI-DNN alone at a constant lr (docs/usage.md, "Baselines"); exits
+    are then chosen by a calibrated threshold gate (max probability by default). The clean profile trains the
+    IMs to convergence (standardised features, a probe start, Adam, per-IM val-CE early stopping);
+    paper-compat runs the official warm-up's SGD for ``epochs`` epochs and keeps the last."""
 
     default_gate = "max_prob"
 
@@ -63,6 +74,6 @@ class IMOnlyStrategy(TrainingStrategy):
 
     def fit(self, model: EarlyExitModel, context: FitContext) -> StrategyResult:
         o = self.options
-        history = train_heads_warmup(model, context, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr,
+        history = train_heads_warmup(model, context, epochs=o.epochs, batch_size=o.batch_size, options=o,
                                      augmented=o.head_augment, name="im-only")
         return StrategyResult(settings=[("im-only", model.heads_state_dict())], history=history)

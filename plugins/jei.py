@@ -9,12 +9,10 @@ every λ trains from cached per-exit features.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable, Mapping, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +22,9 @@ from eedn.runtime.errors import EednError
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
 from eedn.core.stacked import StackedHeads
-from eedn.train.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
-                           warmup_weights)
+from eedn.train.strategy import (Checkpoint, CheckpointGroup, FitContext, HeadTrainingOptions, StrategyResult,
+                                TrainingStrategy, check_finite, head_optimizer, init_ims_from_probe,
+                                per_exit_cross_entropy, resolve_head_profile, train_heads, warmup_weights)
 from eedn_plugins.jei_gate import EXIT_RULES, JeiGate
 from eedn_plugins.jei_targets import (PROFILES, SWEEP_MODES, TARGETS, _check_alternation, alternation_block,
                                       exit_weighted_im_loss, gate_phase_loss, gate_targets, official_warmup_epochs,
@@ -131,9 +130,10 @@ class JeiStrategy(TrainingStrategy):
         pos_weight_counts: str | None = option(None, "gate pos-weights from exact-exit, cumulative or survivor "
                                                      "counts (default: the ones matching targets and exit_rule)",
                                                choices=("exact", "cumulative", "survivors"))
-        im_training: str = option("alternate", "alternate (official: IM blocks between gate blocks) or converge "
-                                               "(IMs first, per-head mean CE with early stopping on val, then "
-                                               "gates only)", choices=("alternate", "converge"))
+        im_training: str | None = _per_profile("alternate (official: IM blocks between gate blocks) or converge "
+                                               "(IMs first, trained to convergence by the shared head training of "
+                                               "the same profile, then frozen while the gates learn)",
+                                               ("alternate", "converge"))
         max_im_epochs: int = option(50, "most IM epochs with im_training=converge", min=1)
         optimizers: str | None = _per_profile("one SGD per phase (separate) or one for both (shared)",
                                               ("separate", "shared"))
@@ -198,8 +198,9 @@ class JeiStrategy(TrainingStrategy):
             raise EednError(f"strategy 'jei': epochs={o.epochs} counts warm-up plus main epochs and must "
                             f"exceed warmup_epochs={o.warmup_epochs}")
         if o.im_training == "converge" and o.optimizers == "shared":
-            raise EednError("strategy 'jei': im_training=converge keeps the trained IMs fixed, but a shared optimiser "
-                            "moves them during gate batches (weight decay, momentum); set optimizers=separate")
+            raise EednError("strategy 'jei': im_training=converge (the clean profile's default) keeps the trained IMs "
+                            "fixed, but a shared optimiser moves them during gate batches (weight decay, momentum); "
+                            "set optimizers=separate, or im_training=alternate")
         if o.warmup == "early_stop" and o.epochs < 2:
             raise EednError("strategy 'jei': epochs must be >= 2 with warmup=early_stop (one warm-up, one main epoch)")
 
@@ -264,89 +265,88 @@ class JeiStrategy(TrainingStrategy):
         return mode == "stacked"
 
     # ---------------------------------------------------------------- warm-up
+    def _im_head_options(self) -> HeadTrainingOptions:
+        """How im_training=converge trains the IMs: the shared head training's profile of the same name (clean:
+        standardised features, a probe start, AdamW; paper-compat: JEI's SGD), one head at a time stopping on
+        its val CE."""
+        opts = self.options
+        given: dict[str, Any] = {"profile": opts.profile, "epochs": opts.max_im_epochs, "batch_size": opts.batch_size,
+                                 "select": "exit_ce", "momentum": opts.momentum}
+        if opts.profile == "paper-compat":
+            given |= {"lr": opts.lr, "weight_decay": opts.weight_decay, "patience": opts.warmup_patience}
+        return resolve_head_profile(HeadTrainingOptions(**given))
+
     def _warmup(self, model: EarlyExitModel, context: FitContext, val: _Validation,
                 history: list[dict]) -> tuple[int, dict[str, Tensor]]:
-        """Returns the epochs run and the SGD momentum of every IM parameter (keyed like the heads' state)."""
+        """The IMs before the gates, in the shared head-training loop: the official warm-up (Σ (G+1−l)·CE(IM_l),
+        SGD at constant lr, ``warmup_epochs`` or per-IM early stopping on val accuracy) or, with
+        ``im_training=converge``, every head on its own mean CE to convergence (per-IM val-CE early stopping).
+        Returns the epochs that count as warm-up and the SGD momentum of every IM parameter (keyed like the
+        heads' state)."""
         opts = self.options
         g = len(model.ims)
-        # im_training=converge: every head on its own mean CE until its val CE stops falling (docs/usage.md)
         converge = opts.im_training == "converge"
         early = opts.warmup == "early_stop" or converge
         # early stopping may end sooner; leave at least one main epoch either way
-        epochs = min(opts.max_warmup_epochs, opts.epochs - 1) if early else opts.warmup_epochs
+        epochs = min(opts.max_warmup_epochs, opts.epochs - 1) if early else int(opts.warmup_epochs or 0)
+        standardize, patience, score_start = False, opts.warmup_patience, False
         if converge:
-            epochs = opts.max_im_epochs
+            head = self._im_head_options()
+            epochs, standardize, patience = opts.max_im_epochs, bool(head.standardize), int(head.patience or 0)
+            score_start = head.init == "probe"  # the probe's heads stand unless an epoch beats them on val CE
+            if head.init == "probe":
+                init_ims_from_probe(model, context, weight_decay=float(head.weight_decay or 0.0))
+            opt = head_optimizer(model.ims.parameters(), head)
+        else:
+            opt = torch.optim.SGD(model.ims.parameters(), lr=opts.lr, momentum=opts.momentum,
+                                  weight_decay=opts.weight_decay)
         weights = (torch.ones(g) if converge else warmup_weights(g)).to(context.device)  # G+1-l officially
-        opt = torch.optim.SGD(model.ims.parameters(), lr=opts.lr, momentum=opts.momentum,
-                              weight_decay=opts.weight_decay)
-        best_acc = [-math.inf] * g
-        best_state = [copy.deepcopy(im.state_dict()) for im in model.ims]
-        stale = [0] * g
-        frozen = [False] * g
-        nb = context.features.num_batches("train", opts.batch_size)
-        run = 0
-        for epoch in range(epochs):
-            if all(frozen):
-                break
-            model.ims.train()
-            total, count = 0.0, 0
-            batches = context.features.batches("train", opts.batch_size, shuffle=True, seed=context.seed,
-                                               epoch=epoch, augmented=self.head_augment)
-            for feats, y in context.progress.track(batches, "jei warm-up", total=nb, epoch=epoch,
-                                                            epochs=epochs):
-                ce = per_exit_cross_entropy(model.im_logits(feats), y)
-                with torch.no_grad():
-                    final_ce = F.cross_entropy(_final_logits(model, feats).float(), y)
-                loss = (ce * weights).sum(1).mean()
-                value = loss.item()
-                check_finite(value, "jei warm-up", epoch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += (value + float(final_ce)) * len(y)
-                count += len(y)
-            run += 1
+
+        def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
+            ce = per_exit_cross_entropy(model.im_logits(feats), y)
+            with torch.no_grad():
+                final_ce = F.cross_entropy(_final_logits(model, feats).float(), y)
+            loss = (ce * weights).sum(1).mean()
+            value = loss.item()
+            check_finite(value, "jei warm-up", epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return value + float(final_ce)  # the logged loss includes the frozen final head's CE
+
+        def validate() -> dict:
             logits, scores = val.outputs(model)
-            im_acc = (logits[:, :g].argmax(-1) == val.labels[:, None]).float().mean(0).tolist()
-            entry: dict[str, Any] = {"phase": "warmup", "epoch": epoch, "lambda": None, "loss": total / max(count, 1),
-                                     "val_im_accuracy": im_acc,
-                                     "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
+            entry: dict[str, Any] = {
+                "phase": "warmup", "lambda": None,
+                "val_im_accuracy": (logits[:, :g].argmax(-1) == val.labels[:, None]).float().mean(0).tolist(),
+                "val_gated_accuracy": _gated_accuracy(model, logits, scores, val.labels)}
             if converge:
-                im_ce = per_exit_cross_entropy(logits[:, :g], val.labels).mean(0).tolist()
-                entry["val_im_loss"] = im_ce
-                im_score = [-c for c in im_ce]
-            else:
-                im_score = im_acc
-            if early:
-                for l in range(g):
-                    if frozen[l]:
-                        continue
-                    score = im_score[l]
-                    if score > best_acc[l]:
-                        best_acc[l], stale[l] = score, 0
-                        best_state[l] = copy.deepcopy(model.ims[l].state_dict())
-                    else:
-                        stale[l] += 1
-                    if stale[l] >= opts.warmup_patience:
-                        model.ims[l].load_state_dict(best_state[l])
-                        model.ims[l].requires_grad_(False)
-                        frozen[l] = True
-                entry["frozen"] = list(frozen)
-            history.append(entry)
-            context.progress.epoch("jei warm-up", epoch, epochs, loss=entry["loss"],
-                                   val_gated_accuracy=entry["val_gated_accuracy"])
-        if early:
-            for l in range(g):
-                if not frozen[l]:
-                    model.ims[l].load_state_dict(best_state[l])
-            model.ims.requires_grad_(True)
+                entry["val_im_loss"] = per_exit_cross_entropy(logits[:, :g], val.labels).mean(0).tolist()
+            return entry
+
+        def score(record: dict) -> Any:
+            """converge: lowest val CE per head; warmup=early_stop: best val accuracy per head; fixed: the last."""
+            if converge:
+                return [-c for c in record["val_im_loss"]]
+            return record["val_im_accuracy"] if early else None
+
+        checkpoint = Checkpoint(model.heads_state_dict, score, model.load_heads_state_dict,
+                                parts=[f"ims.{l}." for l in range(g)] if early else None,
+                                modules=list(model.ims) if early else None, patience=patience if early else 0,
+                                record_key="frozen" if early else None)
+        records = train_heads(model, context, name="jei warm-up", epochs=epochs, batch_size=opts.batch_size,
+                              step=step, augmented=self.head_augment, validate=validate, checkpoint=checkpoint,
+                              standardize=standardize, score_start=score_start, phase="warmup",
+                              epoch_metrics=lambda r: {"loss": r["loss"],
+                                                       "val_gated_accuracy": r["val_gated_accuracy"]})
+        history.extend(records)
         momentum = {}
         for name, p in model.ims.named_parameters():
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 momentum[f"ims.{name}"] = buf.detach().clone()
         # converged IMs stay fixed; the gates then train for the usual epochs - warmup_epochs epochs
-        return (opts.warmup_epochs if converge else run), momentum
+        return (int(opts.warmup_epochs or 0) if converge else len(records)), momentum
 
     # ---------------------------------------------------------------- alternation
     # The per-λ arithmetic (targets, losses, the after-epoch refresh and selection) lives in the methods
@@ -389,7 +389,7 @@ class JeiStrategy(TrainingStrategy):
         gates_only = self.options.im_training == "converge"
         return bs, self.options.epochs, nb, alternation_block(self.options.alternation, nb), gates_only
 
-    def _schedulers(self, optimizers: dict[str, torch.optim.SGD]) -> list:
+    def _schedulers(self, optimizers: Mapping[str, torch.optim.Optimizer]) -> list:
         """Cosine schedules of the optimisers that step (with im_training=converge only the gates' does)."""
         skip_ims = self.options.im_training == "converge"
         unique = list({id(o): o for name, o in optimizers.items() if not (skip_ims and name == "ims")}.values())
@@ -422,160 +422,176 @@ class JeiStrategy(TrainingStrategy):
                                val_macs_fraction=entry["val_macs_fraction"])
         return pos_weight, entry
 
+    def _checkpoint(self, lam: float, warmup_best: float, initial: dict[str, Tensor],
+                    state: Callable[[], dict[str, Tensor]]) -> Checkpoint:
+        """The setting a λ keeps (``select``), as a rule of the shared checkpoint: the last epoch, the best val
+        accuracy − λ·cost, or the paper-time rule: compared against the warm-up best and never updated, so the
+        last epoch beating the warm-up wins (with none, the warm-up model stands)."""
+        select = self.options.select
+        if select == "val_tradeoff":
+            return Checkpoint(state, lambda r: r["val_gated_accuracy"] - lam * r["val_mean_cost"], initial=initial)
+        if select == "pt_compat":
+            return Checkpoint(state, lambda r: r["val_gated_accuracy"], initial=initial, baseline=warmup_best,
+                              fixed_baseline=True)
+        return Checkpoint(state, lambda r: None, initial=initial)
+
+    def _alternation(self, context: FitContext, optimizers: Mapping[str, torch.optim.Optimizer],
+                     train_batch: Callable[[list[Tensor], Tensor, str, int], list[float]],
+                     validate: Callable[[int, dict[str, float], list[dict[str, float]], dict[str, int]], Any],
+                     k_count: int) -> tuple[Callable, Callable, Callable]:
+        """The ``step`` / ``end_epoch`` / ``validate`` hooks of the shared head-training loop for the gate/IM
+        alternation of ``k_count`` λ (one, or a stacked sweep): phase blocks by batch index, per-phase loss sums,
+        the lr of the epoch, then the cosine schedule."""
+        _, _, _, block, gates_only = self._epoch_shape(context)
+        schedulers = self._schedulers(optimizers)
+        state: dict[str, Any] = {"epoch": None, "batch": 0, "lrs": {}}
+        sums = [{"gate": 0.0, "ims": 0.0} for _ in range(k_count)]
+        counts = {"gate": 0, "ims": 0}
+
+        def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
+            if state["epoch"] != epoch:
+                state["epoch"], state["batch"] = epoch, 0
+            phase = "gate" if gates_only or (state["batch"] // block) % 2 == 0 else "ims"
+            state["batch"] += 1
+            values = train_batch(feats, y, phase, epoch)
+            for k, value in enumerate(values):
+                sums[k][phase] += value * len(y)
+            counts[phase] += len(y)
+            return float(sum(values))
+
+        def end_epoch(epoch: int) -> dict:
+            state["epoch"] = epoch
+            state["lrs"] = {name: o.param_groups[0]["lr"] for name, o in optimizers.items()}
+            for s in schedulers:
+                s.step()
+            return {}
+
+        def after(epoch: int) -> Any:
+            out = validate(int(state["epoch"]), state["lrs"], [dict(x) for x in sums], dict(counts))
+            for x in sums:
+                x.update(gate=0.0, ims=0.0)
+            counts.update(gate=0, ims=0)
+            return out
+
+        return step, end_epoch, lambda: after(int(state["epoch"]))
+
     def _alternate(self, model: EarlyExitModel, context: FitContext, val: _Validation, lam: float, costs: Tensor,
                    macs: Tensor, first_epoch: int, history: list[dict], momentum: dict[str, Tensor]) -> dict:
-        """One λ on the live model (the per-λ loop path)."""
-        opts = self.options
+        """One λ on the live model (the per-λ loop path), in the shared head-training loop."""
         torch.manual_seed(context.seed)  # every λ starts from the same state, as if run alone
         gate, g = cast(JeiGate, model.gate), len(model.ims)  # fit() checked the gate
-        bs, total_epochs, nb, block, gates_only = self._epoch_shape(context)
+        bs, total_epochs, _, _, _ = self._epoch_shape(context)
         optimizers = self._make_optimizers(list(model.ims.parameters()), list(gate.parameters()))
         for name, p in model.ims.named_parameters():
             if f"ims.{name}" in momentum:
                 optimizers["ims"].state[p]["momentum_buffer"] = momentum[f"ims.{name}"].clone()
-        schedulers = self._schedulers(optimizers)
-        selection = _Selection(opts.select, lam, _best_warmup_gated_accuracy(history), model.heads_state_dict())
+        checkpoint = self._checkpoint(lam, _best_warmup_gated_accuracy(history), model.heads_state_dict(),
+                                      model.heads_state_dict)
         pos_weight = torch.ones(g, device=context.device)
+        entries: list[dict] = []
 
-        for epoch in range(first_epoch, total_epochs):
-            model.ims.train()
-            gate.train()
-            sums = {"gate": 0.0, "ims": 0.0}
-            counts = {"gate": 0, "ims": 0}
-            batches = context.features.batches("train", bs, shuffle=True, seed=context.seed, epoch=epoch,
-                                               augmented=self.head_augment)
-            tracked = context.progress.track(batches, f"jei λ={lam:g}", total=nb, epoch=epoch, epochs=total_epochs)
-            for b, (feats, y) in enumerate(tracked):
-                phase = "gate" if gates_only or (b // block) % 2 == 0 else "ims"
-                if phase == "gate":
-                    with torch.no_grad():
-                        im = model.im_logits(feats)
-                        all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
-                    loss = self._gate_batch_loss(per_exit_cross_entropy(all_logits, y), gate.gate_logits(im), lam,
-                                                 costs, pos_weight)
-                else:
+        def train_batch(feats: list[Tensor], y: Tensor, phase: str, epoch: int) -> list[float]:
+            if phase == "gate":
+                with torch.no_grad():
                     im = model.im_logits(feats)
-                    # the lambda is called (or dropped) within this iteration, so the late binding of `im` is harmless
-                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))  # noqa: B023
-                value = loss.item()
-                check_finite(value, f"jei λ={lam:g}", epoch)
-                # zero to None (as the official torch versions do): a shared optimiser then leaves the idle
-                # group alone, with no weight decay or momentum step
-                optimizers[phase].zero_grad(set_to_none=True)
-                loss.backward()
-                optimizers[phase].step()
-                sums[phase] += value * len(y)
-                counts[phase] += len(y)
+                    all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
+                loss = self._gate_batch_loss(per_exit_cross_entropy(all_logits, y), gate.gate_logits(im), lam,
+                                             costs, pos_weight)
+            else:
+                im = model.im_logits(feats)
+                loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))
+            value = loss.item()
+            check_finite(value, f"jei λ={lam:g}", epoch)
+            # zero to None (as the official torch versions do): a shared optimiser then leaves the idle
+            # group alone, with no weight decay or momentum step
+            optimizers[phase].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[phase].step()
+            return [value]
 
-            # after every post-warm-up epoch: evaluate on val, refresh pos-weights, step the schedule
+        def validate(epoch: int, lrs: dict[str, float], sums: list[dict[str, float]], counts: dict[str, int]) -> dict:
+            nonlocal pos_weight
             logits, scores = val.outputs(model)
-            lrs = {name: o.param_groups[0]["lr"] for name, o in optimizers.items()}
             pos_weight, entry = self._after_epoch(context, gate, logits, scores, val.labels, lam, costs, macs,
-                                                  epoch, lrs, sums, counts)
-            for s in schedulers:
-                s.step()
-            history.append(entry)
-            selection.update(entry, epoch, model.heads_state_dict)
-        return selection.finish(history, model.heads_state_dict, total_epochs)
+                                                  epoch, lrs, sums[0], counts)
+            entries.append(entry)
+            return entry
+
+        step, end_epoch, after = self._alternation(context, optimizers, train_batch, validate, 1)
+        train_heads(model, context, name=f"jei λ={lam:g}", epochs=total_epochs, batch_size=bs, step=step,
+                    augmented=self.head_augment, end_epoch=end_epoch, validate=after, first_epoch=first_epoch,
+                    checkpoint=checkpoint, epoch_metrics=lambda r: None, phase="main")
+        history.extend(entries)
+        history.append({"phase": "select", "lambda": lam, "select": self.options.select,
+                        "epoch": checkpoint.chosen_epoch()})
+        assert checkpoint.result is not None
+        return checkpoint.result
 
     def _alternate_stacked(self, model: EarlyExitModel, context: FitContext, val: _Validation, costs: Tensor,
                            macs: Tensor, first_epoch: int, history: list[dict], snapshot: dict[str, Tensor],
                            momentum: dict[str, Tensor]) -> list[dict]:
         """Every λ at once: K copies of the heads stacked along a leading dimension (:mod:`eedn.core.stacked`),
-        the same batches for all, each copy's arithmetic that of its λ alone. Returns one state per λ."""
-        opts = self.options
+        the same batches for all, each copy's arithmetic that of its λ alone, in the shared head-training loop.
+        Returns one state per λ."""
         torch.manual_seed(context.seed)
         lambdas, k_count = self.lambdas, len(self.lambdas)
         gate, g = cast(JeiGate, model.gate), len(model.ims)  # fit() checked the gate
-        bs, total_epochs, nb, block, gates_only = self._epoch_shape(context)
+        bs, total_epochs, _, _, _ = self._epoch_shape(context)
         stack = StackedHeads(model, [snapshot] * k_count)
         optimizers = self._make_optimizers(stack.group("ims."), stack.group("gate."))
         stack.stack_momentum(momentum, optimizers["ims"])
-        schedulers = self._schedulers(optimizers)
         baseline = _best_warmup_gated_accuracy(history)
-        selections = [_Selection(opts.select, lam, baseline, snapshot) for lam in lambdas]
+        group = CheckpointGroup([self._checkpoint(lam, baseline, snapshot, lambda k=k: stack.state(k))
+                                 for k, lam in enumerate(lambdas)], "lambdas")
         pos_weight = [torch.ones(g, device=context.device) for _ in lambdas]
         records: list[list[dict]] = [[] for _ in lambdas]
-        name = f"jei {k_count} λ stacked"
 
-        for epoch in range(first_epoch, total_epochs):
-            model.heads().train()
-            sums = [{"gate": 0.0, "ims": 0.0} for _ in lambdas]
-            counts = {"gate": 0, "ims": 0}
-            batches = context.features.batches("train", bs, shuffle=True, seed=context.seed, epoch=epoch,
-                                               augmented=self.head_augment)
-            for b, (feats, y) in enumerate(context.progress.track(batches, name, total=nb, epoch=epoch,
-                                                                  epochs=total_epochs)):
-                phase = "gate" if gates_only or (b // block) % 2 == 0 else "ims"
-                if phase == "gate":
-                    with torch.no_grad():
-                        im = stack.im_logits(feats)  # [K, B, G, C]
-                        final = _final_logits(model, feats).unsqueeze(1)
-                        ce = _stacked_cross_entropy(torch.cat([im, final.expand(k_count, *final.shape)], 2), y)
-                    logits = stack.gate_logits(im)
-                    losses = [self._gate_batch_loss(ce[k], logits[k], lam, costs, pos_weight[k])
-                              for k, lam in enumerate(lambdas)]
-                else:
-                    im = stack.im_logits(feats)
-                    ce = _stacked_cross_entropy(im, y)
-                    # only exit_weighted reads it, within this iteration (so late binding is harmless); mypy
-                    # cannot infer a lambda with a default argument
-                    gate_logits = _Lazy(lambda: stack.gate_logits(im))  # noqa: B023
-                    losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k])  # type: ignore[misc]  # noqa: B023
-                              for k in range(k_count)]
-                loss = torch.stack(losses)
-                values = loss.tolist()
-                for k, value in enumerate(values):
-                    check_finite(value, f"jei λ={lambdas[k]:g}", epoch)
-                    sums[k][phase] += value * len(y)
-                counts[phase] += len(y)
-                optimizers[phase].zero_grad(set_to_none=True)
-                loss.sum().backward()  # copies share no parameter: each gets its own λ's gradient exactly
-                optimizers[phase].step()
+        def train_batch(feats: list[Tensor], y: Tensor, phase: str, epoch: int) -> list[float]:
+            if phase == "gate":
+                with torch.no_grad():
+                    im = stack.im_logits(feats)  # [K, B, G, C]
+                    final = _final_logits(model, feats).unsqueeze(1)
+                    ce = _stacked_cross_entropy(torch.cat([im, final.expand(k_count, *final.shape)], 2), y)
+                logits = stack.gate_logits(im)
+                losses = [self._gate_batch_loss(ce[k], logits[k], lam, costs, pos_weight[k])
+                          for k, lam in enumerate(lambdas)]
+            else:
+                im = stack.im_logits(feats)
+                ce = _stacked_cross_entropy(im, y)
+                gate_logits = _Lazy(lambda: stack.gate_logits(im))  # only exit_weighted reads it
+                losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k]) for k in range(k_count)]
+            loss = torch.stack(losses)
+            values = loss.tolist()
+            for k, value in enumerate(values):
+                check_finite(value, f"jei λ={lambdas[k]:g}", epoch)
+            optimizers[phase].zero_grad(set_to_none=True)
+            loss.sum().backward()  # copies share no parameter: each gets its own λ's gradient exactly
+            optimizers[phase].step()
+            return values
 
+        def validate(epoch: int, lrs: dict[str, float], sums: list[dict[str, float]], counts: dict[str, int]) -> dict:
             logits, scores = val.outputs_stacked(model, stack)
-            lrs = {key: o.param_groups[0]["lr"] for key, o in optimizers.items()}
+            entries = []
             for k, lam in enumerate(lambdas):
                 pos_weight[k], entry = self._after_epoch(context, gate, logits[k], scores[k], val.labels, lam,
                                                          costs, macs, epoch, lrs, sums[k], counts)
                 records[k].append(entry)
-                selections[k].update(entry, epoch, functools.partial(stack.state, k))
-            for s in schedulers:
-                s.step()
+                entries.append(entry)
+            return {"phase": "main", "lambdas": entries}
+
+        step, end_epoch, after = self._alternation(context, optimizers, train_batch, validate, k_count)
+        model.heads().train()
+        train_heads(model, context, name=f"jei {k_count} λ stacked", epochs=total_epochs, batch_size=bs, step=step,
+                    augmented=self.head_augment, end_epoch=end_epoch, validate=after, first_epoch=first_epoch,
+                    checkpoint=group, epoch_metrics=lambda r: None, phase="main")
         states = []
-        for k, selection in enumerate(selections):
+        for k, checkpoint in enumerate(group.members):
             history.extend(records[k])
-            states.append(selection.finish(history, functools.partial(stack.state, k), total_epochs))
+            history.append({"phase": "select", "lambda": lambdas[k], "select": self.options.select,
+                            "epoch": checkpoint.chosen_epoch()})
+            assert checkpoint.result is not None
+            states.append(checkpoint.result)
         return states
-
-
-class _Selection:
-    """Which epoch's heads a λ keeps (``select``): the last, the best val accuracy − λ·cost, or the
-    paper-time rule."""
-
-    epoch: int | None
-
-    def __init__(self, select: str, lam: float, warmup_best: float, initial: dict[str, Tensor]):
-        self.select, self.lam, self.warmup_best = select, lam, warmup_best
-        self.best_score, self.state, self.epoch = -math.inf, initial, None
-
-    def update(self, entry: dict, epoch: int, state: Callable[[], dict[str, Tensor]]) -> None:
-        acc = entry["val_gated_accuracy"]
-        if self.select == "val_tradeoff":
-            score = acc - self.lam * entry["val_mean_cost"]
-            if score > self.best_score:
-                self.best_score, self.state, self.epoch = score, state(), epoch
-        elif self.select == "pt_compat":
-            # paper-time bug: compared against the warm-up best and never updated, so the last epoch
-            # beating the warm-up wins; with none, the warm-up model stands
-            if acc > self.warmup_best:
-                self.state, self.epoch = state(), epoch
-
-    def finish(self, history: list[dict], state: Callable[[], dict[str, Tensor]], epochs: int) -> dict:
-        if self.select == "last":
-            self.state, self.epoch = state(), epochs - 1
-        history.append({"phase": "select", "lambda": self.lam, "select": self.select, "epoch": self.epoch})
-        return self.state
 
 
 class _Lazy:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,8 @@ from torch.func import functional_call
 from eedn.runtime.errors import EednError
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, per_exit_cross_entropy,
-                                 sgd, train_heads)
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, head_optimizer,
+                                init_ims_from_probe, per_exit_cross_entropy, train_heads)
 
 
 class WeightNet(nn.Module):
@@ -82,6 +83,10 @@ class L2WStrategy(TrainingStrategy):
     """IMs trained with per-sample weights from a meta-learned weight net."""
 
     default_gate = "max_prob"
+    compat_select = "last_im"
+    #: the meta step differentiates through one SGD step of the IMs, so the clean profile keeps SGD (on
+    #: standardised features, where lr 0.1 converges)
+    profile_overrides: ClassVar[dict[str, dict[str, Any]]] = {"clean": {"optimizer": "sgd", "lr": 0.1}}
 
     @dataclass
     class Options(SGDHeadOptions):
@@ -103,16 +108,21 @@ class L2WStrategy(TrainingStrategy):
             raise EednError("l2w needs at least one intermediate exit")
         wnet = WeightNet(g, o.hidden).to(context.device)
         self.weight_net = wnet  # kept for inspection; it plays no part at inference
-        opt = sgd(model.ims.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        if o.init == "probe":
+            init_ims_from_probe(model, context, weight_decay=float(o.weight_decay or 0.0))
+        opt = head_optimizer(model.ims.parameters(), o)
+        if o.optimizer != "sgd":
+            raise EednError("strategy 'l2w': the meta step differentiates through one SGD step of the IMs; set "
+                            "optimizer=sgd")
         meta_opt = torch.optim.Adam(wnet.parameters(), lr=o.meta_lr, weight_decay=o.meta_weight_decay)
         shares = meta_target_shares(g, o.meta_q)
         total_steps = o.epochs * context.features.num_batches("train", o.batch_size)
-        iteration, lr, meta_losses = 0, o.lr, []
+        iteration, lr, meta_losses = 0, float(o.lr or 0.0), []
 
         def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
             """A meta step every ``meta_interval`` iterations, then one main step on each half."""
             nonlocal iteration, lr
-            lr = cosine(o.lr, iteration, total_steps)
+            lr = cosine(float(o.lr or 0.0), iteration, total_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             for group in meta_opt.param_groups:
@@ -143,10 +153,11 @@ class L2WStrategy(TrainingStrategy):
             return {"lr": lr, "meta_loss": mean_meta}
 
         history = train_heads(model, context, name="l2w", epochs=o.epochs, batch_size=o.batch_size, step=step,
-                              select=o.select, augmented=self.head_augment, end_epoch=end_epoch)
+                              select=str(o.select), patience=int(o.patience or 0), standardize=bool(o.standardize),
+                              score_start=o.init == "probe", augmented=self.head_augment, end_epoch=end_epoch)
         return StrategyResult(settings=[("l2w", model.heads_state_dict())], history=history)
 
-    def _meta_step(self, model: EarlyExitModel, wnet: WeightNet, opt: torch.optim.SGD, meta_opt: torch.optim.Adam,
+    def _meta_step(self, model: EarlyExitModel, wnet: WeightNet, opt: torch.optim.Optimizer, meta_opt: torch.optim.Adam,
                    a: tuple[list[Tensor], Tensor], b: tuple[list[Tensor], Tensor], lr: float, shares: Tensor) -> float:
         """One look-ahead SGD step of the IMs on A, meta loss on B, one Adam step of the weight net."""
         o = self.options
@@ -169,7 +180,7 @@ class L2WStrategy(TrainingStrategy):
         stepped = {}
         for name, grad in zip(names, grads):
             p = params[name]
-            d = grad + o.weight_decay * p
+            d = grad + float(o.weight_decay or 0.0) * p
             buf = opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None and o.momentum:
                 d = o.momentum * buf + d

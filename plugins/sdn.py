@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
 from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite,
-                                 cosine_schedule, per_exit_cross_entropy, selection_metric, sgd, train_heads,
-                                 val_exit_accuracy)
+                                cosine_schedule, head_optimizer, init_ims_from_probe, per_exit_cross_entropy,
+                                selection_metric, train_heads, val_exit_accuracy)
 
 
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:
@@ -46,6 +46,7 @@ class SDNStrategy(TrainingStrategy):
     """SDN weighted joint loss on the IMs (optionally on the whole backbone)."""
 
     default_gate = "max_prob"
+    compat_select = "last_im"
 
     @dataclass
     class Options(SGDHeadOptions):
@@ -71,22 +72,35 @@ class SDNStrategy(TrainingStrategy):
             return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
 
         model.backbone.requires_grad_(False)
-        opt = sgd(model.ims.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        if o.init == "probe":
+            init_ims_from_probe(model, context, weight_decay=float(o.weight_decay or 0.0))
+        opt = head_optimizer(model.ims.parameters(), o)
         schedule = cosine_schedule(opt, o.epochs)
 
         def weights(epoch: int) -> Tensor:
             return sdn_weights(positions, epoch, o.epochs, o.weight_start)
 
+        ce_sum = {"ce": 0.0, "n": 0}
+
         def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
-            loss = (per_exit_cross_entropy(model.im_logits(feats), y) * weights(epoch)).sum(1).mean()
+            ce = per_exit_cross_entropy(model.im_logits(feats), y)
+            loss = (ce * weights(epoch)).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            ce_sum["ce"] += float(ce.detach().mean()) * len(y)
+            ce_sum["n"] += len(y)
             return float(loss.detach())
 
+        def end_epoch(epoch: int) -> dict:
+            # the weighted loss grows with SDN's weights (0.01 -> c_l): the unweighted CE shows the fit
+            mean_ce = ce_sum["ce"] / max(ce_sum["n"], 1)
+            ce_sum.update(ce=0.0, n=0)
+            return schedule(epoch) | {"weights": weights(epoch).tolist(), "mean_ce": mean_ce}
+
         history = train_heads(model, context, name="sdn", epochs=o.epochs, batch_size=o.batch_size, step=step,
-                              select=o.select, augmented=self.head_augment,
-                              end_epoch=lambda epoch: schedule(epoch) | {"weights": weights(epoch).tolist()})
+                              select=str(o.select), patience=int(o.patience or 0), standardize=bool(o.standardize),
+                              score_start=o.init == "probe", augmented=self.head_augment, end_epoch=end_epoch)
         return StrategyResult(settings=[("sdn", model.heads_state_dict())], history=history)
 
     def _fit_with_backbone(self, model: EarlyExitModel, context: FitContext, positions: Tensor) -> list[dict]:
@@ -96,7 +110,8 @@ class SDNStrategy(TrainingStrategy):
         model.backbone.requires_grad_(True)
         groups = [{"params": list(model.ims.parameters()), "lr": o.lr},
                   {"params": list(model.backbone.parameters()), "lr": o.backbone_lr}]
-        opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(groups, lr=float(o.lr or 0.0), momentum=o.momentum,
+                              weight_decay=float(o.weight_decay or 0.0))
         schedule = cosine_schedule(opt, o.epochs)
         history: list[dict] = []
         best_metric: float | None = None
@@ -107,7 +122,7 @@ class SDNStrategy(TrainingStrategy):
             val_acc = val_exit_accuracy(model, context)  # the backbone runs live, in eval mode
             record = {"phase": "sdn", "epoch": epoch, "loss": loss, **schedule(epoch), "weights": tau.tolist(),
                       "val_accuracy": val_acc.tolist()}
-            metric = selection_metric(val_acc, o.select)
+            metric = selection_metric(val_acc, "last_im" if o.select == "exit_ce" else str(o.select))
             # metric and best_metric are None together (whether selection_metric gives one depends on `select` only)
             if best_state is None or metric is None or metric > cast(float, best_metric):
                 best_metric, best_state = metric, copy.deepcopy(model.state_dict())

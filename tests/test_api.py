@@ -391,7 +391,9 @@ def test_library_example_runs_end_to_end(eedn_cache, tmp_path, capsys):
     data = eedn.load_dataset("digits", image_size=16, seed=0)
     recomputed = eedn.split_outputs(model, data, "test")
     assert torch.equal(test.labels, recomputed.labels)
-    torch.testing.assert_close(test.logits, recomputed.logits, rtol=1e-4, atol=1e-5)
+    # converged IMs carry weights ~1/σ of their features (σ ≈ 0.05 here), so a recomputed feature's float noise
+    # (another batch size) reaches the logits ~20× larger
+    torch.testing.assert_close(test.logits, recomputed.logits, rtol=1e-4, atol=1e-4)
     assert test.exit_macs.tolist() == [float(m) for m in manifest["model"]["exit_macs"]]
     with pytest.raises(EednError, match="not a finished eedn run directory"):
         eedn.read_outputs(tmp_path)

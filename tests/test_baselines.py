@@ -195,7 +195,8 @@ def test_yaml_strings_are_coerced_and_bad_values_rejected():
     sdn = eedn.create("strategy", "sdn", lr="1e-3", epochs="4", train_backbone="true", select="final")
     assert sdn.options.lr == 0.001 and sdn.options.epochs == 4 and sdn.trains_backbone is True
     assert eedn.create("strategy", "boostnet", decay="0.25").options.decay == 0.25
-    assert eedn.create("strategy", "l2w").options.select == "last_im"
+    assert eedn.create("strategy", "l2w").options.select == "exit_ce"  # clean: each IM at its lowest val CE
+    assert eedn.create("strategy", "l2w", profile="paper-compat").options.select == "last_im"
     assert eedn.create("strategy", "boostnet").options.select == "final"
     for name, options, fragment in [("sdn", {"select": "best"}, "last_im, final, last"),
                                     ("boostnet", {"decay": 1.5}, "decay"),

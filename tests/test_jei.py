@@ -402,7 +402,8 @@ def test_recorded_options_rebuild_the_same_strategy():
     """A run records describe(); building from it again (through the registry) gives the same strategy."""
     import eedn
 
-    for options in ({"profile": "paper-compat", "lambda": "0.1,0.5"}, {"optimizers": "shared", "epochs": "9"}):
+    for options in ({"profile": "paper-compat", "lambda": "0.1,0.5"},
+                    {"optimizers": "shared", "im_training": "alternate", "epochs": "9"}):
         first = eedn.create("strategy", "jei", **options).describe()
         again = eedn.create("strategy", "jei", **first).describe()
         assert again == first
@@ -535,7 +536,8 @@ def fit(tmp_path, cacheable: bool = True, backbone_mode: str = "eval", **options
                            cacheable=cacheable, backbone_mode=backbone_mode)
     exit_macs, full_macs = measure_exit_macs(model)
     ctx = FitContext(features=source, exit_macs=exit_macs, full_macs=full_macs, seed=0)
-    options = {"epochs": 8, "warmup_epochs": 2} | options
+    # the alternation's tests name it: the clean profile trains the IMs to convergence first
+    options = {"epochs": 8, "warmup_epochs": 2, "im_training": "alternate"} | options
     result = JeiStrategy(**options).fit(model, ctx)
     return model, source, result, (exit_macs, full_macs)
 
@@ -661,7 +663,7 @@ def test_shared_optimiser_leaves_the_idle_group_alone(tmp_path, sweep):
     model = toy_model()
     source = FeatureSource(model, toy_data(), cache=FeatureCache(tmp_path / "cache"))
     ctx = FitContext(features=source, exit_macs=[1, 2, 3, 4], full_macs=4)
-    JeiStrategy(epochs=3, warmup_epochs=2)._warmup(model, ctx, _Validation(ctx), [])
+    JeiStrategy(epochs=3, warmup_epochs=2, im_training="alternate")._warmup(model, ctx, _Validation(ctx), [])
     warm = model.heads_state_dict()
     main = [h for h in shared.history if h["phase"] == "main"]
     assert main[0]["im_samples"] == 0 and main[0]["gate_samples"] > 0

@@ -6,14 +6,15 @@ trains an :class:`~eedn.core.model.EarlyExitModel` from the batches its context 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from eedn.runtime.errors import EednError
 from eedn.train.features import FeatureSource, compute_split_outputs
@@ -22,6 +23,7 @@ from eedn.core.model import EarlyExitModel
 from eedn.core.options import declared_options, option
 from eedn.runtime.precision import autocast
 from eedn.runtime.progress import Progress
+from eedn.train.probe import fit_linear_probe, fold_standardization, standardization, unfold_standardization
 
 
 @dataclass
@@ -88,8 +90,15 @@ class TrainingStrategy(ABC):
     #: the option the command line's ``--lambda`` sets (a cost/accuracy trade-off), if the strategy has one.
     tradeoff_option: str | None = None
 
+    #: the checkpoint rule of this strategy's head training under ``profile=paper-compat``
+    compat_select: str = "last"
+    #: per head-training profile, what this strategy sets differently from :data:`HEAD_PROFILES`
+    profile_overrides: ClassVar[dict[str, dict[str, Any]]] = {}
+
     def __init__(self, **options: Any):
         self.options = declared_options(f"strategy {type(self).__name__}", type(self), options)
+        if isinstance(self.options, HeadTrainingOptions):
+            self.options = resolve_head_profile(self.options, self.compat_select, self.profile_overrides)
 
     @property
     def backbone_mode(self) -> str:
@@ -142,10 +151,289 @@ def sgd(params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5
     return torch.optim.SGD([p for p in params if p.requires_grad], lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-# ------------------------------------------------------------------------------ the head-training loop
+# ------------------------------------------------------------------------------ head-training options
 
-#: checkpoint choice: best val accuracy of the last IM, of the final exit, or simply the last epoch.
-SELECT_CHOICES = ("last_im", "final", "last")
+#: checkpoint choice: best val accuracy of the last IM or of the final exit, the last epoch, or per IM the epoch
+#: of its lowest val CE (``exit_ce``; the IMs on a frozen backbone share no parameter, so each keeps its own best)
+SELECT_CHOICES = ("last_im", "final", "last", "exit_ce")
+HEAD_OPTIMIZERS = ("sgd", "adam")
+HEAD_INITS = ("default", "probe")
+
+#: what each head-training profile sets for the options declared "per profile" (explicit options still win).
+#: ``clean`` converges the IMs (measured on digits and CIFAR-10 features, docs/method.md "Converged IMs");
+#: ``paper-compat`` is the official optimiser: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, raw features.
+HEAD_PROFILES: dict[str, dict[str, Any]] = {
+    "clean": {"optimizer": "adam", "lr": 0.01, "weight_decay": 1e-4, "standardize": True, "init": "probe",
+              "select": "exit_ce", "patience": 5},
+    "paper-compat": {"optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4, "standardize": False,
+                     "init": "default", "patience": 0},
+}
+
+
+def _per_profile(help: str, choices: tuple | None = None, **limits: float) -> Any:
+    return option(None, f"{help} (default: per profile)", choices=choices, **limits)
+
+
+@dataclass
+class HeadTrainingOptions:
+    """Options most head-training strategies share; subclass it to add a strategy's own. Options marked "per
+    profile" are filled from :data:`HEAD_PROFILES`, so ``self.options`` holds the resolved values."""
+
+    epochs: int = option(15, "training epochs", min=1)
+    batch_size: int = option(64, "training batch size", min=1)
+    lr: float | None = _per_profile("learning rate of the IMs", min=0)
+    momentum: float = option(0.9, "SGD momentum", min=0)
+    weight_decay: float | None = _per_profile("weight decay (on standardised weights with standardize)", min=0)
+    profile: str = option("clean", "clean (IMs trained to convergence) or paper-compat (the official SGD)",
+                          choices=tuple(HEAD_PROFILES))
+    optimizer: str | None = _per_profile("optimiser of the IMs", HEAD_OPTIMIZERS)
+    standardize: bool | None = _per_profile("train each IM on its exit's features standardised with the train "
+                                            "mean and std, folded back into the IM afterwards (same inference)")
+    init: str | None = _per_profile("IM start: default (the module's init) or probe (a converged linear probe, "
+                                    "linear IMs only)", HEAD_INITS)
+    select: str | None = _per_profile("checkpoint: best val accuracy of the last IM (last_im) or of the final "
+                                      "exit (final), the last epoch (last), or per IM its lowest val CE (exit_ce)",
+                                      SELECT_CHOICES)
+    patience: int | None = _per_profile("with select=exit_ce: an IM stops after this many epochs without a lower "
+                                        "val CE (0: never)", min=0)
+    backbone_mode: str = option("eval", "eval: the backbone is a fixed feature extractor (features cached); "
+                                        "train: its dropout / DropPath stay active (no cache)",
+                                choices=("eval", "train"))
+    head_augment: bool = option(False, "train the heads on augmented images (no feature cache)")
+
+
+#: the name the SDN / BoostNet / L2W options were declared under
+SGDHeadOptions = HeadTrainingOptions
+
+
+def resolve_head_profile(options: HeadTrainingOptions, compat_select: str = "last",
+                         overrides: dict[str, dict[str, Any]] | None = None) -> HeadTrainingOptions:
+    """Fill the "per profile" options from :data:`HEAD_PROFILES` (``compat_select``: the strategy's own
+    checkpoint rule under paper-compat; ``overrides``: what a strategy sets differently per profile)."""
+    profile = dict(HEAD_PROFILES[options.profile]) | (overrides or {}).get(options.profile, {})
+    profile.setdefault("select", compat_select)
+    return dataclasses.replace(options, **{k: v for k, v in profile.items() if getattr(options, k) is None})
+
+
+def head_optimizer(params: Iterable[Tensor], options: HeadTrainingOptions) -> torch.optim.Optimizer:
+    """The IMs' optimiser from the resolved options: SGD (momentum) or Adam, both with L2 weight decay (the
+    linear probe's objective, so a probe start is its optimum)."""
+    trainable = [p for p in params if p.requires_grad]
+    lr, wd = float(options.lr or 0.0), float(options.weight_decay or 0.0)
+    if options.optimizer == "adam":
+        return torch.optim.Adam(trainable, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(trainable, lr=lr, momentum=options.momentum, weight_decay=wd)
+
+
+# ------------------------------------------------------------------------------ standardised IMs
+
+
+def input_linear(im: nn.Module) -> nn.Linear | None:
+    """The ``Linear`` an IM applies first to its features (``input_linear`` attribute), if it declares one."""
+    layer = getattr(im, "input_linear", None)
+    return layer if isinstance(layer, nn.Linear) else None
+
+
+class StandardizedIM(nn.Module):
+    """An IM reading ``(x − μ)/σ`` while it trains; :meth:`fold` gives back the IM on raw features with its
+    input layer rewritten (``W/σ``, ``b − Wμ/σ``), so inference and MACs are those of the plain IM."""
+
+    mu: Tensor
+    sigma: Tensor
+
+    def __init__(self, im: nn.Module, mu: Tensor, sigma: Tensor):
+        super().__init__()
+        layer = input_linear(im)
+        if layer is None:
+            raise EednError(f"standardize=true needs IMs whose first layer is a Linear (input_linear); "
+                            f"{type(im).__name__} has none: set strategy_options.standardize=false")
+        self.im = im
+        self.register_buffer("mu", mu.to(layer.weight))
+        self.register_buffer("sigma", sigma.to(layer.weight))
+        with torch.no_grad():
+            w, b = unfold_standardization(layer.weight, layer.bias, self.mu, self.sigma)
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.im((features - self.mu) / self.sigma)
+
+    def fold(self) -> nn.Module:
+        layer = input_linear(self.im)
+        assert layer is not None
+        with torch.no_grad():
+            w, b = fold_standardization(layer.weight, layer.bias, self.mu, self.sigma)
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        return self.im
+
+
+def standardize_ims(model: EarlyExitModel, context: FitContext) -> None:
+    """Wrap every IM in a :class:`StandardizedIM` with its exit's train mean and std (the parameters stay the
+    same tensors, so optimisers built before keep working)."""
+    train = context.features.features("train").feats
+    for l in range(len(model.ims)):
+        mu, sigma = standardization(train[l])
+        model.ims[l] = StandardizedIM(model.ims[l], mu.to(context.device), sigma.to(context.device))
+
+
+def unstandardize_ims(model: EarlyExitModel) -> None:
+    """Fold every :class:`StandardizedIM` back into a plain IM on raw features."""
+    for l in range(len(model.ims)):
+        im = model.ims[l]
+        if isinstance(im, StandardizedIM):
+            model.ims[l] = im.fold()
+
+
+def init_ims_from_probe(model: EarlyExitModel, context: FitContext, weight_decay: float = 1e-4) -> list[float]:
+    """Start every linear IM from a converged linear probe on its exit's train features (val CE early
+    stopping); returns the probes' val accuracies. IMs that are not a single Linear keep their init."""
+    train, val = context.features.features("train"), context.features.features("val")
+    accuracies = []
+    for l, im in enumerate(model.ims):
+        inner = im.im if isinstance(im, StandardizedIM) else im
+        layer = input_linear(inner)
+        if layer is None or sum(1 for m in inner.modules() if isinstance(m, nn.Linear)) != 1:
+            accuracies.append(float("nan"))
+            continue
+        probe = fit_linear_probe(train.feats[l], train.labels, layer.out_features, weight_decay=weight_decay,
+                                 val=(val.feats[l], val.labels))
+        w, b = probe.weight.to(layer.weight), probe.bias.to(layer.bias)
+        if isinstance(im, StandardizedIM):
+            w, b = unfold_standardization(w, b, im.mu, im.sigma)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        accuracies.append(probe.accuracy(val.feats[l], val.labels))
+    return accuracies
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+class Checkpoint:
+    """The one rule for which epoch's heads a training keeps.
+
+    After each epoch ``update(record, epoch)`` scores the epoch (``score(record)``: a float, one float per part,
+    or None for "keep the last epoch"); per part (``parts``: state-dict key prefixes, e.g. one per IM; None:
+    the whole heads) the state of the best-scoring epoch is kept, higher being better. With ``baseline`` an
+    epoch must beat it to be kept (``initial`` stands otherwise); ``fixed_baseline`` never raises the bar (the
+    official code's rule: the last epoch beating the warm-up wins). With ``patience`` a part that has not
+    improved for that many epochs is restored to its best state and frozen (``modules[i]``); ``record_key``
+    writes the parts' stopped flags into the epoch's record. ``finish()`` loads the kept state (with ``load``)
+    and returns it (also as ``result``).
+    """
+
+    def __init__(self, state: Callable[[], dict[str, Tensor]], score: Callable[[dict], Any],
+                 load: Callable[[dict[str, Tensor]], None] | None = None, parts: list[str] | None = None,
+                 modules: list[nn.Module] | None = None, patience: int = 0, baseline: float = -math.inf,
+                 fixed_baseline: bool = False, initial: dict[str, Tensor] | None = None,
+                 record_key: str | None = None):
+        self.state, self.score, self.load = state, score, load
+        self.record_key = record_key
+        self.result: dict[str, Tensor] | None = None
+        self.parts = parts
+        self.modules = modules
+        n = len(parts) if parts is not None else 1
+        self.patience = patience
+        self.best = [baseline] * n
+        self.fixed_baseline = fixed_baseline
+        self.kept: list[dict[str, Tensor] | None] = [initial] * n
+        self.epochs: list[int | None] = [None] * n
+        self.stale = [0] * n
+        self.stopped = [False] * n
+        self.keeps_last = False
+        self.last_epoch: int | None = None
+
+    @property
+    def all_stopped(self) -> bool:
+        return all(self.stopped)
+
+    def _part(self, state: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+        if self.parts is None:
+            return state
+        return {k: v for k, v in state.items() if k.startswith(self.parts[i])}
+
+    def update(self, record: dict, epoch: int) -> None:
+        self.last_epoch = epoch
+        scores = self.score(record)
+        if scores is None:
+            self.keeps_last = True
+            return
+        scores = [float(s) for s in (scores if isinstance(scores, (list, tuple)) else [scores])]
+        state: dict[str, Tensor] | None = None
+        for i, score in enumerate(scores):
+            if self.stopped[i]:
+                continue
+            if score > self.best[i]:
+                state = state if state is not None else self.state()
+                self.kept[i], self.epochs[i], self.stale[i] = self._part(state, i), epoch, 0
+                if not self.fixed_baseline:
+                    self.best[i] = score
+            else:
+                self.stale[i] += 1
+                if self.patience and self.stale[i] >= self.patience:
+                    self._stop(i)
+        if self.record_key is not None:
+            record[self.record_key] = list(self.stopped)
+
+    def _stop(self, i: int) -> None:
+        self.stopped[i] = True
+        if self.modules is not None and self.load is not None and self.kept[i] is not None:
+            live = self.state()
+            live.update(self.kept[i])  # type: ignore[arg-type]
+            self.load(live)
+            self.modules[i].requires_grad_(False)
+
+    def chosen_epoch(self) -> int | list[int | None] | None:
+        if self.keeps_last:
+            return self.last_epoch
+        return self.epochs[0] if self.parts is None else list(self.epochs)
+
+    def finish(self) -> dict[str, Tensor]:
+        """The kept heads (loaded into the model when a ``load`` was given); stopped parts are unfrozen."""
+        state = self.state()
+        if not self.keeps_last:
+            for kept in self.kept:
+                if kept is not None:
+                    state.update(kept)
+        if self.load is not None:
+            self.load(state)
+        if self.modules is not None:
+            for m in self.modules:
+                m.requires_grad_(True)
+        self.result = state
+        return state
+
+
+class CheckpointGroup:
+    """One :class:`Checkpoint` per trained copy (a stacked λ sweep): copy k reads ``record[key][k]``."""
+
+    def __init__(self, members: list[Checkpoint], key: str):
+        self.members, self.key = members, key
+
+    @property
+    def all_stopped(self) -> bool:
+        return all(m.all_stopped for m in self.members)
+
+    def update(self, record: dict, epoch: int) -> None:
+        for k, member in enumerate(self.members):
+            member.update(record[self.key][k], epoch)
+
+    def finish(self) -> list[dict[str, Tensor]]:
+        return [m.finish() for m in self.members]
+
+
+def select_checkpoint(model: EarlyExitModel, select: str, patience: int = 0) -> Checkpoint:
+    """The checkpoint rule of ``select`` (:data:`SELECT_CHOICES`) on the live model's heads."""
+    if select not in SELECT_CHOICES:
+        raise EednError(f"select must be one of {', '.join(SELECT_CHOICES)}, got {select!r}")
+    state, load = model.heads_state_dict, model.load_heads_state_dict
+    if select == "exit_ce":
+        g = len(model.ims)
+        return Checkpoint(state, lambda r: [-c for c in r["val_loss"][:g]], load,
+                          parts=[f"ims.{l}." for l in range(g)], modules=list(model.ims), patience=patience)
+    return Checkpoint(state, lambda r: selection_metric(torch.tensor(r["val_accuracy"]), select), load)
 
 
 def selection_metric(val_accuracy: Tensor, select: str) -> float | None:
@@ -156,10 +444,20 @@ def selection_metric(val_accuracy: Tensor, select: str) -> float | None:
     return float(val_accuracy[-2] if select == "last_im" and len(val_accuracy) > 1 else val_accuracy[-1])
 
 
+# ------------------------------------------------------------------------------ the head-training loop
+
+
 def val_exit_accuracy(model: EarlyExitModel, context: FitContext) -> Tensor:
     """Per-exit val accuracy ``[E]`` of the model as it reports its exits (combiner included)."""
     out = compute_split_outputs(model, context.features, "val", context.exit_macs, context.full_macs)
     return out.exit_accuracy()
+
+
+def val_exit_metrics(model: EarlyExitModel, context: FitContext) -> dict:
+    """Per-exit val accuracy and mean CE (``val_accuracy``, ``val_loss``) as the model reports its exits."""
+    out = compute_split_outputs(model, context.features, "val", context.exit_macs, context.full_macs)
+    ce = per_exit_cross_entropy(out.logits, out.labels).mean(0)
+    return {"val_accuracy": out.exit_accuracy().tolist(), "val_loss": ce.tolist()}
 
 
 def check_finite(loss: float, stage: str, epoch: int, setting: str = "strategy_options.lr") -> None:
@@ -167,29 +465,6 @@ def check_finite(loss: float, stage: str, epoch: int, setting: str = "strategy_o
     if not math.isfinite(loss):
         raise EednError(f"{stage}: the training loss became {loss} in epoch {epoch + 1}; training diverged. "
                         f"Lower the learning rate ({setting}) and run again")
-
-
-@dataclass
-class HeadTrainingOptions:
-    """Options most head-training strategies share; subclass it to add a strategy's own."""
-
-    epochs: int = option(15, "training epochs", min=1)
-    batch_size: int = option(64, "training batch size", min=1)
-    lr: float = option(0.01, "SGD learning rate of the IMs", min=0)
-    backbone_mode: str = option("eval", "eval: the backbone is a fixed feature extractor (features cached); "
-                                        "train: its dropout / DropPath stay active (no cache)",
-                                choices=("eval", "train"))
-    head_augment: bool = option(False, "train the heads on augmented images (no feature cache)")
-
-
-@dataclass
-class SGDHeadOptions(HeadTrainingOptions):
-    """Head training with a cosine-annealed SGD and a checkpoint chosen on val (SDN, BoostNet, L2W-DEN)."""
-
-    momentum: float = option(0.9, "SGD momentum", min=0)
-    weight_decay: float = option(5e-4, "SGD weight decay", min=0)
-    select: str = option("last_im", "checkpoint: best val accuracy of the last IM (last_im) or of the final "
-                                    "exit (final), or the last epoch (last)", choices=SELECT_CHOICES)
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, epochs: int) -> Callable[[int], dict]:
@@ -213,60 +488,94 @@ def epoch_accuracies(val_accuracy: Tensor) -> dict[str, Any]:
     return shown | {"record": {f"val_accuracy_exit_{i}": a for i, a in enumerate(acc)}}
 
 
+def _default_epoch_metrics(record: dict) -> dict | None:
+    """A head-training epoch's progress line: the loss and the IMs' mean val accuracy (:func:`epoch_accuracies`)."""
+    acc = record.get("val_accuracy")
+    return {"loss": record.get("loss")} | (epoch_accuracies(acc) if acc is not None and len(acc) else {})
+
+
 def train_heads(model: EarlyExitModel, context: FitContext, *, name: str, epochs: int, batch_size: int,
                 step: Callable[[list[Tensor], Tensor, int], float], select: str = "last", augmented: bool = False,
                 end_epoch: Callable[[int], dict | None] | None = None,
-                validate: Callable[[], Tensor] | None = None) -> list[dict]:
-    """The epoch loop every head-training strategy shares.
+                validate: Callable[[], dict] | None = None, first_epoch: int = 0,
+                checkpoint: Checkpoint | CheckpointGroup | None = None, patience: int = 0,
+                standardize: bool = False, score_start: bool = False,
+                epoch_metrics: Callable[[dict], dict | None] = _default_epoch_metrics,
+                phase: str | None = None) -> list[dict]:
+    """The epoch loop every head-training strategy shares (JEI's warm-up and alternations included).
 
-    Each epoch feeds the train batches (cached features when possible, same seeded order either way) to
-    ``step(features, labels, epoch) -> loss``, which does the strategy's own optimiser work; checks the
-    loss is finite; calls ``end_epoch(epoch)`` (schedulers; may return extra history fields); measures the
-    per-exit val accuracy (``validate``, default from the features) and keeps the heads of the epoch chosen
-    by ``select`` (:data:`SELECT_CHOICES`). The chosen heads are loaded back at the end. Returns one
-    history record per epoch.
+    Each epoch (``first_epoch`` .. ``epochs - 1``) feeds the train batches (cached features when possible,
+    same seeded order either way) to ``step(features, labels, epoch) -> loss``, which does the strategy's own
+    optimiser work; checks the loss is finite; calls ``end_epoch(epoch)`` (schedulers; may return extra history
+    fields); measures ``validate()`` (default: per-exit val accuracy and CE, :func:`val_exit_metrics`) and
+    hands the epoch's record to the ``checkpoint`` rule (default: :func:`select_checkpoint` of ``select``),
+    which keeps the chosen heads and loads them back at the end. The loop ends early when every part of the
+    checkpoint has stopped (``patience``). With ``standardize`` the IMs train on standardised features and are
+    folded back at the end (:class:`StandardizedIM`). With ``score_start`` the heads as they start (e.g. a
+    probe's) are scored first, as epoch -1, so training keeps them unless an epoch beats them on val. Returns
+    one history record per epoch.
     """
     if select not in SELECT_CHOICES:
         raise EednError(f"{name}: select must be one of {', '.join(SELECT_CHOICES)}, got {select!r}")
-    validate = validate or (lambda: val_exit_accuracy(model, context))
+    if standardize:
+        standardize_ims(model, context)
+    try:
+        checkpoint = checkpoint or select_checkpoint(model, select, patience)
+        validate = validate or (lambda: val_exit_metrics(model, context))
+        if score_start:
+            checkpoint.update(validate(), -1)
+        history = _epoch_loop(model, context, name, epochs, batch_size, step, augmented, end_epoch, validate,
+                              first_epoch, checkpoint, epoch_metrics, phase or name)
+        checkpoint.finish()
+    finally:
+        if standardize:
+            unstandardize_ims(model)
+    return history
+
+
+def _epoch_loop(model: EarlyExitModel, context: FitContext, name: str, epochs: int, batch_size: int,
+                step: Callable[[list[Tensor], Tensor, int], float], augmented: bool,
+                end_epoch: Callable[[int], dict | None] | None, validate: Callable[[], dict], first_epoch: int,
+                checkpoint: Checkpoint | CheckpointGroup, epoch_metrics: Callable[[dict], dict | None],
+                phase: str) -> list[dict]:
     source = context.features
     history: list[dict] = []
-    best_metric, best_state = None, None
     total_batches = source.num_batches("train", batch_size)
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
+        if checkpoint.all_stopped:
+            break
         model.heads().train()
         total, count = 0.0, 0
         batches = source.batches("train", batch_size, shuffle=True, seed=context.seed, epoch=epoch, augmented=augmented)
-        for feats, y in context.progress.track(batches, name, total=total_batches, epoch=epoch,
-                                                   epochs=epochs):
+        for feats, y in context.progress.track(batches, name, total=total_batches, epoch=epoch, epochs=epochs):
             with context.head_autocast():
                 loss = float(step(feats, y, epoch))
             check_finite(loss, name, epoch)
             context.progress.step(name, loss)
             total, count = total + loss * len(y), count + len(y)
         extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
-        val_acc = validate()
-        metric = selection_metric(val_acc, select)
-        if metric is not None and (best_metric is None or metric > best_metric):  # "last" keeps the live heads
-            best_metric, best_state = metric, model.heads_state_dict()
-        record = {"phase": name, "epoch": epoch, "loss": total / max(count, 1), **extra,
-                  "val_accuracy": val_acc.tolist()}
+        record = {"phase": phase, "epoch": epoch, "loss": total / max(count, 1), **extra, **validate()}
+        checkpoint.update(record, epoch)
         history.append(record)
-        context.progress.epoch(name, epoch, epochs, loss=record["loss"], **epoch_accuracies(val_acc))
+        metrics = epoch_metrics(record)
+        if metrics is not None:
+            context.progress.epoch(name, epoch, epochs, **metrics)
         fault_point("head-epoch")
-    if best_state is not None:
-        model.load_heads_state_dict(best_state)
     return history
 
 
 def train_heads_warmup(model: EarlyExitModel, context: FitContext, *, epochs: int, batch_size: int = 64,
-                       lr: float = 0.01, weights: Tensor | None = None, augmented: bool = False,
-                       name: str = "IM warm-up") -> list[dict]:
-    """JEI warm-up / IM-only training: minimise Σ_l w_l·CE(IM_l) (default ``w_l = G + 1 - l``) with SGD at
-    constant lr on a frozen backbone (the frozen final head's CE is constant and omitted); last epoch kept."""
+                       options: HeadTrainingOptions | None = None, weights: Tensor | None = None,
+                       augmented: bool = False, name: str = "IM warm-up") -> list[dict]:
+    """JEI warm-up / IM-only training: minimise Σ_l w_l·CE(IM_l) (default ``w_l = G + 1 - l``) on a frozen
+    backbone (the frozen final head's CE is constant and omitted) with the optimiser, standardisation, start
+    and checkpoint rule of ``options`` (default: the clean profile)."""
+    o = options or resolve_head_profile(HeadTrainingOptions(), "last")
     g = len(model.ims)
     w = (weights if weights is not None else warmup_weights(g)).to(context.device)
-    opt = sgd(model.ims.parameters(), lr=lr)
+    if o.init == "probe":
+        init_ims_from_probe(model, context, weight_decay=float(o.weight_decay or 0.0))
+    opt = head_optimizer(model.ims.parameters(), o)
 
     def step(feats: list[Tensor], y: Tensor, epoch: int) -> float:
         loss = (per_exit_cross_entropy(model.im_logits(feats), y) * w).sum(1).mean()
@@ -276,4 +585,5 @@ def train_heads_warmup(model: EarlyExitModel, context: FitContext, *, epochs: in
         return float(loss.detach())
 
     return train_heads(model, context, name=name, epochs=epochs, batch_size=batch_size, step=step,
-                       select="last", augmented=augmented)
+                       select=str(o.select), patience=int(o.patience or 0), standardize=bool(o.standardize),
+                       score_start=o.init == "probe", augmented=augmented)
