@@ -69,7 +69,7 @@ class _Validation:
             feats = [f[start : start + self.chunk] for f in self.feats]
             im = model.im_logits(feats)
             logits.append(torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1).float())
-            scores.append(torch.sigmoid(model.gate.gate_logits(im)))
+            scores.append(torch.sigmoid(model.gate.gate_logits(im, feats)))
         return torch.cat(logits), torch.cat(scores)
 
     @torch.no_grad()
@@ -81,7 +81,7 @@ class _Validation:
             im = stack.im_logits(feats)
             final = _final_logits(model, feats).unsqueeze(1)
             logits.append(torch.cat([im, final.expand(stack.k, *final.shape)], 2).float())
-            scores.append(torch.sigmoid(stack.gate_logits(im)))
+            scores.append(torch.sigmoid(stack.gate_logits(im, feats)))
         return torch.cat(logits, 1), torch.cat(scores, 1)
 
 
@@ -433,11 +433,11 @@ class JeiStrategy(TrainingStrategy):
                     with torch.no_grad():
                         im = model.im_logits(feats)
                         all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
-                    loss = self._gate_batch_loss(per_exit_cross_entropy(all_logits, y), gate.gate_logits(im), lam,
+                    loss = self._gate_batch_loss(per_exit_cross_entropy(all_logits, y), gate.gate_logits(im, feats), lam,
                                                  costs, pos_weight)
                 else:
                     im = model.im_logits(feats)
-                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))
+                    loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im, feats))
                 value = loss.item()
                 check_finite(value, f"jei λ={lam:g}", epoch)
                 # zero to None (as the official torch versions do): a shared optimiser then leaves the idle
@@ -493,13 +493,13 @@ class JeiStrategy(TrainingStrategy):
                         im = stack.im_logits(feats)  # [K, B, G, C]
                         final = _final_logits(model, feats).unsqueeze(1)
                         ce = _stacked_cross_entropy(torch.cat([im, final.expand(k_count, *final.shape)], 2), y)
-                    logits = stack.gate_logits(im)
+                    logits = stack.gate_logits(im, feats)
                     losses = [self._gate_batch_loss(ce[k], logits[k], lam, costs, pos_weight[k])
                               for k, lam in enumerate(lambdas)]
                 else:
                     im = stack.im_logits(feats)
                     ce = _stacked_cross_entropy(im, y)
-                    gate_logits = _Lazy(lambda: stack.gate_logits(im))  # only exit_weighted reads it
+                    gate_logits = _Lazy(lambda: stack.gate_logits(im, feats))  # only exit_weighted reads it
                     losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k]) for k in range(k_count)]
                 loss = torch.stack(losses)
                 values = loss.tolist()
