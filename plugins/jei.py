@@ -25,7 +25,7 @@ from eedn.core.options import option
 from eedn.core.stacked import StackedHeads
 from eedn.train.strategy import (FitContext, StrategyResult, TrainingStrategy, check_finite, per_exit_cross_entropy,
                            warmup_weights)
-from eedn_plugins.jei_gate import EXIT_RULES, JeiGate
+from eedn_plugins.jei_gate import CLEAN_EXIT_RULE, EXIT_RULES, JeiGate
 from eedn_plugins.jei_targets import (PROFILES, SWEEP_MODES, TARGETS, _check_alternation, alternation_block,
                                       exit_weighted_im_loss, gate_phase_loss, gate_targets, official_warmup_epochs,
                                       pos_weights, resolve_variant, uniform_im_loss)
@@ -124,7 +124,9 @@ class JeiStrategy(TrainingStrategy):
                                            "survivors l* >= l, onehot 1{l = l*} (default: cumulative, or what "
                                            "exit_rule reads)", choices=TARGETS)
         exit_rule: str | None = option(None, "test-time rule: official (capped probabilities, hazard >= 0.5), cdf "
-                                             "or hazard (first g_l >= tau) (default: the one targets pair with)",
+                                             "or hazard (first g_l >= tau) (default: clean profile "
+                                             f"{CLEAN_EXIT_RULE}, paper-compat official; with targets set, the "
+                                             "rule they pair with)",
                                        choices=EXIT_RULES)
         tau: float = option(0.5, "threshold of exit_rule=cdf|hazard", above=0, max=1)
         pos_weight_counts: str | None = option(None, "gate pos-weights from exact-exit, cumulative or survivor "
@@ -157,7 +159,10 @@ class JeiStrategy(TrainingStrategy):
         o = self.options
         profile = PROFILES[o.profile]
         o = dataclasses.replace(o, **{k: v for k, v in profile.items() if getattr(o, k) is None})
-        variant: dict[str, Any] = resolve_variant(o.targets, o.exit_rule, o.pos_weight_counts)
+        exit_rule = o.exit_rule
+        if exit_rule is None and o.targets is None and o.profile == "clean":
+            exit_rule = CLEAN_EXIT_RULE  # the consistent rule that measured best (docs/results.md)
+        variant: dict[str, Any] = resolve_variant(o.targets, exit_rule, o.pos_weight_counts)
         self.options = dataclasses.replace(o, **variant)
         self._check_relations()
 
@@ -398,6 +403,9 @@ class JeiStrategy(TrainingStrategy):
             "val_macs_fraction": float(macs[exit_index].mean() / context.full_macs),
             "val_exit_fractions": (torch.bincount(exit_index, minlength=g + 1).float() / len(exit_index)).tolist(),
             "pos_weights": pos_weight.tolist(),
+            # the rule against its own targets (eedn warns when it sends nearly everyone before l*)
+            "val_target_exit_fractions": (torch.bincount(best_exit, minlength=g + 1).float() / len(best_exit)).tolist(),
+            "val_exits_before_target": float((exit_index < best_exit).float().mean()),
         }
         context.progress.epoch(f"jei λ={lam:g}", epoch, self.options.epochs, gate_loss=entry["gate_loss"],
                                im_loss=entry["im_loss"], val_gated_accuracy=acc,

@@ -17,7 +17,7 @@ import torch
 from eedn.core.contracts import Gate
 from eedn.evaluation.matched import interpolate_at
 from eedn.core.outputs import ExitOutputs
-from eedn.evaluation.policy import calibrated_copy, evaluate_point, target_label
+from eedn.evaluation.policy import calibrated_copy, distinct_points, evaluate_point, target_label
 
 def rescored(outputs: ExitOutputs, gate: Gate) -> ExitOutputs:
     """The same exit outputs with ``gate``'s scores in place of the stored (learned) gate scores."""
@@ -61,6 +61,7 @@ def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gat
         for target in [*gate.budget_sweep(), *cost_grid(test)]:
             calibrated = calibrated_copy(gate, val, target)
             points.append(evaluate_point(calibrated, val, cal, test, {}, f"{label};{target_label(target)}").point)
+        points = distinct_points(points)
         curves[label] = points
         own = outs["test"].summarize(learned_gate.decide(outs["test"].gate_scores))
         threshold = interpolate_at([(p["mean_macs"], p["accuracy"]) for p in points], own["mean_macs"])
