@@ -196,6 +196,7 @@ class JeiGate(Gate):
                                  choices=GATE_MODELS)
 
     options: JeiGate.Options
+    offset: Tensor
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
@@ -242,7 +243,7 @@ class JeiGate(Gate):
             if features is None or self.projections is None:
                 raise ValueError("gate_features=history+hidden needs the exit's features")
             proj = self.projections[exit_index]
-            parts.append(proj(features.to(proj.weight.dtype)))
+            parts.append(proj(features.to(next(proj.parameters()).dtype)))
         return torch.cat([p.to(parts[-1].dtype) for p in parts], -1)
 
     def _head(self, exit_index: int) -> nn.Module:
@@ -275,7 +276,7 @@ class JeiGate(Gate):
                 if feats is None or self.projections is None:
                     raise ValueError("gate_features=history+hidden needs the exits' features")
                 proj = self.projections[l]
-                parts.append(proj(feats[l].to(proj.weight.dtype)))
+                parts.append(proj(feats[l].to(next(proj.parameters()).dtype)))
             head = self._head(l)
             x = torch.cat([p.to(parts[-1].dtype) for p in parts], -1)
             cols.append(head(x.to(next(head.parameters()).dtype)).squeeze(-1))

@@ -5,14 +5,18 @@ import pytest
 import torch
 from test_inference import FAKE_MACS, MARGIN, gap_midpoint, simulate, trained_model
 
-from eedn.core.build import create_model
 from eedn.core.budgets import MACS_TOLERANCE
+from eedn.core.build import create_model
 from eedn.core.cost import measure_exit_macs
 from eedn.core.outputs import ExitOutputs
 from eedn.core.stacked import StackedHeads
 from eedn.deploy.inference import EarlyExitEngine
 from eedn.runtime.errors import EednError
-from eedn_plugins.jei_gate import HIDDEN_PROJECTION, HISTORY_STATISTICS, history_statistics
+from eedn_plugins.jei_gate import (
+    HIDDEN_PROJECTION,
+    HISTORY_STATISTICS,
+    history_statistics,
+)
 
 VARIANTS = [("history", "linear"), ("history", "mlp"), ("history+hidden", "linear"), ("history+hidden", "mlp")]
 
@@ -108,7 +112,7 @@ def test_training_scores_equal_per_exit_scores_and_stacked_copies(features, gate
 
 
 def test_hidden_projection_cost_is_counted_exactly():
-    kw = dict(num_classes=5, image_size=16, in_channels=3, gate="jei", seed=0)
+    kw = {"num_classes": 5, "image_size": 16, "in_channels": 3, "gate": "jei", "seed": 0}
     own, _ = measure_exit_macs(create_model("resnet_tiny", **kw, gate_options={"gate_features": "own"}))
     hist, _ = measure_exit_macs(create_model("resnet_tiny", **kw, gate_options={"gate_features": "history"}))
     model = create_model("resnet_tiny", **kw, gate_options={"gate_features": "history+hidden", "gate_model": "mlp"})

@@ -204,7 +204,7 @@ def calibrate_offset(decide: Callable[[Tensor], Tensor], val: ExitOutputs, targe
     if crossings.numel() > max_candidates:
         crossings = torch.quantile(crossings, torch.linspace(0, 1, max_candidates, dtype=torch.float64))
     offsets = sorted({0.0, -60.0, 60.0, *(float(c) for c in crossings), *(float(c) + 1e-9 for c in crossings)})
-    points = [{"offset": b, "summary": sm} for b, sm in zip(offsets, summaries(offsets))]
+    points: list[dict[str, Any]] = [{"offset": b, "summary": sm} for b, sm in zip(offsets, summaries(offsets))]
     best = pick_setting(points, val, target, kind)
     if kind == "macs_fraction":
         budget = float(target["macs_fraction"])
@@ -218,7 +218,7 @@ def calibrate_offset(decide: Callable[[Tensor], Tensor], val: ExitOutputs, targe
                 lo, hi = below["offset"], above["offset"]
                 for _ in range(refine_steps):
                     mid = (lo + hi) / 2
-                    pt = {"offset": mid, "summary": summaries([mid])[0]}
+                    pt: dict[str, Any] = {"offset": mid, "summary": summaries([mid])[0]}
                     points.append(pt)
                     if abs(pt["summary"]["macs_fraction"] - budget) <= MACS_TOLERANCE:
                         break
@@ -254,6 +254,7 @@ class ThresholdGate(Gate):
                                           "(official)", choices=SHORT_SHARES)
 
     options: ThresholdGate.Options
+    thresholds: Tensor
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)

@@ -206,7 +206,8 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     else:
         key = backbone_key(cfg.backbone, bb_opts, dataset_desc, image_size, cfg.seed,
                            rec | {"init_checkpoint": str(ckpt) if ckpt else None}
-                           | numerics_key(cfg.precision, channels_last))
+                           | numerics_key(cfg.precision, channels_last)
+                           | ({"layout": backbone.layout} if getattr(backbone, "layout", None) else {}))
         path = cfg.cache_root / "backbones" / f"{cfg.backbone}-{key}.pt"
         info["cache_path"] = str(path)
         summary = load_cached_backbone(path, backbone)
