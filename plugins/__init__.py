@@ -39,6 +39,13 @@ def register_backbones(register):
     register("resnet18", f"{res}:resnet18", description=f"torchvision ResNet-18; {_TV}")
     register("resnet50", f"{res}:resnet50", description=f"torchvision ResNet-50; {_TV}")
     register("resnet_tiny", f"{res}:resnet_tiny", description="CIFAR-style ResNet-8, 8/16/32 wide, 3 block stages")
+    fast = "eedn_plugins.fast_cifar"
+    register("fast_cifar", f"{fast}:fast_cifar",
+             description="fast CIFAR convnet in airbench94's layout (whitened 2x2 stem, groups of conv-pool-BN-GELU, "
+                         "widths 64/256/256, ~118 M MACs at 32 px); one exit per convolution (6; 9 with "
+                         "convs_per_group=3)")
+    register("fast_cifar_small", f"{fast}:fast_cifar_small",
+             description="fast_cifar at half width (32/128/128) for quick runs")
     register("timm", "eedn_plugins.timm_backbones:timm_backbone", namespace=True,
              description="any timm model, timm:<model_name> (pretrained=False): ViT family = blocks as stages "
                          "(every=k blocks per exit), hierarchical families = their feature_info stages; "

@@ -418,7 +418,8 @@ def test_preprocessing_matches_the_digits_eval_split(tiny_run, tmp_path):
 def test_predict_command_prints_each_image(tiny_run, tmp_path):
     from click.testing import CliRunner
 
-    from eedn.deploy.predict import predict, predict_files
+    from eedn.cli.deploy_commands import predict
+    from eedn.deploy.predict import predict_files
     from eedn.pipeline.rundir import read_manifest
 
     pngs = _digit_pngs(tmp_path / "imgs", range(5)) + _digit_pngs(tmp_path / "imgs" / "nested", [10])
@@ -462,7 +463,7 @@ def test_predict_agrees_with_the_runs_stored_test_decisions(tiny_run):
 def test_predict_bad_input_is_one_line(tiny_run, tmp_path):
     from click.testing import CliRunner
 
-    from eedn.deploy.predict import predict
+    from eedn.cli.deploy_commands import predict
 
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken.png"
@@ -506,8 +507,8 @@ def test_predict_and_bench_need_only_the_run_directory(eedn_cache, tmp_path):
     from click.testing import CliRunner
 
     import eedn
-    from eedn.deploy.bench import bench
-    from eedn.deploy.predict import InputRecipe, load_image, predict, predict_files, preprocessor
+    from eedn.cli.deploy_commands import bench, predict
+    from eedn.deploy.predict import InputRecipe, load_image, predict_files, preprocessor
     from eedn.pipeline.rundir import read_manifest
 
     data_dir = tmp_path / "colours"
@@ -584,7 +585,7 @@ def test_bench_command_and_script(tiny_run, tmp_path):
 
     from click.testing import CliRunner
 
-    from eedn.deploy.bench import bench
+    from eedn.cli.deploy_commands import bench
 
     images = tmp_path / "imgs"
     _digit_pngs(images, range(10))

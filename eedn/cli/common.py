@@ -92,6 +92,7 @@ def common_run_options(fn: Callable) -> Callable:
         click.option("--config", "config_file", type=click.Path(), help="YAML/JSON config file"),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override any config key (dotted)"),
         key_flag("--seed"),
+        key_flag("--head-seed"),
         key_flag("--image-size"),
         key_flag("--backbone-epochs"),
         key_flag("--backbone-checkpoint", type=click.Path()),

@@ -159,6 +159,9 @@ class Config(Section):
     dataset_options: dict[str, Any] = key({}, "the dataset source's options", kind="open")
     image_size: int | None = key(None, "input size in pixels (None: the dataset's)", flag="--image-size", min=1)
     seed: int = key(0, "random seed (data split, init, batches)", flag="--seed", min=0)
+    head_seed: int | None = key(None, "seed of the heads' initialisation and batch order (None: seed); the data split "
+                                "and the backbone follow seed, so head seeds vary on one cached backbone",
+                                flag="--head-seed", min=0)
     device: str = key("cpu", "cpu, cuda or cuda:N", flag="--device")
     # Early-exit heads and small backbones are overhead-bound: on the 2-core dev machine a second thread made
     # T2T-ViT-tiny training 25x slower (788 vs 30 img/s) whenever any other process ran.

@@ -249,7 +249,8 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
     if cfg.out:
         check_out_dir(cfg.out, cfg.overwrite)
     progress = prep.progress
-    seed_everything(cfg.seed)
+    head_seed = cfg.seed if cfg.head_seed is None else cfg.head_seed
+    seed_everything(head_seed)
     strategy, gate_name, evaluators = checked.strategy, checked.gate, checked.evaluators
     backbone = copy.deepcopy(prep.backbone) if strategy.trains_backbone else prep.backbone
     model = build_model(backbone, gate=gate_name, inference_module=cfg.inference_module,
@@ -264,7 +265,7 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
         progress.log(f"strategy '{cfg.strategy}' trains on {'augmented images' if strategy.head_augment else 'a train-mode backbone'}: "
                      "features cannot be cached, running uncached")
     train_source = feature_source(prep, model, cacheable=cacheable, mode=strategy.backbone_mode)
-    ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=cfg.seed,
+    ctx = FitContext(features=train_source, exit_macs=exit_macs, full_macs=full_macs, seed=head_seed,
                      device=cfg.device, progress=progress, precision=cfg.precision)
     t0 = time.perf_counter()
     result = strategy.fit(model, ctx)
