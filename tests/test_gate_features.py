@@ -171,3 +171,49 @@ def test_the_offset_moves_the_engine_too():
     state = {k: v for k, v in model.gate.state_dict().items() if k != "offset"}
     model.gate.load_state_dict(state)  # a gate saved before the offset existed loads as trained
     assert float(model.gate.offset) == 0.0
+
+
+# ------------------------------------------------------------------------------------------- in a run
+def test_budget_is_one_target_for_learned_and_threshold_policies(tiny_config, tmp_path):
+    """--budget F: the reported policy is within ±0.02 of F on val, for the learned gate (its offset, outputs
+    re-scored) and for thresholds; without it the learned gate is reported as trained."""
+    import eedn
+
+    base = tiny_config | {"evaluators": [], "strategy_options": {"epochs": 3, "warmup_epochs": 1}}
+    trained = eedn.run_pipeline(base | {"strategy": "jei", "out": str(tmp_path / "t")})
+    assert trained["policy"]["setting"] == "lambda=0.5" and trained["policy"]["gate_setting"]["offset"] == 0.0
+    low = trained["exits"][0]["macs"] / trained["full_macs"]
+    budget = round(low + 0.5 * (1 - low), 2)
+    for strategy in ("jei", "im-only"):
+        res = eedn.run_pipeline(base | {"strategy": strategy, "budget": {"macs_fraction": budget},
+                                        "out": str(tmp_path / strategy)})
+        assert abs(res["policy"]["val"]["macs_fraction"] - budget) <= MACS_TOLERANCE
+        assert res["policy"]["setting"].endswith(f"macs_fraction={budget:g}")
+        settings = [p["setting"] for p in res["curve"]]
+        assert len(settings) == len(set(settings))
+        numbers = [(p["accuracy"], p["mean_macs"], p["val"]["accuracy"], p["val"]["mean_macs"]) for p in res["curve"]]
+        assert len(numbers) == len(set(numbers))  # duplicate operating points collapsed
+    assert res["policy"]["gate_setting"]["target"] == {"macs_fraction": budget}
+
+
+def test_learned_gate_warnings_name_the_fix():
+    from eedn.pipeline.run import learned_gate_warnings
+
+    history = [{"phase": "main", "lambda": 0.5, "epoch": e, "val_exits_before_target": v}
+               for e, v in ((3, 0.95), (4, 0.5))] + [{"phase": "select", "lambda": 0.5, "epoch": 3}]
+    own = {"gate": "max_prob", "at_gate_cost": [{"setting": "lambda=0.5", "macs_fraction": 0.4,
+                                                 "gate_minus_threshold": -0.08}]}
+    lines = learned_gate_warnings("jei", "lambda=0.5", history, own)
+    assert len(lines) == 2 and "95%" in lines[0] and "exit_rule=cdf" in lines[0] and "8.0 points" in lines[1]
+    history[-1]["epoch"] = 4  # the kept epoch routes half the samples early: no collapse
+    own["at_gate_cost"][0]["gate_minus_threshold"] = -0.03
+    assert learned_gate_warnings("jei", "lambda=0.5", history, own) == []
+
+
+def test_distinct_points_collapse():
+    from eedn.evaluation.policy import distinct_points
+
+    pt = {"accuracy": 0.9, "mean_macs": 10.0, "val": {"accuracy": 0.8, "mean_macs": 11.0}}
+    points = [pt | {"setting": "p=1"}, pt | {"setting": "p=2"}, pt | {"setting": "p=3", "accuracy": 0.91}]
+    kept = distinct_points(points)
+    assert [p["setting"] for p in kept] == ["p=1", "p=3"] and kept[0]["same_as"] == ["p=2"]
