@@ -179,14 +179,15 @@ def test_budget_is_one_target_for_learned_and_threshold_policies(tiny_config, tm
     re-scored) and for thresholds; without it the learned gate is reported as trained."""
     import eedn
 
-    base = tiny_config | {"evaluators": [], "strategy_options": {"epochs": 3, "warmup_epochs": 1}}
-    trained = eedn.run_pipeline(base | {"strategy": "jei", "out": str(tmp_path / "t")})
+    base = tiny_config | {"evaluators": []}
+    options = {"jei": {"epochs": 3, "warmup_epochs": 1}, "im-only": {"epochs": 2}}
+    trained = eedn.run_pipeline(base | {"strategy": "jei", "strategy_options": options["jei"], "out": str(tmp_path / "t")})
     assert trained["policy"]["setting"] == "lambda=0.5" and trained["policy"]["gate_setting"]["offset"] == 0.0
     low = trained["exits"][0]["macs"] / trained["full_macs"]
     budget = round(low + 0.5 * (1 - low), 2)
     for strategy in ("jei", "im-only"):
-        res = eedn.run_pipeline(base | {"strategy": strategy, "budget": {"macs_fraction": budget},
-                                        "out": str(tmp_path / strategy)})
+        res = eedn.run_pipeline(base | {"strategy": strategy, "strategy_options": options[strategy],
+                                        "budget": {"macs_fraction": budget}, "out": str(tmp_path / strategy)})
         assert abs(res["policy"]["val"]["macs_fraction"] - budget) <= MACS_TOLERANCE
         assert res["policy"]["setting"].endswith(f"macs_fraction={budget:g}")
         settings = [p["setting"] for p in res["curve"]]
@@ -204,7 +205,7 @@ def test_learned_gate_warnings_name_the_fix():
     own = {"gate": "max_prob", "at_gate_cost": [{"setting": "lambda=0.5", "macs_fraction": 0.4,
                                                  "gate_minus_threshold": -0.08}]}
     lines = learned_gate_warnings("jei", "lambda=0.5", history, own)
-    assert len(lines) == 2 and "95%" in lines[0] and "exit_rule=cdf" in lines[0] and "8.0 points" in lines[1]
+    assert len(lines) == 2 and "95%" in lines[0] and "exit_rule=cdf" in lines[0] and "8.0 points" in lines[1] and "gate_features=history" in lines[1]
     history[-1]["epoch"] = 4  # the kept epoch routes half the samples early: no collapse
     own["at_gate_cost"][0]["gate_minus_threshold"] = -0.03
     assert learned_gate_warnings("jei", "lambda=0.5", history, own) == []

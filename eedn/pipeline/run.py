@@ -295,11 +295,12 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
         for ev in evaluators.values():
             ev.fit(outs["cal"])
         if model.gate.calibratable:
-            sweep = model.gate.budget_sweep()
+            sweep, swept = model.gate.budget_sweep(), []
             for target in progress.track(sweep, f"budget sweep ({label})"):
                 g = calibrated_copy(model.gate, outs["val"], target)
                 name = target_label(target) if len(labels) == 1 else f"{label};{target_label(target)}"
-                curve.append(evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators, name).point)
+                swept.append(evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators, name).point)
+            curve += distinct_points(swept)  # budgets that land on the same point are one row
             if label == chosen:
                 budget = cfg.budget or DEFAULT_THRESHOLD_BUDGET
                 g = calibrated_copy(model.gate, outs["val"], budget)
@@ -326,7 +327,6 @@ def run_strategy(prep: Prepared, strategy_name: str | None = None, strategy_opti
             if label == chosen:
                 policy, policy_heads = point, model.heads_state_dict()
     eval_s = time.perf_counter() - t1
-    curve = distinct_points(curve)
     if len(curve) < 2:
         curve = []
 
@@ -383,8 +383,9 @@ def learned_gate_warnings(strategy: str, chosen: str, history: list[dict], own_i
         diff = row.get("gate_minus_threshold")
         if row.get("setting") == chosen and diff is not None and diff < -BELOW_THRESHOLDS:
             lines.append(f"{strategy} [{chosen}] is {-100 * diff:.1f} points below {own_ims.get('gate')} thresholds "
-                         f"on its own IMs at the same cost ({row['macs_fraction']:.3f} of full MACs): report the "
-                         f"thresholds, or try --set strategy_options.exit_rule=cdf / gate_options.gate_features=history")
+                         f"on its own IMs at the same cost ({row['macs_fraction']:.3f} of full MACs): use thresholds "
+                         "on these IMs (the threshold_on_own_ims curve), or try --set "
+                         "gate_options.gate_features=history")
     return lines
 
 
