@@ -218,3 +218,15 @@ def test_distinct_points_collapse():
     points = [pt | {"setting": "p=1"}, pt | {"setting": "p=2"}, pt | {"setting": "p=3", "accuracy": 0.91}]
     kept = distinct_points(points)
     assert [p["setting"] for p in kept] == ["p=1", "p=3"] and kept[0]["same_as"] == ["p=2"]
+
+
+def test_the_readme_jobs_first_exit_saves_most_of_the_compute():
+    """`eedn run --backbone t2t_vit --strategy jei` on the digits (1 channel, 32 px): size=auto gives the tiny
+    T2T-ViT in the digits layout, whose first exit costs at most 0.35 of the full MACs."""
+    from eedn.core.build import build_backbone, build_model
+
+    backbone = build_backbone("t2t_vit", 10, 32, 1, {})
+    exit_macs, full = measure_exit_macs(build_model(backbone, gate="jei", seed=0))
+    assert backbone.num_stages == 8 and exit_macs[0] / full <= 0.35
+    rgb = build_backbone("t2t_vit", 10, 32, 3, {})
+    assert rgb.variant == "t2t_vit_7"  # other inputs keep the JEI-DNN backbone
