@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "create": "eedn.core.plugins", "list_names": "eedn.core.plugins", "register_plugin": "eedn.core.plugins",
     "registry": "eedn.core.plugins",
     # research API
+    "Config": "eedn.core.config", "resolve_config": "eedn.core.config",
     "run_pipeline": "eedn.pipeline.run", "load_run": "eedn.pipeline.api", "measure_exit_macs": "eedn.core.cost",
     "split_outputs": "eedn.pipeline.api", "fit_strategy": "eedn.pipeline.api", "apply_gate": "eedn.evaluation.policy",
     "calibrate_gate": "eedn.pipeline.api", "evaluate": "eedn.pipeline.api", "load_dataset": "eedn.pipeline.api", "train_backbone": "eedn.pipeline.api",

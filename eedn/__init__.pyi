@@ -48,6 +48,8 @@ from eedn.evaluation.policy import apply_gate as apply_gate
 from eedn.deploy.predict import predict_files as predict_files
 from eedn.deploy.predict import read_images as read_images
 from eedn.runtime.progress import Progress as Progress
+from eedn.core.config import Config as Config
+from eedn.core.config import resolve_config as resolve_config
 from eedn.pipeline.run import run_pipeline as run_pipeline
 from eedn.pipeline.rundir import read_results as read_results
 from eedn.train.strategy import FitContext as FitContext
@@ -61,7 +63,7 @@ __all__ = [
     "DatasetSource", "InputSpec", "Metric", "select_rows", "TrainingStrategy", "StrategyResult", "FitContext",
     "option", "resolve_options", "ThresholdGate", "DataSplits", "TensorImages", "stratified_holdout", "hold_out",
     "subset", "channel_statistics", "dataset_labels", "MappedDataset", "ExitOutputs", "read_outputs", "EarlyExitModel", "build_model",
-    "create_model", "build_backbone", "create", "list_names", "register_plugin", "registry", "run_pipeline",
+    "create_model", "build_backbone", "create", "list_names", "register_plugin", "registry", "Config", "resolve_config", "run_pipeline",
     "load_run", "measure_exit_macs", "split_outputs", "fit_strategy", "apply_gate", "calibrate_gate", "evaluate",
     "load_dataset", "train_backbone", "read_results", "Progress", "EarlyExitEngine", "InferenceResult",
     "predict_files", "read_images", "benchmark",
