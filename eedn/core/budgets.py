@@ -33,16 +33,17 @@ calibratable gate too (the patience gate picks its ``k`` with :func:`pick_settin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from eedn.core.contracts import Gate
-from eedn.runtime.errors import EednError
 from eedn.core.options import option
 from eedn.core.outputs import ExitOutputs
+from eedn.runtime.errors import EednError
 
 DEFAULT_DIVISOR = 15.0  # official JEI budgets q = p/15; MSDNet uses 20
 SWEEP_P = tuple(range(1, 40))  # p = 1..39, the official sweep

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from eedn.core.contracts import Evaluator, Gate
-from eedn.runtime.errors import EednError
 from eedn.core.outputs import ExitOutputs
+from eedn.runtime.errors import EednError
 
 #: keys every operating point has; an evaluator's headline numbers may not reuse them
 POINT_KEYS = ("setting", "accuracy", "mean_macs", "macs_fraction", "exit_fractions", "val", "gate_setting")
