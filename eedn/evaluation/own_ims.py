@@ -36,7 +36,10 @@ def cost_grid(outputs: ExitOutputs, points: int = COST_GRID_POINTS) -> list[dict
     starts above the first exit's cost and may miss a learned gate that routes nearly everyone there."""
     low = float(outputs.exit_macs[0]) / outputs.full_macs
     # rounded up to 3 decimals: short labels, and never below the cheapest reachable cost
-    return [{"macs_fraction": math.ceil(1000 * (low + (1 - low) * k / (points - 1))) / 1000} for k in range(points)]
+    # the first point sends everyone to exit 0 (a macs_fraction target is met within ±0.02, not as a ceiling)
+    first = {"exit_shares": [1.0] + [0.0] * (outputs.num_exits - 1)}
+    return [first] + [{"macs_fraction": math.ceil(1000 * (low + (1 - low) * k / (points - 1))) / 1000}
+                      for k in range(1, points)]
 
 
 def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gate: Gate, chosen: str,
