@@ -44,7 +44,7 @@ from eedn.pipeline.run import prepare, run_strategy  # noqa: E402
 
 #: label -> jei options of each variant (docs/usage.md, "Consistent gate variants")
 VARIANTS = {
-    "official": {},
+    "official": {"exit_rule": "official"},  # the clean default reads the targets with cdf
     "cdf": {"exit_rule": "cdf"},
     "hazard": {"targets": "hazard"},
     "onehot": {"targets": "onehot"},

@@ -25,7 +25,7 @@ from eedn.core.stacked import StackedHeads
 from eedn.train.strategy import (Checkpoint, CheckpointGroup, FitContext, HeadTrainingOptions, StrategyResult,
                                 TrainingStrategy, check_finite, head_optimizer, init_ims_from_probe,
                                 per_exit_cross_entropy, resolve_head_profile, train_heads, warmup_weights)
-from eedn_plugins.jei_gate import EXIT_RULES, JeiGate
+from eedn_plugins.jei_gate import CLEAN_EXIT_RULE, EXIT_RULES, JeiGate
 from eedn_plugins.jei_targets import (PROFILES, SWEEP_MODES, TARGETS, _check_alternation, alternation_block,
                                       exit_weighted_im_loss, gate_phase_loss, gate_targets, official_warmup_epochs,
                                       pos_weights, resolve_variant, uniform_im_loss)
@@ -69,7 +69,7 @@ class _Validation:
             feats = [f[start : start + self.chunk] for f in self.feats]
             im = model.im_logits(feats)
             logits.append(torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1).float())
-            scores.append(torch.sigmoid(cast(JeiGate, model.gate).gate_logits(im)))  # fit() checked the gate
+            scores.append(torch.sigmoid(cast(JeiGate, model.gate).gate_logits(im, feats)))  # fit() checked the gate
         return torch.cat(logits), torch.cat(scores)
 
     @torch.no_grad()
@@ -81,7 +81,7 @@ class _Validation:
             im = stack.im_logits(feats)
             final = _final_logits(model, feats).unsqueeze(1)
             logits.append(torch.cat([im, final.expand(stack.k, *final.shape)], 2).float())
-            scores.append(torch.sigmoid(stack.gate_logits(im)))
+            scores.append(torch.sigmoid(stack.gate_logits(im, feats)))
         return torch.cat(logits, 1), torch.cat(scores, 1)
 
 
@@ -124,7 +124,9 @@ class JeiStrategy(TrainingStrategy):
                                            "survivors l* >= l, onehot 1{l = l*} (default: cumulative, or what "
                                            "exit_rule reads)", choices=TARGETS)
         exit_rule: str | None = option(None, "test-time rule: official (capped probabilities, hazard >= 0.5), cdf "
-                                             "or hazard (first g_l >= tau) (default: the one targets pair with)",
+                                             "or hazard (first g_l >= tau) (default: clean profile "
+                                             f"{CLEAN_EXIT_RULE}, paper-compat official; with targets set, the "
+                                             "rule they pair with)",
                                        choices=EXIT_RULES)
         tau: float = option(0.5, "threshold of exit_rule=cdf|hazard", above=0, max=1)
         pos_weight_counts: str | None = option(None, "gate pos-weights from exact-exit, cumulative or survivor "
@@ -175,7 +177,10 @@ class JeiStrategy(TrainingStrategy):
         o = self.options
         profile = PROFILES[o.profile]
         o = dataclasses.replace(o, **{k: v for k, v in profile.items() if getattr(o, k) is None})
-        variant: dict[str, Any] = resolve_variant(o.targets, o.exit_rule, o.pos_weight_counts)
+        exit_rule = o.exit_rule
+        if exit_rule is None and o.targets is None and o.profile == "clean":
+            exit_rule = CLEAN_EXIT_RULE  # the consistent rule that measured best (docs/results.md)
+        variant: dict[str, Any] = resolve_variant(o.targets, exit_rule, o.pos_weight_counts)
         self.options = dataclasses.replace(o, **variant)
         self._check_relations()
 
@@ -416,6 +421,9 @@ class JeiStrategy(TrainingStrategy):
             "val_macs_fraction": float(macs[exit_index].mean() / context.full_macs),
             "val_exit_fractions": (torch.bincount(exit_index, minlength=g + 1).float() / len(exit_index)).tolist(),
             "pos_weights": pos_weight.tolist(),
+            # the rule against its own targets (eedn warns when it sends nearly everyone before l*)
+            "val_target_exit_fractions": (torch.bincount(best_exit, minlength=g + 1).float() / len(best_exit)).tolist(),
+            "val_exits_before_target": float((exit_index < best_exit).float().mean()),
         }
         context.progress.epoch(f"jei λ={lam:g}", epoch, self.options.epochs, gate_loss=entry["gate_loss"],
                                im_loss=entry["im_loss"], val_gated_accuracy=acc,
@@ -495,11 +503,11 @@ class JeiStrategy(TrainingStrategy):
                 with torch.no_grad():
                     im = model.im_logits(feats)
                     all_logits = torch.cat([im, _final_logits(model, feats).unsqueeze(1)], 1)
-                loss = self._gate_batch_loss(per_exit_cross_entropy(all_logits, y), gate.gate_logits(im), lam,
+                loss = self._gate_batch_loss(per_exit_cross_entropy(all_logits, y), gate.gate_logits(im, feats), lam,
                                              costs, pos_weight)
             else:
                 im = model.im_logits(feats)
-                loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im))
+                loss = self._im_batch_loss(gate, per_exit_cross_entropy(im, y), lambda: gate.gate_logits(im, feats))
             value = loss.item()
             check_finite(value, f"jei λ={lam:g}", epoch)
             # zero to None (as the official torch versions do): a shared optimiser then leaves the idle
@@ -552,13 +560,13 @@ class JeiStrategy(TrainingStrategy):
                     im = stack.im_logits(feats)  # [K, B, G, C]
                     final = _final_logits(model, feats).unsqueeze(1)
                     ce = _stacked_cross_entropy(torch.cat([im, final.expand(k_count, *final.shape)], 2), y)
-                logits = stack.gate_logits(im)
+                logits = stack.gate_logits(im, feats)
                 losses = [self._gate_batch_loss(ce[k], logits[k], lam, costs, pos_weight[k])
                           for k, lam in enumerate(lambdas)]
             else:
                 im = stack.im_logits(feats)
                 ce = _stacked_cross_entropy(im, y)
-                gate_logits = _Lazy(lambda: stack.gate_logits(im))  # only exit_weighted reads it
+                gate_logits = _Lazy(lambda: stack.gate_logits(im, feats))  # only exit_weighted reads it
                 losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k]) for k in range(k_count)]
             loss = torch.stack(losses)
             values = loss.tolist()

@@ -207,7 +207,7 @@ def test_calibrate_gate_returns_a_calibrated_copy(digits16, tiny_model, tmp_path
         gate = eedn.calibrate_gate(tiny_model.gate, val, target)
         fraction = target if isinstance(target, float) else target["macs_fraction"]
         cost = val.summarize(eedn.apply_gate(gate, val))["macs_fraction"]
-        assert cost <= max(fraction, cheapest) + 1e-9
+        assert abs(cost - max(fraction, cheapest)) <= 0.02 + 1e-9  # a target, met within ±0.02 on val
     assert all(torch.equal(original[k], v) for k, v in tiny_model.gate.state_dict().items())
     jei = eedn.create_model("resnet_tiny", num_classes=10, image_size=16, in_channels=1, gate="jei")
     with pytest.raises(EednError, match="no budget calibration"):

@@ -303,6 +303,9 @@ def test_gate_rules_agree_between_decide_exits_at_and_probabilities(rule):
     assert gate.describe()["exit_rule"] == rule
 
 
+GATE_DEFAULTS = {"gate_features": "own", "gate_model": "linear"}
+
+
 def test_strategy_sets_and_records_the_gate_rule(tmp_path):
     import eedn
     from eedn.core.config import resolve_config
@@ -312,9 +315,9 @@ def test_strategy_sets_and_records_the_gate_rule(tmp_path):
     assert s.gate_options() == {"exit_rule": "hazard", "tau": 0.4}
     model = toy_model()
     s.prepare_model(model)
-    assert model.gate.options.as_dict() == {"exit_rule": "hazard", "tau": 0.4}
+    assert model.gate.options.as_dict() == {"exit_rule": "hazard", "tau": 0.4} | GATE_DEFAULTS
     cfg = resolve_config(None, ["strategy_options.exit_rule=cdf"], backbone="t2t_vit", strategy="jei")
-    assert check_plugins(cfg).gate_options == {"exit_rule": "cdf", "tau": 0.5}
+    assert check_plugins(cfg).gate_options == {"exit_rule": "cdf", "tau": 0.5} | GATE_DEFAULTS
     cfg = resolve_config(None, ["strategy_options.exit_rule=cdf", "gate_options.exit_rule=hazard"],
                          backbone="t2t_vit", strategy="jei")
     with pytest.raises(EednError, match="strategy option"):
@@ -430,7 +433,7 @@ def test_the_jei_gate_takes_only_its_rule_options():
     with pytest.raises(EednError, match="unknown option.*valid: exit_rule, tau") as err:
         eedn.create("gate", "jei", 3, 2, k=2)
     assert "\n" not in str(err.value)
-    assert eedn.create("gate", "jei", 3, 2).options.as_dict() == {"exit_rule": "official", "tau": 0.5}
+    assert eedn.create("gate", "jei", 3, 2).options.as_dict() == {"exit_rule": "official", "tau": 0.5} | GATE_DEFAULTS
 
 
 @pytest.mark.parametrize(

@@ -94,7 +94,7 @@ def test_jei_resolves_its_profile_into_a_typed_instance_and_records_it_as_before
     assert "lambda" in record and "lambda_" not in record
     assert (record["warmup"], record["alternation"], record["select"], record["warmup_epochs"]) == (
         "fixed", "auto", "last", 3)
-    assert (record["targets"], record["exit_rule"], record["pos_weight_counts"]) == ("cumulative", "official", "exact")
+    assert (record["targets"], record["exit_rule"], record["pos_weight_counts"]) == ("cumulative", "cdf", "cumulative")
     assert json.loads(json.dumps(record)) == record
     compat = JeiStrategy(profile="paper-compat", exit_rule="cdf").describe()
     assert (compat["select"], compat["optimizers"], compat["pos_weight_counts"]) == ("pt_compat", "shared",

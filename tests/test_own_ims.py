@@ -37,7 +37,9 @@ def test_threshold_curve_on_own_ims_and_the_gate_at_its_own_cost():
     gate = JeiGate(2, 4, exit_rule="cdf")
     own = threshold_on_own_ims(outs, gate, "lambda=1")
     curve = own["curves"]["lambda=1"]
-    assert own["gate"] == "max_prob" and len(curve) == 39 + len(cost_grid(outs["lambda=1"]["test"]))
+    assert own["gate"] == "max_prob" and len(curve) <= 39 + len(cost_grid(outs["lambda=1"]["test"]))
+    same = [(p["accuracy"], p["mean_macs"], p["val"]["accuracy"], p["val"]["mean_macs"]) for p in curve]
+    assert len(same) == len(set(same)) and len(curve) >= 10  # budgets landing on one point are one row
     # the grid reaches the first exit's cost: a threshold curve that starts where everyone leaves at exit 0
     assert min(p["macs_fraction"] for p in curve) == 1 / 3
     row = own["at_gate_cost"][0]

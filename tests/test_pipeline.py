@@ -48,8 +48,8 @@ def test_every_baseline_writes_a_budget_curve(tiny_config, strategy, gate):
     for point in results["curve"]:
         assert abs(sum(point["exit_fractions"]) - 1) < 1e-9
         assert 0 < point["macs_fraction"] <= results["exits"][-1]["macs"] / results["full_macs"] + 1e-9
-    if gate != "patience":  # budget target on val: met within the grid's resolution
-        assert results["policy"]["val"]["macs_fraction"] <= 0.75 + 1e-9
+    if gate != "patience":  # the default budget is a target on val, met within ±0.02
+        assert abs(results["policy"]["val"]["macs_fraction"] - 0.75) <= 0.02 + 1e-9
 
 
 def test_second_run_reuses_the_trained_backbone(tiny_config, tmp_path):

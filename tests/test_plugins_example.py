@@ -87,7 +87,7 @@ def test_the_plugin_guide_examples_run_in_the_pipeline(tiny_config):
         results = eedn.run_pipeline(cfg)
         assert results["dataset"]["sizes"] == {"train": 100, "val": 30, "cal": 30, "test": 40}
         assert results["policy"]["gate"] == "logit_gap"
-        assert results["policy"]["val"]["macs_fraction"] <= 0.75 + 1e-9  # calibrated to the default budget
+        assert abs(results["policy"]["val"]["macs_fraction"] - 0.75) <= 0.02 + 1e-9  # the default budget, a target
         assert len(results["curve"]) >= 2  # the budget sweep of a ThresholdGate
         with pytest.raises(eedn.EednError, match="dataset 'noise-squares': unknown option.*did you mean 'samples'"):
             eedn.create("dataset", "noise-squares", sample=3)

@@ -13,8 +13,9 @@ follows the MSDNet budgeted-batch recipe (Huang et al., ICLR 2018) as the offici
   final exit gets no share). The default divisor is 15, the official JEI value (at ``p = 15`` every
   exit gets the same share); MSDNet itself uses 20 (``divisor=20``).
 * ``{"exit_shares": [f_0, ..., f_G]}``: the same greedy fit with given shares (normalised to sum 1).
-* ``{"macs_fraction": F}``: among a one-parameter family of settings, the one with the best val
-  accuracy whose val mean MACs are ``<= F * full_macs`` (ties: the cheaper one). The family is the
+* ``{"macs_fraction": F}``: a target: among a one-parameter family of settings, the one with the best val
+  accuracy whose val MACs fraction is within ±0.02 of ``F`` (:data:`MACS_TOLERANCE`; ties: the closer one),
+  the family refined by bisection when none is. The family is the
   geometric budget over a fine log grid of ``q`` (1e-3 .. 1e3, plus the sweep's own ``p = 1..39``),
   plus its two ends: everyone leaves at exit 0, and nobody exits early.
 * ``{"accuracy_drop": d}``: the cheapest setting of that family whose val accuracy is at least the
@@ -32,6 +33,7 @@ calibratable gate too (the patience gate picks its ``k`` with :func:`pick_settin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +41,9 @@ import torch
 from torch import Tensor
 
 from eedn.core.contracts import Gate
-from eedn.runtime.errors import EednError
 from eedn.core.options import option
 from eedn.core.outputs import ExitOutputs
+from eedn.runtime.errors import EednError
 
 DEFAULT_DIVISOR = 15.0  # official JEI budgets q = p/15; MSDNet uses 20
 SWEEP_P = tuple(range(1, 40))  # p = 1..39, the official sweep
@@ -146,16 +148,27 @@ def check_target(target: dict, allowed: tuple[str, ...]) -> str:
     return keys[0]
 
 
+#: how far the val MACs fraction of a ``macs_fraction`` target's setting may be from the target
+MACS_TOLERANCE = 0.02
+
+
 def pick_setting(points: list[dict], val: ExitOutputs, target: dict, kind: str) -> dict:
-    """Choose among candidate settings (each with a ``summary`` on val) per a macs/accuracy target."""
+    """Choose among candidate settings (each with a ``summary`` on val) per a macs/accuracy target.
+
+    ``macs_fraction``: a target, not a ceiling: the most accurate setting whose val MACs fraction is within
+    :data:`MACS_TOLERANCE` of it (ties: the closer one); the closest setting when none is (its distance is
+    then in the chosen point's summary). A target more than the tolerance below the cheapest setting is an error.
+    """
     if kind == "macs_fraction":
         budget = float(target["macs_fraction"])
-        ok = [pt for pt in points if pt["summary"]["macs_fraction"] <= budget + 1e-12]
-        if not ok:
-            cheapest = min(pt["summary"]["macs_fraction"] for pt in points)
+        cheapest = min(pt["summary"]["macs_fraction"] for pt in points)
+        if budget < cheapest - MACS_TOLERANCE:
             raise EednError(f"no gate setting meets macs_fraction={budget} on val; the cheapest reaches "
                             f"{cheapest:.4f}: ask for at least that")
-        return max(ok, key=lambda pt: (pt["summary"]["accuracy"], -pt["summary"]["mean_macs"]))
+        near = [pt for pt in points if abs(pt["summary"]["macs_fraction"] - budget) <= MACS_TOLERANCE + 1e-12]
+        if near:
+            return max(near, key=lambda pt: (pt["summary"]["accuracy"], -abs(pt["summary"]["macs_fraction"] - budget)))
+        return min(points, key=lambda pt: (abs(pt["summary"]["macs_fraction"] - budget), -pt["summary"]["accuracy"]))
     drop = float(target["accuracy_drop"])
     if not 0.0 <= drop <= 1.0:
         raise EednError(f"accuracy_drop is a fraction in [0, 1] (0.01 = one point), got {drop}")
@@ -166,6 +179,53 @@ def pick_setting(points: list[dict], val: ExitOutputs, target: dict, kind: str) 
         raise EednError(f"no gate setting reaches val accuracy {floor_acc:.4f} (final exit minus {drop}); the best "
                         f"reaches {best:.4f}: allow a larger accuracy_drop")
     return min(ok, key=lambda pt: (pt["summary"]["mean_macs"], -pt["summary"]["accuracy"]))
+
+
+def score_logits(scores: Tensor) -> Tensor:
+    """float64 ``logit(g)`` of gate scores in (0, 1) (clamped away from 0 and 1)."""
+    g = scores.double().clamp(1e-12, 1 - 1e-12)
+    return torch.log(g) - torch.log1p(-g)
+
+
+def calibrate_offset(decide: Callable[[Tensor], Tensor], val: ExitOutputs, target: dict,
+                     max_candidates: int = 400, refine_steps: int = 30) -> tuple[float, dict]:
+    """The logit offset ``b`` (scores ``σ(logit(g) + b)``) of a probabilistic learned gate that meets a
+    ``macs_fraction`` or ``accuracy_drop`` target on val, with :func:`pick_setting`'s rule; returns ``b`` and
+    its val summary. Candidates are the offsets where a val score crosses 0 (up to ``max_candidates`` of them,
+    by quantile); a ``macs_fraction`` target between two candidates is then bisected."""
+    kind = check_target(target, ("macs_fraction", "accuracy_drop"))
+    logits = score_logits(val.gate_scores)
+    dtype = val.gate_scores.dtype
+
+    def summaries(offsets: list[float]) -> list[dict]:
+        exits = torch.stack([decide(torch.sigmoid(logits + b).to(dtype)) for b in offsets])
+        return summarize_many(val, exits)
+
+    crossings = torch.unique(-logits.flatten())
+    if crossings.numel() > max_candidates:
+        crossings = torch.quantile(crossings, torch.linspace(0, 1, max_candidates, dtype=torch.float64))
+    offsets = sorted({0.0, -60.0, 60.0, *(float(c) for c in crossings), *(float(c) + 1e-9 for c in crossings)})
+    points: list[dict[str, Any]] = [{"offset": b, "summary": sm} for b, sm in zip(offsets, summaries(offsets))]
+    best = pick_setting(points, val, target, kind)
+    if kind == "macs_fraction":
+        budget = float(target["macs_fraction"])
+        if abs(best["summary"]["macs_fraction"] - budget) > MACS_TOLERANCE:
+            # bisect between the neighbours that bracket the target (more offset: more early exits)
+            below = max((pt for pt in points if pt["summary"]["macs_fraction"] >= budget), default=None,
+                        key=lambda pt: pt["offset"])
+            above = min((pt for pt in points if pt["summary"]["macs_fraction"] <= budget), default=None,
+                        key=lambda pt: pt["offset"])
+            if below is not None and above is not None:
+                lo, hi = below["offset"], above["offset"]
+                for _ in range(refine_steps):
+                    mid = (lo + hi) / 2
+                    pt: dict[str, Any] = {"offset": mid, "summary": summaries([mid])[0]}
+                    points.append(pt)
+                    if abs(pt["summary"]["macs_fraction"] - budget) <= MACS_TOLERANCE:
+                        break
+                    lo, hi = (mid, hi) if pt["summary"]["macs_fraction"] > budget else (lo, mid)
+                best = pick_setting(points, val, target, kind)
+    return float(best["offset"]), best["summary"]
 
 
 def check_val(gate: Gate, val: ExitOutputs) -> None:
@@ -197,6 +257,7 @@ class ThresholdGate(Gate):
                                           "(official)", choices=SHORT_SHARES)
 
     options: ThresholdGate.Options
+    thresholds: Tensor
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
@@ -251,6 +312,26 @@ class ThresholdGate(Gate):
         summaries = summarize_many(val, first_exits_many(scores, thresholds))
         return [lab | {"thresholds": th, "summary": sm} for lab, th, sm in zip(labels, thresholds, summaries)]
 
+    def _bisect(self, val: ExitOutputs, points: list[dict], budget: float, steps: int = 30) -> list[dict]:
+        """More geometric settings between the two that bracket ``budget`` (larger p: more MACs), until one
+        lands within :data:`MACS_TOLERANCE` of it."""
+        geo = [pt for pt in points if pt.get("family") == "geometric"]
+        lower = [pt["p"] for pt in geo if pt["summary"]["macs_fraction"] <= budget]
+        upper = [pt["p"] for pt in geo if pt["summary"]["macs_fraction"] >= budget]
+        if not lower or not upper:
+            return []
+        lo, hi, added = math.log(max(lower)), math.log(min(upper)), []
+        for _ in range(steps):
+            p = math.exp((lo + hi) / 2)
+            shares = geometric_shares_many(torch.tensor([p]), self.num_exits, self.divisor, self.include_final)
+            th = fit_thresholds_batch(val.gate_scores, shares, self.short_share)
+            sm = summarize_many(val, first_exits_many(val.gate_scores, th))[0]
+            added.append({"family": "geometric", "p": p, "thresholds": th[0], "summary": sm})
+            if abs(sm["macs_fraction"] - budget) <= MACS_TOLERANCE:
+                break
+            lo, hi = (math.log(p), hi) if sm["macs_fraction"] < budget else (lo, math.log(p))
+        return added
+
     def calibrate(self, val: ExitOutputs, target: dict) -> None:
         check_val(self, val)
         kind = check_target(target, TARGET_KEYS)
@@ -260,7 +341,10 @@ class ThresholdGate(Gate):
             if kind == "p":
                 chosen["p"] = float(target["p"])
         else:
-            pt = pick_setting(self._candidates(val), val, target, kind)
+            points = self._candidates(val)
+            pt = pick_setting(points, val, target, kind)
+            if kind == "macs_fraction" and abs(pt["summary"]["macs_fraction"] - target["macs_fraction"]) > MACS_TOLERANCE:
+                pt = pick_setting(points + self._bisect(val, points, float(target["macs_fraction"])), val, target, kind)
             th = pt["thresholds"]
             chosen = {k: v for k, v in pt.items() if k in ("family", "p")}
         self.thresholds.copy_(th.to(self.thresholds))

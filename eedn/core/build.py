@@ -46,6 +46,9 @@ def build_model(
         ims = [create("inference_module", inference_module, backbone.feature_dims[i], backbone.num_classes,
                       **(im_options or {})) for i in range(g)]
         gate_obj = create("gate", gate, g, backbone.num_classes, **(gate_options or {}))
+        bind = getattr(gate_obj, "bind_features", None)
+        if bind is not None:  # gates that read the exits' hidden features learn a projection of each width
+            bind(list(backbone.feature_dims[:g]))
     return EarlyExitModel(backbone, ims, gate_obj)
 
 

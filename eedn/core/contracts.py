@@ -128,6 +128,11 @@ class Gate(nn.Module, ABC):
     trainable: bool = False
     #: True if the gate has thresholds set by a budget calibration on validation outputs.
     calibratable: bool = False
+    #: True if a trained gate moves along one knob (a logit offset) to meet a budget target: ``calibrate`` then
+    #: serves ``macs_fraction`` / ``accuracy_drop`` without retraining, and the run re-scores with it.
+    retargetable: bool = False
+    #: True if exit ``l``'s score reads earlier exits' logits: callers use :meth:`score_exit` with ``past``.
+    reads_history: bool = False
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__()
@@ -139,6 +144,12 @@ class Gate(nn.Module, ABC):
     @abstractmethod
     def scores(self, exit_index: int, logits: Tensor, features: Tensor | None = None) -> Tensor:
         """Score ``[B]`` of exit ``exit_index`` from its IM's logits (and features)."""
+
+    def score_exit(self, exit_index: int, logits: Tensor, features: Tensor | None = None,
+                   past: Tensor | None = None) -> Tensor:
+        """Score ``[B]`` of exit ``exit_index`` given also the reported logits ``past`` ``[B, l, C]`` of exits
+        ``0..l-1`` (causal: nothing beyond exit ``l``). Every caller uses this; only history gates read ``past``."""
+        return self.scores(exit_index, logits, features)
 
     @abstractmethod
     def exits_at(self, prefix: Tensor) -> Tensor:

@@ -58,7 +58,8 @@ class EarlyExitModel(nn.Module):
     def gate_scores(self, logits: Tensor, feats: list[Tensor] | None = None) -> Tensor:
         """``[B, G]`` gate scores from all-exit logits."""
         g = len(self.ims)
-        cols = [self.gate.scores(l, logits[:, l], None if feats is None else feats[l]) for l in range(g)]
+        cols = [self.gate.score_exit(l, logits[:, l], None if feats is None else feats[l], logits[:, :l])
+                for l in range(g)]
         return torch.stack(cols, dim=1) if cols else logits.new_zeros(logits.shape[0], 0)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -78,12 +78,12 @@ class StackedHeads:
                 cols.append(self._vmapped(im, prefix, im.forward, False, f))
         return torch.stack(cols, dim=2)
 
-    def gate_logits(self, im_logits: Tensor) -> Tensor:
-        """``[K, B, G]``: copy k's gate on copy k's IM logits ``im_logits[k]`` (``gate_logits_stacked`` when
-        the gate has it, else :func:`torch.func.vmap` over ``gate_logits``)."""
+    def gate_logits(self, im_logits: Tensor, feats: list[Tensor] | None = None) -> Tensor:
+        """``[K, B, G]``: copy k's gate on copy k's IM logits ``im_logits[k]`` and the shared features ``feats``
+        (``gate_logits_stacked`` when the gate has it, else :func:`torch.func.vmap` over ``gate_logits``)."""
         gate: Any = self.model.gate  # a gate that trains has gate_logits (and may have gate_logits_stacked)
         if hasattr(gate, "gate_logits_stacked"):
-            return gate.gate_logits_stacked(self._sub("gate."), im_logits)
+            return gate.gate_logits_stacked(self._sub("gate."), im_logits, feats)
         return self._vmapped(gate, "gate.", gate.gate_logits, True, im_logits)
 
     def state(self, k: int) -> dict[str, Tensor]:

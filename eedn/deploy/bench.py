@@ -97,6 +97,7 @@ def _profile_pass(model: EarlyExitModel, x: Tensor) -> Tensor:
     bb, gate, g = model.backbone, model.gate, len(model.ims)
     sync = (lambda: torch.cuda.synchronize(x.device)) if x.is_cuda else (lambda: None)
     parts = []
+    past: Tensor | None = None  # earlier exits' logits (history gates read them)
     with torch.inference_mode():
         start = time.perf_counter()
         state = bb.stem(x)
@@ -110,7 +111,8 @@ def _profile_pass(model: EarlyExitModel, x: Tensor) -> Tensor:
             feats = bb.exit_features(l, state)
             logits = model.exit_logits(l, feats)
             if l < g:
-                gate.scores(l, logits, feats)
+                gate.score_exit(l, logits, feats, past)
+            past = logits.unsqueeze(1) if past is None else torch.cat([past, logits.unsqueeze(1)], 1)
             sync()
             parts += [mid - start, time.perf_counter() - mid]
     return torch.tensor(parts, dtype=torch.float64)

@@ -280,6 +280,9 @@ def export_model(model: EarlyExitModel, fmt: str, out: str | Path, input_spec: d
     if model.exit_combiner is not None:
         raise EednError(f"this run's exits are ensembles ({type(model.exit_combiner).__name__}); export supports "
                         "models whose exits read their own IM only")
+    if model.gate.reads_history:
+        raise EednError("this run's gate reads the earlier exits' history (gate_features=history...); export "
+                        "supports gates that read their own exit only: retrain with gate_features=own to export")
     if fmt == "onnx":
         try:
             import onnx  # noqa: F401

@@ -198,6 +198,8 @@ class EarlyExitEngine:
         state = bb.stem(x) if segments is None else x
         prefix: Tensor | None = None  # gate scores [b, l+1] of the running rows
         raw: Tensor | None = None  # un-combined per-exit logits [b, l+1, C] (only with a combiner)
+        past: Tensor | None = None  # reported logits [b, l, C] of the earlier exits (only for history gates)
+        history = gate.reads_history
         for l in range(bb.num_stages):
             if segments is None:
                 state = bb.stage(l, state)
@@ -213,7 +215,9 @@ class EarlyExitEngine:
             if l == last:
                 out_logits[rows] = logits
                 break
-            score = gate.scores(l, logits, feats).unsqueeze(1)
+            score = gate.score_exit(l, logits, feats, past).unsqueeze(1)
+            if history:
+                past = logits.unsqueeze(1) if past is None else torch.cat([past, logits.unsqueeze(1)], dim=1)
             prefix = score if prefix is None else torch.cat([prefix, score], dim=1)
             leave = gate.exits_at(prefix)
             if leave.dtype != torch.bool:
@@ -234,6 +238,8 @@ class EarlyExitEngine:
             rows = rows[kept]
             state = select_rows(state, kept)
             prefix = prefix[kept]
+            if past is not None:
+                past = past[kept]
             if raw is not None:
                 raw = raw[kept]
         assert out_logits is not None

@@ -18,7 +18,7 @@ import torch
 from eedn.core.contracts import Gate
 from eedn.evaluation.matched import interpolate_at
 from eedn.core.outputs import ExitOutputs
-from eedn.evaluation.policy import calibrated_copy, evaluate_point, target_label
+from eedn.evaluation.policy import calibrated_copy, distinct_points, evaluate_point, target_label
 
 def rescored(outputs: ExitOutputs, gate: Gate) -> ExitOutputs:
     """The same exit outputs with ``gate``'s scores in place of the stored (learned) gate scores."""
@@ -37,7 +37,10 @@ def cost_grid(outputs: ExitOutputs, points: int = COST_GRID_POINTS) -> list[dict
     starts above the first exit's cost and may miss a learned gate that routes nearly everyone there."""
     low = float(outputs.exit_macs[0]) / outputs.full_macs
     # rounded up to 3 decimals: short labels, and never below the cheapest reachable cost
-    return [{"macs_fraction": math.ceil(1000 * (low + (1 - low) * k / (points - 1))) / 1000} for k in range(points)]
+    # the first point sends everyone to exit 0 (a macs_fraction target is met within ±0.02, not as a ceiling)
+    first = {"exit_shares": [1.0] + [0.0] * (outputs.num_exits - 1)}
+    return [first] + [{"macs_fraction": math.ceil(1000 * (low + (1 - low) * k / (points - 1))) / 1000}
+                      for k in range(1, points)]
 
 
 def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gate: Gate, chosen: str,
@@ -62,6 +65,7 @@ def threshold_on_own_ims(outputs: dict[str, dict[str, ExitOutputs]], learned_gat
         for target in [*gate.budget_sweep(), *cost_grid(test)]:
             calibrated = calibrated_copy(gate, val, target)
             points.append(evaluate_point(calibrated, val, cal, test, {}, f"{label};{target_label(target)}").point)
+        points = distinct_points(points)
         curves[label] = points
         own = outs["test"].summarize(learned_gate.decide(outs["test"].gate_scores))
         threshold = interpolate_at([(p["mean_macs"], p["accuracy"]) for p in points], own["mean_macs"])

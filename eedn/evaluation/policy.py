@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from eedn.core.contracts import Evaluator, Gate
-from eedn.runtime.errors import EednError
 from eedn.core.outputs import ExitOutputs
+from eedn.runtime.errors import EednError
 
 #: keys every operating point has; an evaluator's headline numbers may not reuse them
 POINT_KEYS = ("setting", "accuracy", "mean_macs", "macs_fraction", "exit_fractions", "val", "gate_setting")
@@ -73,3 +73,17 @@ def target_label(target: dict) -> str:
     target is kept in the point's ``gate_setting``."""
     key, value = next(iter(target.items()))
     return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+
+
+def distinct_points(points: list[dict]) -> list[dict]:
+    """Operating points with the same test and val accuracy and cost collapse into the first one; the settings
+    they merge are kept in its ``same_as``."""
+    kept: dict[tuple, dict] = {}
+    for pt in points:
+        key = (round(pt["accuracy"], 12), round(pt["mean_macs"], 6), round(pt["val"]["accuracy"], 12),
+               round(pt["val"]["mean_macs"], 6))
+        if key in kept:
+            kept[key].setdefault("same_as", []).append(pt["setting"])
+        else:
+            kept[key] = pt
+    return list(kept.values())

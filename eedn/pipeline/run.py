@@ -35,7 +35,7 @@ from eedn.core.outputs import ExitOutputs
 from eedn.evaluation.matched import OWN_IMS_KEY
 from eedn.evaluation.own_ims import threshold_on_own_ims
 from eedn.core.plugins import create, registry
-from eedn.evaluation.policy import EvaluatedPoint, calibrated_copy, evaluate_point, target_label
+from eedn.evaluation.policy import EvaluatedPoint, calibrated_copy, distinct_points, evaluate_point, target_label
 from eedn.runtime.precision import apply_memory_format, check_precision, numerics_key, use_channels_last
 from eedn.runtime.progress import Progress
 from eedn.report.render import format_macs, render_run
@@ -220,7 +220,8 @@ def prepare(cfg: Config, progress: Progress) -> Prepared:
     else:
         meta = backbone_meta(cfg.backbone, bb_opts, dataset_desc, image_size, cfg.seed,
                              rec | {"init_checkpoint": str(init) if init else None}
-                             | numerics_key(cfg.precision, channels_last))
+                             | numerics_key(cfg.precision, channels_last)
+                             | ({"layout": backbone.layout} if getattr(backbone, "layout", None) else {}))
         key = cache_key(**meta)
         agree(key, "backbone cache key")  # under torchrun: the same data and recipe on every rank
         path = cfg.cache_root / "backbones" / f"{cfg.backbone}-{key}.pt"
@@ -349,20 +350,35 @@ def _run_strategy(prep: Prepared, strategy_name: str | None, strategy_options: d
         for ev in evaluators.values():
             ev.fit(outs["cal"])
         if model.gate.calibratable:
-            sweep = model.gate.budget_sweep()
+            sweep, swept = model.gate.budget_sweep(), []
             for target in progress.track(sweep, f"budget sweep ({label})"):
                 g = calibrated_copy(model.gate, outs["val"], target)
                 name = target_label(target) if len(labels) == 1 else f"{label};{target_label(target)}"
-                curve.append(evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators, name).point)
+                swept.append(evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators, name).point)
+            curve += distinct_points(swept)  # budgets that land on the same point are one row
             if label == chosen:
-                g = calibrated_copy(model.gate, outs["val"], cfg.budget)
+                budget = cfg.budget or DEFAULT_THRESHOLD_BUDGET
+                g = calibrated_copy(model.gate, outs["val"], budget)
                 policy = evaluate_point(g, outs["val"], outs["cal"], outs["test"], evaluators,
-                                        f"{label};{target_label(cfg.budget)}")
+                                        f"{label};{target_label(budget)}")
                 model.gate.load_state_dict(g.state_dict())
                 policy_heads = model.heads_state_dict()
         else:
             point = evaluate_point(model.gate, outs["val"], outs["cal"], outs["test"], evaluators, label)
             curve.append(point.point)
+            if label == chosen and cfg.budget is not None and model.gate.retargetable:
+                # one knob for any budget: the trained gate's offset is fitted on val, then every split re-scored
+                g = calibrated_copy(model.gate, outs["val"], cfg.budget)
+                model.gate.load_state_dict(g.state_dict())
+                outs = {s: compute_split_outputs(model, eval_source, s, exit_macs, full_macs, cfg.eval_batch_size)
+                        for s in SPLITS}
+                outputs[label] = outs
+                point = evaluate_point(model.gate, outs["val"], outs["cal"], outs["test"], evaluators,
+                                       f"{label};{target_label(cfg.budget)}")
+                curve.append(point.point)
+            elif label == chosen and cfg.budget is not None:
+                warn(f"--budget is ignored: gate '{gate_name}' has no budget knob (neither thresholds nor a "
+                     "retargetable offset); its policy is reported as trained")
             if label == chosen:
                 policy, policy_heads = point, model.heads_state_dict()
     eval_s = time.perf_counter() - t1
@@ -378,7 +394,10 @@ def _run_strategy(prep: Prepared, strategy_name: str | None, strategy_options: d
         results["risk_control"] = risk_control_block(cfg, model.gate, outputs[chosen], evaluators)
     t2 = time.perf_counter()
     if strategy.trains_gate:  # the gate apart from the IMs: thresholds on the same IMs (eedn/evaluation/own_ims.py)
+        model.load_heads_state_dict(policy_heads)
         results[OWN_IMS_KEY] = threshold_on_own_ims(outputs, model.gate, chosen)
+        for line in learned_gate_warnings(cfg.strategy, chosen, result.history, results[OWN_IMS_KEY]):
+            warn(line)
     results["timings"] = prep.timings | {"fit_s": fit_s, "evaluate_s": eval_s,
                                          "own_ims_thresholds_s": time.perf_counter() - t2}
     manifest = build_manifest(cfg, prep, checked, model, test, policy, chosen, labels, exit_macs, full_macs)
@@ -393,6 +412,39 @@ def _run_strategy(prep: Prepared, strategy_name: str | None, strategy_options: d
     tracking.finish(results, run_dir)
     progress.log(f"run directory: {run_dir}")
     return results
+
+
+#: the reported operating point of threshold gates when no budget is given
+DEFAULT_THRESHOLD_BUDGET = {"macs_fraction": 0.75}
+#: a learned rule that sends at least this share of val samples to exits before its own targets' l* collapses
+TOO_EARLY_SHARE = 0.9
+#: a learned policy this far below max-prob thresholds on its own IMs, at the same cost, is worth a warning
+BELOW_THRESHOLDS = 0.05
+
+
+def learned_gate_warnings(strategy: str, chosen: str, history: list[dict], own_ims: dict) -> list[str]:
+    """One line per sign that a learned exit rule fails its users: it sends >= 90 % of val samples to exits before
+    the ones its own targets choose (``val_exits_before_target`` in the strategy's history, at the kept epoch), or
+    its test accuracy is > 5 points below max-prob thresholds on its own IMs at the same cost."""
+    lines = []
+    lam = chosen.split("=", 1)[1] if "=" in chosen else None
+    entries = [h for h in history if h.get("phase") == "main" and "val_exits_before_target" in h
+               and (lam is None or f"{h.get('lambda'):g}" == lam)]
+    kept = [h.get("epoch") for h in history if h.get("phase") == "select" and (lam is None or
+                                                                               f"{h.get('lambda'):g}" == lam)]
+    at = [h for h in entries if kept and h["epoch"] == kept[-1]] or entries[-1:]
+    if at and at[-1]["val_exits_before_target"] >= TOO_EARLY_SHARE:
+        lines.append(f"{strategy} [{chosen}] sends {at[-1]['val_exits_before_target']:.0%} of val samples to exits "
+                     "before the ones its own gate targets choose (l*): the exit rule collapses early; use a "
+                     f"consistent rule (--set strategy_options.exit_rule=cdf, `eedn plugins {strategy}`)")
+    for row in own_ims.get("at_gate_cost", []):
+        diff = row.get("gate_minus_threshold")
+        if row.get("setting") == chosen and diff is not None and diff < -BELOW_THRESHOLDS:
+            lines.append(f"{strategy} [{chosen}] is {-100 * diff:.1f} points below {own_ims.get('gate')} thresholds "
+                         f"on its own IMs at the same cost ({row['macs_fraction']:.3f} of full MACs): use thresholds "
+                         "on these IMs (the threshold_on_own_ims curve), or try --set "
+                         "gate_options.gate_features=history")
+    return lines
 
 
 def assemble_results(cfg: Config, prep: Prepared, strategy: TrainingStrategy, gate_name: str, model: EarlyExitModel,
