@@ -2,6 +2,8 @@
 the JEI warm-up loss, paired with a threshold gate calibrated on val."""
 from __future__ import annotations
 
+from typing import cast
+
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +54,7 @@ class MLPIM(InferenceModule):
     @property
     def input_linear(self) -> nn.Linear:
         """The layer standardised training folds its feature scaling into."""
-        return self.net[0]
+        return cast(nn.Linear, self.net[0])
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features)

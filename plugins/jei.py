@@ -10,6 +10,7 @@ every λ trains from cached per-exit features.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, cast
@@ -549,7 +550,7 @@ class JeiStrategy(TrainingStrategy):
         optimizers = self._make_optimizers(stack.group("ims."), stack.group("gate."))
         stack.stack_momentum(momentum, optimizers["ims"])
         baseline = _best_warmup_gated_accuracy(history)
-        group = CheckpointGroup([self._checkpoint(lam, baseline, snapshot, lambda k=k: stack.state(k))
+        group = CheckpointGroup([self._checkpoint(lam, baseline, snapshot, functools.partial(stack.state, k))
                                  for k, lam in enumerate(lambdas)], "lambdas")
         pos_weight = [torch.ones(g, device=context.device) for _ in lambdas]
         records: list[list[dict]] = [[] for _ in lambdas]
@@ -567,7 +568,8 @@ class JeiStrategy(TrainingStrategy):
                 im = stack.im_logits(feats)
                 ce = _stacked_cross_entropy(im, y)
                 gate_logits = _Lazy(lambda: stack.gate_logits(im, feats))  # only exit_weighted reads it
-                losses = [self._im_batch_loss(gate, ce[k], lambda k=k: gate_logits()[k]) for k in range(k_count)]
+                losses = [self._im_batch_loss(gate, ce[k], functools.partial(_row, gate_logits, k))
+                          for k in range(k_count)]
             loss = torch.stack(losses)
             values = loss.tolist()
             for k, value in enumerate(values):
@@ -641,3 +643,8 @@ def _gated_accuracy(model: EarlyExitModel, logits: Tensor, scores: Tensor, label
 def _best_warmup_gated_accuracy(history: list[dict]) -> float:
     values = [h["val_gated_accuracy"] for h in history if h.get("phase") == "warmup"]
     return max(values) if values else -math.inf
+
+
+def _row(make: Callable[[], Tensor], k: int) -> Tensor:
+    """Row ``k`` of what ``make`` computes (copy k's gate logits in the stacked sweep, made on first use)."""
+    return make()[k]

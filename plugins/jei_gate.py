@@ -220,7 +220,7 @@ class JeiGate(Gate):
         if self.reads_features and self.projections is None:
             self.projections = nn.ModuleList([nn.Linear(d, HIDDEN_PROJECTION) for d in feature_dims[: self.num_exits]])
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # gates saved before the offset existed load with offset 0 (as trained)
         state_dict.setdefault(prefix + "offset", torch.zeros((), dtype=torch.float64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -253,7 +253,8 @@ class JeiGate(Gate):
                    features: Tensor | None = None) -> Tensor:
         """Pre-sigmoid score ``[B]`` of exit ``exit_index`` (what the BCE gate loss reads) from its IM's logits,
         the earlier exits' logits ``past`` ``[B, l, C]`` (history) and its features (hidden)."""
-        upto = logits.unsqueeze(1) if past is None or not self.reads_history else torch.cat([past, logits.unsqueeze(1)], 1)
+        upto = logits.unsqueeze(1) if past is None or not self.reads_history else \
+            torch.cat([past, logits.unsqueeze(1)], 1)
         head = self._head(exit_index)
         weight = next(head.parameters())
         return head(self._inputs(exit_index, upto, features).to(weight.dtype)).squeeze(-1)
@@ -262,8 +263,9 @@ class JeiGate(Gate):
         """``[B, G]`` pre-sigmoid scores of all gates from the IM logits ``[B, G, C]`` (and the per-exit
         features, for history+hidden)."""
         if self.options.gate_features == "own" and self.options.gate_model == "linear":
-            weight = torch.cat([lin.weight for lin in self.linears], 0)  # [G, 4]
-            bias = torch.cat([lin.bias for lin in self.linears], 0)  # [G]
+            linears = cast(list[nn.Linear], list(self.linears))
+            weight = torch.cat([lin.weight for lin in linears], 0)  # [G, 4]
+            bias = torch.cat([lin.bias for lin in linears], 0)  # [G]
             stats = gate_statistics(im_logits).to(weight.dtype)  # [B, G, 4]
             return (stats * weight).sum(-1) + bias
         hist = history_statistics(im_logits, self.num_exits) if self.reads_history else None

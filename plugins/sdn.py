@@ -108,7 +108,7 @@ class SDNStrategy(TrainingStrategy):
         the batches. The checkpoint covers the whole model; the backbone is frozen again at the end."""
         o = self.options
         model.backbone.requires_grad_(True)
-        groups = [{"params": list(model.ims.parameters()), "lr": o.lr},
+        groups: list[dict[str, Any]] = [{"params": list(model.ims.parameters()), "lr": o.lr},
                   {"params": list(model.backbone.parameters()), "lr": o.backbone_lr}]
         opt = torch.optim.SGD(groups, lr=float(o.lr or 0.0), momentum=o.momentum,
                               weight_decay=float(o.weight_decay or 0.0))

@@ -220,6 +220,9 @@ def check_image_size(image_size: Any) -> int:
 class T2TViT(Backbone):
     """T2T-ViT as a stage-wise backbone: one stage per transformer block, exits on the cls token."""
 
+    #: the shape options ``size=auto`` chose for this input (recorded in the backbone cache key)
+    layout: dict[str, int] = {}
+
     def __init__(self, config: T2TConfig, num_classes: int, image_size: int, in_channels: int = 3,
                  drop_path_rate: float = T2TOptions.drop_path_rate, qk_scale: str = "head_dim"):
         super().__init__()

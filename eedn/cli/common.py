@@ -114,9 +114,9 @@ def common_run_options(fn: Callable) -> Callable:
         click.option("--epochs", type=int, help="epochs of head/gate training for the strategy"),
         click.option("--lambda", "lambdas", help="cost trade-off λ of strategies that have one: one value or a "
                                                  "list, e.g. 0.01,0.5,2"),
-        click.option("--budget", type=float, help="target mean-MACs fraction of the reported policy, met within ±0.02 on val by threshold "
-                                                "and learned gates alike (default: thresholds 0.75, learned gates as "
-                                                "trained)"),
+        click.option("--budget", type=float, help="target mean-MACs fraction of the reported policy, met within "
+                                                "±0.02 on val by threshold and learned gates alike (default: "
+                                                "thresholds 0.75, learned gates as trained)"),
         key_flag("--risk"),
         key_flag("--epsilon"),
         key_flag("--delta"),

@@ -257,7 +257,6 @@ class ThresholdGate(Gate):
                                           "(official)", choices=SHORT_SHARES)
 
     options: ThresholdGate.Options
-    thresholds: Tensor
 
     def __init__(self, num_exits: int, num_classes: int, **options: Any):
         super().__init__(num_exits, num_classes, **options)
@@ -343,7 +342,8 @@ class ThresholdGate(Gate):
         else:
             points = self._candidates(val)
             pt = pick_setting(points, val, target, kind)
-            if kind == "macs_fraction" and abs(pt["summary"]["macs_fraction"] - target["macs_fraction"]) > MACS_TOLERANCE:
+            if kind == "macs_fraction" and \
+                    abs(pt["summary"]["macs_fraction"] - target["macs_fraction"]) > MACS_TOLERANCE:
                 pt = pick_setting(points + self._bisect(val, points, float(target["macs_fraction"])), val, target, kind)
             th = pt["thresholds"]
             chosen = {k: v for k, v in pt.items() if k in ("family", "p")}

@@ -68,8 +68,8 @@ def measure_exit_macs(model: EarlyExitModel) -> tuple[list[int], int]:
             logits = model.exit_logits(i, feats)
             past = box.get("past")
             if i < g:
-                model.gate.score_exit(i, logits, feats, past)  # type: ignore[arg-type]
-            box["past"] = logits.unsqueeze(1) if past is None else torch.cat([past, logits.unsqueeze(1)], 1)  # type: ignore[list-item]
+                model.gate.score_exit(i, logits, feats, past)
+            box["past"] = logits.unsqueeze(1) if past is None else torch.cat([past, logits.unsqueeze(1)], 1)
 
         exit_cost = count_macs(run_exit)
         exit_macs.append(total + exit_cost)

@@ -184,8 +184,9 @@ def train_backbone(model: EarlyExitModel | Backbone, data: DataSplits, *, epochs
 
 def calibrate_gate(gate: Gate, val: ExitOutputs, target: dict | float) -> Gate:
     """A copy of a threshold gate calibrated on stored val outputs to meet ``target``: a fraction of the
-    full MACs (a number, met within ±0.02 where the gate's settings allow) or one of ``{"macs_fraction": f}``, ``{"accuracy_drop": d}``, ``{"p": p}``
-    (MSDNet's geometric budget), ``{"exit_shares": [...]}``. The gate passed in is left unchanged."""
+    full MACs (a number, met within ±0.02 where the gate's settings allow) or one of ``{"macs_fraction": f}``,
+    ``{"accuracy_drop": d}``, ``{"p": p}`` (MSDNet's geometric budget), ``{"exit_shares": [...]}``. The gate
+    passed in is left unchanged."""
     if not gate.calibratable:
         raise EednError(f"gate {type(gate).__name__} has no budget calibration; it is applied as trained")
     if isinstance(target, (int, float)):
