@@ -17,7 +17,8 @@ Usage (digits, the embedded default; a few minutes on 2 cores)::
     python benchmarks/bench_paired.py --config examples/configs/cifar10_fast.yaml --out runs/paired-cifar \\
         --learned cdf=jei:exit_rule=cdf --thresholds im-only+max_prob,im-only+entropy,sdn+max_prob
 
-A learned policy is ``LABEL=STRATEGY[:OPT=VALUE[;OPT=VALUE...]]``; a threshold policy is ``STRATEGY+GATE``.
+A learned policy is ``LABEL=STRATEGY[:OPT=VALUE[;OPT=VALUE...]]`` (``gate.OPT=VALUE`` sets a gate option); a threshold
+policy is ``STRATEGY+GATE``.
 Writes ``paired.md`` and ``paired.json`` into ``--out`` (one run directory per policy and head seed beside them).
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_learned(text: str) -> list[tuple[str, str, dict]]:
-    """``cdf=jei:exit_rule=cdf;epochs=10`` -> ``("cdf", "jei", {"exit_rule": "cdf", "epochs": 10})``."""
+    """``cdf=jei:exit_rule=cdf;epochs=10`` -> ``("cdf", "jei", {"exit_rule": "cdf", "epochs": 10})``; an option
+    written ``gate.NAME=VALUE`` is the gate's (``gate_options``), e.g. ``gate.gate_features=history``."""
     specs = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         label, _, rest = item.partition("=")
@@ -211,7 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
             for label, strategy, opts, gate in runs:
                 if args.epochs is not None:
                     opts = opts | {"epochs": args.epochs}
-                res = run_strategy(seeded, strategy, copy.deepcopy(opts), gate, out=out / f"{label}-h{seed}")
+                gate_options = {k[len("gate."):]: v for k, v in opts.items() if k.startswith("gate.")}
+                opts = {k: v for k, v in opts.items() if not k.startswith("gate.")}
+                run_prep = dataclasses.replace(seeded, cfg=seeded.cfg.replace(gate_options=gate_options)) \
+                    if gate_options else seeded
+                res = run_strategy(run_prep, strategy, copy.deepcopy(opts), gate, out=out / f"{label}-h{seed}")
                 curves.setdefault(label, {})[seed] = curve(res)
                 own.setdefault(label, {})[seed] = own_ims_curve(res)
                 if seed == seeds[0]:

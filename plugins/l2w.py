@@ -162,7 +162,10 @@ class L2WStrategy(TrainingStrategy):
         """One look-ahead SGD step of the IMs on A, meta loss on B, one Adam step of the weight net."""
         o = self.options
         g = len(model.ims)
-        params: dict[str, Tensor] = dict(model.ims.named_parameters())
+        # IMs the checkpoint rule froze (patience ran out) keep their weights: the look-ahead steps the others
+        params: dict[str, Tensor] = {n: p for n, p in model.ims.named_parameters() if p.requires_grad}
+        if not params:
+            return 0.0
 
         def logits_with(p: dict[str, Tensor], feats: list[Tensor]) -> Tensor:
             cols = []

@@ -293,3 +293,24 @@ def test_a_diverging_loss_stops_training_with_one_line(name, pretrained_backbone
     with pytest.raises(EednError, match="diverged") as err:
         strategy.fit(model, make_context(model, data, tmp_path))
     assert "strategy_options.lr" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_l2w_meta_step_skips_ims_the_checkpoint_rule_froze(pretrained_backbone, tmp_path):
+    """The clean checkpoint rule freezes an IM whose val CE stopped improving (patience); L2W's look-ahead
+    step must then differentiate through the IMs still training only (it raised 'does not require grad')."""
+    from eedn_plugins.l2w import WeightNet, meta_target_shares
+
+    data = make_splits()
+    model = make_model(pretrained_backbone)
+    context = make_context(model, data, tmp_path)
+    model.ims[0].requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model.ims[0].state_dict().items()}
+    strategy = L2WStrategy(epochs=1, batch_size=32, meta_interval=1)
+    wnet = WeightNet(len(model.ims))
+    opt = torch.optim.SGD([p for p in model.ims.parameters() if p.requires_grad], lr=0.1)
+    meta_opt = torch.optim.Adam(wnet.parameters(), lr=1e-3)
+    batches = iter(context.features.batches("train", 16, shuffle=False))
+    a, b = next(batches), next(batches)
+    loss = strategy._meta_step(model, wnet, opt, meta_opt, a, b, 0.1, meta_target_shares(len(model.ims)))
+    assert loss == loss  # finite: the meta step ran
+    assert all(torch.equal(v, frozen[k]) for k, v in model.ims[0].state_dict().items())
