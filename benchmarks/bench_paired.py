@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--reuse", action="store_true", help="read a policy's run directory when it is already complete "
+                                                       "(a resumed or extended benchmark) instead of refusing it")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -96,6 +99,37 @@ def parse_thresholds(text: str) -> list[tuple[str, str, str]]:
 def curve(results: dict) -> list[tuple[float, float]]:
     points = results["curve"] or [results["policy"]]
     return [(p["macs_fraction"], p["accuracy"]) for p in points]
+
+
+def budget_curve(run_dir: Path, results: dict, fractions: list[float]) -> list[tuple[float, float]]:
+    """A learned policy's operating points at any budget, without retraining: its reported setting's trained gate
+    with the logit offset fitted on val for each MACs fraction of a grid (issue "one knob for any budget"; what
+    ``--budget`` does), read on test. Empty when the gate has no offset to fit."""
+    import eedn
+    from eedn.core.budgets import score_logits
+    from eedn.evaluation.policy import calibrated_copy
+    from eedn.runtime.errors import EednError
+
+    setting = json.loads((run_dir / "run.json").read_text())["policy"]["trained_setting"]
+    model, _ = eedn.load_run(run_dir, setting=setting)
+    gate = model.gate
+    if not getattr(gate, "retargetable", False):
+        return []
+    outs = eedn.read_outputs(run_dir)[setting]
+    val, test = outs["val"], outs["test"]
+    low = float(test.exit_macs[0]) / test.full_macs
+    grid = sorted({round(low + (1 - low) * k / 20, 3) for k in range(21)} | {f for f in fractions if f >= low})
+    points = []
+    for target in grid:
+        try:
+            tuned = calibrated_copy(gate, val, {"macs_fraction": target})
+        except EednError:
+            continue
+        shift = float(tuned.offset) - float(gate.offset)  # stored scores were computed with the trained offset
+        scores = torch.sigmoid(score_logits(test.gate_scores) + shift).to(test.gate_scores.dtype)
+        summary = test.summarize(tuned.decide(scores))
+        points.append((summary["macs_fraction"], summary["accuracy"]))
+    return points
 
 
 def own_ims_curve(results: dict) -> list[tuple[float, float]] | None:
@@ -217,8 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
                 opts = {k: v for k, v in opts.items() if not k.startswith("gate.")}
                 run_prep = dataclasses.replace(seeded, cfg=seeded.cfg.replace(gate_options=gate_options)) \
                     if gate_options else seeded
-                res = run_strategy(run_prep, strategy, copy.deepcopy(opts), gate, out=out / f"{label}-h{seed}")
-                curves.setdefault(label, {})[seed] = curve(res)
+                run_dir = out / f"{label}-h{seed}"
+                if args.reuse and (run_dir / "results.json").is_file():
+                    res = json.loads((run_dir / "results.json").read_text())
+                else:
+                    res = run_strategy(run_prep, strategy, copy.deepcopy(opts), gate, out=run_dir)
+                curves.setdefault(label, {})[seed] = curve(res) if gate is not None else \
+                    budget_curve(run_dir, res, fractions) or curve(res)
                 own.setdefault(label, {})[seed] = own_ims_curve(res)
                 if seed == seeds[0]:
                     exit_accuracy[label] = [e["accuracy"] for e in res["exits"]]
