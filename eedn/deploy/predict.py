@@ -17,12 +17,12 @@ from typing import IO, TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from eedn.deploy.export_runtime import preprocess_image
+from eedn.deploy.export_runtime import ExportError, preprocess_image
+from eedn.deploy.export_runtime import find_images as export_find_images
 from eedn.deploy.inference import EarlyExitEngine
 from eedn.pipeline.rundir import MANIFEST, load_model, read_manifest
 from eedn.report.render import format_macs
 from eedn.runtime.errors import EednError
-from eedn.runtime.image_io import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL.Image import Image
@@ -66,23 +66,12 @@ def preprocessor(recipe: InputRecipe) -> Callable[[Image], Tensor]:
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files given directly, plus image files (by extension) found recursively in folders, in order."""
-    paths = list(paths)
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_file():
-            found.append(path)
-        elif path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found.extend(Path(dirpath) / f for f in sorted(filenames)
-                             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
-        else:
-            raise EednError(f"input {raw} does not exist; give image files or folders of images")
-    if not found:
-        raise EednError(f"no images found in {', '.join(map(str, paths))} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return found
+    """Files given directly, plus image files (by extension) found recursively in folders, in order: the exported
+    runner's own search (:func:`eedn.deploy.export_runtime.find_images`), so both find the same files."""
+    try:
+        return export_find_images(list(paths))
+    except ExportError as exc:
+        raise EednError(str(exc)) from None
 
 
 def load_image(path: Path, preprocess: Callable[[Image], Tensor]) -> Tensor:
