@@ -28,7 +28,8 @@ from eedn.core.model import EarlyExitModel
 from eedn.runtime.errors import EednError
 from eedn.core.options import option
 from eedn.train.strategy import (SELECT_CHOICES, FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy,
-                                cosine_schedule, head_optimizer, init_ims_from_probe, train_heads)
+                                 head_optimizer, init_ims_from_probe)
+from eedn.train.heads import cosine_schedule, train_heads
 
 
 class BoostNetEnsemble(nn.Module):

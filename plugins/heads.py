@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from eedn.core.contracts import InferenceModule
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import FitContext, HeadTrainingOptions, StrategyResult, TrainingStrategy, train_heads_warmup
+from eedn.train.strategy import FitContext, HeadTrainingOptions, StrategyResult, TrainingStrategy
+from eedn.train.heads import train_heads_warmup
 
 
 class LinearIM(InferenceModule):

@@ -23,9 +23,9 @@ from eedn.runtime.errors import EednError
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
 from eedn.core.stacked import StackedHeads
-from eedn.train.strategy import (Checkpoint, CheckpointGroup, FitContext, HeadTrainingOptions, StrategyResult,
-                                TrainingStrategy, check_finite, head_optimizer, init_ims_from_probe,
-                                per_exit_cross_entropy, resolve_head_profile, train_heads, warmup_weights)
+from eedn.train.strategy import (FitContext, HeadTrainingOptions, StrategyResult, TrainingStrategy, head_optimizer,
+                                 init_ims_from_probe, per_exit_cross_entropy, resolve_head_profile, warmup_weights)
+from eedn.train.heads import Checkpoint, CheckpointGroup, check_finite, train_heads
 from eedn_plugins.jei_gate import CLEAN_EXIT_RULE, EXIT_RULES, JeiGate
 from eedn_plugins.jei_targets import (PROFILES, SWEEP_MODES, TARGETS, _check_alternation, alternation_block,
                                       exit_weighted_im_loss, gate_phase_loss, gate_targets, official_warmup_epochs,

@@ -32,7 +32,8 @@ from eedn.runtime.errors import EednError
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
 from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, head_optimizer,
-                                init_ims_from_probe, per_exit_cross_entropy, train_heads)
+                                 init_ims_from_probe, per_exit_cross_entropy)
+from eedn.train.heads import train_heads
 
 
 class WeightNet(nn.Module):

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 
 from eedn.core.model import EarlyExitModel
 from eedn.core.options import option
-from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, check_finite,
-                                cosine_schedule, head_optimizer, init_ims_from_probe, per_exit_cross_entropy,
-                                selection_metric, train_heads, val_exit_accuracy)
+from eedn.train.strategy import (FitContext, SGDHeadOptions, StrategyResult, TrainingStrategy, head_optimizer,
+                                 init_ims_from_probe, per_exit_cross_entropy)
+from eedn.train.heads import check_finite, cosine_schedule, selection_metric, train_heads, val_exit_accuracy
 
 
 def sdn_positions(context: FitContext, num_ims: int, kind: str) -> Tensor:

@@ -16,7 +16,8 @@ from eedn.runtime.errors import EednError
 from eedn.runtime.progress import Progress
 from eedn.train.features import compute_split_outputs
 from eedn.train.probe import fit_linear_probe, fold_standardization, probe_exits, standardization
-from eedn.train.strategy import Checkpoint, FitContext, StandardizedIM
+from eedn.train.strategy import FitContext, StandardizedIM
+from eedn.train.heads import Checkpoint
 from eedn_plugins.heads import LinearIM, MLPIM
 
 
