@@ -11,7 +11,8 @@ from eedn.core.build import build_model
 from eedn.core.config import resolve_config
 from eedn.core.cost import measure_exit_macs
 from eedn.core.plugins import create
-from eedn.pipeline.run import feature_source, prepare, seed_everything
+from eedn.pipeline.run import feature_source, prepare
+from eedn.runtime.seeding import seed_everything
 from eedn.runtime.errors import EednError
 from eedn.runtime.progress import Progress
 from eedn.train.features import compute_split_outputs

@@ -309,7 +309,7 @@ GATE_DEFAULTS = {"gate_features": "own", "gate_model": "linear"}
 def test_strategy_sets_and_records_the_gate_rule(tmp_path):
     import eedn
     from eedn.core.config import resolve_config
-    from eedn.pipeline.run import check_plugins
+    from eedn.pipeline.plugin_checks import check_plugins
 
     s = JeiStrategy(targets="hazard", tau=0.4)
     assert s.gate_options() == {"exit_rule": "hazard", "tau": 0.4}

@@ -178,8 +178,9 @@ def test_plugin_defaults_come_from_the_registrations():
 
 
 def test_gate_pairing_tradeoff_and_budget_are_checked_before_stage_0(tiny_config, tmp_path, monkeypatch):
-    from eedn.pipeline import run as pipeline
     from eedn.core.config import resolve_config
+    from eedn.pipeline import run as pipeline
+    from eedn.pipeline.plugin_checks import strategy_options
 
     monkeypatch.setattr(pipeline, "train_backbone", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     cfg = tiny_config | {"cache_dir": str(tmp_path / "fresh-cache")}
@@ -191,7 +192,7 @@ def test_gate_pairing_tradeoff_and_budget_are_checked_before_stage_0(tiny_config
         eedn.run_pipeline(cfg | {"strategy": "sdn", "tradeoff": 0.5})
     with pytest.raises(EednError, match="gate 'max_prob': invalid divisor=0"):
         eedn.run_pipeline(cfg | {"strategy": "im-only", "gate_options": {"divisor": 0}})
-    assert pipeline.strategy_options(resolve_config({"strategy": "jei", "tradeoff": [0.1, 1]}))["lambda"] == [0.1, 1]
+    assert strategy_options(resolve_config({"strategy": "jei", "tradeoff": [0.1, 1]}))["lambda"] == [0.1, 1]
     assert resolve_config({"budget": {"p": 12}}).budget == {"p": 12}  # a target replaces the default one
     assert resolve_config({}, ["budget.accuracy_drop=0.01"]).budget == {"accuracy_drop": 0.01}
 

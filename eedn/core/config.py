@@ -11,8 +11,8 @@ and a value out of its limits is one line. A :class:`Config` is checked when it 
 pipeline sees holds valid values; code reads it by attribute (``cfg.backbone_training.epochs``).
 
 The ``*_options`` mappings stay dicts: their keys belong to plugins and are checked against the plugin's
-declared options before stage 0 (eedn/pipeline/run.py::check_plugins). ``budget`` is a one-of mapping (one target, with
-the options some targets take).
+declared options before stage 0 (eedn/pipeline/plugin_checks.py::check_plugins). ``budget`` is a one-of
+mapping (one target, with the options some targets take).
 
 Why in-house and not pydantic: importing pydantic 2.13 takes 0.19 s (0.26 s with one model defined) on the
 2-core dev machine, most of the 0.3 s that ``eedn --help`` may take (0.13 s today), and it is not a dependency

@@ -215,7 +215,7 @@ def run_config(cfg: Config, spec: StrategySpec, options: dict, seed: int) -> Con
 
 def check_strategies(cfg: Config, specs: Sequence[StrategySpec], options: dict[str, dict]) -> None:
     """Every strategy's names and options, checked as its run will check them, before anything is trained."""
-    from eedn.pipeline.run import check_plugins
+    from eedn.pipeline.plugin_checks import check_plugins
 
     for spec in specs:
         check_plugins(run_config(cfg, spec, options.get(spec.label, {}), cfg.seed))
